@@ -1,0 +1,110 @@
+//! The exact full-vocabulary Fisher `F = Σ_y p_y g_y g_yᵀ = Aᵀ G A`.
+
+use crate::gram::{centered_output_gram, sandwich, DEFAULT_VOCAB_CHUNK};
+use crate::{softmax, Element, FsError, Matrix, MatrixRef, Result, SplitModel, Threads};
+
+/// Tuning knobs of the exact estimator. The defaults are right for CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExactOptions {
+    /// Vocabulary rows per chunk of the weighted Gram `G` (see
+    /// [`centered_output_gram`](crate::centered_output_gram)).
+    pub vocab_chunk: usize,
+    /// Threads for the dense products.
+    pub threads: Threads,
+}
+
+impl Default for ExactOptions {
+    fn default() -> Self {
+        ExactOptions { vocab_chunk: DEFAULT_VOCAB_CHUNK, threads: Threads(0) }
+    }
+}
+
+/// The exact Fisher from its three factors, on host arrays:
+///
+/// ```text
+///     F = Aᵀ G A,    G = Σ_y p_y (w_y − m)(w_y − m)ᵀ,    m = W_Uᵀ p,
+/// ```
+///
+/// with `a` = the readout Jacobian `A = ∂u/∂h` (`d_u × d`), `w_u` = the unembedding `W_U`
+/// (`V × d_u`, row `y` = `w_y`) and `p` the next-token probabilities (length `V`, validated and
+/// renormalised in `f64`). Equal to `Jᵀ(diag p − p pᵀ)J` with `J = W_U A`, without forming `J`.
+pub fn exact_fisher_from_parts<S: Element>(
+    a: MatrixRef<'_, S>,
+    w_u: MatrixRef<'_, S>,
+    p: &[f64],
+    opts: &ExactOptions,
+) -> Result<Matrix<f64>> {
+    if a.rows() != w_u.cols() {
+        return Err(FsError::DimensionMismatch {
+            what: "readout Jacobian A rows vs unembedding W_U columns (d_u)".to_string(),
+            expected: w_u.cols(),
+            got: a.rows(),
+        });
+    }
+    fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
+    let g = centered_output_gram(w_u, p, opts.vocab_chunk, opts.threads)?;
+    fs_traits::check_finite("output Gram G", g.as_slice())?;
+    sandwich(a, &g, opts.threads)
+}
+
+/// The exact Fisher `F_t = Σ_y p_y g_y g_yᵀ` of `model` at each of `positions` of `ctx`.
+///
+/// Per position: `p = softmax(z_t)` in `f64` from the model's logits, the readout Jacobian
+/// `A_t` from the model (all positions in one call, so backends can batch their backward
+/// passes), then [`exact_fisher_from_parts`]. Returns one symmetric PSD `d × d` matrix per
+/// position, in the order given.
+///
+/// Errors: a position outside the sequence, non-finite logits or Jacobians, or a model that
+/// returns arrays of the wrong shape.
+pub fn exact_fisher<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    positions: &[usize],
+    opts: &ExactOptions,
+) -> Result<Vec<Matrix<f64>>>
+where
+    M::Scalar: Element,
+{
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dims = model.dims();
+    let w_u = model.unembedding();
+    check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
+    let logits = model.logits(ctx, positions)?;
+    check_shape("logits", logits.shape(), (positions.len(), dims.vocab_size))?;
+    let jacobians = model.readout_jacobians(ctx, positions)?;
+    fs_traits::check_len("readout Jacobians (one per position)", jacobians.len(), positions.len())?;
+    jacobians
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
+            let p = softmax(logits.row(i))?;
+            exact_fisher_from_parts(a.view(), w_u, &p, opts)
+        })
+        .collect()
+}
+
+pub(crate) fn check_shape(what: &str, got: (usize, usize), expected: (usize, usize)) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(FsError::DimensionMismatch {
+            what: format!(
+                "{what} shape (expected {}x{}, got {}x{})",
+                expected.0, expected.1, got.0, got.1
+            ),
+            expected: expected.0 * expected.1,
+            got: got.0 * got.1,
+        })
+    }
+}
+
+pub(crate) fn check_unembedding(
+    shape: (usize, usize),
+    vocab: usize,
+    readout_dim: usize,
+) -> Result<()> {
+    check_shape("unembedding W_U (V x d_u)", shape, (vocab, readout_dim))
+}

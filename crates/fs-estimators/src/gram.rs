@@ -1,0 +1,244 @@
+//! Weighted Gram matrices and sandwiches: the dense kernels under every estimator.
+
+use crate::{
+    probs::normalized_probabilities, Element, FsError, Matrix, MatrixRef, Result, Threads,
+};
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
+use faer::{Accum, Mat, MatRef};
+
+/// Accumulates `Σ_chunks XᵀX` for row blocks `X` (`n × dim`, scalar `S`): each block's lower
+/// triangle is one symmetric rank-`n` update (faer's triangular matmul, half the flops of a full
+/// product) computed in `S`, then added into an `f64` accumulator.
+pub(crate) struct GramAccumulator<S: Element> {
+    dim: usize,
+    acc: Vec<f64>,
+    block: Mat<S>,
+    threads: Threads,
+}
+
+impl<S: Element> GramAccumulator<S> {
+    pub(crate) fn new(dim: usize, threads: Threads) -> Self {
+        GramAccumulator { dim, acc: vec![0.0; dim * dim], block: Mat::zeros(dim, dim), threads }
+    }
+
+    /// Add `XᵀX` for a row-major block `x` with `dim` columns.
+    pub(crate) fn add_rows(&mut self, x: &[S]) {
+        let n = x.len() / self.dim.max(1);
+        if n == 0 || self.dim == 0 {
+            return;
+        }
+        let x = MatRef::from_row_major_slice(x, n, self.dim);
+        triangular_matmul(
+            self.block.as_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Replace,
+            x.transpose(),
+            BlockStructure::Rectangular,
+            x,
+            BlockStructure::Rectangular,
+            <S as num_traits::One>::one(),
+            self.threads.par(),
+        );
+        for j in 0..self.dim {
+            let col = self.block.col(j);
+            for i in j..self.dim {
+                self.acc[i * self.dim + j] += col[i].as_f64();
+            }
+        }
+    }
+
+    /// The accumulated sum as a full symmetric matrix.
+    pub(crate) fn finish(self) -> Matrix<f64> {
+        symmetric_from_lower(self.dim, self.acc)
+    }
+}
+
+/// Mirror the lower triangle of a row-major `n × n` buffer into the upper one.
+fn symmetric_from_lower(n: usize, mut data: Vec<f64>) -> Matrix<f64> {
+    for i in 0..n {
+        for j in (i + 1)..n {
+            data[i * n + j] = data[j * n + i];
+        }
+    }
+    Matrix::from_vec(n, n, data).expect("n*n buffer")
+}
+
+/// Default number of vocabulary rows per chunk of the weighted Gram: large enough for the GEMM
+/// to run at full speed, small enough (a few MB) to stay in the last-level cache's vicinity.
+pub const DEFAULT_VOCAB_CHUNK: usize = 2048;
+
+/// The output Gram `G = W_Uᵀ(diag p − p pᵀ)W_U` in the centered form
+///
+/// ```text
+///     G = Σ_y p_y (w_y − m)(w_y − m)ᵀ,    m = W_Uᵀ p = Σ_y p_y w_y,
+/// ```
+///
+/// where `w_y` is row `y` of the unembedding `w_u` (`V × d_u`). Both forms are equal because
+/// `Σ p_y = 1`; the centered one is a sum of PSD terms, so nothing cancels when `p` is peaked.
+///
+/// `m` and the centered rows `√p_y (w_y − m)` are formed in `f64` and rounded once to `S`; the
+/// symmetric rank-`chunk_rows` updates run in `S` over vocabulary chunks and are accumulated in
+/// `f64`. Rows with `p_y = 0` are skipped. `p` must be a probability vector (validated, then
+/// renormalised in `f64`). Returns the full symmetric `d_u × d_u` matrix.
+pub fn centered_output_gram<S: Element>(
+    w_u: MatrixRef<'_, S>,
+    p: &[f64],
+    chunk_rows: usize,
+    threads: Threads,
+) -> Result<Matrix<f64>> {
+    let (v, du) = w_u.shape();
+    fs_traits::check_len("probabilities (one per vocabulary row of W_U)", p.len(), v)?;
+    let p = normalized_probabilities("probabilities", p)?;
+    let chunk_rows = chunk_rows.max(1);
+
+    let mut m = vec![0.0f64; du];
+    for (y, &py) in p.iter().enumerate() {
+        if py > 0.0 {
+            for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
+                *mi += py * w.as_f64();
+            }
+        }
+    }
+
+    let mut acc = GramAccumulator::<S>::new(du, threads);
+    let mut block: Vec<S> = Vec::with_capacity(chunk_rows.min(v) * du);
+    for (y, &py) in p.iter().enumerate() {
+        if py <= 0.0 {
+            continue;
+        }
+        let s = py.sqrt();
+        block.extend(
+            w_u.row(y).iter().zip(&m).map(|(w, mi)| S::round_from_f64(s * (w.as_f64() - mi))),
+        );
+        if block.len() == chunk_rows * du {
+            acc.add_rows(&block);
+            block.clear();
+        }
+    }
+    acc.add_rows(&block);
+    Ok(acc.finish())
+}
+
+/// The sandwich `F = Aᵀ G A` for `A` (`d_u × d`, scalar `S`) and symmetric `G` (`d_u × d_u`,
+/// `f64`), computed in `f64` (`2 d_u² d + d_u d²` flops; the upper triangle is mirrored from the
+/// lower one, so the result is exactly symmetric).
+pub fn sandwich<S: Element>(
+    a: MatrixRef<'_, S>,
+    g: &Matrix<f64>,
+    threads: Threads,
+) -> Result<Matrix<f64>> {
+    let (du, d) = a.shape();
+    if g.shape() != (du, du) {
+        return Err(FsError::DimensionMismatch {
+            what: "G in Aᵀ G A (must be d_u × d_u with d_u = rows of A)".to_string(),
+            expected: du * du,
+            got: g.rows() * g.cols(),
+        });
+    }
+    let a64 = Mat::<f64>::from_fn(du, d, |i, j| a.get(i, j).as_f64());
+    let g64 = MatRef::from_row_major_slice(g.as_slice(), du, du);
+    let mut ga = Mat::<f64>::zeros(du, d);
+    matmul(ga.as_mut(), Accum::Replace, g64, a64.as_ref(), 1.0, threads.par());
+    let mut f = Mat::<f64>::zeros(d, d);
+    triangular_matmul(
+        f.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        a64.transpose(),
+        BlockStructure::Rectangular,
+        ga.as_ref(),
+        BlockStructure::Rectangular,
+        1.0,
+        threads.par(),
+    );
+    let mut out = vec![0.0; d * d];
+    for j in 0..d {
+        for i in j..d {
+            out[i * d + j] = f[(i, j)];
+        }
+    }
+    Ok(symmetric_from_lower(d, out))
+}
+
+/// The empirical second moment `(1/n) Σ_i g_i g_iᵀ` of the rows `g_i` of `scores` (`n × d`),
+/// in `f64`. This is the sampled Fisher estimate when the rows are score gradients `∇_h log p_y`
+/// at tokens `y ~ p`.
+pub fn outer_product_mean<S: Element>(scores: MatrixRef<'_, S>) -> Result<Matrix<f64>> {
+    let (n, d) = scores.shape();
+    if n == 0 {
+        return Err(FsError::invalid("number of score rows", 0, "at least 1"));
+    }
+    fs_traits::check_finite("score gradients", scores.as_slice())?;
+    let rows: Vec<f64> = scores.as_slice().iter().map(|v| v.as_f64()).collect();
+    let mut acc = GramAccumulator::<f64>::new(d, Threads(1));
+    acc.add_rows(&rows);
+    let mut out = acc.finish();
+    let inv = 1.0 / n as f64;
+    out.as_mut_slice().iter_mut().for_each(|x| *x *= inv);
+    Ok(out)
+}
+
+/// Relative Frobenius distance `‖a − b‖_F / ‖b‖_F` (`b` is the reference; if `‖b‖_F = 0`, the
+/// absolute distance). Panics only if the shapes differ (a programming error in a test).
+pub fn relative_frobenius(a: &Matrix<f64>, b: &Matrix<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape(), "relative_frobenius: shapes differ");
+    let diff: f64 =
+        a.as_slice().iter().zip(b.as_slice()).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let norm: f64 = b.as_slice().iter().map(|y| y * y).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        diff / norm
+    } else {
+        diff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_g(w: &Matrix<f64>, p: &[f64]) -> Matrix<f64> {
+        let (v, du) = w.shape();
+        Matrix::from_fn(du, du, |i, j| {
+            let s: f64 = (0..v).map(|y| p[y] * w.get(y, i) * w.get(y, j)).sum();
+            let mi: f64 = (0..v).map(|y| p[y] * w.get(y, i)).sum();
+            let mj: f64 = (0..v).map(|y| p[y] * w.get(y, j)).sum();
+            s - mi * mj
+        })
+    }
+
+    #[test]
+    fn centered_gram_matches_two_term_form_in_f64() {
+        let w = Matrix::from_fn(7, 3, |i, j| ((i * 3 + j) as f64 * 0.37).sin());
+        let p = crate::softmax(&[0.1f64, 2.0, -1.0, 0.3, 0.0, 1.5, -0.2]).unwrap();
+        for chunk in [1, 2, 3, 7, 100] {
+            let g = centered_output_gram(w.view(), &p, chunk, Threads(1)).unwrap();
+            assert!(relative_frobenius(&g, &naive_g(&w, &p)) < 1e-13, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn sandwich_is_at_g_a() {
+        let a = Matrix::from_fn(3, 2, |i, j| (i + 2 * j) as f64 - 1.0);
+        let g = Matrix::from_fn(3, 3, |i, j| 1.0 / (1 + i + j) as f64);
+        let f = sandwich(a.view(), &g, Threads(1)).unwrap();
+        let expected = Matrix::from_fn(2, 2, |i, j| {
+            let mut s = 0.0;
+            for k in 0..3 {
+                for l in 0..3 {
+                    s += a.get(k, i) * g.get(k, l) * a.get(l, j);
+                }
+            }
+            s
+        });
+        assert!(relative_frobenius(&f, &expected) < 1e-14);
+        assert!(sandwich(a.view(), &Matrix::zeros(2, 2), Threads(1)).is_err());
+    }
+
+    #[test]
+    fn outer_product_mean_small() {
+        let s = Matrix::from_vec(2, 2, vec![1.0f32, 2.0, 3.0, -1.0]).unwrap();
+        let m = outer_product_mean(s.view()).unwrap();
+        assert_eq!(m.as_slice(), &[5.0, -0.5, -0.5, 2.5]);
+    }
+}

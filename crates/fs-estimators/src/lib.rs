@@ -1,0 +1,75 @@
+//! # fs-estimators — Fisher information of a next-token distribution w.r.t. an activation
+//!
+//! For a model split at layer `k` ([`fs_traits::SplitModel`]), position `t`, activation
+//! `h = H_k[t]`, next-token distribution `p = softmax(z(h))` and logit Jacobian `J = ∂z/∂h`:
+//!
+//! ```text
+//!     F = E_{y~p}[g_y g_yᵀ],   g_y = ∇_h log p_y = Jᵀ(e_y − p),
+//!     F = Jᵀ(diag p − p pᵀ)J                                   (symmetric, PSD, rank ≤ min(d, V−1))
+//! ```
+//!
+//! Estimators (all return `d × d` matrices accumulated in `f64`):
+//!
+//! | function | formula | cost per position |
+//! |---|---|---|
+//! | [`exact_fisher`] | `Aᵀ G A`, `G = Σ_y p_y (w_y − m)(w_y − m)ᵀ`, `m = W_Uᵀp` | `d_u` VJPs + one `V × d_u` weighted Gram |
+//! | [`sampled_fisher`] | `(1/S) Σ_s g_{y_s} g_{y_s}ᵀ`, `y_s ~ p` | `S` VJPs |
+//! | [`closed_form_fisher`] | `∇ᵀ diag(p) ∇ − (∇ᵀp)(∇ᵀp)ᵀ` on host arrays | one `V × d` weighted Gram |
+//! | [`predictive_fisher`] | `mean_i F(x_{≤t}, a_i)` at position `t+1`, `a_i ~ p(·|x_{≤t})` | `N` exact Fishers |
+//!
+//! and [`spectrum`] for the eigen-analysis (eigenvalues descending, eigenvectors, trace,
+//! effective rank, participation ratio).
+//!
+//! ## Precision
+//! Probabilities are computed from the logits in `f64` ([`softmax`]) and renormalised there.
+//! The big products (the `V × d_u` weighted Gram, the `V × d` closed form) run in the model's
+//! scalar type `S` in vocabulary chunks, and every chunk's `d × d` result is added into an
+//! `f64` accumulator. The exact estimator uses the *centered* form of `G`: every term is PSD,
+//! so nothing cancels when `p` is peaked — the two-term form `W_Uᵀ diag(p) W_U − m mᵀ` loses all
+//! its digits as `max p → 1` (see the `peaked` tests).
+//!
+//! No tensor framework is in this crate's dependency tree: link it into your own model by
+//! implementing [`fs_traits::SplitModel`] (see `examples/custom_model.rs`), or call
+//! [`closed_form_fisher`] / [`exact_fisher_from_parts`] on plain arrays.
+
+#![warn(missing_docs)]
+
+pub mod analytic;
+mod closed_form;
+mod exact;
+mod gram;
+mod predictive;
+mod probs;
+mod sampled;
+mod spectrum;
+
+pub use closed_form::{closed_form_fisher, closed_form_fisher_at, GradientKind};
+pub use exact::{exact_fisher, exact_fisher_from_parts, ExactOptions};
+pub use fs_traits::{FsError, Matrix, MatrixRef, Result, Scalar, SplitContext, SplitModel};
+pub use gram::{centered_output_gram, outer_product_mean, relative_frobenius, sandwich};
+pub use predictive::{predictive_fisher, PredictiveFisher, PredictiveOptions};
+pub use probs::{
+    entropy, normalized_probabilities, sample_tokens, sampling_distribution, softmax,
+    SamplingOptions, PROBABILITY_SUM_TOLERANCE,
+};
+pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
+pub use spectrum::{spectrum, Spectrum};
+
+/// A scalar the estimators can run their matrix products in: [`Scalar`] (`f32` or `f64`) that
+/// faer also knows. Blanket-implemented; nothing to implement.
+pub trait Element: Scalar + faer::traits::RealField {}
+impl<T: Scalar + faer::traits::RealField> Element for T {}
+
+/// How many threads the dense products may use: `0` = all of rayon's global pool, `1` =
+/// sequential, `n` = at most `n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Threads(pub usize);
+
+impl Threads {
+    pub(crate) fn par(self) -> faer::Par {
+        match self.0 {
+            1 => faer::Par::Seq,
+            n => faer::Par::rayon(n),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! # fs-traits — the seam between language models and Fisher estimators
+//!
+//! A causal language model maps tokens `x_0 … x_{T-1}` to next-token logits. Split it at
+//! layer `k` (0 = embedding output, `n_layers` = output of the last block, before the final
+//! norm):
+//!
+//! * the **lower half** `L_k` maps tokens to residual-stream activations `H_k` (`T × d`);
+//! * the **upper half** `U_k` maps `H_k` to logits `Z` (`T × V`).
+//!
+//! At position `t`, hold every other position's activation fixed (the *context*) and let
+//! `h = H_k[t]` vary. The upper half at `t` is then a function of one `d`-vector, and factors
+//! through the final-norm output `u` (the *readout*, dimension `d_u`, usually `d`):
+//!
+//! ```text
+//!     z(h) = W_U · u(h) + b,        u(h) = norm_f(r_L(h)),       p = softmax(z)
+//! ```
+//!
+//! With `A = ∂u/∂h` (`d_u × d`) the logit Jacobian is `J = W_U A` (`V × d`), the score of a
+//! token `y` is `g_y = ∇_h log p_y = Jᵀ(e_y − p)`, and the Fisher information is
+//!
+//! ```text
+//!     F = E_{y~p}[g_y g_yᵀ] = Jᵀ(diag p − p pᵀ)J = Aᵀ G A,   G = W_Uᵀ(diag p − p pᵀ)W_U.
+//! ```
+//!
+//! [`SplitModel`] asks a model for exactly the pieces the estimators in `fs-estimators` need:
+//! dimensions, the lower pass, logits at a position (optionally at a perturbed `h`), score
+//! gradients for chosen tokens, the readout Jacobians `A`, the unembedding `W_U`, and a way to
+//! extend a context by one token. It uses plain host arrays ([`Matrix`], [`MatrixRef`]) and no
+//! tensor framework, so any model — candle, burn, dfdx or hand-written — can implement it.
+
+#![warn(missing_docs)]
+
+mod error;
+mod matrix;
+mod scalar;
+
+pub use error::{FsError, Result};
+pub use matrix::{Matrix, MatrixRef};
+pub use scalar::Scalar;
+
+/// The sizes of a split model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelDims {
+    /// `d`: width of the residual-stream activation `h` that the Fisher matrix is taken over.
+    pub d_model: usize,
+    /// `d_u`: width of the readout `u` that the unembedding acts on (`z = W_U u + b`).
+    /// Equal to `d_model` for transformers (`u` is the final-norm output).
+    pub readout_dim: usize,
+    /// `V`: vocabulary size, the number of logits.
+    pub vocab_size: usize,
+    /// Number of blocks; valid split layers are `0..=n_layers`.
+    pub n_layers: usize,
+    /// Longest sequence the model accepts (`n_positions` for GPT-2), if it has a limit.
+    pub max_seq_len: Option<usize>,
+}
+
+/// What a lower pass produced: enough to evaluate the upper half at any position.
+///
+/// For a transformer this is the layer-`k` activations `H_k` plus the keys/values of every
+/// position at every layer `≥ k` (a KV cache), so the upper half at position `t` can be run on
+/// a single row.
+pub trait SplitContext {
+    /// The split layer `k` these activations belong to.
+    fn layer(&self) -> usize;
+    /// The token ids this context was computed from (`T` of them).
+    fn tokens(&self) -> &[u32];
+    /// Sequence length `T`.
+    fn seq_len(&self) -> usize {
+        self.tokens().len()
+    }
+}
+
+/// A language model split at a layer, as seen by the Fisher estimators.
+///
+/// Positions are 0-based; the logits at position `t` are the distribution of token `t + 1`
+/// given `x_0 … x_t`. All methods must validate their inputs and return [`FsError`] — never
+/// panic — for a layer outside `0..=n_layers`, a position outside `0..T`, a token `≥ V`, or a
+/// vector of the wrong length.
+///
+/// Implementations may choose their scalar ([`Scalar`]: `f32` or `f64`); the estimators keep
+/// their `d × d` accumulators in `f64` whatever it is.
+pub trait SplitModel {
+    /// Element type of every array this model hands out.
+    type Scalar: Scalar;
+    /// The result of a lower pass (activations and cached context).
+    type Context: SplitContext;
+
+    /// `d`, `d_u`, `V`, number of layers and maximum sequence length.
+    fn dims(&self) -> ModelDims;
+
+    /// The lower pass `L_k`: run `tokens` through the model up to split layer `layer`,
+    /// caching whatever the upper half needs (for a transformer: the KV cache of layers
+    /// `≥ layer` from one full forward pass).
+    ///
+    /// Errors: empty `tokens`, a token `≥ V`, `layer > n_layers`, a sequence longer than
+    /// `max_seq_len`.
+    fn lower(&self, tokens: &[u32], layer: usize) -> Result<Self::Context>;
+
+    /// `h = H_k[t]`, the layer-`k` activation at `position` (length `d`).
+    fn activation(&self, ctx: &Self::Context, position: usize) -> Result<Vec<Self::Scalar>>;
+
+    /// The upper half at one position as a function of its activation: `z(h)` with every other
+    /// position's activation held at its value in `ctx`. `h` has length `d`; the result has
+    /// length `V`. This is the function the Fisher matrix is the curvature of; the estimators
+    /// use it for finite-difference checks and direction read-outs.
+    fn upper_logits(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        h: &[Self::Scalar],
+    ) -> Result<Vec<Self::Scalar>>;
+
+    /// Next-token logits at each of `positions` (unperturbed), one row of length `V` each.
+    ///
+    /// The default evaluates [`upper_logits`](Self::upper_logits) at
+    /// [`activation`](Self::activation); backends override it with their cached forward pass.
+    fn logits(&self, ctx: &Self::Context, positions: &[usize]) -> Result<Matrix<Self::Scalar>> {
+        let v = self.dims().vocab_size;
+        let mut out = Matrix::zeros(positions.len(), v);
+        for (row, &t) in positions.iter().enumerate() {
+            let h = self.activation(ctx, t)?;
+            let z = self.upper_logits(ctx, t, &h)?;
+            check_len("upper_logits output", z.len(), v)?;
+            out.row_mut(row).copy_from_slice(&z);
+        }
+        Ok(out)
+    }
+
+    /// Score gradients `g_y = ∇_h log p_y(h)` at `position` for each token in `tokens`
+    /// (repeats allowed), one row of length `d` each: `g_y = Jᵀ(e_y − p) = Aᵀ(w_y − m)`,
+    /// `m = W_Uᵀ p`.
+    ///
+    /// The default computes exactly that from [`readout_jacobians`](Self::readout_jacobians),
+    /// [`unembedding`](Self::unembedding) and [`logits`](Self::logits) (softmax in `f64`), which
+    /// costs a full readout Jacobian. Backends override it with `len(tokens)` vector–Jacobian
+    /// products of the single-position upper half in one batched backward pass — the point of
+    /// the sampled estimator.
+    fn score_gradients(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        tokens: &[u32],
+    ) -> Result<Matrix<Self::Scalar>> {
+        let dims = self.dims();
+        check_tokens_in_vocab(tokens, dims.vocab_size)?;
+        let z = self.logits(ctx, &[position])?;
+        check_len("logits", z.cols(), dims.vocab_size)?;
+        check_finite("logits", z.as_slice())?;
+        let max = z.row(0).iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.as_f64()));
+        let e: Vec<f64> = z.row(0).iter().map(|x| (x.as_f64() - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        let w_u = self.unembedding();
+        let du = dims.readout_dim;
+        check_len("unembedding W_U", w_u.as_slice().len(), dims.vocab_size * du)?;
+        let mut m = vec![0.0f64; du];
+        for (y, ey) in e.iter().enumerate() {
+            for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
+                *mi += ey / total * w.as_f64();
+            }
+        }
+        let a = self.readout_jacobians(ctx, &[position])?;
+        let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
+        check_len("readout Jacobian A", a.as_slice().len(), du * dims.d_model)?;
+        let mut out = Matrix::zeros(tokens.len(), dims.d_model);
+        for (i, &y) in tokens.iter().enumerate() {
+            let diff: Vec<f64> =
+                w_u.row(y as usize).iter().zip(&m).map(|(w, mi)| w.as_f64() - mi).collect();
+            for (c, o) in out.row_mut(i).iter_mut().enumerate() {
+                *o = Self::Scalar::round_from_f64(
+                    (0..du).map(|k| a.get(k, c).as_f64() * diff[k]).sum(),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// The readout Jacobians `A_t = ∂u/∂h` (`d_u × d`, row-major) at each of `positions`.
+    ///
+    /// Backends compute each as `d_u` VJPs of the single-position upper half (replicate `h`
+    /// `d_u` times as a batch, back-propagate `Σ_i ⟨e_i, u_i⟩` once), several positions per
+    /// backward pass. The `V × d` logit Jacobian is never formed.
+    fn readout_jacobians(
+        &self,
+        ctx: &Self::Context,
+        positions: &[usize],
+    ) -> Result<Vec<Matrix<Self::Scalar>>>;
+
+    /// The unembedding `W_U` (`V × d_u`, row-major: row `y` is the output embedding `w_y`),
+    /// so that `z = W_U u + b`. The bias `b` does not enter the Fisher matrix.
+    fn unembedding(&self) -> MatrixRef<'_, Self::Scalar>;
+
+    /// A context for the sequence `x_0 … x_{prefix_len−1}, token`: keep the first `prefix_len`
+    /// positions of `ctx` and append `token` at position `prefix_len`, with its own position
+    /// (position id / rotary angle `prefix_len`, never 0). The new position is
+    /// `prefix_len` and the result has length `prefix_len + 1`.
+    ///
+    /// Used by the predictive average, which draws `a ~ p(·|x_{≤t})` and analyses `a`'s
+    /// layer-`k` state at position `t + 1` (`prefix_len = t + 1`).
+    ///
+    /// The default re-runs [`lower`](Self::lower) on the new token sequence (correct for any
+    /// model; backends override it to reuse the cached prefix).
+    fn extend(&self, ctx: &Self::Context, prefix_len: usize, token: u32) -> Result<Self::Context> {
+        let tokens = ctx.tokens();
+        if prefix_len > tokens.len() {
+            return Err(FsError::invalid(
+                "prefix_len",
+                prefix_len,
+                format!("at most the sequence length {}", tokens.len()),
+            ));
+        }
+        let mut extended = tokens[..prefix_len].to_vec();
+        extended.push(token);
+        self.lower(&extended, ctx.layer())
+    }
+}
+
+/// Check that a vector has the expected length.
+pub fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(FsError::DimensionMismatch { what: what.to_string(), expected, got })
+    }
+}
+
+/// Check a split layer against `0..=n_layers`.
+pub fn check_layer(layer: usize, n_layers: usize) -> Result<()> {
+    if layer <= n_layers {
+        Ok(())
+    } else {
+        Err(FsError::LayerOutOfRange { layer, n_layers })
+    }
+}
+
+/// Check a position against `0..seq_len`.
+pub fn check_position(position: usize, seq_len: usize) -> Result<()> {
+    if position < seq_len {
+        Ok(())
+    } else {
+        Err(FsError::PositionOutOfRange { position, seq_len })
+    }
+}
+
+/// Check that every token id is `< vocab_size` (an empty list is fine).
+pub fn check_tokens_in_vocab(tokens: &[u32], vocab_size: usize) -> Result<()> {
+    match tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab_size) {
+        None => Ok(()),
+        Some((index, &token)) => Err(FsError::TokenOutOfRange { token, index, vocab_size }),
+    }
+}
+
+/// Check a token sequence: non-empty, every id `< vocab_size`, length within `max_seq_len`.
+pub fn check_tokens(tokens: &[u32], vocab_size: usize, max_seq_len: Option<usize>) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(FsError::EmptySequence);
+    }
+    if let Some(max) = max_seq_len {
+        if tokens.len() > max {
+            return Err(FsError::SequenceTooLong { len: tokens.len(), max });
+        }
+    }
+    check_tokens_in_vocab(tokens, vocab_size)
+}
+
+/// Check that every value is finite; the error names `what` and the first bad index.
+pub fn check_finite<S: Scalar>(what: &str, values: &[S]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => {
+            Err(FsError::NonFinite { what: what.to_string(), index, value: values[index].as_f64() })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_checks_name_the_problem() {
+        assert!(check_tokens(&[0, 1, 2], 3, Some(3)).is_ok());
+        let e = check_tokens(&[0, 5], 3, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token id 5 at index 1 is out of range: the vocabulary has 3 tokens (ids 0..=2)"
+        );
+        assert!(matches!(
+            check_tokens(&[0, 1, 2, 0], 3, Some(3)),
+            Err(FsError::SequenceTooLong { len: 4, max: 3 })
+        ));
+        assert!(matches!(check_tokens(&[], 3, None), Err(FsError::EmptySequence)));
+    }
+
+    #[test]
+    fn layer_and_position_checks() {
+        assert!(check_layer(12, 12).is_ok());
+        let e = check_layer(13, 12).unwrap_err();
+        assert!(e.to_string().contains("0..=12"), "{e}");
+        assert!(check_position(3, 4).is_ok());
+        assert!(check_position(4, 4).is_err());
+    }
+
+    #[test]
+    fn finite_check_reports_index() {
+        let e = check_finite("probabilities", &[0.5f32, f32::NAN]).unwrap_err();
+        assert!(matches!(e, FsError::NonFinite { index: 1, .. }));
+        assert!(e.to_string().contains("probabilities"));
+    }
+}

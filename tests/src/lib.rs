@@ -1,0 +1,225 @@
+//! # fs-suite — the contract every `SplitModel` must satisfy, written once
+//!
+//! [`check_split_model`] takes any model (an analytic one here; the candle, burn and dfdx
+//! backends as they land) and checks the properties the estimators rely on, each against an
+//! independent computation:
+//!
+//! * `logits(t)` equals `upper_logits(t, activation(t))` — the cached path and the
+//!   single-position upper half agree;
+//! * the logit Jacobian `W_U A` equals central finite differences of `upper_logits`;
+//! * the score gradients equal `Aᵀ W_Uᵀ (e_y − p)`;
+//! * exact == closed form in both conventions; the exact `F` is symmetric and PSD;
+//! * `extend(ctx, t+1, a)` equals a fresh lower pass over `x_0 … x_t, a` (position `t+1`);
+//! * bad layers, tokens and positions are typed errors, not panics.
+//!
+//! Tests instantiate it per model and scalar type (see `tests/contract.rs`).
+
+use fs_estimators::{
+    closed_form_fisher_at, exact_fisher, relative_frobenius, softmax, spectrum, Element,
+    ExactOptions, FsError, GradientKind, Matrix, Scalar, SplitContext, SplitModel,
+};
+
+/// How close is close enough for one model / scalar type.
+#[derive(Clone, Copy, Debug)]
+pub struct Tolerances {
+    /// Absolute tolerance on logits (cached path vs single-position upper half, extend vs fresh).
+    pub logits: f64,
+    /// Finite-difference step on `h`.
+    pub fd_step: f64,
+    /// Relative Frobenius tolerance of `W_U A` against the finite-difference Jacobian.
+    pub jacobian: f64,
+    /// Relative tolerance on score gradients against `Aᵀ W_Uᵀ (e_y − p)`.
+    pub scores: f64,
+    /// Relative Frobenius tolerance of exact vs closed form.
+    pub fisher: f64,
+    /// PSD tolerance: `λ_min ≥ −psd · tr F`.
+    pub psd: f64,
+}
+
+impl Tolerances {
+    /// For `f64` models: round-off is ~1e-16, FD truncation ~1e-10 at step 1e-5.
+    pub const F64: Tolerances = Tolerances {
+        logits: 1e-10,
+        fd_step: 1e-5,
+        jacobian: 1e-6,
+        scores: 1e-9,
+        fisher: 1e-10,
+        psd: 1e-12,
+    };
+    /// For `f32` models: FD with step 1e-2 balances truncation (~1e-5) and round-off
+    /// (~6e-8·|z|/1e-2); 1e-2 relative is a loose but informative bound for a nonlinear model.
+    pub const F32: Tolerances = Tolerances {
+        logits: 1e-4,
+        fd_step: 1e-2,
+        jacobian: 2e-2,
+        scores: 1e-4,
+        fisher: 1e-5,
+        psd: 1e-6,
+    };
+}
+
+fn err(msg: impl Into<String>) -> String {
+    msg.into()
+}
+
+/// The logit Jacobian `J = W_U A` (`V × d`) in `f64`.
+pub fn logit_jacobian<S: Scalar>(
+    w_u: fs_estimators::MatrixRef<'_, S>,
+    a: &Matrix<S>,
+) -> Matrix<f64> {
+    let (v, du) = w_u.shape();
+    Matrix::from_fn(v, a.cols(), |y, j| {
+        (0..du).map(|k| w_u.get(y, k).as_f64() * a.get(k, j).as_f64()).sum()
+    })
+}
+
+/// Central finite-difference Jacobian of `upper_logits` at position `t` (`V × d`, `f64`).
+pub fn fd_jacobian<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    t: usize,
+    step: f64,
+) -> Result<Matrix<f64>, FsError> {
+    let h = model.activation(ctx, t)?;
+    let v = model.dims().vocab_size;
+    let mut j = Matrix::zeros(v, h.len());
+    for c in 0..h.len() {
+        let (mut hp, mut hm) = (h.clone(), h.clone());
+        hp[c] = M::Scalar::round_from_f64(h[c].as_f64() + step);
+        hm[c] = M::Scalar::round_from_f64(h[c].as_f64() - step);
+        let actual = hp[c].as_f64() - hm[c].as_f64();
+        let zp = model.upper_logits(ctx, t, &hp)?;
+        let zm = model.upper_logits(ctx, t, &hm)?;
+        for y in 0..v {
+            j.set(y, c, (zp[y].as_f64() - zm[y].as_f64()) / actual);
+        }
+    }
+    Ok(j)
+}
+
+/// Check the whole [`SplitModel`] contract on `model` for `tokens` at `layer`. Returns a
+/// description of the first violation.
+pub fn check_split_model<M: SplitModel>(
+    model: &M,
+    tokens: &[u32],
+    layer: usize,
+    tol: Tolerances,
+) -> Result<(), String>
+where
+    M::Scalar: Element,
+{
+    let dims = model.dims();
+    let ctx = model.lower(tokens, layer).map_err(|e| err(format!("lower failed: {e}")))?;
+    if ctx.layer() != layer || ctx.seq_len() != tokens.len() || ctx.tokens() != tokens {
+        return Err(err("context does not report its layer / tokens"));
+    }
+    let positions: Vec<usize> = (0..tokens.len()).collect();
+    let logits = model.logits(&ctx, &positions).map_err(|e| err(format!("logits: {e}")))?;
+    let w_u = model.unembedding();
+    let jac = model
+        .readout_jacobians(&ctx, &positions)
+        .map_err(|e| err(format!("readout_jacobians: {e}")))?;
+    let opts = ExactOptions::default();
+    let exact =
+        exact_fisher(model, &ctx, &positions, &opts).map_err(|e| err(format!("exact: {e}")))?;
+    let cf_logits = closed_form_fisher_at(model, &ctx, &positions, GradientKind::Logits, &opts)
+        .map_err(|e| err(format!("closed form: {e}")))?;
+    let cf_logp = closed_form_fisher_at(model, &ctx, &positions, GradientKind::LogProbs, &opts)
+        .map_err(|e| err(format!("closed form (log-prob): {e}")))?;
+
+    for &t in &positions {
+        // Cached logits vs the single-position upper half.
+        let h = model.activation(&ctx, t).map_err(|e| err(format!("activation: {e}")))?;
+        let z = model.upper_logits(&ctx, t, &h).map_err(|e| err(format!("upper_logits: {e}")))?;
+        let worst = z
+            .iter()
+            .zip(logits.row(t))
+            .map(|(a, b)| (a.as_f64() - b.as_f64()).abs())
+            .fold(0.0, f64::max);
+        if worst > tol.logits {
+            return Err(err(format!("t={t}: logits vs upper_logits differ by {worst:.3e}")));
+        }
+        // W_U A vs finite differences.
+        let j = logit_jacobian(w_u, &jac[t]);
+        let j_fd = fd_jacobian(model, &ctx, t, tol.fd_step).map_err(|e| err(format!("fd: {e}")))?;
+        let e_j = relative_frobenius(&j, &j_fd);
+        if e_j > tol.jacobian {
+            return Err(err(format!(
+                "t={t}: W_U A vs finite differences: relative error {e_j:.3e}"
+            )));
+        }
+        // Score gradients vs Jᵀ(e_y − p).
+        let p = softmax(logits.row(t)).map_err(|e| err(format!("softmax: {e}")))?;
+        let ys: Vec<u32> = vec![0, (dims.vocab_size / 2) as u32, (dims.vocab_size - 1) as u32];
+        let g = model
+            .score_gradients(&ctx, t, &ys)
+            .map_err(|e| err(format!("score_gradients: {e}")))?;
+        let expected = Matrix::from_fn(ys.len(), dims.d_model, |i, c| {
+            let jp: f64 = (0..dims.vocab_size).map(|y| p[y] * j.get(y, c)).sum();
+            j.get(ys[i] as usize, c) - jp
+        });
+        let e_g = relative_frobenius(&g.map(|x| x.as_f64()), &expected);
+        if e_g > tol.scores {
+            return Err(err(format!(
+                "t={t}: score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"
+            )));
+        }
+        // Exact vs closed form; symmetry; PSD.
+        for (name, cf) in [("logits", &cf_logits[t]), ("log-probs", &cf_logp[t])] {
+            let e = relative_frobenius(cf, &exact[t]);
+            if e > tol.fisher {
+                return Err(err(format!(
+                    "t={t}: closed form ({name}) vs exact: relative error {e:.3e}"
+                )));
+            }
+        }
+        let s = spectrum(&exact[t], None).map_err(|e| err(format!("spectrum: {e}")))?;
+        if s.min_raw_eigenvalue < -tol.psd * s.trace.max(0.0) {
+            return Err(err(format!(
+                "t={t}: F not PSD: λ_min {:.3e}, trace {:.3e}",
+                s.min_raw_eigenvalue, s.trace
+            )));
+        }
+    }
+
+    // extend(ctx, t+1, a) == a fresh lower pass over x_0..x_t, a.
+    let t = tokens.len().saturating_sub(2);
+    if dims.max_seq_len.is_none_or(|m| t + 2 <= m) {
+        let a = (dims.vocab_size - 1) as u32;
+        let ext = model.extend(&ctx, t + 1, a).map_err(|e| err(format!("extend: {e}")))?;
+        let mut seq = tokens[..=t].to_vec();
+        seq.push(a);
+        let fresh = model.lower(&seq, layer).map_err(|e| err(format!("lower (extended): {e}")))?;
+        if ext.tokens() != seq.as_slice() {
+            return Err(err("extend: wrong tokens"));
+        }
+        let z_ext =
+            model.logits(&ext, &[t + 1]).map_err(|e| err(format!("logits (extended): {e}")))?;
+        let z_fresh =
+            model.logits(&fresh, &[t + 1]).map_err(|e| err(format!("logits (fresh): {e}")))?;
+        let worst = z_ext
+            .as_slice()
+            .iter()
+            .zip(z_fresh.as_slice())
+            .map(|(a, b)| (a.as_f64() - b.as_f64()).abs())
+            .fold(0.0, f64::max);
+        if worst > tol.logits {
+            return Err(err(format!("extend vs fresh lower pass: logits differ by {worst:.3e}")));
+        }
+    }
+
+    // Bad input is a typed error.
+    match model.lower(tokens, dims.n_layers + 1) {
+        Err(FsError::LayerOutOfRange { .. }) => {}
+        other => return Err(err(format!("layer n_layers+1 gave {:?}", other.map(|_| ())))),
+    }
+    match model.lower(&[dims.vocab_size as u32], layer) {
+        Err(FsError::TokenOutOfRange { .. }) => {}
+        other => return Err(err(format!("token V gave {:?}", other.map(|_| ())))),
+    }
+    match model.activation(&ctx, tokens.len()) {
+        Err(FsError::PositionOutOfRange { .. }) => {}
+        other => return Err(err(format!("position T gave {:?}", other.map(|_| ())))),
+    }
+    Ok(())
+}
