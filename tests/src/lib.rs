@@ -223,3 +223,106 @@ where
     }
     Ok(())
 }
+
+/// The committed oracle fixtures (`tests/fixtures/`, made by `tools/make_fixtures.py` with
+/// torch + transformers in float64).
+pub mod fixtures {
+    use fs_estimators::Matrix;
+    use safetensors::SafeTensors;
+    use std::path::PathBuf;
+
+    /// `tests/fixtures/NAME`.
+    pub fn dir(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    }
+
+    /// The reference values of one fixture (`reference.safetensors`).
+    pub struct Reference {
+        /// Token ids `[T]`.
+        pub input_ids: Vec<u32>,
+        /// Number of blocks `L`.
+        pub n_layers: usize,
+        /// `d`.
+        pub d: usize,
+        /// `V`.
+        pub vocab: usize,
+        /// Logits `[T, V]` (f64 forward).
+        pub logits: Matrix<f64>,
+        /// `hidden[k]` = layer-`k` activations `[T, d]`, `k = 0..=L`.
+        pub hidden: Vec<Matrix<f64>>,
+        /// Tested positions.
+        pub positions: Vec<usize>,
+        /// `fisher[k][i]` = exact F at layer `k`, position `positions[i]`.
+        pub fisher: Vec<Vec<Matrix<f64>>>,
+        /// `sample_tokens[i]` = the recorded draws at `positions[i]`.
+        pub sample_tokens: Vec<Vec<u32>>,
+        /// `sampled_fisher[k][i]` = `(1/S) Σ g gᵀ` over those draws.
+        pub sampled_fisher: Vec<Vec<Matrix<f64>>>,
+    }
+
+    fn f64s(st: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f64>) {
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F64, "{name}");
+        let v =
+            t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        (t.shape().to_vec(), v)
+    }
+
+    fn i64s(st: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<i64>) {
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
+        let v =
+            t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        (t.shape().to_vec(), v)
+    }
+
+    fn blocks(shape: &[usize], data: &[f64]) -> Vec<Vec<Matrix<f64>>> {
+        let (l, p, d) = (shape[0], shape[1], shape[2]);
+        (0..l)
+            .map(|k| {
+                (0..p)
+                    .map(|i| {
+                        let off = (k * p + i) * d * d;
+                        Matrix::from_vec(d, d, data[off..off + d * d].to_vec()).unwrap()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    impl Reference {
+        /// Load `tests/fixtures/NAME/reference.safetensors`.
+        pub fn load(name: &str) -> Reference {
+            let bytes =
+                std::fs::read(dir(name).join("reference.safetensors")).expect("read fixture");
+            let st = SafeTensors::deserialize(&bytes).expect("parse fixture");
+            let (_, ids) = i64s(&st, "input_ids");
+            let (ls, logits) = f64s(&st, "logits");
+            let (hs, hidden) = f64s(&st, "hidden");
+            let (_, positions) = i64s(&st, "positions");
+            let (fs, fisher) = f64s(&st, "fisher");
+            let (ss, samples) = i64s(&st, "sample_tokens");
+            let (sfs, sampled) = f64s(&st, "sampled_fisher");
+            let (t, d) = (hs[1], hs[2]);
+            Reference {
+                input_ids: ids.iter().map(|&x| x as u32).collect(),
+                n_layers: hs[0] - 1,
+                d,
+                vocab: ls[1],
+                logits: Matrix::from_vec(ls[0], ls[1], logits).unwrap(),
+                hidden: (0..hs[0])
+                    .map(|k| {
+                        Matrix::from_vec(t, d, hidden[k * t * d..(k + 1) * t * d].to_vec()).unwrap()
+                    })
+                    .collect(),
+                positions: positions.iter().map(|&x| x as usize).collect(),
+                fisher: blocks(&fs, &fisher),
+                sample_tokens: samples
+                    .chunks(ss[1])
+                    .map(|c| c.iter().map(|&x| x as u32).collect())
+                    .collect(),
+                sampled_fisher: blocks(&sfs, &sampled),
+            }
+        }
+    }
+}

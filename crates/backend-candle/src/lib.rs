@@ -1,8 +1,71 @@
 //! # backend-candle
 //!
-//! [`fs_traits::SplitModel`] implementations on the candle engine. This crate is an empty shell in
-//! the foundation milestone: it only fixes its place in the workspace and the dependency arrow
-//! `backend-candle -> fs-traits` (never `fs-estimators -> backend-candle`). The models arrive with
-//! their issues (GPT-2 and the Llama family), without changing the seam.
+//! [`fs_traits::SplitModel`] implementations on [candle](https://github.com/huggingface/candle):
+//! [`Gpt2`] (HF `GPT2LMHeadModel` semantics). CPU by default; the `cuda` feature adds CUDA
+//! devices (`cuda:N`).
+//!
+//! Loading goes through `fs-checkpoint` (config parsing, safetensors headers checked before any
+//! allocation, HF cache resolution), shared with the other backends; this crate holds only what
+//! candle forces it to hold: the tensors and the forward / backward passes.
 
-pub use fs_traits::SplitModel;
+#![warn(missing_docs)]
+
+mod gpt2;
+pub mod ops;
+
+pub use candle_core::Device;
+pub use gpt2::{Gpt2, Gpt2Context};
+
+/// Errors of loading a model on candle.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A checkpoint problem (missing file or tensor, bad config, corrupt safetensors).
+    #[error(transparent)]
+    Checkpoint(#[from] fs_checkpoint::CheckpointError),
+    /// Invalid model data (e.g. NaN in the weights).
+    #[error(transparent)]
+    Model(#[from] fs_traits::FsError),
+    /// An error inside candle.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A device that cannot be used.
+    #[error("device {device:?} is not available: {reason}")]
+    Device {
+        /// What was asked for.
+        device: String,
+        /// Why it cannot be used, and the fix.
+        reason: String,
+    },
+}
+
+/// Parse a device name: `cpu`, or `cuda` / `cuda:N` (needs the `cuda` feature).
+pub fn device(name: &str) -> Result<Device, Error> {
+    let name = name.trim();
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => {
+            rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| {
+                Error::Device { device: name.into(), reason: "expected cpu, cuda or cuda:N".into() }
+            })?
+        }
+        None => {
+            return Err(Error::Device {
+                device: name.into(),
+                reason: "expected cpu, cuda or cuda:N".into(),
+            })
+        }
+    };
+    if cfg!(feature = "cuda") {
+        Device::new_cuda(ordinal)
+            .map_err(|e| Error::Device { device: name.into(), reason: format!("{e}") })
+    } else {
+        Err(Error::Device {
+            device: name.into(),
+            reason: "this build has no CUDA support: rebuild with `--features cuda`".into(),
+        })
+    }
+}

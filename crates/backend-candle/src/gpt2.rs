@@ -1,0 +1,575 @@
+//! GPT-2 (HF `GPT2LMHeadModel` semantics) as a [`SplitModel`] on candle.
+//!
+//! * Conv1D weights are stored `[in, out]` and applied as `x · W + b`;
+//! * `gelu_new` (tanh approximation) built from elementary ops;
+//! * LayerNorm with `layer_norm_epsilon` from the config;
+//! * learned absolute positions; `lm_head` tied to `wte` (an untied `lm_head.weight` is used when
+//!   the config says `tie_word_embeddings: false` and the checkpoint carries one);
+//! * attention scale `1/√d_head`, causal.
+//!
+//! Split layer `k ∈ 0..=n_layer`: `k = 0` is the embedding output `wte[x] + wpe[t]`, `k = i` the
+//! output of block `i − 1`, `k = n_layer` the last block's output before `ln_f`.
+//!
+//! The lower pass runs the whole sequence once and keeps, for every block `≥ k`, the keys and
+//! values of every position. The upper half at position `t` then runs on single rows `h`: each
+//! row attends to the cached keys/values of positions `< t` and to its own key/value (computed
+//! from `h`), so a batch of `R` copies of `h` costs `R` single-token passes, not `R` full
+//! sequences. The readout Jacobian `A = ∂u/∂h` (`u = ln_f` output) takes `d` copies and one
+//! backward pass of `Σ_i ⟨e_i, u_i⟩`; score gradients take `S` copies and one backward pass of
+//! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
+
+use crate::ops::{gelu_new, layer_norm, linear, softmax_last_dim};
+use crate::Error;
+use candle_core::{DType, Device, Tensor, Var, D};
+use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
+use fs_traits::{
+    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
+    FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
+};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Convert a candle error into the seam's error type.
+fn be(e: candle_core::Error) -> FsError {
+    FsError::Backend(format!("candle: {e}"))
+}
+
+/// A LayerNorm's parameters.
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// One transformer block's parameters (Conv1D weights `[in, out]`).
+struct Block {
+    ln_1: Norm,
+    attn_w: Tensor,
+    attn_b: Tensor,
+    proj_w: Tensor,
+    proj_b: Tensor,
+    ln_2: Norm,
+    fc_w: Tensor,
+    fc_b: Tensor,
+    out_w: Tensor,
+    out_b: Tensor,
+}
+
+/// GPT-2 on candle.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    device: Device,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    /// `W_U` (`V × d`) on the device: `wte` when tied.
+    lm_head: Tensor,
+    /// `W_U` on the host, for the estimators' weighted Gram.
+    lm_head_host: Vec<f32>,
+    /// Whether `lm_head` is `wte`.
+    tied: bool,
+    /// Positions per batched backward pass of the readout Jacobian.
+    position_batch: usize,
+}
+
+/// The result of [`Gpt2::lower`]: layer-`k` activations and the key/value cache of blocks `≥ k`.
+pub struct Gpt2Context {
+    layer: usize,
+    tokens: Vec<u32>,
+    /// `H_k` (`T × d`).
+    hidden: Tensor,
+    /// Keys of blocks `k..n_layer`, each `(H, T, d_head)`.
+    keys: Vec<Tensor>,
+    /// Values of blocks `k..n_layer`, each `(H, T, d_head)`.
+    values: Vec<Tensor>,
+    /// `ln_f(h_L)` (`T × d`), for the unperturbed logits.
+    final_norm: Tensor,
+}
+
+impl SplitContext for Gpt2Context {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+/// Produces the `f32` data of a weight from its canonical name and expected shape.
+type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
+
+/// Canonical (unprefixed) tensor names and shapes of a GPT-2 checkpoint, in load order.
+fn tensor_specs(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
+    let (d, v, n_pos, inner) = (cfg.n_embd, cfg.vocab_size, cfg.n_positions, cfg.inner_dim());
+    let mut specs =
+        vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".into(), vec![n_pos, d])];
+    for i in 0..cfg.n_layer {
+        let p = |s: &str| format!("h.{i}.{s}");
+        specs.extend([
+            (p("ln_1.weight"), vec![d]),
+            (p("ln_1.bias"), vec![d]),
+            (p("attn.c_attn.weight"), vec![d, 3 * d]),
+            (p("attn.c_attn.bias"), vec![3 * d]),
+            (p("attn.c_proj.weight"), vec![d, d]),
+            (p("attn.c_proj.bias"), vec![d]),
+            (p("ln_2.weight"), vec![d]),
+            (p("ln_2.bias"), vec![d]),
+            (p("mlp.c_fc.weight"), vec![d, inner]),
+            (p("mlp.c_fc.bias"), vec![inner]),
+            (p("mlp.c_proj.weight"), vec![inner, d]),
+            (p("mlp.c_proj.bias"), vec![d]),
+        ]);
+    }
+    specs.push(("ln_f.weight".into(), vec![d]));
+    specs.push(("ln_f.bias".into(), vec![d]));
+    specs
+}
+
+impl Gpt2 {
+    /// Load from resolved checkpoint files (`config.json` + safetensors; see
+    /// [`fs_checkpoint::resolve_model`]). Accepts `transformer.`-prefixed and unprefixed key
+    /// names, ignores `attn.bias` / `attn.masked_bias` buffers, converts f16/bf16/f64 to f32, and
+    /// names the tensor and file on a missing tensor or a shape that does not match the config.
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
+        let cfg = Gpt2Config::from_file(&files.config)?;
+        let store = WeightStore::open(&files.weights)?;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
+            let prefixed = format!("transformer.{name}");
+            let key = store.find(&[&prefixed, name]).ok_or_else(|| {
+                fs_checkpoint::CheckpointError::MissingTensor {
+                    name: prefixed.clone(),
+                    files: files
+                        .weights
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?;
+            Ok(store.read_f32_shaped(&key, shape)?.data)
+        };
+        let untied = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match store.find(&["lm_head.weight"]) {
+                Some(key) => Some(store.read_f32_shaped(&key, &[cfg.vocab_size, cfg.n_embd])?.data),
+                None => None,
+            }
+        };
+        Self::from_weights(cfg, &mut get, untied, device)
+    }
+
+    /// A model with random weights (for benchmarks and property tests): matrices
+    /// `N(0, std²)` (output projections scaled by `1/√(2·n_layer)` as in GPT-2's init), LayerNorm
+    /// weights `1 + N(0, 0.1²)`, biases `N(0, 0.02²)`. Deterministic in `seed`.
+    pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
+        cfg.validate(std::path::Path::new("<random config>"))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut normal = move || {
+            let u = |r: &mut ChaCha8Rng| ((r.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let (u1, u2) = (u(&mut rng), u(&mut rng));
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        let proj_scale = 1.0 / (2.0 * cfg.n_layer.max(1) as f64).sqrt();
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
+            let n: usize = shape.iter().product();
+            let (mean, s) = if name.contains("ln_") {
+                (if name.ends_with("weight") { 1.0 } else { 0.0 }, 0.1)
+            } else if name.ends_with("bias") {
+                (0.0, 0.02)
+            } else if name.ends_with("c_proj.weight") {
+                (0.0, std * proj_scale)
+            } else {
+                (0.0, std)
+            };
+            Ok((0..n).map(|_| (mean + s * normal()) as f32).collect())
+        };
+        Self::from_weights(cfg, &mut get, None, device)
+    }
+
+    fn from_weights(
+        cfg: Gpt2Config,
+        get: &mut WeightSource<'_>,
+        untied_lm_head: Option<Vec<f32>>,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        let mut load = |name: &str, shape: &[usize]| -> Result<(Vec<f32>, Tensor), Error> {
+            let data = get(name, shape)?;
+            check_finite(&format!("weight {name}"), &data)?;
+            let t = Tensor::from_slice(&data, shape, device)?;
+            Ok((data, t))
+        };
+        let specs = tensor_specs(&cfg);
+        let mut tensors = std::collections::HashMap::new();
+        let mut wte_host = Vec::new();
+        for (name, shape) in &specs {
+            let (data, t) = load(name, shape)?;
+            if name == "wte.weight" {
+                wte_host = data;
+            }
+            tensors.insert(name.clone(), t);
+        }
+        let mut take = |name: String| tensors.remove(&name).expect("every spec was loaded");
+        let norm = |take: &mut dyn FnMut(String) -> Tensor, p: &str| Norm {
+            weight: take(format!("{p}.weight")),
+            bias: take(format!("{p}.bias")),
+        };
+        let wte = take("wte.weight".into());
+        let wpe = take("wpe.weight".into());
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            blocks.push(Block {
+                ln_1: norm(&mut take, &p("ln_1")),
+                attn_w: take(p("attn.c_attn.weight")),
+                attn_b: take(p("attn.c_attn.bias")),
+                proj_w: take(p("attn.c_proj.weight")),
+                proj_b: take(p("attn.c_proj.bias")),
+                ln_2: norm(&mut take, &p("ln_2")),
+                fc_w: take(p("mlp.c_fc.weight")),
+                fc_b: take(p("mlp.c_fc.bias")),
+                out_w: take(p("mlp.c_proj.weight")),
+                out_b: take(p("mlp.c_proj.bias")),
+            });
+        }
+        let ln_f = norm(&mut take, "ln_f");
+        let tied = untied_lm_head.is_none();
+        let (lm_head, lm_head_host) = match untied_lm_head {
+            Some(data) => {
+                check_finite("weight lm_head.weight", &data)?;
+                (Tensor::from_slice(&data, (cfg.vocab_size, cfg.n_embd), device)?, data)
+            }
+            None => (wte.clone(), wte_host),
+        };
+        Ok(Gpt2 {
+            position_batch: default_position_batch(&cfg),
+            cfg,
+            device: device.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            lm_head_host,
+            tied,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Set how many positions share one batched backward pass of the readout Jacobian
+    /// (`≥ 1`; the default keeps the activations of one pass near 1 GiB).
+    pub fn set_position_batch(&mut self, positions: usize) {
+        self.position_batch = positions.max(1);
+    }
+
+    /// Number of parameters (`lm_head` counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        let mut n = self.wte.elem_count() + self.wpe.elem_count();
+        n += self.ln_f.weight.elem_count() + self.ln_f.bias.elem_count();
+        for b in &self.blocks {
+            for t in [
+                &b.ln_1.weight,
+                &b.ln_1.bias,
+                &b.attn_w,
+                &b.attn_b,
+                &b.proj_w,
+                &b.proj_b,
+                &b.ln_2.weight,
+                &b.ln_2.bias,
+                &b.fc_w,
+                &b.fc_b,
+                &b.out_w,
+                &b.out_b,
+            ] {
+                n += t.elem_count();
+            }
+        }
+        if !self.tied {
+            n += self.lm_head.elem_count();
+        }
+        n
+    }
+
+    fn heads(&self) -> (usize, usize) {
+        (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head)
+    }
+
+    fn norm(&self, x: &Tensor, n: &Norm) -> candle_core::Result<Tensor> {
+        layer_norm(x, &n.weight, &n.bias, self.cfg.layer_norm_epsilon)
+    }
+
+    fn mlp(&self, x: &Tensor, b: &Block) -> candle_core::Result<Tensor> {
+        let a = self.norm(x, &b.ln_2)?;
+        let hidden = gelu_new(&linear(&a, &b.fc_w, Some(&b.fc_b))?)?;
+        linear(&hidden, &b.out_w, Some(&b.out_b))
+    }
+
+    /// The full causal forward pass over a sequence, keeping what the upper half needs.
+    fn forward_sequence(&self, tokens: &[u32], layer: usize) -> candle_core::Result<Gpt2Context> {
+        let t_len = tokens.len();
+        let (heads, dh) = self.heads();
+        let d = self.cfg.n_embd;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.wte.index_select(&ids, 0)?.add(&self.wpe.narrow(0, 0, t_len)?)?;
+        let mut hidden = if layer == 0 { Some(x.clone()) } else { None };
+        let causal: Vec<f32> =
+            (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
+        let causal = Tensor::from_vec(causal, (1, t_len, t_len), &self.device)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let a = self.norm(&x, &b.ln_1)?;
+            let qkv = linear(&a, &b.attn_w, Some(&b.attn_b))?;
+            let split = |j: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(1, j * d, d)?.reshape((t_len, heads, dh))?.transpose(0, 1)?.contiguous()
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&causal)?;
+            let out = softmax_last_dim(&scores)?.matmul(&v)?;
+            let out = out.transpose(0, 1)?.reshape((t_len, d))?;
+            x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
+            x = (&x + self.mlp(&x, b)?)?;
+            if i >= layer {
+                keys.push(k);
+                values.push(v);
+            }
+            if i + 1 == layer {
+                hidden = Some(x.clone());
+            }
+        }
+        let final_norm = self.norm(&x, &self.ln_f)?;
+        Ok(Gpt2Context {
+            layer,
+            tokens: tokens.to_vec(),
+            hidden: hidden.expect("layer ≤ n_layer was checked"),
+            keys,
+            values,
+            final_norm,
+        })
+    }
+
+    /// The upper half on a batch of rows: `h` is `(P, R, d)`, row `(p, r)` sits at position
+    /// `positions[p]` and attends to the cached keys/values of positions `< positions[p]` and to
+    /// itself. Returns `u = ln_f(x_L)`, `(P, R, d)`.
+    fn upper(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+        h: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (p_n, r_n, d) = h.dims3()?;
+        let (heads, dh) = self.heads();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let t_max = positions.iter().copied().max().unwrap_or(0);
+        let mask = if t_max > 0 {
+            let m: Vec<f32> = positions
+                .iter()
+                .flat_map(|&t| (0..t_max).map(move |j| if j < t { 0.0 } else { MASKED }))
+                .collect();
+            Some(Tensor::from_vec(m, (p_n, 1, 1, t_max), &self.device)?)
+        } else {
+            None
+        };
+        let mut x = h.clone();
+        for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
+            let a = self.norm(&x, &b.ln_1)?;
+            let qkv = linear(&a, &b.attn_w, Some(&b.attn_b))?;
+            let split = |j: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(2, j * d, d)?
+                    .reshape((p_n, r_n, heads, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k_self, v_self) = (split(0)?, split(1)?, split(2)?);
+            let self_score = ((&q * &k_self)?.sum_keepdim(D::Minus1)? * scale)?;
+            let out = match &mask {
+                None => v_self,
+                Some(mask) => {
+                    let k_ctx = ctx.keys[idx].narrow(1, 0, t_max)?.unsqueeze(0)?;
+                    let v_ctx = ctx.values[idx].narrow(1, 0, t_max)?.unsqueeze(0)?;
+                    let ctx_scores =
+                        (q.broadcast_matmul(&k_ctx.t()?)? * scale)?.broadcast_add(mask)?;
+                    let probs = softmax_last_dim(&Tensor::cat(&[&ctx_scores, &self_score], 3)?)?;
+                    let p_ctx = probs.narrow(3, 0, t_max)?.contiguous()?;
+                    let p_self = probs.narrow(3, t_max, 1)?;
+                    (p_ctx.broadcast_matmul(&v_ctx)? + p_self.broadcast_mul(&v_self)?)?
+                }
+            };
+            let out = out.transpose(1, 2)?.reshape((p_n, r_n, d))?;
+            x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
+            x = (&x + self.mlp(&x, b)?)?;
+        }
+        self.norm(&x, &self.ln_f)
+    }
+
+    /// `h_t` for each position, replicated `r` times: `(P, r, d)`.
+    fn replicated(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+        r: usize,
+    ) -> candle_core::Result<Tensor> {
+        let d = self.cfg.n_embd;
+        let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &self.device)?;
+        let rows = ctx.hidden.index_select(&idx, 0)?; // (P, d)
+        rows.unsqueeze(1)?.broadcast_as((positions.len(), r, d))?.contiguous()
+    }
+
+    fn readout_jacobian_batch(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let d = self.cfg.n_embd;
+        let h = Var::from_tensor(&self.replicated(ctx, positions, d)?)?;
+        let u = self.upper(ctx, positions, h.as_tensor())?;
+        let eye = Tensor::eye(d, DType::F32, &self.device)?;
+        let loss = u.broadcast_mul(&eye)?.sum_all()?;
+        let grads = loss.backward()?;
+        let g = grads.get(h.as_tensor()).ok_or_else(|| {
+            candle_core::Error::Msg("no gradient reached the activation".to_string())
+        })?;
+        (0..positions.len()).map(|p| g.get(p)?.flatten_all()?.to_vec1::<f32>()).collect()
+    }
+
+    fn check_positions(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<(), FsError> {
+        positions.iter().try_for_each(|&t| check_position(t, ctx.tokens.len()))
+    }
+}
+
+/// Masked attention logit: finite, so that `masked − max` never produces NaN.
+const MASKED: f32 = -1e30;
+
+/// Positions per readout-Jacobian backward pass: the activations of one single-row pass through
+/// all blocks, times `d` replicas, kept near 1 GiB (at least 1 position).
+fn default_position_batch(cfg: &Gpt2Config) -> usize {
+    let per_row_per_layer = 16 * cfg.n_embd + 8 * cfg.inner_dim();
+    let per_position = (cfg.n_embd * per_row_per_layer * cfg.n_layer.max(1) * 4).max(1);
+    ((1usize << 30) / per_position).clamp(1, 64)
+}
+
+impl SplitModel for Gpt2 {
+    type Scalar = f32;
+    type Context = Gpt2Context;
+
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            d_model: self.cfg.n_embd,
+            readout_dim: self.cfg.n_embd,
+            vocab_size: self.cfg.vocab_size,
+            n_layers: self.cfg.n_layer,
+            max_seq_len: Some(self.cfg.n_positions),
+        }
+    }
+
+    fn lower(&self, tokens: &[u32], layer: usize) -> Result<Gpt2Context, FsError> {
+        check_layer(layer, self.cfg.n_layer)?;
+        check_tokens(tokens, self.cfg.vocab_size, Some(self.cfg.n_positions))?;
+        self.forward_sequence(tokens, layer).map_err(be)
+    }
+
+    fn activation(&self, ctx: &Gpt2Context, position: usize) -> Result<Vec<f32>, FsError> {
+        check_position(position, ctx.tokens.len())?;
+        ctx.hidden.get(position).and_then(|r| r.to_vec1::<f32>()).map_err(be)
+    }
+
+    fn upper_logits(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        h: &[f32],
+    ) -> Result<Vec<f32>, FsError> {
+        check_position(position, ctx.tokens.len())?;
+        check_len("h", h.len(), self.cfg.n_embd)?;
+        check_finite("h", h)?;
+        (|| {
+            let h = Tensor::from_slice(h, (1, 1, self.cfg.n_embd), &self.device)?;
+            let u = self.upper(ctx, &[position], &h)?.reshape((1, self.cfg.n_embd))?;
+            u.matmul(&self.lm_head.t()?)?.flatten_all()?.to_vec1::<f32>()
+        })()
+        .map_err(be)
+    }
+
+    fn logits(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<Matrix<f32>, FsError> {
+        self.check_positions(ctx, positions)?;
+        let v = self.cfg.vocab_size;
+        if positions.is_empty() {
+            return Ok(Matrix::zeros(0, v));
+        }
+        let data = (|| {
+            let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
+            let rows =
+                ctx.final_norm.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
+            rows.matmul(&self.lm_head.t()?)?.flatten_all()?.to_vec1::<f32>()
+        })()
+        .map_err(be)?;
+        Matrix::from_vec(positions.len(), v, data)
+    }
+
+    fn score_gradients(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        tokens: &[u32],
+    ) -> Result<Matrix<f32>, FsError> {
+        check_position(position, ctx.tokens.len())?;
+        check_tokens_in_vocab(tokens, self.cfg.vocab_size)?;
+        let d = self.cfg.n_embd;
+        if tokens.is_empty() {
+            return Ok(Matrix::zeros(0, d));
+        }
+        let z = self.logits(ctx, &[position])?;
+        check_finite("logits", z.as_slice())?;
+        // p in f64, renormalised; ∂ log p_y / ∂u = w_y − m with m = W_Uᵀ p.
+        let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        let p: Vec<f32> = e.iter().map(|x| (x / total) as f32).collect();
+        let data = (|| {
+            let p = Tensor::from_vec(p, (1, self.cfg.vocab_size), &self.device)?;
+            let m = p.matmul(&self.lm_head)?; // (1, d)
+            let ids = Tensor::new(tokens, &self.device)?;
+            let c = self.lm_head.index_select(&ids, 0)?.broadcast_sub(&m)?.unsqueeze(0)?; // (1, S, d)
+            let h = Var::from_tensor(&self.replicated(ctx, &[position], tokens.len())?)?;
+            let u = self.upper(ctx, &[position], h.as_tensor())?;
+            let grads = (u * c)?.sum_all()?.backward()?;
+            let g = grads.get(h.as_tensor()).ok_or_else(|| {
+                candle_core::Error::Msg("no gradient reached the activation".to_string())
+            })?;
+            g.flatten_all()?.to_vec1::<f32>()
+        })()
+        .map_err(be)?;
+        Matrix::from_vec(tokens.len(), d, data)
+    }
+
+    fn readout_jacobians(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+    ) -> Result<Vec<Matrix<f32>>, FsError> {
+        self.check_positions(ctx, positions)?;
+        let d = self.cfg.n_embd;
+        let mut out = Vec::with_capacity(positions.len());
+        for chunk in positions.chunks(self.position_batch) {
+            for a in self.readout_jacobian_batch(ctx, chunk).map_err(be)? {
+                out.push(Matrix::from_vec(d, d, a)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn unembedding(&self) -> MatrixRef<'_, f32> {
+        MatrixRef::new(self.cfg.vocab_size, self.cfg.n_embd, &self.lm_head_host)
+            .expect("lm_head host copy has V·d elements by construction")
+    }
+}

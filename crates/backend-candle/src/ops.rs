@@ -1,0 +1,288 @@
+//! Differentiable building blocks from candle's elementary ops (their gradients come from the
+//! elementary ops' exact derivatives; candle's fused `gelu` backward is imprecise, DESIGN §7).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `√(2/π)`, the constant of the tanh-approximate GELU.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+/// GPT-2's `gelu_new`: `g(x) = 0.5·x·(1 + tanh(u))`, `u = √(2/π)·(x + 0.044715·x³)`.
+///
+/// On the CPU a fused op (one pass forward, one pass backward with the exact derivative
+/// `g'(x) = 0.5·(1 + tanh u) + 0.5·x·(1 − tanh² u)·√(2/π)·(1 + 3·0.044715·x²)`); elsewhere the
+/// composition of elementary ops. Both are tested against finite differences in f64.
+pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(GeluNew)
+    } else {
+        gelu_new_composite(x)
+    }
+}
+
+/// `gelu_new` from elementary ops (their gradients come from candle's exact elementary
+/// derivatives).
+pub fn gelu_new_composite(x: &Tensor) -> Result<Tensor> {
+    let inner = (x + (x.sqr()? * x)?.affine(0.044715, 0.0)?)?.affine(SQRT_2_OVER_PI, 0.0)?;
+    let gate = inner.tanh()?.affine(0.5, 0.5)?;
+    x * gate
+}
+
+/// Elementwise map of a contiguous CPU tensor (f32 or f64), in parallel chunks.
+fn map_cpu(
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    f32_fn: fn(f32) -> f32,
+    f64_fn: fn(f64) -> f64,
+) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    use candle_core::CpuStorage;
+    use rayon::prelude::*;
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("elementwise op on a non-contiguous tensor");
+    };
+    const CHUNK: usize = 1 << 14;
+    let out = match storage {
+        CpuStorage::F32(v) => {
+            let mut out = vec![0f32; end - start];
+            out.par_chunks_mut(CHUNK).zip(v[start..end].par_chunks(CHUNK)).for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, &x)| *o = f32_fn(x));
+            });
+            CpuStorage::F32(out)
+        }
+        CpuStorage::F64(v) => {
+            let mut out = vec![0f64; end - start];
+            out.par_chunks_mut(CHUNK).zip(v[start..end].par_chunks(CHUNK)).for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, &x)| *o = f64_fn(x));
+            });
+            CpuStorage::F64(out)
+        }
+        _ => candle_core::bail!("gelu_new supports f32 and f64"),
+    };
+    Ok((out, layout.shape().clone()))
+}
+
+macro_rules! gelu_fns {
+    ($t:ty, $value:ident, $deriv:ident) => {
+        fn $value(x: $t) -> $t {
+            let u = (SQRT_2_OVER_PI as $t) * (x + 0.044715 * x * x * x);
+            0.5 * x * (1.0 + u.tanh())
+        }
+        fn $deriv(x: $t) -> $t {
+            let c = SQRT_2_OVER_PI as $t;
+            let th = (c * (x + 0.044715 * x * x * x)).tanh();
+            0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        }
+    };
+}
+gelu_fns!(f32, gelu_f32, gelu_deriv_f32);
+gelu_fns!(f64, gelu_f64, gelu_deriv_f64);
+
+/// The fused `gelu_new` op (CPU).
+struct GeluNew;
+/// Its derivative `g'(x)` (CPU, no backward of its own).
+struct GeluNewDerivative;
+
+impl candle_core::CustomOp1 for GeluNew {
+    fn name(&self) -> &'static str {
+        "gelu-new"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        map_cpu(s, l, gelu_f32, gelu_f64)
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((arg.apply_op1_no_bwd(&GeluNewDerivative)? * grad_res)?))
+    }
+}
+
+impl candle_core::CustomOp1 for GeluNewDerivative {
+    fn name(&self) -> &'static str {
+        "gelu-new-derivative"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        map_cpu(s, l, gelu_deriv_f32, gelu_deriv_f64)
+    }
+}
+
+/// LayerNorm over the last dimension: `(x − μ)/√(σ² + ε) · γ + β` with the biased variance, as
+/// `torch.nn.LayerNorm`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+/// Softmax over the last dimension. The max is subtracted as a constant (detached): the result
+/// and its gradient do not depend on the shift.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// `x · W` for a 2-D `x` and a constant `W` (`[in, out]`), as a custom op whose backward pass
+/// computes only the input gradient `∂L/∂x = ∂L/∂y · Wᵀ`.
+///
+/// candle's own `matmul` backward always also forms the weight gradient `xᵀ · ∂L/∂y`, which the
+/// Fisher computation never needs: for the readout Jacobian that is a third of all backward
+/// flops and a `W`-sized buffer per layer. The forward is candle's own storage-level matmul.
+struct ConstMatmul {
+    w: Tensor,
+}
+
+impl ConstMatmul {
+    fn dims(&self, layout: &candle_core::Layout) -> Result<(usize, usize, usize)> {
+        let (rows, inp) = layout.shape().dims2()?;
+        let (w_in, out) = self.w.dims2()?;
+        if w_in != inp {
+            candle_core::bail!("const matmul: x has {inp} columns, W has {w_in} rows");
+        }
+        Ok((rows, inp, out))
+    }
+}
+
+impl candle_core::CustomOp1 for ConstMatmul {
+    fn name(&self) -> &'static str {
+        "const-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (rows, inp, out) = self.dims(layout)?;
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("const matmul: the weight is not on the CPU");
+        };
+        let y = storage.matmul(w, (1, rows, out, inp), layout, w_layout)?;
+        Ok((y, candle_core::Shape::from((rows, out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (rows, inp, out) = self.dims(layout)?;
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let candle_core::Storage::Cuda(w) = &*w_storage else {
+            candle_core::bail!("const matmul: the weight is not on the CUDA device");
+        };
+        let y = storage.matmul(w, (1, rows, out, inp), layout, w_layout)?;
+        Ok((y, candle_core::Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w.t()?)?))
+    }
+}
+
+/// `x · W + b` for `x` of shape `(…, in)`, `W` stored `[in, out]` (HF Conv1D layout), `b` `[out]`.
+/// `W` and `b` are constants: the backward pass only propagates to `x`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+    let out = w.dim(1)?;
+    let x2 = x.reshape((rows, inp))?.contiguous()?;
+    let y = x2.apply_op1(ConstMatmul { w: w.clone() })?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("non-empty") = out;
+    y.reshape(out_dims)
+}
+
+/// A `f32` tensor from a host buffer.
+pub fn tensor(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, device)?.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn fd_check(f: impl Fn(&Tensor) -> Result<Tensor>, xs: &[f64]) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(xs, &dev).unwrap()).unwrap();
+        let y = f(x.as_tensor()).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap().get(x.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for i in 0..xs.len() {
+            let eval = |delta: f64| {
+                let mut v = xs.to_vec();
+                v[i] += delta;
+                f(&Tensor::new(v.as_slice(), &dev).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+            assert!((g[i] - fd).abs() < 1e-8 * (1.0 + fd.abs()), "i={i}: {} vs {fd}", g[i]);
+        }
+    }
+
+    #[test]
+    fn gelu_new_value_and_gradient() {
+        let x = Tensor::new(&[-3.0f64, -0.5, 0.0, 0.7, 2.5], &Device::Cpu).unwrap();
+        let y = gelu_new(&x).unwrap().to_vec1::<f64>().unwrap();
+        for (xi, yi) in [-3.0f64, -0.5, 0.0, 0.7, 2.5].iter().zip(y) {
+            let e = 0.5 * xi * (1.0 + (SQRT_2_OVER_PI * (xi + 0.044715 * xi.powi(3))).tanh());
+            assert!((e - yi).abs() < 1e-15);
+        }
+        fd_check(gelu_new, &[-3.0, -0.5, 0.0, 0.7, 2.5]);
+        fd_check(gelu_new_composite, &[-3.0, -0.5, 0.0, 0.7, 2.5]);
+        // The fused f32 op agrees with the composite one.
+        let x32 = Tensor::new(&[-4.0f32, -1.3, -0.2, 0.0, 0.4, 1.7, 5.0], &Device::Cpu).unwrap();
+        let a = gelu_new(&x32).unwrap().to_vec1::<f32>().unwrap();
+        let b = gelu_new_composite(&x32).unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in a.iter().zip(&b) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn linear_matches_matmul_and_its_input_gradient() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[0.5f64, -1.0, 2.0], [1.5, 0.25, -0.75]], &dev).unwrap();
+        let b = Tensor::new(&[0.1f64, 0.2, 0.3], &dev).unwrap();
+        let x = Tensor::new(&[[1.0f64, 2.0], [-1.0, 0.5]], &dev).unwrap();
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        let expected = x.matmul(&w).unwrap().broadcast_add(&b).unwrap();
+        assert_eq!(y.to_vec2::<f64>().unwrap(), expected.to_vec2::<f64>().unwrap());
+        let c = Tensor::new(&[0.3f64, -1.1, 0.5], &dev).unwrap();
+        fd_check(
+            |x| linear(&x.reshape((2, 2))?, &w, Some(&b))?.broadcast_mul(&c),
+            &[1.0, 2.0, -1.0, 0.5],
+        );
+    }
+
+    #[test]
+    fn layer_norm_and_softmax_gradients() {
+        let dev = Device::Cpu;
+        let gamma = Tensor::new(&[1.3f64, 0.7, -0.4, 2.0], &dev).unwrap();
+        let beta = Tensor::new(&[0.1f64, -0.2, 0.3, 0.0], &dev).unwrap();
+        let w = Tensor::new(&[0.3f64, -1.1, 0.5, 0.9], &dev).unwrap();
+        let ln = |x: &Tensor| layer_norm(x, &gamma, &beta, 1e-5)?.broadcast_mul(&w);
+        fd_check(ln, &[0.5, -1.0, 2.0, 0.25]);
+        let sm = |x: &Tensor| softmax_last_dim(x)?.broadcast_mul(&w);
+        fd_check(sm, &[0.5, -1.0, 2.0, 0.25]);
+    }
+}

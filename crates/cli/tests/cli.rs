@@ -1,0 +1,335 @@
+//! The `fisher-stein` binary, driven as a user would: results checked against the oracle
+//! fixtures, models found through a fake HF cache, and bad input rejected with one line, exit
+//! code 2, no panic and nothing written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fisher-stein"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// Read an f64 or f32 tensor, or an i64 tensor, from a safetensors file into f64.
+fn read_tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let v = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        safetensors::Dtype::F64 => {
+            t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+        }
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    };
+    (t.shape().to_vec(), v)
+}
+
+fn ids_arg(path: &Path) -> String {
+    let (_, ids) = read_tensor(&path.join("reference.safetensors"), "input_ids");
+    ids.iter().map(|x| (*x as i64).to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `compute` writes fisher.safetensors whose matrices equal the fixture's exact F.
+#[test]
+fn compute_matches_the_fixture() {
+    let fx = fixture("gpt2-tiny-b");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("run");
+    let layer = 2;
+    let out = bin()
+        .args(["compute", "--model", fx.to_str().unwrap(), "--layer", &layer.to_string()])
+        .args([
+            "--tokens",
+            &ids_arg(&fx),
+            "--positions",
+            "0,1,8,15",
+            "--output",
+            out_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("position")).count(), 4, "{stdout}");
+
+    let (shape, f) = read_tensor(&out_dir.join("fisher.safetensors"), "fisher");
+    assert_eq!(shape, vec![4, 48, 48]);
+    let (_, pos) = read_tensor(&out_dir.join("fisher.safetensors"), "positions");
+    assert_eq!(pos, vec![0.0, 1.0, 8.0, 15.0]);
+    let (tshape, _) = read_tensor(&out_dir.join("fisher.safetensors"), "token_ids");
+    assert_eq!(tshape, vec![1, 16]);
+    let (rshape, reference) = read_tensor(&fx.join("reference.safetensors"), "fisher");
+    let (p, d) = (rshape[1], rshape[2]);
+    for i in 0..p {
+        let r = &reference[(layer * p + i) * d * d..(layer * p + i + 1) * d * d];
+        let g = &f[i * d * d..(i + 1) * d * d];
+        let num: f64 = g.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+        let den: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();
+        assert!(num / den <= 1e-4, "position {i}: relative error {}", num / den);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["layer"], 2);
+    assert_eq!(meta["estimator"]["name"], "exact");
+    assert_eq!(meta["backend"], "candle");
+    assert_eq!(meta["model"]["weights"][0]["sha256"].as_str().unwrap().len(), 64);
+}
+
+#[test]
+fn sampled_and_closed_form_estimators_run() {
+    let fx = fixture("gpt2-tiny-a");
+    let tmp = tempfile::tempdir().unwrap();
+    for (est, extra) in
+        [("sampled", vec!["--samples", "7", "--seed", "3"]), ("closed-form", vec![])]
+    {
+        let out_dir = tmp.path().join(est);
+        let out = bin()
+            .args([
+                "compute",
+                "--model",
+                fx.to_str().unwrap(),
+                "--layer",
+                "1",
+                "--tokens",
+                "1,2,3,4",
+            ])
+            .args([
+                "--estimator",
+                est,
+                "--positions",
+                "all",
+                "--output",
+                out_dir.to_str().unwrap(),
+                "-q",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let (shape, _) = read_tensor(&out_dir.join("fisher.safetensors"), "fisher");
+        assert_eq!(shape, vec![4, 32, 32]);
+        if est == "sampled" {
+            let (s, _) = read_tensor(&out_dir.join("fisher.safetensors"), "sample_tokens");
+            assert_eq!(s, vec![4, 7]);
+        }
+    }
+}
+
+/// A fake HF cache (`models--org--name/refs/main`, `snapshots/<hash>/…`) found through HF_HOME.
+#[test]
+fn loads_by_hub_id_from_a_fake_hf_cache() {
+    let fx = fixture("gpt2-tiny-a");
+    let home = tempfile::tempdir().unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = home.path().join("hub").join("models--tiny-org--gpt2-tiny-a");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx.join(f), snap.join(f)).unwrap();
+    }
+    let out_dir = home.path().join("out");
+    let out = bin()
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["compute", "--model", "tiny-org/gpt2-tiny-a", "--layer", "0", "--tokens", "5,6,7"])
+        .args(["--output", out_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["model"]["origin"]["kind"], "hf_cache");
+    assert_eq!(meta["model"]["origin"]["commit"], commit);
+}
+
+/// Run a failing command: exit code 2, one line on stderr containing every `needle`, no panic,
+/// and no output directory left behind.
+fn expect_failure(args: &[&str], out_dir: &Path, needles: &[&str]) {
+    let out = bin().args(args).args(["--output", out_dir.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: stderr {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "args {args:?}: {stderr:?} lacks {n:?}");
+    }
+    assert!(!out_dir.exists(), "output directory written despite the error");
+    let parent = out_dir.parent().unwrap();
+    if parent.exists() {
+        for e in std::fs::read_dir(parent).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.contains(".tmp-"), "temporary directory left behind: {name}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_one_line_exit_2_and_writes_nothing() {
+    let fx = fixture("gpt2-tiny-a");
+    let fxs = fx.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+
+    // Missing / unreadable model.
+    expect_failure(
+        &["compute", "--model", "/nonexistent/model", "--layer", "0", "--tokens", "1"],
+        &out,
+        &["/nonexistent/model"],
+    );
+    // Hub id not in the cache: says how to fetch it.
+    let empty_home = tempfile::tempdir().unwrap();
+    let o = bin()
+        .env("HF_HOME", empty_home.path())
+        .env_remove("HF_HUB_CACHE")
+        .args([
+            "compute",
+            "--model",
+            "nobody/nothing",
+            "--layer",
+            "0",
+            "--tokens",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("nobody/nothing") && e.contains("download"), "{e}");
+    // Layer out of range.
+    expect_failure(
+        &["compute", "--model", fxs, "--layer", "3", "--tokens", "1,2"],
+        &out,
+        &["layer 3", "0..=2"],
+    );
+    // Token id ≥ V.
+    expect_failure(
+        &["compute", "--model", fxs, "--layer", "0", "--tokens", "1,101"],
+        &out,
+        &["token id 101", "0..=100"],
+    );
+    // Longer than n_positions (32).
+    let long: Vec<String> = (0..33).map(|i| (i % 100).to_string()).collect();
+    expect_failure(
+        &["compute", "--model", fxs, "--layer", "0", "--tokens", &long.join(",")],
+        &out,
+        &["33 tokens", "at most 32"],
+    );
+    // Position outside the sequence.
+    expect_failure(
+        &["compute", "--model", fxs, "--layer", "0", "--tokens", "1,2", "--positions", "5"],
+        &out,
+        &["position 5"],
+    );
+    // --text without a tokenizer in the model directory.
+    expect_failure(
+        &["compute", "--model", fxs, "--layer", "0", "--text", "hello"],
+        &out,
+        &["tokenizer"],
+    );
+    // --samples 0.
+    expect_failure(
+        &[
+            "compute",
+            "--model",
+            fxs,
+            "--layer",
+            "0",
+            "--tokens",
+            "1,2",
+            "--estimator",
+            "sampled",
+            "--samples",
+            "0",
+        ],
+        &out,
+        &["samples"],
+    );
+
+    // A config that does not match the weights: the tensor and the shapes are named.
+    let bad = tmp.path().join("bad-shape");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(fx.join("model.safetensors"), bad.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(fx.join("config.json"))
+        .unwrap()
+        .replace("\"n_embd\": 32", "\"n_embd\": 64");
+    std::fs::write(bad.join("config.json"), cfg).unwrap();
+    expect_failure(
+        &["compute", "--model", bad.to_str().unwrap(), "--layer", "0", "--tokens", "1"],
+        &out,
+        &["wte.weight", "64"],
+    );
+    // A config with more layers than the weights: the missing tensor is named.
+    let missing = tmp.path().join("missing-tensor");
+    std::fs::create_dir(&missing).unwrap();
+    std::fs::copy(fx.join("model.safetensors"), missing.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(fx.join("config.json"))
+        .unwrap()
+        .replace("\"n_layer\": 2", "\"n_layer\": 3");
+    std::fs::write(missing.join("config.json"), cfg).unwrap();
+    expect_failure(
+        &["compute", "--model", missing.to_str().unwrap(), "--layer", "0", "--tokens", "1"],
+        &out,
+        &["h.2."],
+    );
+    // A truncated (corrupt) weights file.
+    let trunc = tmp.path().join("truncated");
+    std::fs::create_dir(&trunc).unwrap();
+    std::fs::copy(fx.join("config.json"), trunc.join("config.json")).unwrap();
+    let w = std::fs::read(fx.join("model.safetensors")).unwrap();
+    std::fs::write(trunc.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    expect_failure(
+        &["compute", "--model", trunc.to_str().unwrap(), "--layer", "0", "--tokens", "1"],
+        &out,
+        &["model.safetensors"],
+    );
+
+    // A non-empty output directory without --force.
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let o = bin()
+        .args([
+            "compute",
+            "--model",
+            fxs,
+            "--layer",
+            "0",
+            "--tokens",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "x");
+}

@@ -1,0 +1,385 @@
+//! HF `config.json` parsing.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{CheckpointError, Result};
+
+/// The activation functions a GPT-2 backend implements: both names denote the tanh
+/// approximation of GELU.
+pub const GPT2_ACTIVATIONS: &[&str] = &["gelu_new", "gelu_pytorch_tanh"];
+
+/// HF `GPT2Config` (config.json). Missing optional fields take HF's defaults:
+/// `layer_norm_epsilon` 1e-5, `activation_function` "gelu_new", `tie_word_embeddings` true,
+/// `n_inner` None (= 4·`n_embd`).
+///
+/// Build it with [`Gpt2Config::from_file`] or [`Gpt2Config::from_json`], which check the fields
+/// one by one (naming the one at fault) and then [`Gpt2Config::validate`]. The serde
+/// `Deserialize` impl applies the same defaults but neither names fields nor validates.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct Gpt2Config {
+    /// Number of tokens, `V`.
+    pub vocab_size: usize,
+    /// Longest sequence (learned position embeddings).
+    pub n_positions: usize,
+    /// Residual-stream width `d`.
+    pub n_embd: usize,
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Number of attention heads; divides `n_embd`.
+    pub n_head: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    /// MLP activation (`gelu_new` or `gelu_pytorch_tanh`).
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// Whether the LM head shares the token embedding matrix.
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// MLP hidden width; `None` means 4·`n_embd`.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+}
+
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+
+fn default_activation() -> String {
+    "gelu_new".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Gpt2Config {
+    /// Read, parse and validate a GPT-2 `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                CheckpointError::NotFound {
+                    what: "config.json".into(),
+                    path: path.to_path_buf(),
+                    fix: "pass the directory that holds the model's config.json".into(),
+                }
+            } else {
+                CheckpointError::io(path, e)
+            }
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parse and validate the text of a GPT-2 `config.json`; `path` is used only in messages.
+    ///
+    /// Beyond [`Gpt2Config::validate`], this checks what only the JSON shows: `model_type`, if
+    /// present, must be `"gpt2"`, and the attention variants a standard GPT-2 forward pass does
+    /// not implement (`scale_attn_weights: false`, `scale_attn_by_inverse_layer_idx: true`,
+    /// `add_cross_attention: true`) are refused.
+    pub fn from_json(json: &str, path: &Path) -> Result<Self> {
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| CheckpointError::json(path, e.to_string()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| CheckpointError::json(path, "the top level is not a JSON object"))?;
+        if let Some(mt) = present(obj, "model_type") {
+            if mt.as_str() != Some("gpt2") {
+                return Err(CheckpointError::config(
+                    path,
+                    "model_type",
+                    format!("is {mt}, expected \"gpt2\": this is not a GPT-2 checkpoint, load it with the backend for its architecture"),
+                ));
+            }
+        }
+        for (field, refused) in [
+            ("scale_attn_weights", false),
+            ("scale_attn_by_inverse_layer_idx", true),
+            ("add_cross_attention", true),
+        ] {
+            if present(obj, field).and_then(Value::as_bool) == Some(refused) {
+                return Err(CheckpointError::Unsupported {
+                    what: format!("`{field}: {refused}` in {}", path.display()),
+                    supported: format!("GPT-2 with `{field}: {}` (the standard model)", !refused),
+                });
+            }
+        }
+        let cfg = Gpt2Config {
+            vocab_size: req_usize(obj, "vocab_size", path)?,
+            n_positions: req_usize(obj, "n_positions", path)?,
+            n_embd: req_usize(obj, "n_embd", path)?,
+            n_layer: req_usize(obj, "n_layer", path)?,
+            n_head: req_usize(obj, "n_head", path)?,
+            layer_norm_epsilon: match present(obj, "layer_norm_epsilon") {
+                None => default_layer_norm_epsilon(),
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    CheckpointError::config(
+                        path,
+                        "layer_norm_epsilon",
+                        format!("is {v}, expected a number such as 1e-5"),
+                    )
+                })?,
+            },
+            activation_function: match present(obj, "activation_function") {
+                None => default_activation(),
+                Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
+                    CheckpointError::config(
+                        path,
+                        "activation_function",
+                        format!("is {v}, expected a string such as \"gelu_new\""),
+                    )
+                })?,
+            },
+            tie_word_embeddings: match present(obj, "tie_word_embeddings") {
+                None => default_true(),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    CheckpointError::config(
+                        path,
+                        "tie_word_embeddings",
+                        format!("is {v}, expected true or false"),
+                    )
+                })?,
+            },
+            n_inner: match present(obj, "n_inner") {
+                None => None,
+                Some(_) => Some(req_usize(obj, "n_inner", path)?),
+            },
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The MLP hidden width: `n_inner`, or 4·`n_embd` when it is unset.
+    pub fn inner_dim(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    /// Check the values (called by `from_*`): every size > 0, `n_embd` divisible by `n_head`,
+    /// `layer_norm_epsilon` finite and > 0, and an activation in [`GPT2_ACTIVATIONS`]
+    /// ([`CheckpointError::Unsupported`] otherwise). `path` is used only in messages.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_inner", self.n_inner.unwrap_or(1)),
+        ] {
+            if v == 0 {
+                return Err(CheckpointError::config(path, field, "is 0, expected a positive size"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(CheckpointError::config(
+                path,
+                "n_head",
+                format!(
+                    "is {}, which does not divide n_embd = {}: the head size must be a whole number",
+                    self.n_head, self.n_embd
+                ),
+            ));
+        }
+        if self.n_embd.checked_mul(4).is_none() {
+            return Err(CheckpointError::config(
+                path,
+                "n_embd",
+                format!("is {}, far too large", self.n_embd),
+            ));
+        }
+        if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
+            return Err(CheckpointError::config(
+                path,
+                "layer_norm_epsilon",
+                format!(
+                    "is {}, expected a small positive number such as 1e-5",
+                    self.layer_norm_epsilon
+                ),
+            ));
+        }
+        if !GPT2_ACTIVATIONS.contains(&self.activation_function.as_str()) {
+            return Err(CheckpointError::Unsupported {
+                what: format!(
+                    "activation_function \"{}\" in {}",
+                    self.activation_function,
+                    path.display()
+                ),
+                supported: GPT2_ACTIVATIONS.join(", "),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A field that is present and not `null`.
+fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    obj.get(field).filter(|v| !v.is_null())
+}
+
+fn req_usize(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {
+    let v = present(obj, field).ok_or_else(|| {
+        CheckpointError::config(path, field, "is missing: a GPT-2 config.json must set it")
+    })?;
+    v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+        CheckpointError::config(path, field, format!("is {v}, expected a non-negative integer"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = r#"{
+      "activation_function": "gelu_new", "add_cross_attention": false,
+      "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 100,
+      "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": 100, "initializer_range": 0.4,
+      "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_embd": 32, "n_head": 2,
+      "n_inner": null, "n_layer": 2, "n_positions": 32, "pad_token_id": null,
+      "reorder_and_upcast_attn": false, "resid_pdrop": 0.1,
+      "scale_attn_by_inverse_layer_idx": false, "scale_attn_weights": true,
+      "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+      "summary_type": "cls_index", "summary_use_proj": true, "tie_word_embeddings": true,
+      "transformers_version": "5.24.0", "use_cache": true, "vocab_size": 101
+    }"#;
+
+    fn p() -> &'static Path {
+        Path::new("/m/config.json")
+    }
+
+    fn edit(f: impl FnOnce(&mut Map<String, Value>)) -> String {
+        let mut v: Value = serde_json::from_str(FIXTURE).unwrap();
+        f(v.as_object_mut().unwrap());
+        v.to_string()
+    }
+
+    #[test]
+    fn parses_a_real_gpt2_config() {
+        let c = Gpt2Config::from_json(FIXTURE, p()).unwrap();
+        let expected = Gpt2Config {
+            vocab_size: 101,
+            n_positions: 32,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".into(),
+            tie_word_embeddings: true,
+            n_inner: None,
+        };
+        assert_eq!(c, expected);
+        assert_eq!(c.inner_dim(), 128);
+        // serde's derive agrees.
+        let d: Gpt2Config = serde_json::from_str(FIXTURE).unwrap();
+        assert_eq!(d, expected);
+    }
+
+    #[test]
+    fn defaults_for_missing_optional_fields() {
+        let json = r#"{"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": 1000}"#;
+        let c = Gpt2Config::from_json(json, p()).unwrap();
+        assert_eq!(c.layer_norm_epsilon, 1e-5);
+        assert_eq!(c.activation_function, "gelu_new");
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.inner_dim(), 1000);
+        let d: Gpt2Config = serde_json::from_str(json).unwrap();
+        assert_eq!(c, d);
+        let tanh = edit(|o| {
+            o.insert("activation_function".into(), "gelu_pytorch_tanh".into());
+        });
+        assert!(Gpt2Config::from_json(&tanh, p()).is_ok());
+    }
+
+    fn err(json: &str) -> (CheckpointError, String) {
+        let e = Gpt2Config::from_json(json, p()).unwrap_err();
+        let m = e.to_string();
+        assert!(!m.contains('\n'), "{m}");
+        assert!(m.contains("/m/config.json"), "{m}");
+        (e, m)
+    }
+
+    #[test]
+    fn head_count_must_divide_width() {
+        let (e, m) = err(&edit(|o| {
+            o.insert("n_head".into(), 3.into());
+        }));
+        assert!(matches!(e, CheckpointError::Config { ref field, .. } if field == "n_head"), "{m}");
+        assert!(m.contains("n_embd = 32"), "{m}");
+    }
+
+    #[test]
+    fn unknown_activation() {
+        let (e, m) = err(&edit(|o| {
+            o.insert("activation_function".into(), "relu".into());
+        }));
+        assert!(matches!(e, CheckpointError::Unsupported { .. }), "{m}");
+        assert!(m.contains("relu") && m.contains("gelu_new") && m.contains("gelu_pytorch_tanh"));
+    }
+
+    #[test]
+    fn other_model_type() {
+        let (e, m) = err(&edit(|o| {
+            o.insert("model_type".into(), "llama".into());
+        }));
+        assert!(matches!(e, CheckpointError::Config { ref field, .. } if field == "model_type"));
+        assert!(m.contains("llama") && m.contains("gpt2"), "{m}");
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let cases: Vec<(String, &str)> = vec![
+            (edit(|o| drop(o.remove("n_embd"))), "n_embd"),
+            (edit(|o| drop(o.insert("n_layer".into(), Value::Null))), "n_layer"),
+            (edit(|o| drop(o.insert("n_layer".into(), (-2).into()))), "n_layer"),
+            (edit(|o| drop(o.insert("vocab_size".into(), "101".into()))), "vocab_size"),
+            (edit(|o| drop(o.insert("n_positions".into(), 0.into()))), "n_positions"),
+            (edit(|o| drop(o.insert("n_inner".into(), 0.into()))), "n_inner"),
+            (edit(|o| drop(o.insert("n_inner".into(), 2.5.into()))), "n_inner"),
+            (edit(|o| drop(o.insert("layer_norm_epsilon".into(), 0.into()))), "layer_norm_epsilon"),
+            (
+                edit(|o| drop(o.insert("layer_norm_epsilon".into(), "x".into()))),
+                "layer_norm_epsilon",
+            ),
+            (
+                edit(|o| drop(o.insert("tie_word_embeddings".into(), 1.into()))),
+                "tie_word_embeddings",
+            ),
+        ];
+        for (json, field) in cases {
+            let (e, m) = err(&json);
+            assert!(
+                matches!(e, CheckpointError::Config { field: ref f, .. } if f == field),
+                "{field}: {m}"
+            );
+            assert!(m.contains(field), "{m}");
+        }
+    }
+
+    #[test]
+    fn unsupported_attention_variants() {
+        for (field, v) in [
+            ("scale_attn_by_inverse_layer_idx", true),
+            ("scale_attn_weights", false),
+            ("add_cross_attention", true),
+        ] {
+            let (e, m) = err(&edit(|o| drop(o.insert(field.into(), v.into()))));
+            assert!(matches!(e, CheckpointError::Unsupported { .. }), "{m}");
+            assert!(m.contains(field), "{m}");
+        }
+    }
+
+    #[test]
+    fn not_json() {
+        let (e, _) = err("{\"vocab_size\": ");
+        assert!(matches!(e, CheckpointError::Json { .. }));
+        let (e, _) = err("[1, 2]");
+        assert!(matches!(e, CheckpointError::Json { .. }));
+    }
+
+    #[test]
+    fn from_file_missing() {
+        let e = Gpt2Config::from_file(Path::new("/no/such/config.json")).unwrap_err();
+        assert!(matches!(e, CheckpointError::NotFound { .. }), "{e}");
+        assert!(e.to_string().contains("/no/such/config.json"));
+    }
+}
