@@ -313,20 +313,26 @@ impl Gpt2 {
         linear(&hidden, &b.out_w, Some(&b.out_b))
     }
 
-    /// The full causal forward pass over a sequence, keeping what the upper half needs.
-    fn forward_sequence(&self, tokens: &[u32], layer: usize) -> candle_core::Result<Gpt2Context> {
+    /// The full causal forward pass over a sequence, keeping what the upper half needs at each
+    /// of `layers` (one context per layer, in the order given; they share the cached tensors).
+    fn forward_sequence(
+        &self,
+        tokens: &[u32],
+        layers: &[usize],
+    ) -> candle_core::Result<Vec<Gpt2Context>> {
         let t_len = tokens.len();
         let (heads, dh) = self.heads();
         let d = self.cfg.n_embd;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.wte.index_select(&ids, 0)?.add(&self.wpe.narrow(0, 0, t_len)?)?;
-        let mut hidden = if layer == 0 { Some(x.clone()) } else { None };
+        // hidden[k] for every k ≥ first; keys/values of every block ≥ first.
+        let mut hidden = vec![x.clone()];
         let causal: Vec<f32> =
             (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
         let causal = Tensor::from_vec(causal, (1, t_len, t_len), &self.device)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for (i, b) in self.blocks.iter().enumerate() {
+        for b in &self.blocks {
             let a = self.norm(&x, &b.ln_1)?;
             let qkv = linear(&a, &b.attn_w, Some(&b.attn_b))?;
             let split = |j: usize| -> candle_core::Result<Tensor> {
@@ -338,23 +344,22 @@ impl Gpt2 {
             let out = out.transpose(0, 1)?.reshape((t_len, d))?;
             x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
             x = (&x + self.mlp(&x, b)?)?;
-            if i >= layer {
-                keys.push(k);
-                values.push(v);
-            }
-            if i + 1 == layer {
-                hidden = Some(x.clone());
-            }
+            keys.push(k);
+            values.push(v);
+            hidden.push(x.clone());
         }
         let final_norm = self.norm(&x, &self.ln_f)?;
-        Ok(Gpt2Context {
-            layer,
-            tokens: tokens.to_vec(),
-            hidden: hidden.expect("layer ≤ n_layer was checked"),
-            keys,
-            values,
-            final_norm,
-        })
+        Ok(layers
+            .iter()
+            .map(|&layer| Gpt2Context {
+                layer,
+                tokens: tokens.to_vec(),
+                hidden: hidden[layer].clone(),
+                keys: keys[layer..].to_vec(),
+                values: values[layer..].to_vec(),
+                final_norm: final_norm.clone(),
+            })
+            .collect())
     }
 
     /// The upper half on a batch of rows: `h` is `(P, R, d)`, row `(p, r)` sits at position
@@ -473,9 +478,16 @@ impl SplitModel for Gpt2 {
     }
 
     fn lower(&self, tokens: &[u32], layer: usize) -> Result<Gpt2Context, FsError> {
-        check_layer(layer, self.cfg.n_layer)?;
+        let mut ctx = self.lower_layers(tokens, &[layer])?;
+        Ok(ctx.remove(0))
+    }
+
+    fn lower_layers(&self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Gpt2Context>, FsError> {
+        for &layer in layers {
+            check_layer(layer, self.cfg.n_layer)?;
+        }
         check_tokens(tokens, self.cfg.vocab_size, Some(self.cfg.n_positions))?;
-        self.forward_sequence(tokens, layer).map_err(be)
+        self.forward_sequence(tokens, layers).map_err(be)
     }
 
     fn activation(&self, ctx: &Gpt2Context, position: usize) -> Result<Vec<f32>, FsError> {

@@ -1,26 +1,42 @@
-//! `fisher-stein compute`: Fisher matrices of a model at a layer, for chosen positions of a text.
+//! `fisher-stein compute`: Fisher matrices of a model at one or more layers, for chosen positions
+//! of one or more texts.
+//!
+//! Everything the user gave is checked (model, tokenizer, every document, layers, positions,
+//! estimator options) before the results directory is created. Then each sequence's results go
+//! to their own file, written atomically; `metadata.json` is written last. A killed run leaves
+//! only complete files and continues with `--resume` without recomputing them.
 
-use crate::output::{check_output_dir, safetensors_bytes, write_results_dir, OwnedTensor};
+use crate::inputs::{read_input_file, truncate, Document};
+use crate::npz::npz_bytes;
+use crate::output::{
+    check_output_dir, create_results_dir, safetensors_bytes, write_atomic, ExistingDir,
+    OwnedTensor, RUN_FILE,
+};
 use crate::positions::PositionSpec;
+use crate::Globals;
 use anyhow::{bail, Context, Result};
 use fs_checkpoint::{ModelFiles, ModelOrigin};
 use fs_estimators::{
-    closed_form_fisher_at, entropy, exact_fisher, sampled_fisher, softmax, spectrum, Element,
-    ExactOptions, GradientKind, Matrix, SampledOptions, SplitModel,
+    closed_form_fisher_at, entropy, exact_fisher, predictive_fisher, sampled_fisher, softmax,
+    spectrum, Element, ExactOptions, FsError, GradientKind, Matrix, PredictiveOptions,
+    SampledOptions, SamplingOptions, SplitModel,
 };
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Which estimator `compute` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Estimator {
-    /// Full-vocabulary Fisher `Aᵀ G A` (centered `G`, vocabulary streamed).
+    /// Full-vocabulary Fisher `AᵀGA` (centered `G`, vocabulary streamed).
     Exact,
-    /// `(1/S) Σ_s g_{y_s} g_{y_s}ᵀ` with `y_s ~ p` (unbiased; `--samples`, `--seed`).
+    /// `(1/S) Σ_s g_{y_s} g_{y_s}ᵀ`, `y_s ~ p` (unbiased at temperature 1, top-p 1).
     Sampled,
-    /// `Jᵀ diag(p) J − (Jᵀp)(Jᵀp)ᵀ` with `J = W_U A`, streamed (an independent check of exact).
+    /// `Jᵀdiag(p)J − (Jᵀp)(Jᵀp)ᵀ` with `J = W_U A`, streamed (an independent check of exact).
     ClosedForm,
+    /// The original script's default: mean exact F over N sampled next input tokens, each at
+    /// position t+1.
+    Predictive,
 }
 
 impl Estimator {
@@ -29,8 +45,18 @@ impl Estimator {
             Estimator::Exact => "exact",
             Estimator::Sampled => "sampled",
             Estimator::ClosedForm => "closed-form",
+            Estimator::Predictive => "predictive",
         }
     }
+}
+
+/// Results file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `.safetensors` (default).
+    Safetensors,
+    /// `.npz` (uncompressed; `numpy.load`).
+    Npz,
 }
 
 /// Arguments of `fisher-stein compute`.
@@ -40,102 +66,168 @@ pub struct ComputeArgs {
     #[arg(long, alias = "model_name", value_name = "PATH_OR_ID")]
     pub model: String,
     /// Split layer k: 0 = embeddings, n_layer = last block before the final norm.
-    #[arg(long, alias = "layer_idx", value_name = "K")]
-    pub layer: usize,
+    #[arg(
+        long,
+        alias = "layer_idx",
+        value_name = "K",
+        conflicts_with = "layers",
+        required_unless_present = "layers"
+    )]
+    pub layer: Option<usize>,
+    /// Several split layers sharing one forward pass: K,K,... or all.
+    #[arg(long, value_name = "K,K|all")]
+    pub layers: Option<String>,
     /// Token ids, comma-separated (e.g. 15496,995).
-    #[arg(long, value_delimiter = ',', conflicts_with = "text", required_unless_present = "text")]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["text", "input"])]
     pub tokens: Option<Vec<u32>>,
     /// Text, tokenised with the model's tokenizer (tokenizer.json or vocab.json + merges.txt).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "input")]
     pub text: Option<String>,
-    /// Positions: all, last, or a list such as 0,3,10..12 (negative = from the end).
+    /// File of documents: plain text, one per line, or JSONL with a "text" field.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Analyse at most N documents of --input.
+    #[arg(long, alias = "num_sequences", value_name = "N")]
+    pub num_sequences: Option<usize>,
+    /// Skip the first I documents of --input (their indices are kept in the output names).
+    #[arg(long, alias = "start_sequence_idx", default_value_t = 0, value_name = "I")]
+    pub start_sequence: usize,
+    /// Truncate every document to at most N tokens (with a warning).
+    #[arg(long, alias = "max_seq_len", value_name = "N")]
+    pub max_seq_len: Option<usize>,
+    /// Positions: all, last, or a list/range such as 0,3,10..12 (negative = from the end).
     #[arg(long, default_value = "last")]
     pub positions: PositionSpec,
+    /// Keep every k-th of the selected positions, starting with the k-th (1 = all).
+    #[arg(long, alias = "position_skip", default_value_t = 1, value_name = "K")]
+    pub position_skip: usize,
+    /// Keep at most M positions per sequence (the first M after --position-skip).
+    #[arg(long, alias = "max_positions", value_name = "M")]
+    pub max_positions: Option<usize>,
     /// Estimator.
     #[arg(long, value_enum, default_value = "exact")]
     pub estimator: Estimator,
-    /// Draws per position for the sampled estimator.
-    #[arg(long, alias = "num_samples", default_value_t = 10)]
-    pub samples: usize,
-    /// Seed of the sampled estimator's draws (position t uses stream t).
+    /// Draws per position: sampled estimator (default 10) or predictive average (default 50).
+    #[arg(long, alias = "num_samples", alias = "num-samples", value_name = "S")]
+    pub samples: Option<usize>,
+    /// Seed of every random draw (position t uses stream t); recorded in metadata.json.
     #[arg(long, alias = "random_seed", default_value_t = 0)]
     pub seed: u64,
-    /// Results directory (must not exist or be empty, unless --force).
+    /// Sampling temperature for sampled / predictive draws. Any value other than 1 makes the
+    /// sampled estimator BIASED (it no longer estimates F).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Nucleus mass in (0, 1] for sampled / predictive draws. Below 1 the sampled estimator is
+    /// BIASED (it no longer estimates F).
+    #[arg(long, alias = "top_p", default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Positions per batched backward pass of the readout Jacobian (default: fits ~1 GiB).
+    #[arg(long, alias = "batch_size", value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Also store the full eigendecomposition (eigenvalues [N, d], eigenvectors [N, d, d]).
+    #[arg(long, conflicts_with = "eig_top")]
+    pub eig: bool,
+    /// Also store the top K eigenpairs (eigenvalues [N, K], eigenvectors [N, d, K]).
+    #[arg(long, value_name = "K")]
+    pub eig_top: Option<usize>,
+    /// Results file format.
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: Format,
+    /// Results directory.
     #[arg(long, alias = "output_dir", value_name = "DIR")]
     pub output: PathBuf,
     /// Replace a non-empty output directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub force: bool,
+    /// Continue the run in a non-empty output directory, skipping finished sequences.
+    #[arg(long)]
+    pub resume: bool,
     /// Device: cpu, or cuda:N (needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
-/// What one run computed, independent of the model type.
-struct Computed {
-    d: usize,
-    positions: Vec<usize>,
-    fisher: Vec<Matrix<f64>>,
-    entropies: Vec<f64>,
-    sample_tokens: Option<Vec<Vec<u32>>>,
-    lower_s: f64,
-    estimator_s: f64,
+impl ComputeArgs {
+    fn samples(&self) -> usize {
+        self.samples.unwrap_or(match self.estimator {
+            Estimator::Predictive => 50,
+            _ => 10,
+        })
+    }
+
+    fn sampling(&self) -> SamplingOptions {
+        SamplingOptions { temperature: self.temperature, top_p: self.top_p }
+    }
+
+    /// Checks that need no model.
+    fn validate(&self) -> Result<()> {
+        if matches!(self.estimator, Estimator::Sampled | Estimator::Predictive) {
+            if self.samples() == 0 {
+                bail!(
+                    "--samples 0: the {} estimator needs at least 1 draw per position",
+                    self.estimator.name()
+                );
+            }
+            self.sampling().validate()?;
+        }
+        if self.position_skip == 0 {
+            bail!("--position-skip 0: use 1 to keep every position, k to keep every k-th");
+        }
+        if self.max_positions == Some(0) {
+            bail!("--max-positions 0 selects nothing: give at least 1");
+        }
+        if self.max_seq_len == Some(0) {
+            bail!("--max-seq-len 0 leaves no tokens: give at least 1");
+        }
+        if self.batch_size == Some(0) {
+            bail!("--batch-size 0: give at least 1 position per batch");
+        }
+        if self.eig_top == Some(0) {
+            bail!("--eig-top 0 keeps no eigenpairs: give at least 1, or drop the flag");
+        }
+        Ok(())
+    }
+
+    /// The estimator's settings, as recorded in run.json / metadata.json.
+    fn estimator_json(&self) -> serde_json::Value {
+        let biased = !self.sampling().is_unbiased();
+        match self.estimator {
+            Estimator::Sampled => json!({
+                "name": "sampled", "samples": self.samples(), "seed": self.seed,
+                "temperature": self.temperature, "top_p": self.top_p, "biased": biased,
+            }),
+            Estimator::Predictive => json!({
+                "name": "predictive", "draws": self.samples(), "seed": self.seed,
+                "temperature": self.temperature, "top_p": self.top_p,
+                "note": "mean exact Fisher at position t+1 over next input tokens drawn at t",
+            }),
+            e => json!({"name": e.name(), "biased": false}),
+        }
+    }
 }
 
-fn run_estimator<M: SplitModel>(model: &M, tokens: &[u32], args: &ComputeArgs) -> Result<Computed>
-where
-    M::Scalar: Element,
-{
-    let t0 = Instant::now();
-    let ctx = model.lower(tokens, args.layer)?;
-    let lower_s = t0.elapsed().as_secs_f64();
-    let positions = args.positions.resolve(tokens.len())?;
-    let logits = model.logits(&ctx, &positions)?;
-    let entropies = (0..positions.len())
-        .map(|i| softmax(logits.row(i)).map(|p| entropy(&p)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let t1 = Instant::now();
-    let opts = ExactOptions::default();
-    let (fisher, sample_tokens) = match args.estimator {
-        Estimator::Exact => (exact_fisher(model, &ctx, &positions, &opts)?, None),
-        Estimator::ClosedForm => {
-            (closed_form_fisher_at(model, &ctx, &positions, GradientKind::Logits, &opts)?, None)
-        }
-        Estimator::Sampled => {
-            let o = SampledOptions { samples: args.samples, seed: args.seed, ..Default::default() };
-            let s = sampled_fisher(model, &ctx, &positions, &o)?;
-            let tokens = s.iter().map(|x| x.tokens.clone()).collect();
-            (s.into_iter().map(|x| x.fisher).collect(), Some(tokens))
-        }
+/// Resolve `--layer` / `--layers` against the model's `n_layers`.
+fn resolve_layers(args: &ComputeArgs, n_layers: usize) -> Result<Vec<usize>> {
+    let layers: Vec<usize> = match (&args.layer, &args.layers) {
+        (Some(k), _) => vec![*k],
+        (None, Some(s)) if s.trim() == "all" => (0..=n_layers).collect(),
+        (None, Some(s)) => s
+            .split(',')
+            .map(|x| {
+                x.trim().parse::<usize>().with_context(|| {
+                    format!("invalid layer {x:?} in --layers {s:?}: use K,K,... or all")
+                })
+            })
+            .collect::<Result<_>>()?,
+        (None, None) => bail!("give --layer K or --layers K,K|all"),
     };
-    let estimator_s = t1.elapsed().as_secs_f64();
-    for (f, &t) in fisher.iter().zip(&positions) {
-        if let Some(i) = f.as_slice().iter().position(|x| !x.is_finite()) {
-            bail!(
-                "the Fisher matrix at layer {} position {t} has a non-finite entry at index {i}: check the weights for NaN/Inf",
-                args.layer
-            );
-        }
+    for &k in &layers {
+        fs_traits::check_layer(k, n_layers)?;
     }
-    Ok(Computed {
-        d: model.dims().d_model,
-        positions,
-        fisher,
-        entropies,
-        sample_tokens,
-        lower_s,
-        estimator_s,
-    })
-}
-
-fn origin_json(files: &ModelFiles) -> serde_json::Value {
-    match &files.origin {
-        ModelOrigin::LocalDir { dir } => json!({"kind": "local_dir", "dir": dir}),
-        ModelOrigin::HubCache { repo_id, revision, commit, snapshot_dir } => json!({
-            "kind": "hf_cache", "repo_id": repo_id, "revision": revision, "commit": commit,
-            "snapshot_dir": snapshot_dir,
-        }),
-    }
+    let mut sorted = layers.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    Ok(sorted)
 }
 
 fn architecture(files: &ModelFiles) -> Result<String> {
@@ -146,155 +238,463 @@ fn architecture(files: &ModelFiles) -> Result<String> {
     Ok(v.get("model_type").and_then(|m| m.as_str()).unwrap_or("gpt2").to_string())
 }
 
-/// Run `compute`.
-pub fn run(args: ComputeArgs, quiet: bool) -> Result<()> {
-    let t_start = Instant::now();
-    check_output_dir(&args.output, args.force)?;
-    let files = fs_checkpoint::resolve_model(&args.model)?;
-    let arch = architecture(&files)?;
+/// JSON description of where the model files came from.
+pub fn origin_json(files: &ModelFiles) -> serde_json::Value {
+    match &files.origin {
+        ModelOrigin::LocalDir { dir } => json!({"kind": "local_dir", "dir": dir}),
+        ModelOrigin::HubCache { repo_id, revision, commit, snapshot_dir } => json!({
+            "kind": "hf_cache", "repo_id": repo_id, "revision": revision, "commit": commit,
+            "snapshot_dir": snapshot_dir,
+        }),
+    }
+}
 
-    let tokens: Vec<u32> = match (&args.tokens, &args.text) {
-        (Some(t), _) => t.clone(),
-        (None, Some(text)) => {
-            if text.is_empty() {
+/// Tokenise / collect the documents the user gave.
+fn documents(args: &ComputeArgs, files: &ModelFiles) -> Result<Vec<Document>> {
+    let texts: Vec<String> = match (&args.tokens, &args.text, &args.input) {
+        (Some(t), _, _) => {
+            if t.is_empty() {
+                bail!("--tokens is empty: give at least one token id");
+            }
+            return Ok(vec![Document { index: 0, tokens: t.clone(), text: None, truncated: 0 }]);
+        }
+        (None, Some(text), _) => {
+            if text.trim().is_empty() {
                 bail!("--text is empty: give some text to analyse");
             }
-            let tok = fs_checkpoint::load_tokenizer(&files.tokenizer)?;
-            tok.encode(text.as_str(), false)
-                .map_err(|e| anyhow::anyhow!("tokenizing --text failed: {e}"))?
+            vec![text.clone()]
+        }
+        (None, None, Some(path)) => read_input_file(path)?,
+        (None, None, None) => {
+            bail!("give the input as --text \"...\", --input FILE or --tokens 1,2,3")
+        }
+    };
+    let start = args.start_sequence;
+    if start >= texts.len() {
+        bail!("--start-sequence {start} skips every document: the input has {}", texts.len());
+    }
+    let take = args.num_sequences.unwrap_or(usize::MAX);
+    let tok = fs_checkpoint::load_tokenizer(&files.tokenizer)?;
+    texts
+        .into_iter()
+        .enumerate()
+        .skip(start)
+        .take(take)
+        .map(|(i, text)| {
+            let ids = tok
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizing document {i} failed: {e}"))?
                 .get_ids()
-                .to_vec()
-        }
-        (None, None) => bail!("give the input as --tokens 1,2,3 or --text \"...\""),
-    };
-    if tokens.is_empty() {
-        bail!("the input has no tokens: give a non-empty --text or --tokens");
-    }
+                .to_vec();
+            if ids.is_empty() {
+                bail!("document {i} has no tokens after tokenization: give non-empty text");
+            }
+            Ok(Document { index: i, tokens: ids, text: Some(text), truncated: 0 })
+        })
+        .collect()
+}
 
-    let t_load = Instant::now();
-    let (computed, backend, device, dtype) = match arch.as_str() {
-        "gpt2" => run_candle_gpt2(&files, &tokens, &args)?,
+/// The positions of one document: `--positions`, then `--position-skip`, then `--max-positions`.
+fn select_positions(args: &ComputeArgs, len: usize) -> Result<Vec<usize>> {
+    let all = args.positions.resolve(len)?;
+    let k = args.position_skip;
+    let mut kept: Vec<usize> = all.iter().copied().skip(k - 1).step_by(k).collect();
+    if let Some(m) = args.max_positions {
+        kept.truncate(m);
+    }
+    if kept.is_empty() {
+        bail!(
+            "--positions {:?} with --position-skip {k} selects no position of a {len}-token sequence: lower the skip",
+            args.positions
+        );
+    }
+    Ok(kept)
+}
+
+/// The results file of sequence `i` (`fisher.EXT` when the run has a single text).
+fn sequence_file(i: usize, single: bool, format: Format) -> String {
+    let ext = match format {
+        Format::Safetensors => "safetensors",
+        Format::Npz => "npz",
+    };
+    if single {
+        format!("fisher.{ext}")
+    } else {
+        format!("fisher_seq_{i:06}.{ext}")
+    }
+}
+
+/// Run `compute`.
+pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
+    args.validate()?;
+    let existing = if args.resume {
+        ExistingDir::Resume
+    } else if args.force {
+        ExistingDir::Replace
+    } else {
+        ExistingDir::Refuse
+    };
+    let resuming = check_output_dir(&args.output, existing)?;
+    let files = fs_checkpoint::resolve_model(&args.model)?;
+    let arch = architecture(&files)?;
+    g.log(&format!("model {} resolved: {arch}, config {}", args.model, files.config.display()));
+    match arch.as_str() {
+        "gpt2" => run_candle_gpt2(&files, &args, g, resuming),
         other => bail!("model architecture {other:?} is not supported yet: supported: gpt2"),
-    };
-    let load_and_run_s = t_load.elapsed().as_secs_f64();
-
-    let n = computed.positions.len();
-    let d = computed.d;
-    let mut tensors = vec![
-        (
-            "fisher",
-            OwnedTensor::f32(
-                vec![n, d, d],
-                computed.fisher.iter().flat_map(|f| f.as_slice().iter().map(|&x| x as f32)),
-            ),
-        ),
-        ("positions", OwnedTensor::i64(vec![n], computed.positions.iter().map(|&t| t as i64))),
-        ("sequence", OwnedTensor::i64(vec![n], std::iter::repeat_n(0, n))),
-        ("token_ids", OwnedTensor::i64(vec![1, tokens.len()], tokens.iter().map(|&t| t as i64))),
-        ("probs_entropy", OwnedTensor::f64(vec![n], computed.entropies.iter().copied())),
-    ];
-    if let Some(st) = &computed.sample_tokens {
-        let s = st.first().map_or(0, |v| v.len());
-        tensors.push((
-            "sample_tokens",
-            OwnedTensor::i64(vec![n, s], st.iter().flatten().map(|&t| t as i64)),
-        ));
     }
-
-    let mut summaries = Vec::with_capacity(n);
-    for (i, f) in computed.fisher.iter().enumerate() {
-        let s = spectrum(f, Some(5))?;
-        summaries.push(json!({
-            "position": computed.positions[i],
-            "token_id": tokens[computed.positions[i]],
-            "entropy": computed.entropies[i],
-            "trace": s.trace,
-            "top_eigenvalues": s.eigenvalues,
-            "effective_rank": s.effective_rank,
-            "participation_ratio": s.participation_ratio,
-            "clamped_negative_eigenvalues": s.clamped_negative,
-        }));
-        if !quiet {
-            println!(
-                "position {:>4}  token {:>6}  entropy {:.4}  trace {:.6e}  top eigenvalues [{}]  effective rank {:.2}",
-                computed.positions[i],
-                tokens[computed.positions[i]],
-                computed.entropies[i],
-                s.trace,
-                s.eigenvalues.iter().map(|x| format!("{x:.4e}")).collect::<Vec<_>>().join(", "),
-                s.effective_rank
-            );
-        }
-    }
-
-    let weight_hashes = files
-        .weights
-        .iter()
-        .map(|p| Ok(json!({"path": p, "sha256": fs_checkpoint::sha256_file(p)?})))
-        .collect::<Result<Vec<_>>>()?;
-    let estimator = match args.estimator {
-        Estimator::Sampled => json!({
-            "name": "sampled", "samples": args.samples, "seed": args.seed,
-            "temperature": 1.0, "top_p": 1.0, "biased": false,
-        }),
-        e => json!({"name": e.name(), "biased": false}),
-    };
-    let metadata = json!({
-        "tool": "fisher-stein",
-        "version": env!("CARGO_PKG_VERSION"),
-        "model": {
-            "spec": args.model,
-            "architecture": arch,
-            "config": files.config,
-            "origin": origin_json(&files),
-            "weights": weight_hashes,
-        },
-        "layer": args.layer,
-        "d_model": d,
-        "positions": computed.positions,
-        "n_sequences": 1,
-        "token_ids": [tokens],
-        "text": args.text,
-        "estimator": estimator,
-        "dtype": dtype,
-        "backend": backend,
-        "device": device,
-        "timings_s": {
-            "lower": computed.lower_s,
-            "estimator": computed.estimator_s,
-            "load_and_run": load_and_run_s,
-            "total": t_start.elapsed().as_secs_f64(),
-        },
-        "summary": summaries,
-    });
-    let files_out = vec![
-        ("fisher.safetensors", safetensors_bytes(&tensors)?),
-        ("metadata.json", serde_json::to_vec_pretty(&metadata)?),
-    ];
-    write_results_dir(&args.output, args.force, &files_out)?;
-    if !quiet {
-        eprintln!("wrote {} ({n} position(s), d = {d})", args.output.display());
-    }
-    Ok(())
 }
 
 #[cfg(feature = "candle")]
 fn run_candle_gpt2(
     files: &ModelFiles,
-    tokens: &[u32],
     args: &ComputeArgs,
-) -> Result<(Computed, &'static str, String, &'static str)> {
+    g: &Globals,
+    resuming: bool,
+) -> Result<()> {
+    let t0 = Instant::now();
     let device = backend_candle::device(&args.device)?;
-    let model = backend_candle::Gpt2::load(files, &device)?;
-    let computed = run_estimator(&model, tokens, args)?;
-    Ok((computed, "candle", args.device.clone(), "f32 GEMMs, f64 accumulation of d×d results"))
+    let mut model = backend_candle::Gpt2::load(files, &device)?;
+    if let Some(b) = args.batch_size {
+        model.set_position_batch(b);
+    }
+    g.log(&format!(
+        "loaded {} parameters in {:.2} s",
+        model.parameter_count(),
+        t0.elapsed().as_secs_f64()
+    ));
+    let run = RunInfo {
+        files,
+        arch: "gpt2",
+        backend: "candle",
+        device: args.device.clone(),
+        load_s: t0.elapsed().as_secs_f64(),
+    };
+    run_with(&model, &run, args, g, resuming)
 }
 
 #[cfg(not(feature = "candle"))]
-fn run_candle_gpt2(
-    _files: &ModelFiles,
-    _tokens: &[u32],
-    _args: &ComputeArgs,
-) -> Result<(Computed, &'static str, String, &'static str)> {
+fn run_candle_gpt2(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Result<()> {
     bail!("this build has no candle backend: rebuild with `--features candle`")
+}
+
+/// What the metadata needs to know about the model run.
+struct RunInfo<'a> {
+    files: &'a ModelFiles,
+    arch: &'static str,
+    backend: &'static str,
+    device: String,
+    load_s: f64,
+}
+
+/// One computed matrix.
+struct Entry {
+    layer: usize,
+    position: usize,
+    fisher: Matrix<f64>,
+    entropy: f64,
+    draws: Option<Vec<u32>>,
+}
+
+/// A Fisher matrix and, for the sampling estimators, the draws it came from.
+type Estimate = (Matrix<f64>, Option<Vec<u32>>);
+
+fn estimate<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    positions: &[usize],
+    args: &ComputeArgs,
+) -> Result<Vec<Estimate>>
+where
+    M::Scalar: Element,
+{
+    let opts = ExactOptions::default();
+    Ok(match args.estimator {
+        Estimator::Exact => {
+            exact_fisher(model, ctx, positions, &opts)?.into_iter().map(|f| (f, None)).collect()
+        }
+        Estimator::ClosedForm => {
+            closed_form_fisher_at(model, ctx, positions, GradientKind::Logits, &opts)?
+                .into_iter()
+                .map(|f| (f, None))
+                .collect()
+        }
+        Estimator::Sampled => {
+            let o = SampledOptions {
+                samples: args.samples(),
+                seed: args.seed,
+                sampling: args.sampling(),
+            };
+            sampled_fisher(model, ctx, positions, &o)?
+                .into_iter()
+                .map(|s| (s.fisher, Some(s.tokens)))
+                .collect()
+        }
+        Estimator::Predictive => {
+            let o = PredictiveOptions {
+                draws: args.samples(),
+                seed: args.seed,
+                sampling: args.sampling(),
+                exact: opts,
+            };
+            positions
+                .iter()
+                .map(|&t| predictive_fisher(model, ctx, t, &o).map(|p| (p.fisher, Some(p.tokens))))
+                .collect::<Result<_, FsError>>()?
+        }
+    })
+}
+
+fn run_with<M: SplitModel>(
+    model: &M,
+    run: &RunInfo<'_>,
+    args: &ComputeArgs,
+    g: &Globals,
+    resuming: bool,
+) -> Result<()>
+where
+    M::Scalar: Element,
+{
+    let t_start = Instant::now();
+    let dims = model.dims();
+    let layers = resolve_layers(args, dims.n_layers)?;
+    let mut docs = documents(args, run.files)?;
+    g.log(&format!("{} document(s) tokenized", docs.len()));
+    truncate(&mut docs, args.max_seq_len);
+    let mut plan = Vec::with_capacity(docs.len());
+    for d in &docs {
+        let i = d.index;
+        if d.truncated > 0 && !g.quiet {
+            eprintln!(
+                "warning: document {i} truncated to {} tokens (--max-seq-len), {} dropped",
+                d.tokens.len(),
+                d.truncated
+            );
+        }
+        match fs_traits::check_tokens(&d.tokens, dims.vocab_size, dims.max_seq_len) {
+            Err(FsError::SequenceTooLong { len, max }) => bail!(
+                "document {i} has {len} tokens but the model accepts at most {max}: pass --max-seq-len {max} to truncate, or shorten the text"
+            ),
+            other => other.with_context(|| format!("document {i}"))?,
+        }
+        let positions = select_positions(args, d.tokens.len())?;
+        if args.estimator == Estimator::Predictive {
+            if let (Some(max), Some(&t)) = (dims.max_seq_len, positions.last()) {
+                if t + 2 > max {
+                    bail!("the predictive estimator at position {t} of document {i} appends a token at position {}, beyond the model's {max} positions: use --max-seq-len {} or earlier positions", t + 1, max - 1);
+                }
+            }
+        }
+        plan.push(positions);
+    }
+    let d = dims.d_model;
+    let eig_rank = if args.eig { Some(d) } else { args.eig_top.map(|k| k.min(d)) };
+
+    // Settings that make two runs the same run (checked by --resume).
+    let settings = json!({
+        "model": args.model,
+        "layers": layers,
+        "estimator": args.estimator_json(),
+        "positions": plan,
+        "token_ids": docs.iter().map(|d| &d.tokens).collect::<Vec<_>>(),
+        "eig_rank": eig_rank,
+        "format": format!("{:?}", args.format),
+    });
+    let run_path = args.output.join(RUN_FILE);
+    if resuming {
+        let recorded: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&run_path).with_context(|| format!("reading {}", run_path.display()))?,
+        )
+        .with_context(|| format!("{} is corrupt: re-run with --force", run_path.display()))?;
+        if recorded != settings {
+            bail!(
+                "--resume: {} was started with different settings (model, layers, estimator, positions, inputs or format): rerun with the original flags, or use --force to start over",
+                args.output.display()
+            );
+        }
+    } else {
+        create_results_dir(&args.output, args.force)?;
+        write_atomic(&run_path, &serde_json::to_vec_pretty(&settings)?)?;
+    }
+
+    let total: usize = plan.iter().map(|p| p.len() * layers.len()).sum();
+    let bar = g.progress(total as u64);
+    let mut summaries = Vec::new();
+    let mut sequences = Vec::new();
+    let mut skipped = 0usize;
+    let t_compute = Instant::now();
+    let single = docs.len() == 1 && args.input.is_none();
+    for (k, doc) in docs.iter().enumerate() {
+        let i = doc.index;
+        let file = sequence_file(i, single, args.format);
+        let path = args.output.join(&file);
+        sequences.push(json!({
+            "index": i, "file": file, "n_tokens": doc.tokens.len(), "truncated_tokens": doc.truncated,
+            "text_preview": doc.text.as_deref().map(|t| t.chars().take(200).collect::<String>()),
+        }));
+        if resuming && path.exists() {
+            skipped += 1;
+            bar.inc((plan[k].len() * layers.len()) as u64);
+            g.log(&format!("sequence {i}: {file} exists, skipped (--resume)"));
+            continue;
+        }
+        let contexts = model.lower_layers(&doc.tokens, &layers)?;
+        let mut entries = Vec::new();
+        for (ctx, &layer) in contexts.iter().zip(&layers) {
+            let logits = model.logits(ctx, &plan[k])?;
+            let chunk = args.batch_size.unwrap_or(1).max(1);
+            for (c, positions) in plan[k].chunks(chunk).enumerate() {
+                let results = estimate(model, ctx, positions, args)?;
+                for (j, ((fisher, draws), &t)) in results.into_iter().zip(positions).enumerate() {
+                    if let Some(bad) = fisher.as_slice().iter().position(|x| !x.is_finite()) {
+                        bail!("the Fisher matrix of document {i} at layer {layer} position {t} has a non-finite entry at index {bad}: check the weights and inputs for NaN/Inf");
+                    }
+                    let p = softmax(logits.row(c * chunk + j))?;
+                    entries.push(Entry { layer, position: t, fisher, entropy: entropy(&p), draws });
+                }
+                bar.inc(positions.len() as u64);
+            }
+        }
+        let bytes = sequence_results(i, doc, &entries, eig_rank, args.format, &mut summaries, g)?;
+        write_atomic(&path, &bytes)?;
+        g.log(&format!("sequence {i}: wrote {file}"));
+    }
+    bar.finish_and_clear();
+
+    let weight_hashes = run
+        .files
+        .weights
+        .iter()
+        .map(|p| Ok(json!({"path": p, "sha256": fs_checkpoint::sha256_file(p)?})))
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = json!({
+        "tool": "fisher-stein",
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": {
+            "spec": args.model, "architecture": run.arch, "config": run.files.config,
+            "origin": origin_json(run.files), "weights": weight_hashes,
+            "d_model": d, "vocab_size": dims.vocab_size, "n_layers": dims.n_layers,
+        },
+        "layers": layers,
+        "d_model": d,
+        "n_sequences": docs.len(),
+        "sequences": sequences,
+        "positions": plan,
+        "token_ids": docs.iter().map(|d| &d.tokens).collect::<Vec<_>>(),
+        "text": args.text,
+        "input": args.input,
+        "estimator": args.estimator_json(),
+        "eig_rank": eig_rank,
+        "format": format!("{:?}", args.format).to_lowercase(),
+        "dtype": "f32 GEMMs (model dtype), f64 accumulation of d×d results; stored as f32",
+        "backend": run.backend,
+        "device": run.device,
+        "resumed_sequences_skipped": skipped,
+        "timings_s": {
+            "load": run.load_s,
+            "compute": t_compute.elapsed().as_secs_f64(),
+            "total": t_start.elapsed().as_secs_f64() + run.load_s,
+        },
+        "summary": summaries,
+    });
+    write_atomic(&args.output.join("metadata.json"), &serde_json::to_vec_pretty(&metadata)?)?;
+    if !g.quiet {
+        eprintln!(
+            "wrote {} ({} sequence(s), {} matrices, d = {d})",
+            args.output.display(),
+            docs.len(),
+            total
+        );
+    }
+    Ok(())
+}
+
+/// Serialise one sequence's results and append their summaries.
+fn sequence_results(
+    i: usize,
+    doc: &Document,
+    entries: &[Entry],
+    eig_rank: Option<usize>,
+    format: Format,
+    summaries: &mut Vec<serde_json::Value>,
+    g: &Globals,
+) -> Result<Vec<u8>> {
+    let n = entries.len();
+    let d = entries.first().map_or(0, |e| e.fisher.rows());
+    let mut eigenvalues = Vec::new();
+    let mut eigenvectors = Vec::new();
+    for e in entries {
+        let s = spectrum(&e.fisher, Some(eig_rank.unwrap_or(5).max(5).min(d)))?;
+        summaries.push(json!({
+            "sequence": i, "layer": e.layer, "position": e.position, "token_id": doc.tokens[e.position],
+            "entropy": e.entropy, "trace": s.trace, "top_eigenvalues": &s.eigenvalues[..s.eigenvalues.len().min(5)],
+            "effective_rank": s.effective_rank, "participation_ratio": s.participation_ratio,
+            "clamped_negative_eigenvalues": s.clamped_negative,
+        }));
+        if !g.quiet {
+            println!(
+                "seq {i:>3}  layer {:>3}  position {:>4}  token {:>6}  entropy {:.4}  trace {:.4e}  top eigenvalues [{}]  eff. rank {:.2}",
+                e.layer,
+                e.position,
+                doc.tokens[e.position],
+                e.entropy,
+                s.trace,
+                s.eigenvalues.iter().take(3).map(|x| format!("{x:.3e}")).collect::<Vec<_>>().join(", "),
+                s.effective_rank
+            );
+        }
+        if let Some(r) = eig_rank {
+            eigenvalues.extend(s.eigenvalues.iter().take(r).map(|&x| x as f32));
+            for row in 0..d {
+                eigenvectors.extend((0..r).map(|c| s.eigenvectors.get(row, c) as f32));
+            }
+        }
+    }
+    let mut tensors = vec![
+        (
+            "fisher",
+            OwnedTensor::f32(
+                vec![n, d, d],
+                entries.iter().flat_map(|e| e.fisher.as_slice().iter().map(|&x| x as f32)),
+            ),
+        ),
+        ("layer", OwnedTensor::i64(vec![n], entries.iter().map(|e| e.layer as i64))),
+        ("positions", OwnedTensor::i64(vec![n], entries.iter().map(|e| e.position as i64))),
+        ("sequence", OwnedTensor::i64(vec![n], std::iter::repeat_n(i as i64, n))),
+        (
+            "token_ids",
+            OwnedTensor::i64(vec![1, doc.tokens.len()], doc.tokens.iter().map(|&t| t as i64)),
+        ),
+        ("probs_entropy", OwnedTensor::f64(vec![n], entries.iter().map(|e| e.entropy))),
+    ];
+    if let Some(r) = eig_rank {
+        tensors.push(("eigenvalues", OwnedTensor::f32(vec![n, r], eigenvalues)));
+        tensors.push(("eigenvectors", OwnedTensor::f32(vec![n, d, r], eigenvectors)));
+    }
+    if let Some(s) = entries.first().and_then(|e| e.draws.as_ref()).map(|v| v.len()) {
+        let draws = entries.iter().flat_map(|e| e.draws.iter().flatten().map(|&t| t as i64));
+        tensors.push(("sample_tokens", OwnedTensor::i64(vec![n, s], draws)));
+    }
+    match format {
+        Format::Safetensors => safetensors_bytes(&tensors),
+        Format::Npz => npz_bytes(&tensors),
+    }
+}
+
+/// Check a path for `inspect`-style readers: the results files of a directory, in order.
+pub fn results_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| {
+            format!("cannot read results directory {}: check the path", dir.display())
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.starts_with("fisher") && (name.ends_with(".safetensors") || name.ends_with(".npz"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{} holds no fisher*.safetensors or fisher*.npz: point inspect at a directory written by compute", dir.display());
+    }
+    Ok(files)
 }

@@ -6,6 +6,10 @@
 
 mod bench;
 mod compute;
+mod info;
+mod inputs;
+mod inspect;
+mod npz;
 mod output;
 mod positions;
 
@@ -17,17 +21,24 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(name = "fisher-stein", version, about, long_about = None)]
 struct Cli {
-    /// No progress or summary output.
+    /// No progress bar, summaries or warnings.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Log each step to stderr (with timestamps).
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Compute Fisher matrices at a layer for chosen positions of a text.
-    Compute(compute::ComputeArgs),
+    /// Compute Fisher matrices at one or more layers for chosen positions of one or more texts.
+    Compute(Box<compute::ComputeArgs>),
+    /// Summarise a results directory: entropy, trace, spectrum, and what the top directions do.
+    Inspect(inspect::InspectArgs),
+    /// Describe a model: architecture, sizes, parameters, tokenizer, where the files came from.
+    Info(info::InfoArgs),
     /// Time the estimators on a random model of a named shape and print a table.
     Bench(bench::BenchArgs),
 }
@@ -48,18 +59,47 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// Restore the default SIGPIPE action so that `fisher-stein inspect DIR | head` ends quietly,
+/// as Unix tools do, instead of panicking on a closed stdout.
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: setting a signal disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn default_sigpipe() {}
+
 fn main() -> ExitCode {
     tune_allocator();
+    default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // --help and --version print and succeed; usage errors exit with 2.
-            let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            // --help and --version print and succeed; usage errors are one line, exit code 2.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            let first = first.trim_start_matches("error: ");
+            let hint = text
+                .lines()
+                .find(|l| l.contains("possible values"))
+                .map(|l| format!(" ({})", l.trim().trim_start_matches('[').trim_end_matches(']')))
+                .unwrap_or_default();
+            eprintln!("error: {first}{hint}: see `fisher-stein --help`");
+            return ExitCode::from(2);
         }
     };
+    let g = Globals { quiet: cli.quiet, verbose: cli.verbose, start: std::time::Instant::now() };
     let result = match cli.command {
-        Command::Compute(args) => compute::run(args, cli.quiet),
+        Command::Compute(args) => compute::run(*args, &g),
+        Command::Inspect(args) => inspect::run(args, &g),
+        Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
@@ -68,6 +108,42 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&e));
             ExitCode::from(2)
         }
+    }
+}
+
+/// Options every subcommand shares.
+pub struct Globals {
+    /// `--quiet`.
+    pub quiet: bool,
+    /// `--verbose`.
+    pub verbose: bool,
+    /// When the process started.
+    pub start: std::time::Instant,
+}
+
+impl Globals {
+    /// Log a step to stderr with `--verbose`.
+    pub fn log(&self, msg: &str) {
+        if self.verbose {
+            eprintln!("[{:>8.3} s] {msg}", self.start.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A progress bar over `total` positions on stderr: positions/s and ETA; hidden with
+    /// `--quiet` or when stderr is not a terminal.
+    pub fn progress(&self, total: u64) -> indicatif::ProgressBar {
+        use std::io::IsTerminal;
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} positions  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
     }
 }
 

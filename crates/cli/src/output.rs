@@ -32,6 +32,21 @@ impl OwnedTensor {
     }
 }
 
+impl OwnedTensor {
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// The little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+}
+
 impl View for &OwnedTensor {
     fn dtype(&self) -> Dtype {
         self.dtype
@@ -53,9 +68,21 @@ pub fn safetensors_bytes(tensors: &[(&str, OwnedTensor)]) -> Result<Vec<u8>> {
         .context("serialising the results as safetensors")
 }
 
+/// What to do with an existing results directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExistingDir {
+    /// Refuse a non-empty directory.
+    Refuse,
+    /// Replace it (`--force`).
+    Replace,
+    /// Continue the run recorded in it (`--resume`).
+    Resume,
+}
+
 /// Check, before any computation, that `dir` can receive results: it must not exist, or be an
-/// empty directory, or `force` must be set; its parent must be creatable and writable.
-pub fn check_output_dir(dir: &Path, force: bool) -> Result<()> {
+/// empty directory, or `existing` must say what to do with it; its parent must be creatable and
+/// writable. Returns `true` when an earlier run is to be resumed.
+pub fn check_output_dir(dir: &Path, existing: ExistingDir) -> Result<bool> {
     if dir.exists() {
         if !dir.is_dir() {
             bail!(
@@ -67,23 +94,39 @@ pub fn check_output_dir(dir: &Path, force: bool) -> Result<()> {
             .with_context(|| format!("cannot read output directory {}", dir.display()))?
             .next()
             .is_some();
-        if non_empty && !force {
-            bail!(
-                "output directory {} is not empty: pass --force to replace it, or choose another --output",
-                dir.display()
-            );
+        if non_empty {
+            match existing {
+                ExistingDir::Refuse => bail!(
+                    "output directory {} is not empty: pass --resume to continue the run in it, --force to replace it, or choose another --output",
+                    dir.display()
+                ),
+                ExistingDir::Resume => {
+                    if !dir.join(RUN_FILE).exists() {
+                        bail!(
+                            "--resume: {} holds no {RUN_FILE}, so it is not a fisher-stein results directory: choose another --output",
+                            dir.display()
+                        );
+                    }
+                    return Ok(true);
+                }
+                ExistingDir::Replace => {}
+            }
         }
     }
     let parent = parent_of(dir);
     std::fs::create_dir_all(&parent).with_context(|| {
         format!("cannot create {}: choose a writable --output", parent.display())
     })?;
-    let probe = tempdir_in(&parent, dir).with_context(|| {
+    let probe = parent.join(format!(".fisher-stein-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
         format!("cannot write in {}: choose a writable --output", parent.display())
     })?;
-    std::fs::remove_dir(&probe).ok();
-    Ok(())
+    std::fs::remove_file(&probe).ok();
+    Ok(false)
 }
+
+/// The file a run records its settings in (checked by `--resume`).
+pub const RUN_FILE: &str = "run.json";
 
 fn parent_of(dir: &Path) -> PathBuf {
     match dir.parent() {
@@ -92,50 +135,31 @@ fn parent_of(dir: &Path) -> PathBuf {
     }
 }
 
-/// Create a fresh hidden directory next to `target` in `parent`.
-fn tempdir_in(parent: &Path, target: &Path) -> std::io::Result<PathBuf> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "results".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
-    std::fs::create_dir(&tmp)?;
-    Ok(tmp)
-}
-
-/// Removes the temporary directory unless the results were committed.
-struct TempDirGuard(Option<PathBuf>);
-
-impl Drop for TempDirGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
-/// Write `files` (name, bytes) into `dir` atomically: all into a temporary sibling directory,
-/// then one rename. An existing empty `dir`, or any `dir` with `force`, is replaced.
-pub fn write_results_dir(dir: &Path, force: bool, files: &[(&str, Vec<u8>)]) -> Result<()> {
-    check_output_dir(dir, force)?;
-    let parent = parent_of(dir);
-    let tmp = tempdir_in(&parent, dir)
-        .with_context(|| format!("cannot write in {}", parent.display()))?;
-    let mut guard = TempDirGuard(Some(tmp.clone()));
-    for (name, bytes) in files {
-        let path = tmp.join(name);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if dir.exists() {
+/// Create (or, with `replace`, empty and re-create) the results directory.
+pub fn create_results_dir(dir: &Path, replace: bool) -> Result<()> {
+    if replace && dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
     }
-    std::fs::rename(&tmp, dir).with_context(|| format!("moving results into {}", dir.display()))?;
-    guard.0 = None;
-    Ok(())
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Write a file atomically: to a hidden temporary file in the same directory, flushed, then
+/// renamed over `path`. A reader (or a resumed run) never sees a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = parent_of(path);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -143,15 +167,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn atomic_write_and_refusal() {
+    fn existing_directories() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("out");
-        write_results_dir(&dir, false, &[("a.txt", b"1".to_vec())]).unwrap();
+        assert!(!check_output_dir(&dir, ExistingDir::Refuse).unwrap());
+        create_results_dir(&dir, false).unwrap();
+        write_atomic(&dir.join("a.txt"), b"1").unwrap();
         assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"1");
-        let e = write_results_dir(&dir, false, &[("a.txt", b"2".to_vec())]).unwrap_err();
+        let e = check_output_dir(&dir, ExistingDir::Refuse).unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
-        write_results_dir(&dir, true, &[("b.txt", b"3".to_vec())]).unwrap();
-        assert!(!dir.join("a.txt").exists() && dir.join("b.txt").exists());
+        let e = check_output_dir(&dir, ExistingDir::Resume).unwrap_err();
+        assert!(e.to_string().contains(RUN_FILE), "{e}");
+        write_atomic(&dir.join(RUN_FILE), b"{}").unwrap();
+        assert!(check_output_dir(&dir, ExistingDir::Resume).unwrap());
+        assert!(!check_output_dir(&dir, ExistingDir::Replace).unwrap());
+        create_results_dir(&dir, true).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         // Nothing temporary left behind.
         let left: Vec<_> =
             std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();

@@ -73,7 +73,7 @@ fn compute_matches_the_fixture() {
         .unwrap();
     assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("position")).count(), 4, "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("seq")).count(), 4, "{stdout}");
 
     let (shape, f) = read_tensor(&out_dir.join("fisher.safetensors"), "fisher");
     assert_eq!(shape, vec![4, 48, 48]);
@@ -92,7 +92,7 @@ fn compute_matches_the_fixture() {
     }
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("metadata.json")).unwrap()).unwrap();
-    assert_eq!(meta["layer"], 2);
+    assert_eq!(meta["layers"][0], 2);
     assert_eq!(meta["estimator"]["name"], "exact");
     assert_eq!(meta["backend"], "candle");
     assert_eq!(meta["model"]["weights"][0]["sha256"].as_str().unwrap().len(), 64);

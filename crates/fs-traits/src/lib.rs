@@ -96,6 +96,14 @@ pub trait SplitModel {
     /// `max_seq_len`.
     fn lower(&self, tokens: &[u32], layer: usize) -> Result<Self::Context>;
 
+    /// Lower passes of the same `tokens` for several split layers, in the order given. The
+    /// default calls [`lower`](Self::lower) once per layer; backends override it to share one
+    /// forward pass (the contexts of different layers differ only in which activations and
+    /// which blocks' keys/values they keep).
+    fn lower_layers(&self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Self::Context>> {
+        layers.iter().map(|&layer| self.lower(tokens, layer)).collect()
+    }
+
     /// `h = H_k[t]`, the layer-`k` activation at `position` (length `d`).
     fn activation(&self, ctx: &Self::Context, position: usize) -> Result<Vec<Self::Scalar>>;
 

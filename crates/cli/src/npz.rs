@@ -1,0 +1,209 @@
+//! A minimal `.npz` writer (and a reader for the files it writes): a zip archive with one
+//! uncompressed (stored) `NAME.npy` entry per array, NPY format 1.0, little-endian. `numpy.load`
+//! reads it; the original script's users load `.npz`.
+
+use crate::output::OwnedTensor;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::Dtype;
+
+fn crc32(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+            *e = c;
+        }
+        t
+    });
+    !data.iter().fold(!0u32, |c, &b| table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+}
+
+fn descr(dtype: Dtype) -> Result<&'static str> {
+    Ok(match dtype {
+        Dtype::F32 => "<f4",
+        Dtype::F64 => "<f8",
+        Dtype::I64 => "<i8",
+        other => bail!("npz output does not support dtype {other:?}"),
+    })
+}
+
+/// One array as NPY 1.0 bytes.
+fn npy(t: &OwnedTensor) -> Result<Vec<u8>> {
+    let shape = match t.shape().len() {
+        0 => "()".to_string(),
+        1 => format!("({},)", t.shape()[0]),
+        _ => {
+            format!("({})", t.shape().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+        }
+    };
+    let mut header =
+        format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}", descr(t.dtype())?);
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + t.bytes().len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(t.bytes());
+    Ok(out)
+}
+
+/// Serialise named arrays as an uncompressed `.npz` archive.
+pub fn npz_bytes(tensors: &[(&str, OwnedTensor)]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, t) in tensors {
+        let data = npy(t)?;
+        let fname = format!("{name}.npy");
+        if out.len() > u32::MAX as usize || data.len() > u32::MAX as usize {
+            bail!("the results exceed 4 GiB, which this npz writer does not support: use --format safetensors");
+        }
+        let (crc, size, offset) = (crc32(&data), data.len() as u32, out.len() as u32);
+        let common = |v: &mut Vec<u8>| {
+            v.extend_from_slice(&20u16.to_le_bytes()); // version needed
+            v.extend_from_slice(&0u16.to_le_bytes()); // flags
+            v.extend_from_slice(&0u16.to_le_bytes()); // stored
+            v.extend_from_slice(&0u16.to_le_bytes()); // time
+            v.extend_from_slice(&0x21u16.to_le_bytes()); // date 1980-01-01
+            v.extend_from_slice(&crc.to_le_bytes());
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&(fname.len() as u16).to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes()); // extra length
+        };
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        common(&mut out);
+        out.extend_from_slice(fname.as_bytes());
+        out.extend_from_slice(&data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes()); // version made by
+        common(&mut central);
+        central.extend_from_slice(&[0u8; 8]); // comment len, disk, internal attrs
+        central.extend_from_slice(&0u32.to_le_bytes()); // external attrs
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(fname.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    let n = tensors.len() as u16;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    Ok(out)
+}
+
+/// An array read back from an `.npz` written by [`npz_bytes`], as `f64`.
+pub struct NpyArray {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, converted to `f64`.
+    pub data: Vec<f64>,
+}
+
+/// Read the arrays of an uncompressed `.npz` (stored entries, as written by [`npz_bytes`]).
+/// Every size is checked against the buffer; errors name the entry.
+pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>> {
+    let mut arrays = Vec::new();
+    let mut pos = 0usize;
+    let u16_at = |p: usize| -> Result<usize> {
+        Ok(u16::from_le_bytes(bytes.get(p..p + 2).context("truncated npz")?.try_into()?) as usize)
+    };
+    let u32_at = |p: usize| -> Result<usize> {
+        Ok(u32::from_le_bytes(bytes.get(p..p + 4).context("truncated npz")?.try_into()?) as usize)
+    };
+    while u32_at(pos)? == 0x0403_4b50 {
+        if u16_at(pos + 8)? != 0 {
+            bail!("npz entry at byte {pos} is compressed: only uncompressed npz files are read");
+        }
+        let size = u32_at(pos + 18)?;
+        let (name_len, extra_len) = (u16_at(pos + 26)?, u16_at(pos + 28)?);
+        let name_start = pos + 30;
+        let name = String::from_utf8_lossy(
+            bytes.get(name_start..name_start + name_len).context("truncated npz")?,
+        )
+        .trim_end_matches(".npy")
+        .to_string();
+        let data_start = name_start + name_len + extra_len;
+        let data = bytes
+            .get(data_start..data_start.checked_add(size).context("npz size overflow")?)
+            .with_context(|| {
+                format!("npz entry {name} declares {size} bytes beyond the end of the file")
+            })?;
+        arrays.push((name.clone(), parse_npy(data).with_context(|| format!("npz entry {name}"))?));
+        pos = data_start + size;
+    }
+    Ok(arrays)
+}
+
+fn parse_npy(data: &[u8]) -> Result<NpyArray> {
+    if data.len() < 10 || &data[..6] != b"\x93NUMPY" {
+        bail!("not an NPY array");
+    }
+    let hlen = u16::from_le_bytes([data[8], data[9]]) as usize;
+    let header = std::str::from_utf8(data.get(10..10 + hlen).context("truncated NPY header")?)?;
+    let field = |key: &str| -> Result<&str> {
+        let i = header.find(key).with_context(|| format!("NPY header lacks {key}"))?;
+        Ok(&header[i + key.len()..])
+    };
+    let descr = field("'descr': '")?.split('\'').next().unwrap_or("");
+    let shape_s = field("'shape': (")?.split(')').next().unwrap_or("");
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<Result<_, _>>()?;
+    let body = &data[10 + hlen..];
+    let n: usize = shape.iter().product();
+    let values: Vec<f64> = match descr {
+        "<f4" => {
+            body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
+        "<f8" => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+        "<i8" => {
+            body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
+        other => bail!("unsupported NPY dtype {other}"),
+    };
+    if values.len() != n {
+        bail!("NPY body has {} values, shape {shape:?} needs {n}", values.len());
+    }
+    Ok(NpyArray { shape, data: values })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = vec![
+            ("a", OwnedTensor::f32(vec![2, 3], (0..6).map(|x| x as f32))),
+            ("b", OwnedTensor::i64(vec![4], [1i64, -2, 3, 4])),
+            ("c", OwnedTensor::f64(vec![1], [0.5f64])),
+        ];
+        let bytes = npz_bytes(&t).unwrap();
+        let back = read_npz(&bytes).unwrap();
+        assert_eq!(back[0].0, "a");
+        assert_eq!(back[0].1.shape, vec![2, 3]);
+        assert_eq!(back[0].1.data, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(back[1].1.data, vec![1.0, -2.0, 3.0, 4.0]);
+        assert_eq!(back[2].1.shape, vec![1]);
+        assert!(read_npz(&bytes[..bytes.len() / 2]).is_err());
+    }
+}
