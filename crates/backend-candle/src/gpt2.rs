@@ -68,8 +68,8 @@ pub struct Gpt2 {
     lm_head_host: Vec<f32>,
     /// Whether `lm_head` is `wte`.
     tied: bool,
-    /// Positions per batched backward pass of the readout Jacobian.
-    position_batch: usize,
+    /// Bytes of activations a readout-Jacobian backward pass may keep alive.
+    activation_budget: usize,
 }
 
 /// The result of [`Gpt2::lower`]: layer-`k` activations and the key/value cache of blocks `≥ k`.
@@ -242,7 +242,7 @@ impl Gpt2 {
             None => (wte.clone(), wte_host),
         };
         Ok(Gpt2 {
-            position_batch: default_position_batch(&cfg),
+            activation_budget: ACTIVATION_BUDGET,
             cfg,
             device: device.clone(),
             wte,
@@ -265,10 +265,19 @@ impl Gpt2 {
         &self.device
     }
 
-    /// Set how many positions share one batched backward pass of the readout Jacobian
-    /// (`≥ 1`; the default keeps the activations of one pass near 1 GiB).
+    /// Set the bytes of activations one readout-Jacobian backward pass may keep alive (default
+    /// 512 MiB). More positions (or more of one position's `d` rows) per pass give larger GEMMs;
+    /// fewer keep the peak memory down.
+    pub fn set_activation_budget(&mut self, bytes: usize) {
+        self.activation_budget = bytes.max(1);
+    }
+
+    /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows each),
+    /// whatever the activation budget.
     pub fn set_position_batch(&mut self, positions: usize) {
-        self.position_batch = positions.max(1);
+        let per_position =
+            bytes_per_row_per_block(&self.cfg) * self.cfg.n_layer.max(1) * self.cfg.n_embd;
+        self.activation_budget = per_position.saturating_mul(positions.max(1));
     }
 
     /// Number of parameters (`lm_head` counted once when tied).
@@ -430,16 +439,22 @@ impl Gpt2 {
         rows.unsqueeze(1)?.broadcast_as((positions.len(), r, d))?.contiguous()
     }
 
-    fn readout_jacobian_batch(
+    /// Rows `rows.start..rows.end` of the readout Jacobians `A_t = ∂u/∂h` at `positions`: one
+    /// backward pass of `Σ_p Σ_i ⟨e_{rows.start+i}, u_{p,i}⟩` over `rows.len()` replicas of each
+    /// `h_t`. Returns, per position, the rows as a row-major `rows.len() × d` buffer.
+    fn readout_jacobian_rows(
         &self,
         ctx: &Gpt2Context,
         positions: &[usize],
+        rows: std::ops::Range<usize>,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let d = self.cfg.n_embd;
-        let h = Var::from_tensor(&self.replicated(ctx, positions, d)?)?;
+        let r = rows.len();
+        let h = Var::from_tensor(&self.replicated(ctx, positions, r)?)?;
         let u = self.upper(ctx, positions, h.as_tensor())?;
-        let eye = Tensor::eye(d, DType::F32, &self.device)?;
-        let loss = u.broadcast_mul(&eye)?.sum_all()?;
+        // selector[i, j] = 1 where j = rows.start + i.
+        let selector = Tensor::eye(d, DType::F32, &self.device)?.narrow(0, rows.start, r)?;
+        let loss = u.broadcast_mul(&selector)?.sum_all()?;
         let grads = loss.backward()?;
         let g = grads.get(h.as_tensor()).ok_or_else(|| {
             candle_core::Error::Msg("no gradient reached the activation".to_string())
@@ -455,12 +470,27 @@ impl Gpt2 {
 /// Masked attention logit: finite, so that `masked − max` never produces NaN.
 const MASKED: f32 = -1e30;
 
-/// Positions per readout-Jacobian backward pass: the activations of one single-row pass through
-/// all blocks, times `d` replicas, kept near 1 GiB (at least 1 position).
-fn default_position_batch(cfg: &Gpt2Config) -> usize {
-    let per_row_per_layer = 16 * cfg.n_embd + 8 * cfg.inner_dim();
-    let per_position = (cfg.n_embd * per_row_per_layer * cfg.n_layer.max(1) * 4).max(1);
-    ((1usize << 30) / per_position).clamp(1, 64)
+/// Bytes of activations one readout-Jacobian backward pass may keep alive (the autograd graph of
+/// `rows × positions` single-row passes through the upper blocks).
+const ACTIVATION_BUDGET: usize = 512 << 20;
+
+/// Approximate bytes the autograd graph keeps per replicated row per block (f32): LayerNorm
+/// intermediates, q/k/v, attention and MLP activations.
+fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
+    4 * (16 * cfg.n_embd + 3 * cfg.inner_dim())
+}
+
+/// How to split the readout Jacobians of `n_blocks` upper blocks into backward passes:
+/// `(positions per pass, rows per pass)`. Several positions share a pass when all `d` rows of one
+/// fit the budget; otherwise one position's rows are split over several passes.
+fn readout_batching(cfg: &Gpt2Config, n_blocks: usize, budget: usize) -> (usize, usize) {
+    let per_row = (bytes_per_row_per_block(cfg) * n_blocks.max(1)).max(1);
+    let rows = (budget / per_row).max(1);
+    if rows >= cfg.n_embd {
+        ((rows / cfg.n_embd).clamp(1, 64), cfg.n_embd)
+    } else {
+        (1, rows)
+    }
 }
 
 impl SplitModel for Gpt2 {
@@ -571,9 +601,20 @@ impl SplitModel for Gpt2 {
     ) -> Result<Vec<Matrix<f32>>, FsError> {
         self.check_positions(ctx, positions)?;
         let d = self.cfg.n_embd;
+        let n_blocks = self.cfg.n_layer - ctx.layer;
+        let (per_pass, rows_per_pass) =
+            readout_batching(&self.cfg, n_blocks, self.activation_budget);
         let mut out = Vec::with_capacity(positions.len());
-        for chunk in positions.chunks(self.position_batch) {
-            for a in self.readout_jacobian_batch(ctx, chunk).map_err(be)? {
+        for chunk in positions.chunks(per_pass) {
+            let mut buffers = vec![Vec::with_capacity(d * d); chunk.len()];
+            for start in (0..d).step_by(rows_per_pass) {
+                let rows = start..(start + rows_per_pass).min(d);
+                let part = self.readout_jacobian_rows(ctx, chunk, rows).map_err(be)?;
+                for (b, p) in buffers.iter_mut().zip(part) {
+                    b.extend_from_slice(&p);
+                }
+            }
+            for a in buffers {
                 out.push(Matrix::from_vec(d, d, a)?);
             }
         }

@@ -69,3 +69,30 @@ pub fn device(name: &str) -> Result<Device, Error> {
         })
     }
 }
+
+/// The attained f32 GEMM rate of candle on this machine for `(m × k) · (k × n)`, in GFLOP/s
+/// (`2·m·k·n` flops per product; median of `repeats` timed products after one warm-up). The
+/// benchmark harness prints it beside the estimators so roofline ratios are measured, not assumed.
+pub fn matmul_gflops(
+    m: usize,
+    k: usize,
+    n: usize,
+    repeats: usize,
+    device: &Device,
+) -> Result<f64, Error> {
+    let a = candle_core::Tensor::ones((m, k), candle_core::DType::F32, device)?.affine(0.5, 0.0)?;
+    let b =
+        candle_core::Tensor::ones((k, n), candle_core::DType::F32, device)?.affine(0.25, 0.0)?;
+    let _ = a.matmul(&b)?;
+    let mut times: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let c = a.matmul(&b)?;
+            device.synchronize()?;
+            drop(c);
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_, Error>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (m * k * n) as f64 / times[times.len() / 2] / 1e9)
+}

@@ -98,6 +98,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.repeats
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    let gemm = backend_candle::matmul_gflops(d, d, 4 * d, args.repeats.max(5), &Device::Cpu)?;
+    println!(
+        "| {} | — | — | — | f32 GEMM ({d}×{d})·({d}×{}) | candle cpu | — | {gemm:.1} | {} |",
+        args.shape,
+        4 * d,
+        peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0} MB"))
+    );
     for est in &args.estimators {
         let mut times = Vec::with_capacity(args.repeats);
         let flops: f64 = match est.as_str() {

@@ -463,144 +463,42 @@ fn bad_input_matrix() {
         .unwrap();
     let out = tmp.path().join("out");
     let o = out.to_str().unwrap().to_string();
-    let rows: Vec<(Vec<&str>, Vec<&str>)> = vec![
-        (
-            vec![
-                "compute",
-                "--model",
-                "/no/such/model",
-                "--layer",
-                "0",
-                "--tokens",
-                "1",
-                "--output",
-                &o,
-            ],
-            vec!["/no/such/model", "config.json"],
-        ),
-        (
-            vec!["compute", "--model", &m, "--layer", "9", "--text", "hi", "--output", &o],
-            vec!["layer 9", "0..=1"],
-        ),
-        (
-            vec!["compute", "--model", &m, "--layer", "0", "--text", "", "--output", &o],
-            vec!["--text is empty"],
-        ),
-        (
-            vec!["compute", "--model", &m, "--layer", "0", "--text", &long_text, "--output", &o],
-            vec!["101 tokens", "at most 64", "--max-seq-len"],
-        ),
-        (
-            vec![
-                "compute",
-                "--model",
-                &m,
-                "--layer",
-                "0",
-                "--text",
-                "hi",
-                "--estimator",
-                "magic",
-                "--output",
-                &o,
-            ],
-            vec!["magic", "exact"],
-        ),
-        (
-            vec![
-                "compute",
-                "--model",
-                &m,
-                "--layer",
-                "0",
-                "--text",
-                "hi",
-                "--estimator",
-                "sampled",
-                "--samples",
-                "0",
-                "--output",
-                &o,
-            ],
-            vec!["--samples 0"],
-        ),
-        (
-            vec![
-                "compute",
-                "--model",
-                &m,
-                "--layer",
-                "0",
-                "--text",
-                "hi",
-                "--estimator",
-                "predictive",
-                "--top-p",
-                "1.5",
-                "--output",
-                &o,
-            ],
-            vec!["top_p", "(0, 1]"],
-        ),
-        (
-            vec![
-                "compute",
-                "--model",
-                &m,
-                "--layer",
-                "0",
-                "--text",
-                "hi",
-                "--estimator",
-                "sampled",
-                "--top-p",
-                "0",
-                "--output",
-                &o,
-            ],
-            vec!["top_p", "(0, 1]"],
-        ),
-        (
-            vec![
-                "compute",
-                "--model",
-                &m,
-                "--layer",
-                "0",
-                "--input",
-                jsonl.to_str().unwrap(),
-                "--output",
-                &o,
-            ],
-            vec!["line 2", "\"text\""],
-        ),
-        (
-            vec![
-                "compute",
-                "--model",
-                &fx,
-                "--layer",
-                "0",
-                "--tokens",
-                "1,2",
-                "--positions",
-                "7",
-                "--output",
-                &o,
-            ],
-            vec!["position 7"],
-        ),
-        (
-            vec!["compute", "--model", &fx, "--layers", "0,x", "--tokens", "1", "--output", &o],
-            vec!["invalid layer", "\"x\""],
-        ),
-        (
-            vec!["inspect", corrupt.to_str().unwrap()],
-            vec!["fisher.safetensors", "not a valid results file"],
-        ),
-        (vec!["inspect", "/no/such/dir"], vec!["/no/such/dir"]),
-        (vec!["info", "/no/such/model"], vec!["/no/such/model"]),
+    // One row per line: the command (placeholders {m}, {fx}, {o}, {jsonl}, {corrupt}; split on
+    // spaces) and the words the one-line error must contain.
+    let table: &[(&str, &[&str])] = &[
+        ("compute --model /no/such/model --layer 0 --tokens 1 --output {o}", &["/no/such/model", "config.json"]),
+        ("compute --model {m} --layer 9 --text hi --output {o}", &["layer 9", "0..=1"]),
+        ("compute --model {m} --layer 0 --text  --output {o}", &["--text is empty"]),
+        ("compute --model {m} --layer 0 --text {long} --output {o}", &["101 tokens", "at most 64", "--max-seq-len"]),
+        ("compute --model {m} --layer 0 --text hi --estimator magic --output {o}", &["magic", "exact"]),
+        ("compute --model {m} --layer 0 --text hi --estimator sampled --samples 0 --output {o}", &["--samples 0"]),
+        ("compute --model {m} --layer 0 --text hi --estimator predictive --top-p 1.5 --output {o}", &["top_p", "(0, 1]"]),
+        ("compute --model {m} --layer 0 --text hi --estimator sampled --top-p 0 --output {o}", &["top_p", "(0, 1]"]),
+        ("compute --model {m} --layer 0 --input {jsonl} --output {o}", &["line 2", "\"text\""]),
+        ("compute --model {fx} --layer 0 --tokens 1,2 --positions 7 --output {o}", &["position 7"]),
+        ("compute --model {fx} --layers 0,x --tokens 1 --output {o}", &["invalid layer", "\"x\""]),
+        ("inspect {corrupt}", &["fisher.safetensors", "not a valid results file"]),
+        ("inspect /no/such/dir", &["/no/such/dir"]),
+        ("info /no/such/model", &["/no/such/model"]),
     ];
+    let rows: Vec<(Vec<String>, &[&str])> = table
+        .iter()
+        .map(|(cmd, needles)| {
+            let args = cmd
+                .split(' ')
+                .map(|a| match a {
+                    "{m}" => m.clone(),
+                    "{fx}" => fx.clone(),
+                    "{o}" => o.clone(),
+                    "{jsonl}" => jsonl.to_str().unwrap().to_string(),
+                    "{corrupt}" => corrupt.to_str().unwrap().to_string(),
+                    "{long}" => long_text.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            (args, *needles)
+        })
+        .collect();
     for (args, needles) in rows {
         let r = bin().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&r.stderr);
