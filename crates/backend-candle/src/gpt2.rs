@@ -18,21 +18,14 @@
 //! backward pass of `Σ_i ⟨e_i, u_i⟩`; score gradients take `S` copies and one backward pass of
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
-use crate::ops::{gelu_new, layer_norm, linear, softmax_last_dim};
+use crate::cached::{attend_cached, causal_attention, context_mask, CachedContext, CachedUpper};
+use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
-use fs_traits::{
-    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
-};
+use fs_traits::{check_finite, ModelDims};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-/// Convert a candle error into the seam's error type.
-fn be(e: candle_core::Error) -> FsError {
-    FsError::Backend(format!("candle: {e}"))
-}
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -72,28 +65,8 @@ pub struct Gpt2 {
     activation_budget: usize,
 }
 
-/// The result of [`Gpt2::lower`]: layer-`k` activations and the key/value cache of blocks `≥ k`.
-pub struct Gpt2Context {
-    layer: usize,
-    tokens: Vec<u32>,
-    /// `H_k` (`T × d`).
-    hidden: Tensor,
-    /// Keys of blocks `k..n_layer`, each `(H, T, d_head)`.
-    keys: Vec<Tensor>,
-    /// Values of blocks `k..n_layer`, each `(H, T, d_head)`.
-    values: Vec<Tensor>,
-    /// `ln_f(h_L)` (`T × d`), for the unperturbed logits.
-    final_norm: Tensor,
-}
-
-impl SplitContext for Gpt2Context {
-    fn layer(&self) -> usize {
-        self.layer
-    }
-    fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-}
+/// The result of [`Gpt2`]'s lower pass.
+pub type Gpt2Context = CachedContext;
 
 /// Produces the `f32` data of a weight from its canonical name and expected shape.
 type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
@@ -334,11 +307,8 @@ impl Gpt2 {
         let d = self.cfg.n_embd;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.wte.index_select(&ids, 0)?.add(&self.wpe.narrow(0, 0, t_len)?)?;
-        // hidden[k] for every k ≥ first; keys/values of every block ≥ first.
+        // hidden[k] for every k; keys/values of every block.
         let mut hidden = vec![x.clone()];
-        let causal: Vec<f32> =
-            (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
-        let causal = Tensor::from_vec(causal, (1, t_len, t_len), &self.device)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for b in &self.blocks {
@@ -348,8 +318,7 @@ impl Gpt2 {
                 qkv.narrow(1, j * d, d)?.reshape((t_len, heads, dh))?.transpose(0, 1)?.contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&causal)?;
-            let out = softmax_last_dim(&scores)?.matmul(&v)?;
+            let out = causal_attention(&q, &k, &v, scale)?;
             let out = out.transpose(0, 1)?.reshape((t_len, d))?;
             x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
             x = (&x + self.mlp(&x, b)?)?;
@@ -383,16 +352,7 @@ impl Gpt2 {
         let (p_n, r_n, d) = h.dims3()?;
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
-        let t_max = positions.iter().copied().max().unwrap_or(0);
-        let mask = if t_max > 0 {
-            let m: Vec<f32> = positions
-                .iter()
-                .flat_map(|&t| (0..t_max).map(move |j| if j < t { 0.0 } else { MASKED }))
-                .collect();
-            Some(Tensor::from_vec(m, (p_n, 1, 1, t_max), &self.device)?)
-        } else {
-            None
-        };
+        let mask = context_mask(positions, &self.device)?;
         let mut x = h.clone();
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
             let a = self.norm(&x, &b.ln_1)?;
@@ -404,71 +364,22 @@ impl Gpt2 {
                     .contiguous()
             };
             let (q, k_self, v_self) = (split(0)?, split(1)?, split(2)?);
-            let self_score = ((&q * &k_self)?.sum_keepdim(D::Minus1)? * scale)?;
-            let out = match &mask {
-                None => v_self,
-                Some(mask) => {
-                    let k_ctx = ctx.keys[idx].narrow(1, 0, t_max)?.unsqueeze(0)?;
-                    let v_ctx = ctx.values[idx].narrow(1, 0, t_max)?.unsqueeze(0)?;
-                    let ctx_scores =
-                        (q.broadcast_matmul(&k_ctx.t()?)? * scale)?.broadcast_add(mask)?;
-                    let probs = softmax_last_dim(&Tensor::cat(&[&ctx_scores, &self_score], 3)?)?;
-                    let p_ctx = probs.narrow(3, 0, t_max)?.contiguous()?;
-                    let p_self = probs.narrow(3, t_max, 1)?;
-                    (p_ctx.broadcast_matmul(&v_ctx)? + p_self.broadcast_mul(&v_self)?)?
-                }
-            };
+            let out = attend_cached(
+                &q,
+                &k_self,
+                &v_self,
+                &ctx.keys[idx],
+                &ctx.values[idx],
+                mask.as_ref(),
+                scale,
+            )?;
             let out = out.transpose(1, 2)?.reshape((p_n, r_n, d))?;
             x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
             x = (&x + self.mlp(&x, b)?)?;
         }
         self.norm(&x, &self.ln_f)
     }
-
-    /// `h_t` for each position, replicated `r` times: `(P, r, d)`.
-    fn replicated(
-        &self,
-        ctx: &Gpt2Context,
-        positions: &[usize],
-        r: usize,
-    ) -> candle_core::Result<Tensor> {
-        let d = self.cfg.n_embd;
-        let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), &self.device)?;
-        let rows = ctx.hidden.index_select(&idx, 0)?; // (P, d)
-        rows.unsqueeze(1)?.broadcast_as((positions.len(), r, d))?.contiguous()
-    }
-
-    /// Rows `rows.start..rows.end` of the readout Jacobians `A_t = ∂u/∂h` at `positions`: one
-    /// backward pass of `Σ_p Σ_i ⟨e_{rows.start+i}, u_{p,i}⟩` over `rows.len()` replicas of each
-    /// `h_t`. Returns, per position, the rows as a row-major `rows.len() × d` buffer.
-    fn readout_jacobian_rows(
-        &self,
-        ctx: &Gpt2Context,
-        positions: &[usize],
-        rows: std::ops::Range<usize>,
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let d = self.cfg.n_embd;
-        let r = rows.len();
-        let h = Var::from_tensor(&self.replicated(ctx, positions, r)?)?;
-        let u = self.upper(ctx, positions, h.as_tensor())?;
-        // selector[i, j] = 1 where j = rows.start + i.
-        let selector = Tensor::eye(d, DType::F32, &self.device)?.narrow(0, rows.start, r)?;
-        let loss = u.broadcast_mul(&selector)?.sum_all()?;
-        let grads = loss.backward()?;
-        let g = grads.get(h.as_tensor()).ok_or_else(|| {
-            candle_core::Error::Msg("no gradient reached the activation".to_string())
-        })?;
-        (0..positions.len()).map(|p| g.get(p)?.flatten_all()?.to_vec1::<f32>()).collect()
-    }
-
-    fn check_positions(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<(), FsError> {
-        positions.iter().try_for_each(|&t| check_position(t, ctx.tokens.len()))
-    }
 }
-
-/// Masked attention logit: finite, so that `masked − max` never produces NaN.
-const MASKED: f32 = -1e30;
 
 /// Bytes of activations one readout-Jacobian backward pass may keep alive (the autograd graph of
 /// `rows × positions` single-row passes through the upper blocks).
@@ -480,24 +391,11 @@ fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
     4 * (16 * cfg.n_embd + 3 * cfg.inner_dim())
 }
 
-/// How to split the readout Jacobians of `n_blocks` upper blocks into backward passes:
-/// `(positions per pass, rows per pass)`. Several positions share a pass when all `d` rows of one
-/// fit the budget; otherwise one position's rows are split over several passes.
-fn readout_batching(cfg: &Gpt2Config, n_blocks: usize, budget: usize) -> (usize, usize) {
-    let per_row = (bytes_per_row_per_block(cfg) * n_blocks.max(1)).max(1);
-    let rows = (budget / per_row).max(1);
-    if rows >= cfg.n_embd {
-        ((rows / cfg.n_embd).clamp(1, 64), cfg.n_embd)
-    } else {
-        (1, rows)
+impl CachedUpper for Gpt2 {
+    fn device(&self) -> &Device {
+        &self.device
     }
-}
-
-impl SplitModel for Gpt2 {
-    type Scalar = f32;
-    type Context = Gpt2Context;
-
-    fn dims(&self) -> ModelDims {
+    fn model_dims(&self) -> ModelDims {
         ModelDims {
             d_model: self.cfg.n_embd,
             readout_dim: self.cfg.n_embd,
@@ -506,123 +404,33 @@ impl SplitModel for Gpt2 {
             max_seq_len: Some(self.cfg.n_positions),
         }
     }
-
-    fn lower(&self, tokens: &[u32], layer: usize) -> Result<Gpt2Context, FsError> {
-        let mut ctx = self.lower_layers(tokens, &[layer])?;
-        Ok(ctx.remove(0))
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
-
-    fn lower_layers(&self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Gpt2Context>, FsError> {
-        for &layer in layers {
-            check_layer(layer, self.cfg.n_layer)?;
-        }
-        check_tokens(tokens, self.cfg.vocab_size, Some(self.cfg.n_positions))?;
-        self.forward_sequence(tokens, layers).map_err(be)
+    fn lm_head_host(&self) -> &[f32] {
+        &self.lm_head_host
     }
-
-    fn activation(&self, ctx: &Gpt2Context, position: usize) -> Result<Vec<f32>, FsError> {
-        check_position(position, ctx.tokens.len())?;
-        ctx.hidden.get(position).and_then(|r| r.to_vec1::<f32>()).map_err(be)
+    fn activation_budget(&self) -> usize {
+        self.activation_budget
     }
-
-    fn upper_logits(
+    fn bytes_per_row_per_block(&self) -> usize {
+        bytes_per_row_per_block(&self.cfg)
+    }
+    fn forward_sequence(
         &self,
-        ctx: &Gpt2Context,
-        position: usize,
-        h: &[f32],
-    ) -> Result<Vec<f32>, FsError> {
-        check_position(position, ctx.tokens.len())?;
-        check_len("h", h.len(), self.cfg.n_embd)?;
-        check_finite("h", h)?;
-        (|| {
-            let h = Tensor::from_slice(h, (1, 1, self.cfg.n_embd), &self.device)?;
-            let u = self.upper(ctx, &[position], &h)?.reshape((1, self.cfg.n_embd))?;
-            u.matmul(&self.lm_head.t()?)?.flatten_all()?.to_vec1::<f32>()
-        })()
-        .map_err(be)
-    }
-
-    fn logits(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<Matrix<f32>, FsError> {
-        self.check_positions(ctx, positions)?;
-        let v = self.cfg.vocab_size;
-        if positions.is_empty() {
-            return Ok(Matrix::zeros(0, v));
-        }
-        let data = (|| {
-            let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
-            let rows =
-                ctx.final_norm.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-            rows.matmul(&self.lm_head.t()?)?.flatten_all()?.to_vec1::<f32>()
-        })()
-        .map_err(be)?;
-        Matrix::from_vec(positions.len(), v, data)
-    }
-
-    fn score_gradients(
-        &self,
-        ctx: &Gpt2Context,
-        position: usize,
         tokens: &[u32],
-    ) -> Result<Matrix<f32>, FsError> {
-        check_position(position, ctx.tokens.len())?;
-        check_tokens_in_vocab(tokens, self.cfg.vocab_size)?;
-        let d = self.cfg.n_embd;
-        if tokens.is_empty() {
-            return Ok(Matrix::zeros(0, d));
-        }
-        let z = self.logits(ctx, &[position])?;
-        check_finite("logits", z.as_slice())?;
-        // p in f64, renormalised; ∂ log p_y / ∂u = w_y − m with m = W_Uᵀ p.
-        let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
-        let total: f64 = e.iter().sum();
-        let p: Vec<f32> = e.iter().map(|x| (x / total) as f32).collect();
-        let data = (|| {
-            let p = Tensor::from_vec(p, (1, self.cfg.vocab_size), &self.device)?;
-            let m = p.matmul(&self.lm_head)?; // (1, d)
-            let ids = Tensor::new(tokens, &self.device)?;
-            let c = self.lm_head.index_select(&ids, 0)?.broadcast_sub(&m)?.unsqueeze(0)?; // (1, S, d)
-            let h = Var::from_tensor(&self.replicated(ctx, &[position], tokens.len())?)?;
-            let u = self.upper(ctx, &[position], h.as_tensor())?;
-            let grads = (u * c)?.sum_all()?.backward()?;
-            let g = grads.get(h.as_tensor()).ok_or_else(|| {
-                candle_core::Error::Msg("no gradient reached the activation".to_string())
-            })?;
-            g.flatten_all()?.to_vec1::<f32>()
-        })()
-        .map_err(be)?;
-        Matrix::from_vec(tokens.len(), d, data)
+        layers: &[usize],
+    ) -> candle_core::Result<Vec<CachedContext>> {
+        Gpt2::forward_sequence(self, tokens, layers)
     }
-
-    fn readout_jacobians(
+    fn upper(
         &self,
-        ctx: &Gpt2Context,
+        ctx: &CachedContext,
         positions: &[usize],
-    ) -> Result<Vec<Matrix<f32>>, FsError> {
-        self.check_positions(ctx, positions)?;
-        let d = self.cfg.n_embd;
-        let n_blocks = self.cfg.n_layer - ctx.layer;
-        let (per_pass, rows_per_pass) =
-            readout_batching(&self.cfg, n_blocks, self.activation_budget);
-        let mut out = Vec::with_capacity(positions.len());
-        for chunk in positions.chunks(per_pass) {
-            let mut buffers = vec![Vec::with_capacity(d * d); chunk.len()];
-            for start in (0..d).step_by(rows_per_pass) {
-                let rows = start..(start + rows_per_pass).min(d);
-                let part = self.readout_jacobian_rows(ctx, chunk, rows).map_err(be)?;
-                for (b, p) in buffers.iter_mut().zip(part) {
-                    b.extend_from_slice(&p);
-                }
-            }
-            for a in buffers {
-                out.push(Matrix::from_vec(d, d, a)?);
-            }
-        }
-        Ok(out)
-    }
-
-    fn unembedding(&self) -> MatrixRef<'_, f32> {
-        MatrixRef::new(self.cfg.vocab_size, self.cfg.n_embd, &self.lm_head_host)
-            .expect("lm_head host copy has V·d elements by construction")
+        h: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        Gpt2::upper(self, ctx, positions, h)
     }
 }
+
+crate::impl_split_model!(Gpt2);

@@ -10,9 +10,12 @@
 
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod cached;
 mod gpt2;
 pub mod ops;
 
+pub use cached::CachedContext;
 pub use candle_core::Device;
 pub use gpt2::{Gpt2, Gpt2Context};
 

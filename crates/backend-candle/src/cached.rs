@@ -1,0 +1,392 @@
+//! What every KV-cached transformer on candle shares: the context of a lower pass, the cached
+//! attention of single rows, and the [`SplitModel`](fs_traits::SplitModel) methods that only need
+//! a model's single-position upper half (readout Jacobians, score gradients, logits).
+//!
+//! A model implements [`CachedUpper`] (its forward pass over a sequence and its upper half on
+//! replicated rows) and gets its `SplitModel` impl from [`impl_split_model!`](crate::impl_split_model).
+
+use crate::ops::softmax_last_dim;
+use candle_core::{DType, Device, Tensor, Var, D};
+use fs_traits::{
+    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
+    FsError, Matrix, MatrixRef, ModelDims, SplitContext,
+};
+
+/// Convert a candle error into the seam's error type.
+pub(crate) fn be(e: candle_core::Error) -> FsError {
+    FsError::Backend(format!("candle: {e}"))
+}
+
+/// Masked attention logit: finite, so that `masked − max` never produces NaN.
+pub(crate) const MASKED: f32 = -1e30;
+
+/// The result of a lower pass: layer-`k` activations, the key/value cache of blocks `≥ k`, and
+/// the final-norm output of every position (for the unperturbed logits).
+pub struct CachedContext {
+    pub(crate) layer: usize,
+    pub(crate) tokens: Vec<u32>,
+    /// `H_k` (`T × d`).
+    pub(crate) hidden: Tensor,
+    /// Keys of blocks `k..n_layer`, each `(H, T, d_head)` (after RoPE where the model has it,
+    /// with grouped key/value heads already repeated to `H`).
+    pub(crate) keys: Vec<Tensor>,
+    /// Values of blocks `k..n_layer`, each `(H, T, d_head)`.
+    pub(crate) values: Vec<Tensor>,
+    /// `norm_f(h_L)` (`T × d`).
+    pub(crate) final_norm: Tensor,
+}
+
+impl SplitContext for CachedContext {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+/// A transformer whose upper half can run on single rows against a key/value cache.
+pub(crate) trait CachedUpper {
+    fn device(&self) -> &Device;
+    fn model_dims(&self) -> ModelDims;
+    /// `W_U` on the device (`V × d`).
+    fn lm_head(&self) -> &Tensor;
+    /// `W_U` on the host (`V × d`, row-major).
+    fn lm_head_host(&self) -> &[f32];
+    /// Bytes of activations one readout-Jacobian pass may keep alive.
+    fn activation_budget(&self) -> usize;
+    /// Approximate autograd bytes per replicated row per block.
+    fn bytes_per_row_per_block(&self) -> usize;
+    /// The full causal forward pass, one context per requested layer.
+    fn forward_sequence(
+        &self,
+        tokens: &[u32],
+        layers: &[usize],
+    ) -> candle_core::Result<Vec<CachedContext>>;
+    /// The upper half on rows `h` `(P, R, d)`, row `(p, r)` at position `positions[p]`:
+    /// returns `u = norm_f(x_L)`, `(P, R, d)`.
+    fn upper(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: &Tensor,
+    ) -> candle_core::Result<Tensor>;
+}
+
+/// Additive mask `(P, 1, 1, t_max)` letting the rows at `positions[p]` see cached positions
+/// `< positions[p]`; `None` when no row has any context.
+pub(crate) fn context_mask(
+    positions: &[usize],
+    device: &Device,
+) -> candle_core::Result<Option<(Tensor, usize)>> {
+    let t_max = positions.iter().copied().max().unwrap_or(0);
+    if t_max == 0 {
+        return Ok(None);
+    }
+    let m: Vec<f32> = positions
+        .iter()
+        .flat_map(|&t| (0..t_max).map(move |j| if j < t { 0.0 } else { MASKED }))
+        .collect();
+    Ok(Some((Tensor::from_vec(m, (positions.len(), 1, 1, t_max), device)?, t_max)))
+}
+
+/// Attention of single rows against the cache: `q`, `k_self`, `v_self` are `(P, H, R, d_head)`;
+/// each row attends to the cached keys/values `(H, T, d_head)` of positions `< t_p` (through
+/// `mask`) and to its own key/value. Returns `(P, H, R, d_head)`.
+pub(crate) fn attend_cached(
+    q: &Tensor,
+    k_self: &Tensor,
+    v_self: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: Option<&(Tensor, usize)>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let self_score = ((q * k_self)?.sum_keepdim(D::Minus1)? * scale)?;
+    match mask {
+        None => Ok(v_self.clone()),
+        Some((mask, t_max)) => {
+            let k_ctx = keys.narrow(1, 0, *t_max)?.unsqueeze(0)?;
+            let v_ctx = values.narrow(1, 0, *t_max)?.unsqueeze(0)?;
+            let ctx_scores = (q.broadcast_matmul(&k_ctx.t()?)? * scale)?.broadcast_add(mask)?;
+            let probs = softmax_last_dim(&Tensor::cat(&[&ctx_scores, &self_score], 3)?)?;
+            let p_ctx = probs.narrow(3, 0, *t_max)?.contiguous()?;
+            let p_self = probs.narrow(3, *t_max, 1)?;
+            p_ctx.broadcast_matmul(&v_ctx)? + p_self.broadcast_mul(v_self)?
+        }
+    }
+}
+
+/// Causal self-attention over a whole sequence: `q`, `k`, `v` `(H, T, d_head)`.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let t_len = q.dim(1)?;
+    let causal: Vec<f32> =
+        (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
+    let causal = Tensor::from_vec(causal, (1, t_len, t_len), q.device())?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&causal)?;
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// How to split the readout Jacobians of `n_blocks` upper blocks into backward passes:
+/// `(positions per pass, rows per pass)`. Several positions share a pass when all `d` rows of one
+/// fit the budget; otherwise one position's rows are split over several passes.
+pub(crate) fn readout_batching(
+    d: usize,
+    bytes_per_row_block: usize,
+    n_blocks: usize,
+    budget: usize,
+) -> (usize, usize) {
+    let per_row = (bytes_per_row_block * n_blocks.max(1)).max(1);
+    let rows = (budget / per_row).max(1);
+    if rows >= d {
+        ((rows / d).clamp(1, 64), d)
+    } else {
+        (1, rows)
+    }
+}
+
+fn replicated<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+    r: usize,
+) -> candle_core::Result<Tensor> {
+    let d = m.model_dims().d_model;
+    let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
+    let rows = ctx.hidden.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
+    rows.unsqueeze(1)?.broadcast_as((positions.len(), r, d))?.contiguous()
+}
+
+fn check_positions(ctx: &CachedContext, positions: &[usize]) -> Result<(), FsError> {
+    positions.iter().try_for_each(|&t| check_position(t, ctx.tokens.len()))
+}
+
+/// `SplitModel::lower_layers`.
+pub(crate) fn lower_layers<M: CachedUpper>(
+    m: &M,
+    tokens: &[u32],
+    layers: &[usize],
+) -> Result<Vec<CachedContext>, FsError> {
+    let dims = m.model_dims();
+    for &layer in layers {
+        check_layer(layer, dims.n_layers)?;
+    }
+    check_tokens(tokens, dims.vocab_size, dims.max_seq_len)?;
+    m.forward_sequence(tokens, layers).map_err(be)
+}
+
+/// `SplitModel::activation`.
+pub(crate) fn activation(ctx: &CachedContext, position: usize) -> Result<Vec<f32>, FsError> {
+    check_position(position, ctx.tokens.len())?;
+    ctx.hidden.get(position).and_then(|r| r.to_vec1::<f32>()).map_err(be)
+}
+
+/// `SplitModel::upper_logits`.
+pub(crate) fn upper_logits<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    h: &[f32],
+) -> Result<Vec<f32>, FsError> {
+    let d = m.model_dims().d_model;
+    check_position(position, ctx.tokens.len())?;
+    check_len("h", h.len(), d)?;
+    check_finite("h", h)?;
+    (|| {
+        let h = Tensor::from_slice(h, (1, 1, d), m.device())?;
+        let u = m.upper(ctx, &[position], &h)?.reshape((1, d))?;
+        u.matmul(&m.lm_head().t()?)?.flatten_all()?.to_vec1::<f32>()
+    })()
+    .map_err(be)
+}
+
+/// `SplitModel::logits`.
+pub(crate) fn logits<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+) -> Result<Matrix<f32>, FsError> {
+    check_positions(ctx, positions)?;
+    let v = m.model_dims().vocab_size;
+    if positions.is_empty() {
+        return Ok(Matrix::zeros(0, v));
+    }
+    let data = (|| {
+        let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
+        let rows = ctx.final_norm.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
+        rows.matmul(&m.lm_head().t()?)?.flatten_all()?.to_vec1::<f32>()
+    })()
+    .map_err(be)?;
+    Matrix::from_vec(positions.len(), v, data)
+}
+
+/// `SplitModel::score_gradients`: `S` replicas of `h`, one backward pass of
+/// `Σ_s ⟨w_{y_s} − m, u_s⟩` (`∂ log p_y/∂u = w_y − m`, `m = W_Uᵀp`; the unembedding stays out of
+/// the autograd graph).
+pub(crate) fn score_gradients<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    tokens: &[u32],
+) -> Result<Matrix<f32>, FsError> {
+    let dims = m.model_dims();
+    check_position(position, ctx.tokens.len())?;
+    check_tokens_in_vocab(tokens, dims.vocab_size)?;
+    if tokens.is_empty() {
+        return Ok(Matrix::zeros(0, dims.d_model));
+    }
+    let z = logits(m, ctx, &[position])?;
+    check_finite("logits", z.as_slice())?;
+    let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+    let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let p: Vec<f32> = e.iter().map(|x| (x / total) as f32).collect();
+    let data = (|| {
+        let p = Tensor::from_vec(p, (1, dims.vocab_size), m.device())?;
+        let mean = p.matmul(m.lm_head())?;
+        let ids = Tensor::new(tokens, m.device())?;
+        let c = m.lm_head().index_select(&ids, 0)?.broadcast_sub(&mean)?.unsqueeze(0)?;
+        let h = Var::from_tensor(&replicated(m, ctx, &[position], tokens.len())?)?;
+        let u = m.upper(ctx, &[position], h.as_tensor())?;
+        let grads = (u * c)?.sum_all()?.backward()?;
+        let g = grads
+            .get(h.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the activation".into()))?;
+        g.flatten_all()?.to_vec1::<f32>()
+    })()
+    .map_err(be)?;
+    Matrix::from_vec(tokens.len(), dims.d_model, data)
+}
+
+/// Rows `rows` of the readout Jacobians at `positions`: one backward pass of
+/// `Σ_p Σ_i ⟨e_{rows.start+i}, u_{p,i}⟩` over `rows.len()` replicas of each `h_t`.
+fn readout_jacobian_rows<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+    rows: std::ops::Range<usize>,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let d = m.model_dims().d_model;
+    let r = rows.len();
+    let h = Var::from_tensor(&replicated(m, ctx, positions, r)?)?;
+    let u = m.upper(ctx, positions, h.as_tensor())?;
+    let selector = Tensor::eye(d, DType::F32, m.device())?.narrow(0, rows.start, r)?;
+    let grads = u.broadcast_mul(&selector)?.sum_all()?.backward()?;
+    let g = grads
+        .get(h.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the activation".into()))?;
+    (0..positions.len()).map(|p| g.get(p)?.flatten_all()?.to_vec1::<f32>()).collect()
+}
+
+/// `SplitModel::readout_jacobians`, under the model's activation budget.
+pub(crate) fn readout_jacobians<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+) -> Result<Vec<Matrix<f32>>, FsError> {
+    check_positions(ctx, positions)?;
+    let dims = m.model_dims();
+    let d = dims.d_model;
+    let (per_pass, rows_per_pass) = readout_batching(
+        d,
+        m.bytes_per_row_per_block(),
+        dims.n_layers - ctx.layer,
+        m.activation_budget(),
+    );
+    let mut out = Vec::with_capacity(positions.len());
+    for chunk in positions.chunks(per_pass) {
+        let mut buffers = vec![Vec::with_capacity(d * d); chunk.len()];
+        for start in (0..d).step_by(rows_per_pass) {
+            let rows = start..(start + rows_per_pass).min(d);
+            let part = readout_jacobian_rows(m, ctx, chunk, rows).map_err(be)?;
+            for (b, p) in buffers.iter_mut().zip(part) {
+                b.extend_from_slice(&p);
+            }
+        }
+        for a in buffers {
+            out.push(Matrix::from_vec(d, d, a)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `SplitModel::unembedding`.
+pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
+    let dims = m.model_dims();
+    MatrixRef::new(dims.vocab_size, dims.readout_dim, m.lm_head_host())
+        .expect("lm_head host copy has V·d elements by construction")
+}
+
+/// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! impl_split_model {
+    ($t:ty) => {
+        impl fs_traits::SplitModel for $t {
+            type Scalar = f32;
+            type Context = $crate::CachedContext;
+            fn dims(&self) -> fs_traits::ModelDims {
+                $crate::cached::CachedUpper::model_dims(self)
+            }
+            fn lower(
+                &self,
+                tokens: &[u32],
+                layer: usize,
+            ) -> Result<Self::Context, fs_traits::FsError> {
+                Ok($crate::cached::lower_layers(self, tokens, &[layer])?.remove(0))
+            }
+            fn lower_layers(
+                &self,
+                tokens: &[u32],
+                layers: &[usize],
+            ) -> Result<Vec<Self::Context>, fs_traits::FsError> {
+                $crate::cached::lower_layers(self, tokens, layers)
+            }
+            fn activation(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+            ) -> Result<Vec<f32>, fs_traits::FsError> {
+                $crate::cached::activation(ctx, position)
+            }
+            fn upper_logits(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                h: &[f32],
+            ) -> Result<Vec<f32>, fs_traits::FsError> {
+                $crate::cached::upper_logits(self, ctx, position, h)
+            }
+            fn logits(
+                &self,
+                ctx: &Self::Context,
+                positions: &[usize],
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::logits(self, ctx, positions)
+            }
+            fn score_gradients(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                tokens: &[u32],
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::score_gradients(self, ctx, position, tokens)
+            }
+            fn readout_jacobians(
+                &self,
+                ctx: &Self::Context,
+                positions: &[usize],
+            ) -> Result<Vec<fs_traits::Matrix<f32>>, fs_traits::FsError> {
+                $crate::cached::readout_jacobians(self, ctx, positions)
+            }
+            fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
+                $crate::cached::unembedding(self)
+            }
+        }
+    };
+}
