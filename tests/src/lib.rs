@@ -326,3 +326,81 @@ pub mod fixtures {
         }
     }
 }
+
+/// Compare `model` with the oracle fixture `name` at every layer: logits at every position (from
+/// the cached pass and from the single-row upper half) and hidden states ≤ `logit_tol` absolute,
+/// exact F ≤ 1e-4 relative Frobenius at every tested position, closed form vs exact ≤ 1e-5, and
+/// the sampled F of the recorded draws ≤ 1e-4. Returns the largest errors seen
+/// `(logits, exact F, sampled F)`.
+pub fn check_against_oracle<M: SplitModel>(
+    model: &M,
+    name: &str,
+    logit_tol: f64,
+) -> Result<(f64, f64, f64), String>
+where
+    M::Scalar: Element,
+{
+    use fs_estimators::outer_product_mean;
+    let r = fixtures::Reference::load(name);
+    let dims = model.dims();
+    if (dims.n_layers, dims.d_model, dims.vocab_size) != (r.n_layers, r.d, r.vocab) {
+        return Err(format!("{name}: dims {dims:?} do not match the fixture"));
+    }
+    let all: Vec<usize> = (0..r.input_ids.len()).collect();
+    let (mut worst_z, mut worst_f, mut worst_s) = (0.0f64, 0.0f64, 0.0f64);
+    let opts = ExactOptions::default();
+    for k in 0..=r.n_layers {
+        let ctx = model.lower(&r.input_ids, k).map_err(|e| e.to_string())?;
+        let logits = model.logits(&ctx, &all).map_err(|e| e.to_string())?;
+        for t in 0..all.len() {
+            let h = model.activation(&ctx, t).map_err(|e| e.to_string())?;
+            let upper = model.upper_logits(&ctx, t, &h).map_err(|e| e.to_string())?;
+            for (y, up) in upper.iter().enumerate() {
+                let want = r.logits.get(t, y);
+                let e = (logits.get(t, y).as_f64() - want).abs().max((up.as_f64() - want).abs());
+                worst_z = worst_z.max(e);
+                if e > logit_tol {
+                    return Err(format!(
+                        "{name} layer {k} position {t} token {y}: logit error {e:.3e}"
+                    ));
+                }
+            }
+            for (j, x) in h.iter().enumerate() {
+                let want = r.hidden[k].get(t, j);
+                if (x.as_f64() - want).abs() > 1e-4 * (1.0 + want.abs()) {
+                    return Err(format!(
+                        "{name} hidden layer {k} position {t}: {} vs {want}",
+                        x.as_f64()
+                    ));
+                }
+            }
+        }
+        let exact = exact_fisher(model, &ctx, &r.positions, &opts).map_err(|e| e.to_string())?;
+        let closed = closed_form_fisher_at(model, &ctx, &r.positions, GradientKind::Logits, &opts)
+            .map_err(|e| e.to_string())?;
+        for (i, &t) in r.positions.iter().enumerate() {
+            let e = relative_frobenius(&exact[i], &r.fisher[k][i]);
+            worst_f = worst_f.max(e);
+            if e > 1e-4 {
+                return Err(format!(
+                    "{name} layer {k} position {t}: exact F relative error {e:.3e}"
+                ));
+            }
+            let c = relative_frobenius(&closed[i], &exact[i]);
+            if c > 1e-5 {
+                return Err(format!("{name} layer {k} position {t}: closed form vs exact {c:.3e}"));
+            }
+            let scores =
+                model.score_gradients(&ctx, t, &r.sample_tokens[i]).map_err(|e| e.to_string())?;
+            let sampled = outer_product_mean(scores.view()).map_err(|e| e.to_string())?;
+            let s = relative_frobenius(&sampled, &r.sampled_fisher[k][i]);
+            worst_s = worst_s.max(s);
+            if s > 1e-4 {
+                return Err(format!(
+                    "{name} layer {k} position {t}: sampled F relative error {s:.3e}"
+                ));
+            }
+        }
+    }
+    Ok((worst_z, worst_f, worst_s))
+}

@@ -17,6 +17,9 @@ pub(crate) fn be(e: candle_core::Error) -> FsError {
     FsError::Backend(format!("candle: {e}"))
 }
 
+/// Default bytes of activations one readout-Jacobian backward pass may keep alive.
+pub(crate) const DEFAULT_ACTIVATION_BUDGET: usize = 512 << 20;
+
 /// Masked attention logit: finite, so that `masked − max` never produces NaN.
 pub(crate) const MASKED: f32 = -1e30;
 

@@ -215,7 +215,7 @@ impl Gpt2 {
             None => (wte.clone(), wte_host),
         };
         Ok(Gpt2 {
-            activation_budget: ACTIVATION_BUDGET,
+            activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
             cfg,
             device: device.clone(),
             wte,
@@ -380,10 +380,6 @@ impl Gpt2 {
         self.norm(&x, &self.ln_f)
     }
 }
-
-/// Bytes of activations one readout-Jacobian backward pass may keep alive (the autograd graph of
-/// `rows × positions` single-row passes through the upper blocks).
-const ACTIVATION_BUDGET: usize = 512 << 20;
 
 /// Approximate bytes the autograd graph keeps per replicated row per block (f32): LayerNorm
 /// intermediates, q/k/v, attention and MLP activations.

@@ -13,11 +13,13 @@
 #[doc(hidden)]
 pub mod cached;
 mod gpt2;
+mod llama;
 pub mod ops;
 
 pub use cached::CachedContext;
 pub use candle_core::Device;
 pub use gpt2::{Gpt2, Gpt2Context};
+pub use llama::Llama;
 
 /// Errors of loading a model on candle.
 #[derive(Debug, thiserror::Error)]

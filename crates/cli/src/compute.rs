@@ -340,7 +340,10 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
     g.log(&format!("model {} resolved: {arch}, config {}", args.model, files.config.display()));
     match arch.as_str() {
         "gpt2" => run_candle_gpt2(&files, &args, g, resuming),
-        other => bail!("model architecture {other:?} is not supported yet: supported: gpt2"),
+        "llama" | "mistral" | "qwen2" => run_candle_llama(&files, &args, g, resuming),
+        other => bail!(
+            "model architecture {other:?} is not supported yet: supported: gpt2, llama, mistral, qwen2"
+        ),
     }
 }
 
@@ -370,6 +373,39 @@ fn run_candle_gpt2(
         load_s: t0.elapsed().as_secs_f64(),
     };
     run_with(&model, &run, args, g, resuming)
+}
+
+#[cfg(feature = "candle")]
+fn run_candle_llama(
+    files: &ModelFiles,
+    args: &ComputeArgs,
+    g: &Globals,
+    resuming: bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let device = backend_candle::device(&args.device)?;
+    let mut model = backend_candle::Llama::load(files, &device)?;
+    if let Some(b) = args.batch_size {
+        model.set_position_batch(b);
+    }
+    g.log(&format!(
+        "loaded {} parameters in {:.2} s",
+        model.parameter_count(),
+        t0.elapsed().as_secs_f64()
+    ));
+    let run = RunInfo {
+        files,
+        arch: "llama",
+        backend: "candle",
+        device: args.device.clone(),
+        load_s: t0.elapsed().as_secs_f64(),
+    };
+    run_with(&model, &run, args, g, resuming)
+}
+
+#[cfg(not(feature = "candle"))]
+fn run_candle_llama(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Result<()> {
+    bail!("this build has no candle backend: rebuild with `--features candle`")
 }
 
 #[cfg(not(feature = "candle"))]

@@ -49,7 +49,20 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 if c.tie_word_embeddings { "tied to wte" } else { "untied" }
             );
         }
-        other => bail!("model architecture {other:?} is not supported yet: supported: gpt2"),
+        "llama" | "mistral" | "qwen2" => {
+            let c = fs_checkpoint::LlamaConfig::from_file(&files.config)?;
+            println!("architecture  {} (RMSNorm, RoPE θ = {}{}, SwiGLU)", c.model_type, c.rope_theta,
+                if c.rope_scaling.is_some() { ", llama3 scaling" } else { "" });
+            println!("layers        {} (split layers 0..={})", c.num_hidden_layers, c.num_hidden_layers);
+            println!("d_model       {}  (heads {}, kv heads {}, head dim {}, MLP {})", c.hidden_size,
+                c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+            println!("vocab         {}", c.vocab_size);
+            println!("context       {} positions", c.max_position_embeddings);
+            println!("lm_head       {}", if c.tie_word_embeddings { "tied to embed_tokens" } else { "untied" });
+        }
+        other => bail!(
+            "model architecture {other:?} is not supported yet: supported: gpt2, llama, mistral, qwen2"
+        ),
     }
     let store = WeightStore::open(&files.weights)?;
     let params: usize = store

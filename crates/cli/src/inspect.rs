@@ -155,6 +155,12 @@ fn load_decoder(dir: &Path, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
             g.log(&format!("loaded {spec} to decode directions"));
             Ok(Box::new(ModelDecoder { model, tokenizer }))
         }
+        #[cfg(feature = "candle")]
+        "llama" | "mistral" | "qwen2" => {
+            let model = backend_candle::Llama::load(&files, &backend_candle::Device::Cpu)?;
+            g.log(&format!("loaded {spec} to decode directions"));
+            Ok(Box::new(ModelDecoder { model, tokenizer }))
+        }
         other => bail!("cannot load a {other} model in this build"),
     }
 }

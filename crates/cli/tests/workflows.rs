@@ -537,3 +537,44 @@ fn bad_input_matrix() {
         .unwrap();
     assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
 }
+
+#[test]
+fn llama_fixture_through_the_binary_matches_the_oracle_at_every_layer() {
+    let fx = fixture("llama-tiny-untied");
+    let reference = read_safetensors(&fx.join("reference.safetensors"));
+    let ids: Vec<String> =
+        reference["input_ids"].1.iter().map(|x| (*x as i64).to_string()).collect();
+    let positions: Vec<String> =
+        reference["positions"].1.iter().map(|x| (*x as i64).to_string()).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("llama");
+    ok(&bin()
+        .args([
+            "compute",
+            "--model",
+            fx.to_str().unwrap(),
+            "--layers",
+            "all",
+            "--tokens",
+            &ids.join(","),
+        ])
+        .args(["--positions", &positions.join(","), "-q", "--output", out.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let st = read_safetensors(&out.join("fisher.safetensors"));
+    let (rs, rf) = &reference["fisher"];
+    let (layers, p, d) = (rs[0], rs[1], rs[2]);
+    assert_eq!(st["fisher"].0, vec![layers * p, d, d]);
+    for n in 0..layers * p {
+        let layer = st["layer"].1[n] as usize;
+        let i = n % p;
+        let want = &rf[(layer * p + i) * d * d..(layer * p + i + 1) * d * d];
+        let got = &st["fisher"].1[n * d * d..(n + 1) * d * d];
+        assert!(rel_err(got, want) <= 1e-4, "layer {layer} position {i}: {}", rel_err(got, want));
+    }
+    let info = ok(&bin().args(["info", fx.to_str().unwrap()]).output().unwrap());
+    assert!(
+        info.contains("kv heads 2") && info.contains("llama3 scaling") && info.contains("untied"),
+        "{info}"
+    );
+}

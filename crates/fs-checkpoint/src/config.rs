@@ -213,11 +213,11 @@ impl Gpt2Config {
 }
 
 /// A field that is present and not `null`.
-fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+pub(crate) fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
     obj.get(field).filter(|v| !v.is_null())
 }
 
-fn req_usize(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {
+pub(crate) fn req_usize(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {
     let v = present(obj, field).ok_or_else(|| {
         CheckpointError::config(path, field, "is missing: a GPT-2 config.json must set it")
     })?;

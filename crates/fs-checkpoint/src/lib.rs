@@ -37,6 +37,7 @@
 mod config;
 mod error;
 mod hash;
+mod llama;
 mod resolve;
 mod tokenizer;
 mod weights;
@@ -44,6 +45,7 @@ mod weights;
 pub use config::{Gpt2Config, GPT2_ACTIVATIONS};
 pub use error::{CheckpointError, Result};
 pub use hash::sha256_file;
+pub use llama::{Llama3RopeScaling, LlamaConfig, LLAMA_MODEL_TYPES};
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
