@@ -14,7 +14,7 @@ use fs_traits::{
 
 /// Convert a candle error into the seam's error type.
 pub(crate) fn be(e: candle_core::Error) -> FsError {
-    FsError::Backend(format!("candle: {e}"))
+    FsError::Backend(format!("candle: {}", crate::first_line(&e)))
 }
 
 /// Default bytes of activations one readout-Jacobian backward pass may keep alive.

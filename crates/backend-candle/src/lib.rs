@@ -12,12 +12,14 @@
 
 #[doc(hidden)]
 pub mod cached;
+mod gguf;
 mod gpt2;
 mod llama;
 pub mod ops;
 
 pub use cached::CachedContext;
 pub use candle_core::Device;
+pub use gguf::{load_llama_gguf, GGUF_ARCHITECTURES, GGUF_TYPES};
 pub use gpt2::{Gpt2, Gpt2Context};
 pub use llama::Llama;
 
@@ -31,9 +33,18 @@ pub enum Error {
     /// Invalid model data (e.g. NaN in the weights).
     #[error(transparent)]
     Model(#[from] fs_traits::FsError),
-    /// An error inside candle.
-    #[error("candle: {0}")]
+    /// An error inside candle (its first line; candle appends a backtrace when
+    /// `RUST_BACKTRACE` is set).
+    #[error("candle: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
+    /// A GGUF file that cannot be used.
+    #[error("GGUF file {}: {message}", path.display())]
+    Gguf {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, and the fix.
+        message: String,
+    },
     /// A device that cannot be used.
     #[error("device {device:?} is not available: {reason}")]
     Device {
@@ -42,6 +53,12 @@ pub enum Error {
         /// Why it cannot be used, and the fix.
         reason: String,
     },
+}
+
+/// The first line of an error's message (candle appends a multi-line backtrace when
+/// `RUST_BACKTRACE` is set; users get one line).
+pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim_end().to_string()
 }
 
 /// Parse a device name: `cpu`, or `cuda` / `cuda:N` (needs the `cuda` feature).

@@ -250,7 +250,7 @@ pub fn origin_json(files: &ModelFiles) -> serde_json::Value {
 }
 
 /// Tokenise / collect the documents the user gave.
-fn documents(args: &ComputeArgs, files: &ModelFiles) -> Result<Vec<Document>> {
+fn documents(args: &ComputeArgs, run: &RunInfo<'_>) -> Result<Vec<Document>> {
     let texts: Vec<String> = match (&args.tokens, &args.text, &args.input) {
         (Some(t), _, _) => {
             if t.is_empty() {
@@ -274,7 +274,10 @@ fn documents(args: &ComputeArgs, files: &ModelFiles) -> Result<Vec<Document>> {
         bail!("--start-sequence {start} skips every document: the input has {}", texts.len());
     }
     let take = args.num_sequences.unwrap_or(usize::MAX);
-    let tok = fs_checkpoint::load_tokenizer(&files.tokenizer)?;
+    let tok = match &run.tokenizer {
+        Some(t) => t.clone(),
+        None => fs_checkpoint::load_tokenizer(&run.files.tokenizer)?,
+    };
     texts
         .into_iter()
         .enumerate()
@@ -335,6 +338,9 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
         ExistingDir::Refuse
     };
     let resuming = check_output_dir(&args.output, existing)?;
+    if let Some(files) = gguf_files(&args.model) {
+        return run_candle_gguf(&files, &args, g, resuming);
+    }
     let files = fs_checkpoint::resolve_model(&args.model)?;
     let arch = architecture(&files)?;
     g.log(&format!("model {} resolved: {arch}, config {}", args.model, files.config.display()));
@@ -367,6 +373,7 @@ fn run_candle_gpt2(
     ));
     let run = RunInfo {
         files,
+        tokenizer: None,
         arch: "gpt2",
         backend: "candle",
         device: args.device.clone(),
@@ -395,12 +402,62 @@ fn run_candle_llama(
     ));
     let run = RunInfo {
         files,
+        tokenizer: None,
         arch: "llama",
         backend: "candle",
         device: args.device.clone(),
         load_s: t0.elapsed().as_secs_f64(),
     };
     run_with(&model, &run, args, g, resuming)
+}
+
+/// A `.gguf` file given as `--model`, described as model files (config and weights are the file).
+pub fn gguf_files(spec: &str) -> Option<ModelFiles> {
+    let path = std::path::Path::new(spec);
+    if !(path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))) {
+        return None;
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Some(ModelFiles {
+        config: path.to_path_buf(),
+        weights: vec![path.to_path_buf()],
+        tokenizer: fs_checkpoint::TokenizerFiles::Missing,
+        origin: ModelOrigin::LocalDir { dir },
+    })
+}
+
+#[cfg(feature = "candle")]
+fn run_candle_gguf(
+    files: &ModelFiles,
+    args: &ComputeArgs,
+    g: &Globals,
+    resuming: bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let device = backend_candle::device(&args.device)?;
+    let (mut model, tokenizer) = backend_candle::load_llama_gguf(&files.config, &device)?;
+    if let Some(b) = args.batch_size {
+        model.set_position_batch(b);
+    }
+    g.log(&format!(
+        "loaded {} parameters (GGUF, dequantised to f32) in {:.2} s",
+        model.parameter_count(),
+        t0.elapsed().as_secs_f64()
+    ));
+    let run = RunInfo {
+        files,
+        tokenizer: Some(tokenizer),
+        arch: "llama",
+        backend: "candle",
+        device: args.device.clone(),
+        load_s: t0.elapsed().as_secs_f64(),
+    };
+    run_with(&model, &run, args, g, resuming)
+}
+
+#[cfg(not(feature = "candle"))]
+fn run_candle_gguf(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Result<()> {
+    bail!("this build has no candle backend: rebuild with `--features candle`")
 }
 
 #[cfg(not(feature = "candle"))]
@@ -416,6 +473,8 @@ fn run_candle_gpt2(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Res
 /// What the metadata needs to know about the model run.
 struct RunInfo<'a> {
     files: &'a ModelFiles,
+    /// A tokenizer that came with the weights (GGUF metadata), if any.
+    tokenizer: Option<fs_checkpoint::tokenizers::Tokenizer>,
     arch: &'static str,
     backend: &'static str,
     device: String,
@@ -493,7 +552,7 @@ where
     let t_start = Instant::now();
     let dims = model.dims();
     let layers = resolve_layers(args, dims.n_layers)?;
-    let mut docs = documents(args, run.files)?;
+    let mut docs = documents(args, run)?;
     g.log(&format!("{} document(s) tokenized", docs.len()));
     truncate(&mut docs, args.max_seq_len);
     let mut plan = Vec::with_capacity(docs.len());

@@ -14,6 +14,10 @@ pub struct InfoArgs {
 
 /// Run `info`.
 pub fn run(args: InfoArgs) -> Result<()> {
+    #[cfg(feature = "candle")]
+    if crate::compute::gguf_files(&args.model).is_some() {
+        return gguf_info(&args.model);
+    }
     let files = fs_checkpoint::resolve_model(&args.model)?;
     let text = std::fs::read_to_string(&files.config)
         .with_context(|| format!("cannot read {}", files.config.display()))?;
@@ -87,5 +91,43 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
         TokenizerFiles::Missing => println!("tokenizer     none (use --tokens; --text needs tokenizer.json or vocab.json + merges.txt)"),
     }
+    Ok(())
+}
+
+/// `info` for a GGUF file: loads it (dequantising) to report the architecture and sizes.
+#[cfg(feature = "candle")]
+fn gguf_info(spec: &str) -> Result<()> {
+    use fs_estimators::SplitModel;
+    let path = std::path::Path::new(spec);
+    let (model, tokenizer) = backend_candle::load_llama_gguf(path, &backend_candle::Device::Cpu)?;
+    let c = model.config();
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    println!("model         {spec}");
+    println!("from          GGUF file ({:.1} MB), dequantised to f32 on load", size as f64 / 1e6);
+    println!("architecture  llama (RMSNorm, RoPE θ = {}, SwiGLU)", c.rope_theta);
+    println!("layers        {} (split layers 0..={})", c.num_hidden_layers, c.num_hidden_layers);
+    println!(
+        "d_model       {}  (heads {}, kv heads {}, head dim {}, MLP {})",
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size
+    );
+    println!("vocab         {}", model.dims().vocab_size);
+    println!("context       {} positions", c.max_position_embeddings);
+    println!(
+        "lm_head       {}",
+        if c.tie_word_embeddings { "tied to token_embd" } else { "untied" }
+    );
+    println!(
+        "parameters    {} ({:.1} M)",
+        model.parameter_count(),
+        model.parameter_count() as f64 / 1e6
+    );
+    println!(
+        "tokenizer     byte-level BPE from the GGUF metadata ({} tokens)",
+        tokenizer.get_vocab_size(true)
+    );
     Ok(())
 }

@@ -1,10 +1,13 @@
 //! `fisher-stein inspect DIR`: per analysed position, the next-token entropy, the trace, the top
-//! eigenvalues and the effective rank of F; for the top K eigenvectors `v`, the tokens that `+v`
-//! and `−v` push up most.
+//! eigenvalues and the effective rank of F; for the top K eigenvectors `v`, the tokens whose
+//! probability `+v` and `−v` push up most.
 //!
 //! The logit change along `v` is `J v = ∂z/∂h · v`, evaluated as a central difference of the
 //! model's upper half, `(z(h + εv) − z(h − εv)) / 2ε` with `ε = 1e-3·max(1, ‖h‖)` (two
-//! single-position passes per direction; the ranking of tokens is what is reported).
+//! single-position passes per direction). Tokens are ranked by the first-order change of their
+//! probability, `∂p_y/∂ε = p_y·((Jv)_y − Σ_y' p_y' (Jv)_y')` — the tokens the direction actually
+//! moves (a large logit change on an improbable token moves nothing); the printed number is
+//! that change per unit step along `v`.
 
 use crate::npz::read_npz;
 use crate::Globals;
@@ -94,7 +97,7 @@ trait DirectionDecoder {
         layer: usize,
         position: usize,
         v: &[f64],
-    ) -> Result<Vec<f64>>;
+    ) -> Result<(Vec<f64>, Vec<f64>)>;
     /// A token's text.
     fn decode(&self, id: u32) -> String;
 }
@@ -111,7 +114,7 @@ impl<M: SplitModel> DirectionDecoder for ModelDecoder<M> {
         layer: usize,
         position: usize,
         v: &[f64],
-    ) -> Result<Vec<f64>> {
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
         use fs_estimators::Scalar;
         let ctx = self.model.lower(tokens, layer)?;
         let h = self.model.activation(&ctx, position)?;
@@ -125,7 +128,8 @@ impl<M: SplitModel> DirectionDecoder for ModelDecoder<M> {
         };
         let zp = self.model.upper_logits(&ctx, position, &shifted(1.0))?;
         let zm = self.model.upper_logits(&ctx, position, &shifted(-1.0))?;
-        Ok(zp.iter().zip(&zm).map(|(a, b)| (a.as_f64() - b.as_f64()) / (2.0 * eps)).collect())
+        let p = fs_estimators::softmax(&self.model.upper_logits(&ctx, position, &h)?)?;
+        Ok((zp.iter().zip(&zm).map(|(a, b)| (a.as_f64() - b.as_f64()) / (2.0 * eps)).collect(), p))
     }
     fn decode(&self, id: u32) -> String {
         match &self.tokenizer {
@@ -146,6 +150,15 @@ fn load_decoder(dir: &Path, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
     )
     .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
     let spec = meta["model"]["spec"].as_str().context("metadata.json names no model")?;
+    #[cfg(feature = "candle")]
+    if crate::compute::gguf_files(spec).is_some() {
+        let (model, tokenizer) = backend_candle::load_llama_gguf(
+            std::path::Path::new(spec),
+            &backend_candle::Device::Cpu,
+        )?;
+        g.log(&format!("loaded {spec} to decode directions"));
+        return Ok(Box::new(ModelDecoder { model, tokenizer: Some(tokenizer) }));
+    }
     let files = fs_checkpoint::resolve_model(spec)?;
     let tokenizer = fs_checkpoint::load_tokenizer(&files.tokenizer).ok();
     match meta["model"]["architecture"].as_str().unwrap_or("gpt2") {
@@ -221,12 +234,14 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
             let Some(dec) = &decoder else { continue };
             for k in 0..args.top_k.min(d) {
                 let v: Vec<f64> = (0..d).map(|j| s.eigenvectors.get(j, k)).collect();
-                let dz = dec.logit_change(&tokens, layer, position, &v)?;
-                let mut order: Vec<usize> = (0..dz.len()).collect();
-                order.sort_by(|&a, &b| dz[b].total_cmp(&dz[a]));
+                let (dz, p) = dec.logit_change(&tokens, layer, position, &v)?;
+                let mean: f64 = p.iter().zip(&dz).map(|(p, z)| p * z).sum();
+                let dp: Vec<f64> = p.iter().zip(&dz).map(|(p, z)| p * (z - mean)).collect();
+                let mut order: Vec<usize> = (0..dp.len()).collect();
+                order.sort_by(|&a, &b| dp[b].total_cmp(&dp[a]));
                 let fmt = |ids: &mut dyn Iterator<Item = &usize>| {
                     ids.take(args.tokens_per_direction)
-                        .map(|&y| format!("{} ({:+.3})", dec.decode(y as u32), dz[y]))
+                        .map(|&y| format!("{} ({:+.3})", dec.decode(y as u32), dp[y]))
                         .collect::<Vec<_>>()
                         .join(", ")
                 };

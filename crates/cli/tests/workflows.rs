@@ -419,8 +419,9 @@ fn resume_after_a_kill_gives_the_same_results() {
     assert!(String::from_utf8_lossy(&other.stderr).contains("different settings"));
 }
 
-/// The README's main command, as written, with `cargo run --release -p fisher-stein --` replaced
-/// by the binary under test.
+/// The README's main command, as written, run by bash, with `cargo run --release -p fisher-stein
+/// --` and `target/release/fisher-stein` replaced by the binary under test. It fetches the real
+/// SmolLM2 GGUF through tools/fetch_smollm2.sh (fails loudly if the registry is unreachable).
 #[test]
 fn readme_main_command_runs_as_written() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
@@ -429,14 +430,15 @@ fn readme_main_command_runs_as_written() {
         .find(|l| l.starts_with("cargo run --release -p fisher-stein -- compute"))
         .expect("README has the main command");
     let tmp = tempfile::tempdir().unwrap();
-    let args: Vec<String> = line
-        .trim_start_matches("cargo run --release -p fisher-stein -- ")
-        .split_whitespace()
-        .map(|a| a.replace("/tmp/fisher-demo", tmp.path().join("demo").to_str().unwrap()))
-        .collect();
-    let out = bin().current_dir(repo()).args(&args).output().unwrap();
+    let binary = env!("CARGO_BIN_EXE_fisher-stein");
+    let command = line
+        .replace("cargo run --release -p fisher-stein --", binary)
+        .replace("target/release/fisher-stein", binary)
+        .replace("/tmp/fisher-demo", tmp.path().join("demo").to_str().unwrap());
+    let out = Command::new("bash").arg("-c").arg(&command).current_dir(repo()).output().unwrap();
     let stdout = ok(&out);
-    assert!(stdout.contains("eff. rank"), "{stdout}");
+    assert!(stdout.contains("eff. rank") && stdout.contains("+v pushes up"), "{stdout}");
+    assert!(stdout.contains("\" Paris\""), "the top direction should move \" Paris\": {stdout}");
     assert!(tmp.path().join("demo/fisher.safetensors").exists());
     assert!(readme.contains("cargo test --locked"));
     let ci = std::fs::read_to_string(repo().join(".ci/run")).unwrap();
@@ -461,6 +463,8 @@ fn bad_input_matrix() {
     std::fs::create_dir(&corrupt).unwrap();
     std::fs::write(corrupt.join("fisher.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
         .unwrap();
+    let gguf = tmp.path().join("broken.gguf");
+    std::fs::write(&gguf, b"GGUF\x03\x00").unwrap();
     let out = tmp.path().join("out");
     let o = out.to_str().unwrap().to_string();
     // One row per line: the command (placeholders {m}, {fx}, {o}, {jsonl}, {corrupt}; split on
@@ -479,6 +483,8 @@ fn bad_input_matrix() {
         ("compute --model {fx} --layers 0,x --tokens 1 --output {o}", &["invalid layer", "\"x\""]),
         ("inspect {corrupt}", &["fisher.safetensors", "not a valid results file"]),
         ("inspect /no/such/dir", &["/no/such/dir"]),
+        ("compute --model {gguf} --layer 0 --text hi --output {o}", &["broken.gguf", "not a readable GGUF file"]),
+        ("info {gguf}", &["broken.gguf", "not a readable GGUF file"]),
         ("info /no/such/model", &["/no/such/model"]),
     ];
     let rows: Vec<(Vec<String>, &[&str])> = table
@@ -492,6 +498,7 @@ fn bad_input_matrix() {
                     "{o}" => o.clone(),
                     "{jsonl}" => jsonl.to_str().unwrap().to_string(),
                     "{corrupt}" => corrupt.to_str().unwrap().to_string(),
+                    "{gguf}" => gguf.to_str().unwrap().to_string(),
                     "{long}" => long_text.clone(),
                     other => other.to_string(),
                 })

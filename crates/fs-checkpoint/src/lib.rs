@@ -49,7 +49,7 @@ pub use llama::{Llama3RopeScaling, LlamaConfig, LLAMA_MODEL_TYPES};
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
-pub use tokenizer::load_tokenizer;
+pub use tokenizer::{load_tokenizer, tokenizer_from_gguf_bpe};
 pub use weights::{HostTensor, WeightStore, MAX_HEADER_BYTES};
 
 /// The tokenizers crate, re-exported so backends name the same `Tokenizer` type.

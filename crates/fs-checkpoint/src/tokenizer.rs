@@ -57,6 +57,50 @@ pub fn load_tokenizer(files: &TokenizerFiles) -> Result<Tokenizer> {
     }
 }
 
+/// Rebuild a byte-level BPE tokenizer from GGUF tokenizer metadata
+/// (`tokenizer.ggml.model = "gpt2"`): `tokens` in id order, `merges` as `"a b"` pairs, and
+/// `token_types` (3 = control tokens, made special so they are never split). Pre-tokenizer and
+/// decoder are GPT-2's byte-level ones (no prefix space). `source` names the file in messages.
+pub fn tokenizer_from_gguf_bpe(
+    tokens: &[String],
+    merges: &[String],
+    token_types: &[i64],
+    source: &Path,
+) -> Result<Tokenizer> {
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let merges = merges
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| {
+                CheckpointError::Tokenizer {
+                    path: source.to_path_buf(),
+                    message: format!("merge {i} ({m:?}) is not two tokens separated by a space"),
+                }
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| tokenizer_error(source, &*e))?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.with_post_processor(Some(ByteLevel::default().add_prefix_space(false).trim_offsets(false)));
+    let special: Vec<AddedToken> = tokens
+        .iter()
+        .zip(token_types)
+        .filter(|(_, &t)| t == 3)
+        .map(|(s, _)| AddedToken::from(s.clone(), true))
+        .collect();
+    if !special.is_empty() {
+        tok.add_special_tokens(special).map_err(|e| tokenizer_error(source, &*e))?;
+    }
+    Ok(tok)
+}
+
 fn require(path: &Path) -> Result<()> {
     if path.is_file() {
         Ok(())

