@@ -48,6 +48,31 @@ impl SplitContext for CachedContext {
     }
 }
 
+impl CachedContext {
+    /// One context per requested layer from a full forward pass: `hidden[k]` = layer-`k`
+    /// activations (`k = 0..=n_layer`), `keys[i]` / `values[i]` = block `i`'s cache.
+    pub(crate) fn for_layers(
+        tokens: &[u32],
+        layers: &[usize],
+        hidden: &[Tensor],
+        keys: &[Tensor],
+        values: &[Tensor],
+        final_norm: &Tensor,
+    ) -> Vec<CachedContext> {
+        layers
+            .iter()
+            .map(|&layer| CachedContext {
+                layer,
+                tokens: tokens.to_vec(),
+                hidden: hidden[layer].clone(),
+                keys: keys[layer..].to_vec(),
+                values: values[layer..].to_vec(),
+                final_norm: final_norm.clone(),
+            })
+            .collect()
+    }
+}
+
 /// A transformer whose upper half can run on single rows against a key/value cache.
 pub(crate) trait CachedUpper {
     fn device(&self) -> &Device;

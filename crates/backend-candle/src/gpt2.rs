@@ -327,17 +327,7 @@ impl Gpt2 {
             hidden.push(x.clone());
         }
         let final_norm = self.norm(&x, &self.ln_f)?;
-        Ok(layers
-            .iter()
-            .map(|&layer| Gpt2Context {
-                layer,
-                tokens: tokens.to_vec(),
-                hidden: hidden[layer].clone(),
-                keys: keys[layer..].to_vec(),
-                values: values[layer..].to_vec(),
-                final_norm: final_norm.clone(),
-            })
-            .collect())
+        Ok(CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm))
     }
 
     /// The upper half on a batch of rows: `h` is `(P, R, d)`, row `(p, r)` sits at position

@@ -302,17 +302,7 @@ impl Llama {
             hidden.push(x.clone());
         }
         let final_norm = self.rms_norm(&x, &self.norm)?;
-        Ok(layers
-            .iter()
-            .map(|&layer| CachedContext {
-                layer,
-                tokens: tokens.to_vec(),
-                hidden: hidden[layer].clone(),
-                keys: keys[layer..].to_vec(),
-                values: values[layer..].to_vec(),
-                final_norm: final_norm.clone(),
-            })
-            .collect())
+        Ok(CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm))
     }
 
     fn upper(

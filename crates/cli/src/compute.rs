@@ -353,6 +353,38 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
     }
 }
 
+/// How a run's model was loaded, for metadata.json.
+struct Loaded<'a> {
+    files: &'a ModelFiles,
+    tokenizer: Option<fs_checkpoint::tokenizers::Tokenizer>,
+    arch: &'static str,
+    parameters: usize,
+    t0: Instant,
+}
+
+/// Run the job on a loaded model.
+fn run_loaded<M: SplitModel>(
+    model: &M,
+    l: Loaded<'_>,
+    args: &ComputeArgs,
+    g: &Globals,
+    resuming: bool,
+) -> Result<()>
+where
+    M::Scalar: Element,
+{
+    g.log(&format!("loaded {} parameters in {:.2} s", l.parameters, l.t0.elapsed().as_secs_f64()));
+    let run = RunInfo {
+        files: l.files,
+        tokenizer: l.tokenizer,
+        arch: l.arch,
+        backend: "candle",
+        device: args.device.clone(),
+        load_s: l.t0.elapsed().as_secs_f64(),
+    };
+    run_with(model, &run, args, g, resuming)
+}
+
 #[cfg(feature = "candle")]
 fn run_candle_gpt2(
     files: &ModelFiles,
@@ -361,25 +393,13 @@ fn run_candle_gpt2(
     resuming: bool,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let device = backend_candle::device(&args.device)?;
-    let mut model = backend_candle::Gpt2::load(files, &device)?;
+    let mut model = backend_candle::Gpt2::load(files, &backend_candle::device(&args.device)?)?;
     if let Some(b) = args.batch_size {
         model.set_position_batch(b);
     }
-    g.log(&format!(
-        "loaded {} parameters in {:.2} s",
-        model.parameter_count(),
-        t0.elapsed().as_secs_f64()
-    ));
-    let run = RunInfo {
-        files,
-        tokenizer: None,
-        arch: "gpt2",
-        backend: "candle",
-        device: args.device.clone(),
-        load_s: t0.elapsed().as_secs_f64(),
-    };
-    run_with(&model, &run, args, g, resuming)
+    let l =
+        Loaded { files, tokenizer: None, arch: "gpt2", parameters: model.parameter_count(), t0 };
+    run_loaded(&model, l, args, g, resuming)
 }
 
 #[cfg(feature = "candle")]
@@ -390,25 +410,13 @@ fn run_candle_llama(
     resuming: bool,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let device = backend_candle::device(&args.device)?;
-    let mut model = backend_candle::Llama::load(files, &device)?;
+    let mut model = backend_candle::Llama::load(files, &backend_candle::device(&args.device)?)?;
     if let Some(b) = args.batch_size {
         model.set_position_batch(b);
     }
-    g.log(&format!(
-        "loaded {} parameters in {:.2} s",
-        model.parameter_count(),
-        t0.elapsed().as_secs_f64()
-    ));
-    let run = RunInfo {
-        files,
-        tokenizer: None,
-        arch: "llama",
-        backend: "candle",
-        device: args.device.clone(),
-        load_s: t0.elapsed().as_secs_f64(),
-    };
-    run_with(&model, &run, args, g, resuming)
+    let l =
+        Loaded { files, tokenizer: None, arch: "llama", parameters: model.parameter_count(), t0 };
+    run_loaded(&model, l, args, g, resuming)
 }
 
 /// A `.gguf` file given as `--model`, described as model files (config and weights are the file).
@@ -439,20 +447,9 @@ fn run_candle_gguf(
     if let Some(b) = args.batch_size {
         model.set_position_batch(b);
     }
-    g.log(&format!(
-        "loaded {} parameters (GGUF, dequantised to f32) in {:.2} s",
-        model.parameter_count(),
-        t0.elapsed().as_secs_f64()
-    ));
-    let run = RunInfo {
-        files,
-        tokenizer: Some(tokenizer),
-        arch: "llama",
-        backend: "candle",
-        device: args.device.clone(),
-        load_s: t0.elapsed().as_secs_f64(),
-    };
-    run_with(&model, &run, args, g, resuming)
+    let parameters = model.parameter_count();
+    let l = Loaded { files, tokenizer: Some(tokenizer), arch: "llama", parameters, t0 };
+    run_loaded(&model, l, args, g, resuming)
 }
 
 #[cfg(not(feature = "candle"))]
