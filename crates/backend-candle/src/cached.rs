@@ -3,7 +3,7 @@
 //! a model's single-position upper half (readout Jacobians, score gradients, logits).
 //!
 //! A model implements [`CachedUpper`] (its forward pass over a sequence and its upper half on
-//! replicated rows) and gets its `SplitModel` impl from [`impl_split_model!`](crate::impl_split_model).
+//! replicated rows) and gets its `SplitModel` impl from the crate-internal `impl_split_model!`.
 
 use crate::ops::softmax_last_dim;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -350,9 +350,8 @@ pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
         .expect("lm_head host copy has V·d elements by construction")
 }
 
-/// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model.
-#[macro_export]
-#[doc(hidden)]
+/// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model (crate-internal:
+/// it calls the `pub(crate)` helpers above).
 macro_rules! impl_split_model {
     ($t:ty) => {
         impl fs_traits::SplitModel for $t {
@@ -418,3 +417,4 @@ macro_rules! impl_split_model {
         }
     };
 }
+pub(crate) use impl_split_model;

@@ -419,4 +419,4 @@ impl CachedUpper for Gpt2 {
     }
 }
 
-crate::impl_split_model!(Gpt2);
+crate::cached::impl_split_model!(Gpt2);

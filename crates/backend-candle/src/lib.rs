@@ -10,8 +10,7 @@
 
 #![warn(missing_docs)]
 
-#[doc(hidden)]
-pub mod cached;
+mod cached;
 mod gguf;
 mod gpt2;
 mod llama;

@@ -381,4 +381,4 @@ impl CachedUpper for Llama {
     }
 }
 
-crate::impl_split_model!(Llama);
+crate::cached::impl_split_model!(Llama);

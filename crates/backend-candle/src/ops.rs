@@ -1,7 +1,7 @@
 //! Differentiable building blocks from candle's elementary ops (their gradients come from the
 //! elementary ops' exact derivatives; candle's fused `gelu` backward is imprecise, DESIGN §7).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// `√(2/π)`, the constant of the tanh-approximate GELU.
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -208,15 +208,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
-/// A `f32` tensor from a host buffer.
-pub fn tensor(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
-    Tensor::from_vec(data, shape, device)?.to_dtype(DType::F32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn fd_check(f: impl Fn(&Tensor) -> Result<Tensor>, xs: &[f64]) {
         let dev = Device::Cpu;
