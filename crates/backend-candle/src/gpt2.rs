@@ -24,8 +24,6 @@ use crate::Error;
 use candle_core::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
 use fs_traits::{check_finite, ModelDims};
-use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -71,31 +69,10 @@ pub type Gpt2Context = CachedContext;
 /// Produces the `f32` data of a weight from its canonical name and expected shape.
 type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
 
-/// Canonical (unprefixed) tensor names and shapes of a GPT-2 checkpoint, in load order.
+/// Canonical (unprefixed) tensor names and shapes of the GPT-2 body, in load order (an untied
+/// `lm_head` is read separately).
 fn tensor_specs(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
-    let (d, v, n_pos, inner) = (cfg.n_embd, cfg.vocab_size, cfg.n_positions, cfg.inner_dim());
-    let mut specs =
-        vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".into(), vec![n_pos, d])];
-    for i in 0..cfg.n_layer {
-        let p = |s: &str| format!("h.{i}.{s}");
-        specs.extend([
-            (p("ln_1.weight"), vec![d]),
-            (p("ln_1.bias"), vec![d]),
-            (p("attn.c_attn.weight"), vec![d, 3 * d]),
-            (p("attn.c_attn.bias"), vec![3 * d]),
-            (p("attn.c_proj.weight"), vec![d, d]),
-            (p("attn.c_proj.bias"), vec![d]),
-            (p("ln_2.weight"), vec![d]),
-            (p("ln_2.bias"), vec![d]),
-            (p("mlp.c_fc.weight"), vec![d, inner]),
-            (p("mlp.c_fc.bias"), vec![inner]),
-            (p("mlp.c_proj.weight"), vec![inner, d]),
-            (p("mlp.c_proj.bias"), vec![d]),
-        ]);
-    }
-    specs.push(("ln_f.weight".into(), vec![d]));
-    specs.push(("ln_f.bias".into(), vec![d]));
-    specs
+    cfg.tensor_specs().into_iter().filter(|(name, _)| name != "lm_head.weight").collect()
 }
 
 impl Gpt2 {
@@ -132,32 +109,21 @@ impl Gpt2 {
         Self::from_weights(cfg, &mut get, untied, device)
     }
 
-    /// A model with random weights (for benchmarks and property tests): matrices
-    /// `N(0, std²)` (output projections scaled by `1/√(2·n_layer)` as in GPT-2's init), LayerNorm
-    /// weights `1 + N(0, 0.1²)`, biases `N(0, 0.02²)`. Deterministic in `seed`.
+    /// A model with the deterministic random weights of [`fs_checkpoint::random_gpt2_weights`]
+    /// (for benchmarks and property tests): the same model every backend builds from the same
+    /// `(cfg, std, seed)`.
     pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
         cfg.validate(std::path::Path::new("<random config>"))?;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut normal = move || {
-            let u = |r: &mut ChaCha8Rng| ((r.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            let (u1, u2) = (u(&mut rng), u(&mut rng));
-            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        let mut weights: std::collections::HashMap<String, Vec<f32>> =
+            fs_checkpoint::random_gpt2_weights(&cfg, std, seed)
+                .into_iter()
+                .map(|(name, _, data)| (name, data))
+                .collect();
+        let untied = weights.remove("lm_head.weight");
+        let mut get = |name: &str, _: &[usize]| -> Result<Vec<f32>, Error> {
+            Ok(weights.remove(name).expect("random weights cover every spec"))
         };
-        let proj_scale = 1.0 / (2.0 * cfg.n_layer.max(1) as f64).sqrt();
-        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
-            let n: usize = shape.iter().product();
-            let (mean, s) = if name.contains("ln_") {
-                (if name.ends_with("weight") { 1.0 } else { 0.0 }, 0.1)
-            } else if name.ends_with("bias") {
-                (0.0, 0.02)
-            } else if name.ends_with("c_proj.weight") {
-                (0.0, std * proj_scale)
-            } else {
-                (0.0, std)
-            };
-            Ok((0..n).map(|_| (mean + s * normal()) as f32).collect())
-        };
-        Self::from_weights(cfg, &mut get, None, device)
+        Self::from_weights(cfg, &mut get, untied, device)
     }
 
     fn from_weights(

@@ -13,7 +13,10 @@
 //!   [`HostTensor`]s (F32, F16, BF16, F64);
 //! * **the tokenizer** — [`load_tokenizer`] loads `tokenizer.json` or GPT-2's
 //!   `vocab.json` + `merges.txt`;
-//! * **provenance** — [`sha256_file`] hashes the weights for results metadata.
+//! * **provenance** — [`sha256_file`] hashes the weights for results metadata;
+//! * **synthetic models** — [`Gpt2Config::tensor_specs`], [`random_gpt2_weights`],
+//!   [`write_checkpoint`] (and the Llama equivalents) write one random model directory that every
+//!   backend loads identically, for the cross-backend suite and the benchmarks.
 //!
 //! Every error is a [`CheckpointError`] whose message is one line naming the file, tensor or
 //! value at fault and the fix.
@@ -39,6 +42,7 @@ mod error;
 mod hash;
 mod llama;
 mod resolve;
+mod synthetic;
 mod tokenizer;
 mod weights;
 
@@ -49,6 +53,7 @@ pub use llama::{Llama3RopeScaling, LlamaConfig, LLAMA_MODEL_TYPES};
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
+pub use synthetic::{random_gpt2_weights, random_llama_weights, write_checkpoint, NamedTensor};
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf_bpe};
 pub use weights::{HostTensor, WeightStore, MAX_HEADER_BYTES};
 

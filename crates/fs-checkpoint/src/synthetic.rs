@@ -1,0 +1,333 @@
+//! Synthetic checkpoints: the tensor layout of each architecture, deterministic random weights,
+//! and a writer for HF-style model directories.
+//!
+//! Every backend loads the same directory through [`crate::resolve_model`], so a random model
+//! written once here is *the same model* on candle, burn and dfdx: that is what the
+//! cross-backend suite compares, and what the benchmarks run on.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::error::{CheckpointError, Result};
+use crate::{Gpt2Config, LlamaConfig, ModelFiles, ModelOrigin, TokenizerFiles};
+
+/// One named host tensor (f32, row-major) in HF layout.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+impl Gpt2Config {
+    /// Canonical (unprefixed) tensor names and shapes of a GPT-2 checkpoint in HF layout
+    /// (Conv1D weights `[in, out]`), in load order. An untied config adds `lm_head.weight`.
+    pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, v, n_pos, inner) =
+            (self.n_embd, self.vocab_size, self.n_positions, self.inner_dim());
+        let mut specs =
+            vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".into(), vec![n_pos, d])];
+        for i in 0..self.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            specs.extend([
+                (p("ln_1.weight"), vec![d]),
+                (p("ln_1.bias"), vec![d]),
+                (p("attn.c_attn.weight"), vec![d, 3 * d]),
+                (p("attn.c_attn.bias"), vec![3 * d]),
+                (p("attn.c_proj.weight"), vec![d, d]),
+                (p("attn.c_proj.bias"), vec![d]),
+                (p("ln_2.weight"), vec![d]),
+                (p("ln_2.bias"), vec![d]),
+                (p("mlp.c_fc.weight"), vec![d, inner]),
+                (p("mlp.c_fc.bias"), vec![inner]),
+                (p("mlp.c_proj.weight"), vec![inner, d]),
+                (p("mlp.c_proj.bias"), vec![d]),
+            ]);
+        }
+        specs.push(("ln_f.weight".into(), vec![d]));
+        specs.push(("ln_f.bias".into(), vec![d]));
+        if !self.tie_word_embeddings {
+            specs.push(("lm_head.weight".into(), vec![v, d]));
+        }
+        specs
+    }
+
+    /// The HF `config.json` of this configuration (`model_type: "gpt2"`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.n_inner,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": self.activation_function,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        })
+    }
+}
+
+impl LlamaConfig {
+    /// HF tensor names and shapes of a Llama-family checkpoint (linear weights `[out, in]`), in
+    /// load order, including the optional biases and `lm_head.weight` this config asks for.
+    pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, v, inner) = (self.hidden_size, self.vocab_size, self.intermediate_size);
+        let (q, kv) =
+            (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        for i in 0..self.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            specs.push((p("input_layernorm.weight"), vec![d]));
+            for (name, out, inp, bias) in [
+                ("self_attn.q_proj", q, d, self.qkv_bias),
+                ("self_attn.k_proj", kv, d, self.qkv_bias),
+                ("self_attn.v_proj", kv, d, self.qkv_bias),
+                ("self_attn.o_proj", d, q, self.o_bias),
+            ] {
+                specs.push((p(&format!("{name}.weight")), vec![out, inp]));
+                if bias {
+                    specs.push((p(&format!("{name}.bias")), vec![out]));
+                }
+            }
+            specs.push((p("post_attention_layernorm.weight"), vec![d]));
+            for (name, out, inp) in [
+                ("mlp.gate_proj", inner, d),
+                ("mlp.up_proj", inner, d),
+                ("mlp.down_proj", d, inner),
+            ] {
+                specs.push((p(&format!("{name}.weight")), vec![out, inp]));
+                if self.mlp_bias {
+                    specs.push((p(&format!("{name}.bias")), vec![out]));
+                }
+            }
+        }
+        specs.push(("model.norm.weight".into(), vec![d]));
+        if !self.tie_word_embeddings {
+            specs.push(("lm_head.weight".into(), vec![v, d]));
+        }
+        specs
+    }
+
+    /// The HF `config.json` of this configuration (transformers 4.x style top-level
+    /// `rope_theta` + `rope_scaling`, which [`LlamaConfig::from_json`] also reads).
+    pub fn to_json(&self) -> Value {
+        let rope_scaling = self.rope_scaling.map(|s| {
+            json!({
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            })
+        });
+        let mut cfg = json!({
+            "model_type": self.model_type,
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+        });
+        // Qwen2 always has q/k/v biases and never an o bias; Llama/Mistral use one switch.
+        if self.model_type != "qwen2" {
+            cfg["attention_bias"] = json!(self.qkv_bias || self.o_bias);
+        }
+        cfg
+    }
+}
+
+/// A seeded standard-normal stream (ChaCha-free: SplitMix64 + Box–Muller), identical on every
+/// platform, so a `(config, std, seed)` triple names one model everywhere.
+struct Normal {
+    state: u64,
+}
+
+impl Normal {
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn sample(&mut self) -> f64 {
+        let u = |s: &mut Self| ((s.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let (u1, u2) = (u(self), u(self));
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// Mean and standard deviation of a random tensor by its role, the GPT-2 initialisation scheme
+/// with non-trivial norms: matrices `N(0, std²)`, residual output projections scaled by
+/// `1/√(2·n_layer)`, norm weights `1 + N(0, 0.1²)`, norm biases `N(0, 0.1²)`, other biases
+/// `N(0, 0.02²)`.
+fn init(name: &str, std: f64, n_layer: usize) -> (f64, f64) {
+    let is_norm = name.contains("ln_") || name.contains("norm");
+    let proj_scale = 1.0 / (2.0 * n_layer.max(1) as f64).sqrt();
+    if is_norm {
+        (if name.ends_with("weight") { 1.0 } else { 0.0 }, 0.1)
+    } else if name.ends_with("bias") {
+        (0.0, 0.02)
+    } else if name.ends_with("c_proj.weight")
+        || name.ends_with("o_proj.weight")
+        || name.ends_with("down_proj.weight")
+    {
+        (0.0, std * proj_scale)
+    } else {
+        (0.0, std)
+    }
+}
+
+fn random_tensors(
+    specs: Vec<(String, Vec<usize>)>,
+    std: f64,
+    n_layer: usize,
+    seed: u64,
+) -> Vec<NamedTensor> {
+    let mut normal = Normal { state: seed };
+    specs
+        .into_iter()
+        .map(|(name, shape)| {
+            let (mean, s) = init(&name, std, n_layer);
+            let n: usize = shape.iter().product();
+            let data = (0..n).map(|_| (mean + s * normal.sample()) as f32).collect();
+            (name, shape, data)
+        })
+        .collect()
+}
+
+/// Deterministic random weights for a GPT-2 configuration (names from
+/// [`Gpt2Config::tensor_specs`]); `std` is the matrices' standard deviation (GPT-2 uses 0.02;
+/// larger values give less uniform next-token distributions).
+pub fn random_gpt2_weights(cfg: &Gpt2Config, std: f64, seed: u64) -> Vec<NamedTensor> {
+    random_tensors(cfg.tensor_specs(), std, cfg.n_layer, seed)
+}
+
+/// Deterministic random weights for a Llama-family configuration (names from
+/// [`LlamaConfig::tensor_specs`]).
+pub fn random_llama_weights(cfg: &LlamaConfig, std: f64, seed: u64) -> Vec<NamedTensor> {
+    random_tensors(cfg.tensor_specs(), std, cfg.num_hidden_layers, seed)
+}
+
+/// Write an HF-style model directory: `config.json` and one F32 `model.safetensors` holding
+/// `tensors` (GPT-2 names are written unprefixed, as `save_pretrained` does for the base
+/// model). Returns the [`ModelFiles`] that [`crate::resolve_model`] would find there.
+pub fn write_checkpoint(dir: &Path, config: &Value, tensors: &[NamedTensor]) -> Result<ModelFiles> {
+    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
+    let config_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(config).expect("a JSON value serialises");
+    std::fs::write(&config_path, text).map_err(|e| CheckpointError::io(&config_path, e))?;
+
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, data) in tensors {
+        let n: usize = shape.iter().product();
+        assert_eq!(n, data.len(), "tensor {name}: shape {shape:?} does not match its data");
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * n]}),
+        );
+        offset += 4 * n;
+    }
+    let mut header = serde_json::to_vec(&Value::Object(header)).expect("serialises");
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let weights = dir.join("model.safetensors");
+    let io = |e| CheckpointError::io(&weights, e);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&weights).map_err(io)?);
+    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    for (_, _, data) in tensors {
+        for x in data {
+            out.write_all(&x.to_le_bytes()).map_err(io)?;
+        }
+    }
+    out.flush().map_err(io)?;
+    Ok(ModelFiles {
+        config: config_path,
+        weights: vec![weights],
+        tokenizer: TokenizerFiles::Missing,
+        origin: ModelOrigin::LocalDir { dir: dir.to_path_buf() },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::WeightStore;
+
+    fn gpt2() -> Gpt2Config {
+        Gpt2Config {
+            vocab_size: 11,
+            n_positions: 8,
+            n_embd: 6,
+            n_layer: 2,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".into(),
+            tie_word_embeddings: false,
+            n_inner: None,
+        }
+    }
+
+    #[test]
+    fn written_gpt2_checkpoint_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = gpt2();
+        let tensors = random_gpt2_weights(&cfg, 0.3, 7);
+        assert_eq!(tensors, random_gpt2_weights(&cfg, 0.3, 7), "deterministic in the seed");
+        let files = write_checkpoint(dir.path(), &cfg.to_json(), &tensors).unwrap();
+        assert_eq!(Gpt2Config::from_file(&files.config).unwrap(), cfg);
+        let resolved = crate::resolve_model(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(resolved.weights, files.weights);
+        let store = WeightStore::open(&files.weights).unwrap();
+        assert_eq!(store.len(), tensors.len());
+        for (name, shape, data) in &tensors {
+            let t = store.read_f32_shaped(name, shape).unwrap();
+            assert_eq!(&t.data, data, "{name}");
+        }
+        let ln = &tensors.iter().find(|t| t.0 == "h.0.ln_1.weight").unwrap().2;
+        assert!(ln.iter().all(|x| (x - 1.0).abs() < 0.6), "norm weights near 1");
+    }
+
+    #[test]
+    fn llama_config_round_trips_through_json() {
+        for (model_type, bias, tied, scaling) in [
+            ("llama", true, false, true),
+            ("qwen2", true, true, false),
+            ("mistral", false, true, false),
+        ] {
+            let mut json = json!({
+                "model_type": model_type, "vocab_size": 13, "hidden_size": 8,
+                "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "tie_word_embeddings": tied, "attention_bias": bias,
+                "rope_theta": 500.0,
+            });
+            if scaling {
+                json["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16});
+            }
+            let path = Path::new("config.json");
+            let cfg = LlamaConfig::from_json(&json.to_string(), path).unwrap();
+            let back = LlamaConfig::from_json(&cfg.to_json().to_string(), path).unwrap();
+            assert_eq!(back, cfg, "{model_type}");
+            let names: Vec<String> = cfg.tensor_specs().into_iter().map(|s| s.0).collect();
+            assert_eq!(names.contains(&"lm_head.weight".to_string()), !tied);
+            assert_eq!(names.iter().any(|n| n.ends_with("q_proj.bias")), cfg.qkv_bias);
+            assert_eq!(names.iter().any(|n| n.ends_with("o_proj.bias")), cfg.o_bias);
+        }
+    }
+}
