@@ -12,7 +12,12 @@
 //! * `extend(ctx, t+1, a)` equals a fresh lower pass over `x_0 … x_t, a` (position `t+1`);
 //! * bad layers, tokens and positions are typed errors, not panics.
 //!
-//! Tests instantiate it per model and scalar type (see `tests/contract.rs`).
+//! Tests instantiate it per model and scalar type (see `tests/contract.rs`), and per backend
+//! through [`backend_suite!`] over the engines in [`backends::compiled_backends`], on the
+//! oracle fixtures and on [`random_models`].
+
+pub mod backends;
+pub mod random_models;
 
 use fs_estimators::{
     closed_form_fisher_at, exact_fisher, relative_frobenius, softmax, spectrum, Element,

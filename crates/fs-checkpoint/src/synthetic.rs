@@ -241,7 +241,7 @@ pub fn write_checkpoint(dir: &Path, config: &Value, tensors: &[NamedTensor]) -> 
         offset += 4 * n;
     }
     let mut header = serde_json::to_vec(&Value::Object(header)).expect("serialises");
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let weights = dir.join("model.safetensors");
