@@ -121,15 +121,15 @@ pub const DFDX: Backend = Backend {
 
 /// Every backend this build was compiled with, candle first.
 pub fn compiled_backends() -> Vec<Backend> {
-    #[allow(unused_mut)]
-    let mut all = Vec::new();
-    #[cfg(feature = "candle")]
-    all.push(CANDLE);
-    #[cfg(feature = "burn")]
-    all.push(BURN);
-    #[cfg(feature = "dfdx")]
-    all.push(DFDX);
-    all
+    [
+        #[cfg(feature = "candle")]
+        CANDLE,
+        #[cfg(feature = "burn")]
+        BURN,
+        #[cfg(feature = "dfdx")]
+        DFDX,
+    ]
+    .to_vec()
 }
 
 /// Largest absolute difference of two equally shaped matrices.
