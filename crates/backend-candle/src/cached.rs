@@ -6,7 +6,7 @@
 //! replicated rows) and gets its `SplitModel` impl from the crate-internal `impl_split_model!`.
 
 use crate::ops::softmax_last_dim;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
     FsError, Matrix, MatrixRef, ModelDims, SplitContext,
@@ -81,9 +81,10 @@ pub(crate) trait CachedUpper {
     fn lm_head(&self) -> &Tensor;
     /// `W_U` on the host (`V × d`, row-major).
     fn lm_head_host(&self) -> &[f32];
-    /// Bytes of activations one readout-Jacobian pass may keep alive.
+    /// Bytes of tangents one readout-Jacobian pass may keep alive.
     fn activation_budget(&self) -> usize;
-    /// Approximate autograd bytes per replicated row per block.
+    /// Approximate bytes a forward-mode pass keeps alive per tangent row (the widest layer's
+    /// tangents and their temporaries).
     fn bytes_per_row_per_block(&self) -> usize;
     /// The full causal forward pass, one context per requested layer.
     fn forward_sequence(
@@ -99,6 +100,14 @@ pub(crate) trait CachedUpper {
         positions: &[usize],
         h: &Tensor,
     ) -> candle_core::Result<Tensor>;
+    /// The upper half differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
+    /// tangents `(P, R, d)` at `positions` in, `u` and `u̇` out.
+    fn upper_jvp(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: crate::jvp::Dual,
+    ) -> candle_core::Result<crate::jvp::Dual>;
 }
 
 /// Additive mask `(P, 1, 1, t_max)` letting the rows at `positions[p]` see cached positions
@@ -160,17 +169,12 @@ pub(crate) fn causal_attention(
     softmax_last_dim(&scores)?.matmul(v)
 }
 
-/// How to split the readout Jacobians of `n_blocks` upper blocks into backward passes:
-/// `(positions per pass, rows per pass)`. Several positions share a pass when all `d` rows of one
-/// fit the budget; otherwise one position's rows are split over several passes.
-pub(crate) fn readout_batching(
-    d: usize,
-    bytes_per_row_block: usize,
-    n_blocks: usize,
-    budget: usize,
-) -> (usize, usize) {
-    let per_row = (bytes_per_row_block * n_blocks.max(1)).max(1);
-    let rows = (budget / per_row).max(1);
+/// How to split the readout Jacobians into forward-mode passes: `(positions per pass, tangent
+/// rows per pass)`. A pass keeps about `bytes_per_row` bytes alive per tangent row (one layer's
+/// tangents at a time, whatever the number of blocks); several positions share a pass when all
+/// `d` rows of one fit the budget, otherwise one position's rows are split over several passes.
+pub(crate) fn readout_batching(d: usize, bytes_per_row: usize, budget: usize) -> (usize, usize) {
+    let rows = (budget / bytes_per_row.max(1)).max(1);
     if rows >= d {
         ((rows / d).clamp(1, 64), d)
     } else {
@@ -291,27 +295,25 @@ pub(crate) fn score_gradients<M: CachedUpper>(
     Matrix::from_vec(tokens.len(), dims.d_model, data)
 }
 
-/// Rows `rows` of the readout Jacobians at `positions`: one backward pass of
-/// `Σ_p Σ_i ⟨e_{rows.start+i}, u_{p,i}⟩` over `rows.len()` replicas of each `h_t`.
-fn readout_jacobian_rows<M: CachedUpper>(
+/// Columns `cols` of the readout Jacobians at `positions`, by one forward-mode pass
+/// ([`crate::jvp`]) seeded with those identity rows: `u̇_r = A e_r`. Returns, per position, the
+/// `d_u × |cols|` block row-major.
+fn readout_jacobian_columns<M: CachedUpper>(
     m: &M,
     ctx: &CachedContext,
     positions: &[usize],
-    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
 ) -> candle_core::Result<Vec<Vec<f32>>> {
-    let d = m.model_dims().d_model;
-    let r = rows.len();
-    let h = Var::from_tensor(&replicated(m, ctx, positions, r)?)?;
-    let u = m.upper(ctx, positions, h.as_tensor())?;
-    let selector = Tensor::eye(d, DType::F32, m.device())?.narrow(0, rows.start, r)?;
-    let grads = u.broadcast_mul(&selector)?.sum_all()?.backward()?;
-    let g = grads
-        .get(h.as_tensor())
-        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the activation".into()))?;
-    (0..positions.len()).map(|p| g.get(p)?.flatten_all()?.to_vec1::<f32>()).collect()
+    let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
+    let rows = ctx.hidden.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
+    let seed = crate::jvp::seed(&rows, positions.len(), cols)?;
+    let u = m.upper_jvp(ctx, positions, seed)?;
+    // u̇ is (P, R, d_u): transpose to (P, d_u, R) so each position's block is A[:, cols].
+    let a = u.dx.transpose(1, 2)?.contiguous()?;
+    (0..positions.len()).map(|p| a.get(p)?.flatten_all()?.to_vec1::<f32>()).collect()
 }
 
-/// `SplitModel::readout_jacobians`, under the model's activation budget.
+/// `SplitModel::readout_jacobians`, in forward-mode passes under the model's activation budget.
 pub(crate) fn readout_jacobians<M: CachedUpper>(
     m: &M,
     ctx: &CachedContext,
@@ -319,25 +321,24 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
 ) -> Result<Vec<Matrix<f32>>, FsError> {
     check_positions(ctx, positions)?;
     let dims = m.model_dims();
-    let d = dims.d_model;
-    let (per_pass, rows_per_pass) = readout_batching(
-        d,
-        m.bytes_per_row_per_block(),
-        dims.n_layers - ctx.layer,
-        m.activation_budget(),
-    );
+    let (d, du) = (dims.d_model, dims.readout_dim);
+    let (per_pass, cols_per_pass) =
+        readout_batching(d, m.bytes_per_row_per_block(), m.activation_budget());
     let mut out = Vec::with_capacity(positions.len());
     for chunk in positions.chunks(per_pass) {
-        let mut buffers = vec![Vec::with_capacity(d * d); chunk.len()];
-        for start in (0..d).step_by(rows_per_pass) {
-            let rows = start..(start + rows_per_pass).min(d);
-            let part = readout_jacobian_rows(m, ctx, chunk, rows).map_err(be)?;
-            for (b, p) in buffers.iter_mut().zip(part) {
-                b.extend_from_slice(&p);
+        let mut a = vec![vec![0f32; du * d]; chunk.len()];
+        for start in (0..d).step_by(cols_per_pass) {
+            let cols = start..(start + cols_per_pass).min(d);
+            let width = cols.len();
+            let part = readout_jacobian_columns(m, ctx, chunk, cols).map_err(be)?;
+            for (a, block) in a.iter_mut().zip(part) {
+                for (row, src) in a.chunks_exact_mut(d).zip(block.chunks_exact(width)) {
+                    row[start..start + width].copy_from_slice(src);
+                }
             }
         }
-        for a in buffers {
-            out.push(Matrix::from_vec(d, d, a)?);
+        for a in a {
+            out.push(Matrix::from_vec(du, d, a)?);
         }
     }
     Ok(out)

@@ -19,6 +19,7 @@
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
 use crate::cached::{attend_cached, causal_attention, context_mask, CachedContext, CachedUpper};
+use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use candle_core::{Device, Tensor};
@@ -204,18 +205,17 @@ impl Gpt2 {
         &self.device
     }
 
-    /// Set the bytes of activations one readout-Jacobian backward pass may keep alive (default
-    /// 512 MiB). More positions (or more of one position's `d` rows) per pass give larger GEMMs;
-    /// fewer keep the peak memory down.
+    /// Set the bytes of tangents one readout-Jacobian forward-mode pass may keep alive (default
+    /// 512 MiB). More positions (or more of one position's `d` directions) per pass give larger
+    /// GEMMs; fewer keep the peak memory down.
     pub fn set_activation_budget(&mut self, bytes: usize) {
         self.activation_budget = bytes.max(1);
     }
 
-    /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows each),
+    /// Force `positions` positions per readout-Jacobian pass (all `d` directions each),
     /// whatever the activation budget.
     pub fn set_position_batch(&mut self, positions: usize) {
-        let per_position =
-            bytes_per_row_per_block(&self.cfg) * self.cfg.n_layer.max(1) * self.cfg.n_embd;
+        let per_position = bytes_per_row_per_block(&self.cfg) * self.cfg.n_embd;
         self.activation_budget = per_position.saturating_mul(positions.max(1));
     }
 
@@ -335,12 +335,60 @@ impl Gpt2 {
         }
         self.norm(&x, &self.ln_f)
     }
+
+    /// [`Gpt2::upper`] differentiated forward ([`crate::jvp`]): `h` holds the primal rows
+    /// `(P, 1, d)` and tangents `(P, R, d)`; returns `u = ln_f(x_L)` and `u̇`.
+    fn upper_jvp(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+        h: Dual,
+    ) -> candle_core::Result<Dual> {
+        let (heads, dh) = self.heads();
+        let (p_n, d) = (positions.len(), self.cfg.n_embd);
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mask = context_mask(positions, &self.device)?;
+        let eps = self.cfg.layer_norm_epsilon;
+        let mut x = h;
+        for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
+            let qkv = x
+                .layer_norm(&b.ln_1.weight, &b.ln_1.bias, eps)?
+                .linear(&b.attn_w, Some(&b.attn_b))?;
+            let split = |j: usize| {
+                qkv.map(|t, r| {
+                    t.narrow(2, j * d, d)?
+                        .reshape((p_n, r, heads, dh))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                })
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let out = attend_cached_jvp(
+                &q,
+                &k,
+                &v,
+                &ctx.keys[idx],
+                &ctx.values[idx],
+                mask.as_ref(),
+                scale,
+            )?;
+            let out = out.map(|t, r| t.transpose(1, 2)?.reshape((p_n, r, d)))?;
+            x = x.add(&out.linear(&b.proj_w, Some(&b.proj_b))?)?;
+            let mlp = x
+                .layer_norm(&b.ln_2.weight, &b.ln_2.bias, eps)?
+                .linear(&b.fc_w, Some(&b.fc_b))?
+                .gelu_new()?
+                .linear(&b.out_w, Some(&b.out_b))?;
+            x = x.add(&mlp)?;
+        }
+        x.layer_norm(&self.ln_f.weight, &self.ln_f.bias, eps)
+    }
 }
 
-/// Approximate bytes the autograd graph keeps per replicated row per block (f32): LayerNorm
-/// intermediates, q/k/v, attention and MLP activations.
+/// Approximate bytes a forward-mode pass keeps alive per tangent row (f32): the residual, norm,
+/// q/k/v and attention tangents and the two MLP-wide tangents of one block.
 fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
-    4 * (16 * cfg.n_embd + 3 * cfg.inner_dim())
+    4 * (3 * cfg.inner_dim() + 12 * cfg.n_embd)
 }
 
 impl CachedUpper for Gpt2 {
@@ -382,6 +430,14 @@ impl CachedUpper for Gpt2 {
         h: &Tensor,
     ) -> candle_core::Result<Tensor> {
         Gpt2::upper(self, ctx, positions, h)
+    }
+    fn upper_jvp(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: Dual,
+    ) -> candle_core::Result<Dual> {
+        Gpt2::upper_jvp(self, ctx, positions, h)
     }
 }
 

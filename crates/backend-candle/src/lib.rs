@@ -13,6 +13,7 @@
 mod cached;
 mod gguf;
 mod gpt2;
+mod jvp;
 mod llama;
 pub mod ops;
 

@@ -9,6 +9,7 @@
 //! angle `t` (never 0, unlike the original script's KV-cache extension).
 
 use crate::cached::{attend_cached, causal_attention, context_mask, CachedContext, CachedUpper};
+use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::linear;
 use crate::Error;
 use candle_core::{Device, Tensor, D};
@@ -167,16 +168,14 @@ impl Llama {
         &self.cfg
     }
 
-    /// Bytes of activations one readout-Jacobian backward pass may keep alive.
+    /// Bytes of tangents one readout-Jacobian forward-mode pass may keep alive.
     pub fn set_activation_budget(&mut self, bytes: usize) {
         self.activation_budget = bytes.max(1);
     }
 
-    /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows each).
+    /// Force `positions` positions per readout-Jacobian pass (all `d` directions each).
     pub fn set_position_batch(&mut self, positions: usize) {
-        let per_position = CachedUpper::bytes_per_row_per_block(self)
-            * self.cfg.num_hidden_layers.max(1)
-            * self.cfg.hidden_size;
+        let per_position = CachedUpper::bytes_per_row_per_block(self) * self.cfg.hidden_size;
         self.activation_budget = per_position.saturating_mul(positions.max(1));
     }
 
@@ -337,6 +336,53 @@ impl Llama {
         }
         self.rms_norm(&x, &self.norm)
     }
+
+    /// [`Llama::upper`] differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
+    /// tangents `(P, R, d)` in, `u = norm(x_L)` and `u̇` out. RoPE and the key/value head
+    /// repetition are linear, so they act on the tangents as on the primal.
+    fn upper_jvp(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        hrows: Dual,
+    ) -> candle_core::Result<Dual> {
+        let p_n = positions.len();
+        let (h, kv, dh) =
+            (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let scale = 1.0 / (dh as f64).sqrt();
+        let eps = self.cfg.rms_norm_eps;
+        let mask = context_mask(positions, &self.device)?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let (cos, sin) = (cos.reshape((p_n, 1, 1, dh))?, sin.reshape((p_n, 1, 1, dh))?);
+        let mut x = hrows;
+        for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
+            let a = x.rms_norm(&b.attn_norm, eps)?;
+            let heads = |w: &Tensor, bias: Option<&Tensor>, n: usize| {
+                a.linear(w, bias)?
+                    .map(|t, r| t.reshape((p_n, r, n, dh))?.transpose(1, 2)?.contiguous())
+            };
+            let q = heads(&b.q_w, b.q_b.as_ref(), h)?.map(|t, _| Self::rope(t, &cos, &sin))?;
+            let k = heads(&b.k_w, b.k_b.as_ref(), kv)?
+                .map(|t, _| self.repeat_kv(&Self::rope(t, &cos, &sin)?, 1))?;
+            let v = heads(&b.v_w, b.v_b.as_ref(), kv)?.map(|t, _| self.repeat_kv(t, 1))?;
+            let out = attend_cached_jvp(
+                &q,
+                &k,
+                &v,
+                &ctx.keys[idx],
+                &ctx.values[idx],
+                mask.as_ref(),
+                scale,
+            )?;
+            let out = out.map(|t, r| t.transpose(1, 2)?.reshape((p_n, r, h * dh)))?;
+            x = x.add(&out.linear(&b.o_w, b.o_b.as_ref())?)?;
+            let a = x.rms_norm(&b.mlp_norm, eps)?;
+            let gate = a.linear(&b.gate_w, b.gate_b.as_ref())?;
+            let up = a.linear(&b.up_w, b.up_b.as_ref())?;
+            x = x.add(&gate.silu_times(&up)?.linear(&b.down_w, b.down_b.as_ref())?)?;
+        }
+        x.rms_norm(&self.norm, eps)
+    }
 }
 
 impl CachedUpper for Llama {
@@ -378,6 +424,14 @@ impl CachedUpper for Llama {
         h: &Tensor,
     ) -> candle_core::Result<Tensor> {
         Llama::upper(self, ctx, positions, h)
+    }
+    fn upper_jvp(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: Dual,
+    ) -> candle_core::Result<Dual> {
+        Llama::upper_jvp(self, ctx, positions, h)
     }
 }
 

@@ -27,6 +27,25 @@ pub fn gelu_new_composite(x: &Tensor) -> Result<Tensor> {
     x * gate
 }
 
+/// The derivative `g'(x)` of [`gelu_new`], elementwise (no gradient of its own): a fused op on
+/// the CPU, elementary ops elsewhere.
+pub fn gelu_new_derivative(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1_no_bwd(&GeluNewDerivative);
+    }
+    gelu_new_derivative_composite(x)
+}
+
+/// [`gelu_new_derivative`] from elementary ops (any device).
+fn gelu_new_derivative_composite(x: &Tensor) -> Result<Tensor> {
+    let x2 = x.sqr()?;
+    let th = (x + (&x2 * x)?.affine(0.044715, 0.0)?)?.affine(SQRT_2_OVER_PI, 0.0)?.tanh()?;
+    let slope = x2.affine(3.0 * 0.044715 * SQRT_2_OVER_PI, SQRT_2_OVER_PI)?;
+    let left = th.affine(0.5, 0.5)?;
+    let right = ((x * th.sqr()?.affine(-0.5, 0.5)?)? * slope)?;
+    left + right
+}
+
 /// Elementwise map of a contiguous CPU tensor (f32 or f64), in parallel chunks.
 fn map_cpu(
     storage: &candle_core::CpuStorage,
@@ -250,6 +269,29 @@ mod tests {
         let b = gelu_new_composite(&x32).unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in a.iter().zip(&b) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gelu_new_derivative_matches_finite_differences() {
+        let xs = [-4.0f64, -1.3, -0.2, 0.0, 0.4, 1.7, 5.0];
+        let x = Tensor::new(&xs, &Device::Cpu).unwrap();
+        let fused = gelu_new_derivative(&x).unwrap().to_vec1::<f64>().unwrap();
+        let composite = gelu_new_derivative_composite(&x).unwrap().to_vec1::<f64>().unwrap();
+        for (i, &xi) in xs.iter().enumerate() {
+            let g = |v: f64| {
+                gelu_new(&Tensor::new(&[v], &Device::Cpu).unwrap())
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()[0]
+            };
+            let fd = (g(xi + 1e-6) - g(xi - 1e-6)) / 2e-6;
+            assert!((fused[i] - fd).abs() < 1e-8, "x={xi}: fused {} vs FD {fd}", fused[i]);
+            assert!(
+                (composite[i] - fd).abs() < 1e-8,
+                "x={xi}: composite {} vs FD {fd}",
+                composite[i]
+            );
         }
     }
 
