@@ -6,6 +6,7 @@
 //! to their own file, written atomically; `metadata.json` is written last. A killed run leaves
 //! only complete files and continues with `--resume` without recomputing them.
 
+use crate::backends::{with_model, Backend, LoadSpec, Loaded, ModelJob};
 use crate::inputs::{read_input_file, truncate, Document};
 use crate::npz::npz_bytes;
 use crate::output::{
@@ -145,6 +146,10 @@ pub struct ComputeArgs {
     /// Device: cpu, or cuda:N (needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Autodiff engine: candle (default), burn or dfdx (each needs its Cargo feature;
+    /// `--features all-backends` builds all three).
+    #[arg(long, value_enum, default_value = "candle")]
+    pub backend: Backend,
 }
 
 impl ComputeArgs {
@@ -228,14 +233,6 @@ fn resolve_layers(args: &ComputeArgs, n_layers: usize) -> Result<Vec<usize>> {
     sorted.sort_unstable();
     sorted.dedup();
     Ok(sorted)
-}
-
-fn architecture(files: &ModelFiles) -> Result<String> {
-    let text = std::fs::read_to_string(&files.config)
-        .with_context(|| format!("cannot read {}", files.config.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", files.config.display()))?;
-    Ok(v.get("model_type").and_then(|m| m.as_str()).unwrap_or("gpt2").to_string())
 }
 
 /// JSON description of where the model files came from.
@@ -338,133 +335,45 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
         ExistingDir::Refuse
     };
     let resuming = check_output_dir(&args.output, existing)?;
-    if let Some(files) = gguf_files(&args.model) {
-        return run_candle_gguf(&files, &args, g, resuming);
-    }
-    let files = fs_checkpoint::resolve_model(&args.model)?;
-    let arch = architecture(&files)?;
-    g.log(&format!("model {} resolved: {arch}, config {}", args.model, files.config.display()));
-    match arch.as_str() {
-        "gpt2" => run_candle_gpt2(&files, &args, g, resuming),
-        "llama" | "mistral" | "qwen2" => run_candle_llama(&files, &args, g, resuming),
-        other => bail!(
-            "model architecture {other:?} is not supported yet: supported: gpt2, llama, mistral, qwen2"
-        ),
-    }
-}
-
-/// How a run's model was loaded, for metadata.json.
-struct Loaded<'a> {
-    files: &'a ModelFiles,
-    tokenizer: Option<fs_checkpoint::tokenizers::Tokenizer>,
-    arch: &'static str,
-    parameters: usize,
-    t0: Instant,
-}
-
-/// Run the job on a loaded model.
-fn run_loaded<M: SplitModel>(
-    model: &M,
-    l: Loaded<'_>,
-    args: &ComputeArgs,
-    g: &Globals,
-    resuming: bool,
-) -> Result<()>
-where
-    M::Scalar: Element,
-{
-    g.log(&format!("loaded {} parameters in {:.2} s", l.parameters, l.t0.elapsed().as_secs_f64()));
-    let run = RunInfo {
-        files: l.files,
-        tokenizer: l.tokenizer,
-        arch: l.arch,
-        backend: "candle",
-        device: args.device.clone(),
-        load_s: l.t0.elapsed().as_secs_f64(),
+    let spec = LoadSpec {
+        model: &args.model,
+        backend: args.backend,
+        device: &args.device,
+        batch: args.batch_size,
     };
-    run_with(model, &run, args, g, resuming)
+    with_model(&spec, g, ComputeJob { args: &args, g, resuming })
 }
 
-#[cfg(feature = "candle")]
-fn run_candle_gpt2(
-    files: &ModelFiles,
-    args: &ComputeArgs,
-    g: &Globals,
+/// `compute` on a loaded model.
+struct ComputeJob<'a> {
+    args: &'a ComputeArgs,
+    g: &'a Globals,
     resuming: bool,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let mut model = backend_candle::Gpt2::load(files, &backend_candle::device(&args.device)?)?;
-    if let Some(b) = args.batch_size {
-        model.set_position_batch(b);
+}
+
+impl ModelJob for ComputeJob<'_> {
+    type Output = ();
+    fn run<M: SplitModel>(self, model: &M, loaded: Loaded) -> Result<()>
+    where
+        M::Scalar: Element,
+    {
+        self.g.log(&format!(
+            "loaded {} parameters on {} {} in {:.2} s",
+            loaded.parameters,
+            loaded.backend.name(),
+            loaded.device,
+            loaded.load_s
+        ));
+        let run = RunInfo {
+            files: &loaded.files,
+            tokenizer: loaded.tokenizer,
+            arch: loaded.arch,
+            backend: loaded.backend.name(),
+            device: loaded.device,
+            load_s: loaded.load_s,
+        };
+        run_with(model, &run, self.args, self.g, self.resuming)
     }
-    let l =
-        Loaded { files, tokenizer: None, arch: "gpt2", parameters: model.parameter_count(), t0 };
-    run_loaded(&model, l, args, g, resuming)
-}
-
-#[cfg(feature = "candle")]
-fn run_candle_llama(
-    files: &ModelFiles,
-    args: &ComputeArgs,
-    g: &Globals,
-    resuming: bool,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let mut model = backend_candle::Llama::load(files, &backend_candle::device(&args.device)?)?;
-    if let Some(b) = args.batch_size {
-        model.set_position_batch(b);
-    }
-    let l =
-        Loaded { files, tokenizer: None, arch: "llama", parameters: model.parameter_count(), t0 };
-    run_loaded(&model, l, args, g, resuming)
-}
-
-/// A `.gguf` file given as `--model`, described as model files (config and weights are the file).
-pub fn gguf_files(spec: &str) -> Option<ModelFiles> {
-    let path = std::path::Path::new(spec);
-    if !(path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))) {
-        return None;
-    }
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    Some(ModelFiles {
-        config: path.to_path_buf(),
-        weights: vec![path.to_path_buf()],
-        tokenizer: fs_checkpoint::TokenizerFiles::Missing,
-        origin: ModelOrigin::LocalDir { dir },
-    })
-}
-
-#[cfg(feature = "candle")]
-fn run_candle_gguf(
-    files: &ModelFiles,
-    args: &ComputeArgs,
-    g: &Globals,
-    resuming: bool,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let device = backend_candle::device(&args.device)?;
-    let (mut model, tokenizer) = backend_candle::load_llama_gguf(&files.config, &device)?;
-    if let Some(b) = args.batch_size {
-        model.set_position_batch(b);
-    }
-    let parameters = model.parameter_count();
-    let l = Loaded { files, tokenizer: Some(tokenizer), arch: "llama", parameters, t0 };
-    run_loaded(&model, l, args, g, resuming)
-}
-
-#[cfg(not(feature = "candle"))]
-fn run_candle_gguf(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Result<()> {
-    bail!("this build has no candle backend: rebuild with `--features candle`")
-}
-
-#[cfg(not(feature = "candle"))]
-fn run_candle_llama(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Result<()> {
-    bail!("this build has no candle backend: rebuild with `--features candle`")
-}
-
-#[cfg(not(feature = "candle"))]
-fn run_candle_gpt2(_: &ModelFiles, _: &ComputeArgs, _: &Globals, _: bool) -> Result<()> {
-    bail!("this build has no candle backend: rebuild with `--features candle`")
 }
 
 /// What the metadata needs to know about the model run.

@@ -15,7 +15,7 @@ pub struct InfoArgs {
 /// Run `info`.
 pub fn run(args: InfoArgs) -> Result<()> {
     #[cfg(feature = "candle")]
-    if crate::compute::gguf_files(&args.model).is_some() {
+    if crate::backends::gguf_files(&args.model).is_some() {
         return gguf_info(&args.model);
     }
     let files = fs_checkpoint::resolve_model(&args.model)?;

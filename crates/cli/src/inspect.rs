@@ -151,7 +151,7 @@ fn load_decoder(dir: &Path, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
     .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
     let spec = meta["model"]["spec"].as_str().context("metadata.json names no model")?;
     #[cfg(feature = "candle")]
-    if crate::compute::gguf_files(spec).is_some() {
+    if crate::backends::gguf_files(spec).is_some() {
         let (model, tokenizer) = backend_candle::load_llama_gguf(
             std::path::Path::new(spec),
             &backend_candle::Device::Cpu,

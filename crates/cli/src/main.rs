@@ -4,6 +4,7 @@
 //! Every error is one line on stderr (`error: …` naming the problem and the fix) with exit
 //! code 2; nothing half-written is left behind (results directories are written atomically).
 
+mod backends;
 mod bench;
 mod compute;
 mod info;

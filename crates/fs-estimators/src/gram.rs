@@ -6,6 +6,7 @@ use crate::{
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
 use faer::{Accum, Mat, MatRef};
+use rayon::prelude::*;
 
 /// Accumulates `Σ_chunks XᵀX` for row blocks `X` (`n × dim`, scalar `S`): each block's lower
 /// triangle is one symmetric rank-`n` update (faer's triangular matmul, half the flops of a full
@@ -92,31 +93,52 @@ pub fn centered_output_gram<S: Element>(
     let p = normalized_probabilities("probabilities", p)?;
     let chunk_rows = chunk_rows.max(1);
 
-    let mut m = vec![0.0f64; du];
-    for (y, &py) in p.iter().enumerate() {
-        if py > 0.0 {
-            for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                *mi += py * w.as_f64();
+    // m = Σ_y p_y w_y, in f64: partial sums over fixed row blocks (in parallel), added in block
+    // order, so the result does not depend on the number of threads.
+    const M_BLOCK: usize = 4096;
+    let partial = |start: usize| {
+        let mut m = vec![0.0f64; du];
+        for y in start..(start + M_BLOCK).min(v) {
+            let py = p[y];
+            if py > 0.0 {
+                for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
+                    *mi += py * w.as_f64();
+                }
             }
         }
+        m
+    };
+    let starts: Vec<usize> = (0..v).step_by(M_BLOCK).collect();
+    let partials: Vec<Vec<f64>> = if threads.0 > 1 {
+        starts.par_iter().map(|&s| partial(s)).collect()
+    } else {
+        starts.iter().map(|&s| partial(s)).collect()
+    };
+    let mut m = vec![0.0f64; du];
+    for part in partials {
+        m.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
 
+    // Centered, scaled rows √p_y (w_y − m) of the tokens with p_y > 0, built chunk by chunk (rows
+    // in parallel) and added as symmetric rank-k updates.
+    let support: Vec<usize> = (0..v).filter(|&y| p[y] > 0.0).collect();
     let mut acc = GramAccumulator::<S>::new(du, threads);
-    let mut block: Vec<S> = Vec::with_capacity(chunk_rows.min(v) * du);
-    for (y, &py) in p.iter().enumerate() {
-        if py <= 0.0 {
-            continue;
+    let mut block: Vec<S> = vec![S::zero(); chunk_rows.min(support.len()) * du];
+    for ys in support.chunks(chunk_rows) {
+        let block = &mut block[..ys.len() * du];
+        let center = |(out, &y): (&mut [S], &usize)| {
+            let s = p[y].sqrt();
+            for ((o, w), mi) in out.iter_mut().zip(w_u.row(y)).zip(&m) {
+                *o = S::round_from_f64(s * (w.as_f64() - mi));
+            }
+        };
+        if threads.0 > 1 {
+            block.par_chunks_mut(du).zip(ys.par_iter()).for_each(center);
+        } else {
+            block.chunks_mut(du).zip(ys.iter()).for_each(center);
         }
-        let s = py.sqrt();
-        block.extend(
-            w_u.row(y).iter().zip(&m).map(|(w, mi)| S::round_from_f64(s * (w.as_f64() - mi))),
-        );
-        if block.len() == chunk_rows * du {
-            acc.add_rows(&block);
-            block.clear();
-        }
+        acc.add_rows(block);
     }
-    acc.add_rows(&block);
     Ok(acc.finish())
 }
 
