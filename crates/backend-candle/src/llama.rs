@@ -78,6 +78,21 @@ impl Llama {
         Self::from_hf_weights(cfg, &mut get, device, &files.weights)
     }
 
+    /// A model with the deterministic random weights of [`fs_checkpoint::random_llama_weights`]
+    /// (for benchmarks and property tests): the same model every backend builds from the same
+    /// `(cfg, std, seed)`.
+    pub fn random(cfg: LlamaConfig, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
+        let mut weights: std::collections::HashMap<String, Vec<f32>> =
+            fs_checkpoint::random_llama_weights(&cfg, std, seed)
+                .into_iter()
+                .map(|(name, _, data)| (name, data))
+                .collect();
+        let mut get = |name: &str, _: &[usize]| -> Result<Option<Vec<f32>>, Error> {
+            Ok(weights.remove(name))
+        };
+        Self::from_hf_weights(cfg, &mut get, device, &[])
+    }
+
     /// Build from HF-named host tensors (`model.embed_tokens.weight`, `model.layers.{i}.…`,
     /// `model.norm.weight`, optional `lm_head.weight`).
     pub(crate) fn from_hf_weights(

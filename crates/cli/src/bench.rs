@@ -1,37 +1,65 @@
-//! `fisher-stein bench`: time the estimators on a random model of a named shape and print a
-//! table (median of `--repeats` runs, attained GFLOP/s against a documented flop count, peak RSS).
+//! `fisher-stein bench`: time the estimators on a random model of a named shape, on one or more
+//! engines, and print a table (median of `--repeats` runs, attained GFLOP/s against the flop
+//! count below, peak RSS, and each engine's own f32 GEMM rate on the same machine in the same
+//! run, so that roofline ratios are measured, not assumed).
 //!
-//! Flop count of the exact estimator at position `t`, split layer `k`, `L` blocks, width `d`,
-//! MLP width `4d`, vocabulary `V` (multiply-adds count 2):
+//! ## Flop count
+//!
+//! Per block and per row at position `t`, with `M_lin` the multiply-adds of the block's linear
+//! layers for one row (GPT-2: `12 d²`; Llama: `d·q + 2·d·kv + q·d + 3·d·inner`, `q`/`kv` the
+//! query and key/value widths) and `q` the attention width, the upper half costs
+//! `c(t) = 2·M_lin + 4·q·(t + 1)` flops (multiply-adds count 2; the attention term is the
+//! scores and the weighted values against `t` cached keys plus the row's own). Then, with `B`
+//! blocks above the split layer, width `d`, vocabulary `V`:
 //!
 //! ```text
-//! readout Jacobian  2 · (24 d² + 4 d (t+1)) · d · (L − k)   (d rows through L−k blocks: forward + input-gradient backward)
-//! weighted Gram G   V · d · (d + 1)                          (lower triangle of a rank-V update)
-//! sandwich AᵀGA     3 d³
+//! readout Jacobian A   d · B · c(t)        (d tangent directions through the upper half, forward mode)
+//! weighted Gram G      V · d · (d + 1)     (lower triangle of a rank-V update)
+//! sandwich AᵀGA        3 d³
+//! exact                the three above
+//! sampled (S draws)    2 · S · B · c(t) + 2 V d   (S replicated forward + backward rows, the logits)
+//! lower pass           Σ_{t<T} L · c(t)     (the whole-sequence forward, every block)
 //! ```
 //!
-//! Sampled with `S` draws: `2 · (24 d² + 4 d (t+1)) · S · (L − k) + 2 V d` (the logits at `t`).
+//! This is the *minimum* work of the forward-mode algorithm: an engine that gets `A` by reverse
+//! mode over `d` replicated rows does twice the upper-half work, and shows half the rate. The
+//! GEMM row is `(d × d)·(d × 4d)` at `2·d·d·4d` flops.
+//!
+//! `exact`, `sampled`, `readout` and `gram` time the estimator on an already-lowered context (the
+//! "cached context" of a run); `lower` times the forward pass over the whole sequence once (a
+//! one-position-at-a-time run pays it for every position, a run over all positions once).
 
+use crate::backends::Backend;
 use anyhow::{bail, Result};
+use fs_checkpoint::{Gpt2Config, LlamaConfig};
 use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
 use std::time::Instant;
 
 /// Arguments of `fisher-stein bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Model shape: gpt2-small (12 layers, d 768, V 50257), gpt2-medium, or tiny.
+    /// Model shape (random weights): gpt2-small (12 layers, d 768, V 50257), gpt2-medium,
+    /// smollm2-135m (the Llama shape of SmolLM2-135M: 30 layers, d 576, 9 heads / 3 key-value
+    /// heads, V 49152), or tiny.
     #[arg(long, default_value = "gpt2-small")]
     pub shape: String,
+    /// Engines to time, comma-separated: candle, burn, dfdx (each needs its Cargo feature).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "candle")]
+    pub backend: Vec<Backend>,
+    /// Device: cpu, or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Split layer.
     #[arg(long, default_value_t = 6)]
     pub layer: usize,
     /// Sequence length T (random tokens).
     #[arg(long, default_value_t = 64)]
     pub seq_len: usize,
-    /// How many of the last positions to compute together (1 = only the last).
+    /// How many of the last positions to compute together (1 = only the last; T = all).
     #[arg(long, default_value_t = 1)]
     pub positions: usize,
-    /// Estimators to time, comma-separated: exact, sampled.
+    /// Rows to time, comma-separated: exact, sampled, readout (the A step alone), gram (the G
+    /// step alone), lower (the forward pass over the sequence).
     #[arg(long, value_delimiter = ',', default_value = "exact,sampled")]
     pub estimators: Vec<String>,
     /// Draws of the sampled estimator.
@@ -49,6 +77,10 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+fn rss() -> String {
+    peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0} MB"))
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -59,68 +91,196 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
+/// A model shape with random weights.
+enum Shape {
+    Gpt2(Gpt2Config),
+    Llama(LlamaConfig),
+}
+
+impl Shape {
+    fn parse(name: &str, seq_len: usize) -> Result<Shape> {
+        let gpt2 = |n_layer, d, heads, vocab| {
+            Shape::Gpt2(Gpt2Config {
+                vocab_size: vocab,
+                n_positions: seq_len.max(1024),
+                n_embd: d,
+                n_layer,
+                n_head: heads,
+                layer_norm_epsilon: 1e-5,
+                activation_function: "gelu_new".into(),
+                tie_word_embeddings: true,
+                n_inner: None,
+            })
+        };
+        Ok(match name {
+            "gpt2-small" => gpt2(12, 768, 12, 50257),
+            "gpt2-medium" => gpt2(24, 1024, 16, 50257),
+            "tiny" => gpt2(4, 64, 4, 1000),
+            "smollm2-135m" => {
+                let json = serde_json::json!({
+                    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+                    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                    "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                    "max_position_embeddings": seq_len.max(8192), "tie_word_embeddings": true,
+                });
+                Shape::Llama(LlamaConfig::from_json(&json.to_string(), "smollm2-135m".as_ref())?)
+            }
+            other => bail!(
+                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m or tiny"
+            ),
+        })
+    }
+
+    /// `(d, V, L, M_lin, q)` for the flop count.
+    fn flop_terms(&self) -> (f64, f64, usize, f64, f64) {
+        match self {
+            Shape::Gpt2(c) => {
+                let d = c.n_embd as f64;
+                (d, c.vocab_size as f64, c.n_layer, 4.0 * d * d + 2.0 * d * c.inner_dim() as f64, d)
+            }
+            Shape::Llama(c) => {
+                let d = c.hidden_size as f64;
+                let q = (c.num_attention_heads * c.head_dim) as f64;
+                let kv = (c.num_key_value_heads * c.head_dim) as f64;
+                let lin = d * q + 2.0 * d * kv + q * d + 3.0 * d * c.intermediate_size as f64;
+                (d, c.vocab_size as f64, c.num_hidden_layers, lin, q)
+            }
+        }
+    }
+}
+
 /// Run `bench`.
-#[cfg(feature = "candle")]
 pub fn run(args: BenchArgs) -> Result<()> {
-    use backend_candle::{Device, Gpt2};
-    use fs_checkpoint::Gpt2Config;
-    let (n_layer, d, heads, vocab) = match args.shape.as_str() {
-        "gpt2-small" => (12, 768, 12, 50257),
-        "gpt2-medium" => (24, 1024, 16, 50257),
-        "tiny" => (4, 64, 4, 1000),
-        other => bail!("unknown --shape {other:?}: use gpt2-small, gpt2-medium or tiny"),
-    };
     if args.repeats == 0 || args.positions == 0 || args.seq_len == 0 {
         bail!("--repeats, --positions and --seq-len must be at least 1");
     }
-    let cfg = Gpt2Config {
-        vocab_size: vocab,
-        n_positions: args.seq_len.max(1024),
-        n_embd: d,
-        n_layer,
-        n_head: heads,
-        layer_norm_epsilon: 1e-5,
-        activation_function: "gelu_new".into(),
-        tie_word_embeddings: true,
-        n_inner: None,
-    };
-    let model = Gpt2::random(cfg, 0.02, 0, &Device::Cpu)?;
-    let tokens: Vec<u32> = (0..args.seq_len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-    let ctx = model.lower(&tokens, args.layer)?;
-    let positions: Vec<usize> =
-        (args.seq_len.saturating_sub(args.positions)..args.seq_len).collect();
-    let blocks = (n_layer - args.layer) as f64;
-    let (df, vf) = (d as f64, vocab as f64);
-    let row_flops = |t: usize| 2.0 * (24.0 * df * df + 4.0 * df * (t as f64 + 1.0)) * blocks;
-
+    if args.positions > args.seq_len {
+        bail!("--positions {} is more than --seq-len {}", args.positions, args.seq_len);
+    }
+    let shape = Shape::parse(&args.shape, args.seq_len)?;
+    let (_, _, n_layers, _, _) = shape.flop_terms();
+    if args.layer > n_layers {
+        bail!("--layer {}: the {} shape splits at layers 0..={n_layers}", args.layer, args.shape);
+    }
+    for est in &args.estimators {
+        if !["exact", "sampled", "readout", "gram", "lower"].contains(&est.as_str()) {
+            bail!(
+                "unknown estimator {est:?} in --estimators: use exact, sampled, readout (the A step alone), gram (the G step alone), lower (the forward pass)"
+            );
+        }
+    }
     println!(
         "| shape | layer | T | positions | estimator | backend | time/position (median of {}) | GFLOP/s | peak RSS |",
         args.repeats
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    let gemm = backend_candle::matmul_gflops(d, d, 4 * d, args.repeats.max(5), &Device::Cpu)?;
-    println!(
-        "| {} | — | — | — | f32 GEMM ({d}×{d})·({d}×{}) | candle cpu | — | {gemm:.1} | {} |",
-        args.shape,
-        4 * d,
-        peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0} MB"))
-    );
+    for &backend in &args.backend {
+        run_backend(backend, &shape, &args)?;
+    }
+    Ok(())
+}
+
+/// Build the random model on `backend` and time it.
+fn run_backend(backend: Backend, shape: &Shape, args: &BenchArgs) -> Result<()> {
+    let (d, _, _, _, _) = shape.flop_terms();
+    let d = d as usize;
+    let (m, k, n) = (d, d, 4 * d);
+    let reps = args.repeats.max(5);
+    macro_rules! go {
+        ($model:expr, $gemm:expr) => {{
+            let gemm: f64 = $gemm;
+            println!(
+                "| {} | — | — | — | f32 GEMM ({m}×{k})·({k}×{n}) | {} {} | — | {gemm:.1} | {} |",
+                args.shape,
+                backend.name(),
+                args.device,
+                rss()
+            );
+            time_model(&$model, backend, shape, args)
+        }};
+    }
+    match (backend, shape) {
+        #[cfg(feature = "candle")]
+        (Backend::Candle, s) => {
+            let dev = backend_candle::device(&args.device)?;
+            let gemm = backend_candle::matmul_gflops(m, k, n, reps, &dev)?;
+            match s {
+                Shape::Gpt2(c) => {
+                    go!(backend_candle::Gpt2::random(c.clone(), 0.02, 0, &dev)?, gemm)
+                }
+                Shape::Llama(c) => {
+                    go!(backend_candle::Llama::random(c.clone(), 0.02, 0, &dev)?, gemm)
+                }
+            }
+        }
+        #[cfg(feature = "burn")]
+        (Backend::Burn, s) => {
+            let dev = backend_burn::device(&args.device)?;
+            let gemm = backend_burn::matmul_gflops(m, k, n, reps, &dev)?;
+            match s {
+                Shape::Gpt2(c) => go!(backend_burn::Gpt2::random(c.clone(), 0.02, 0, &dev)?, gemm),
+                Shape::Llama(c) => {
+                    go!(backend_burn::Llama::random(c.clone(), 0.02, 0, &dev)?, gemm)
+                }
+            }
+        }
+        #[cfg(feature = "dfdx")]
+        (Backend::Dfdx, Shape::Gpt2(c)) => {
+            let dev = backend_dfdx::device(&args.device)?;
+            let gemm = backend_dfdx::matmul_gflops(m, k, n, reps, &dev)?;
+            go!(backend_dfdx::Gpt2::random(c.clone(), 0.02, 0, &dev)?, gemm)
+        }
+        (Backend::Dfdx, Shape::Llama(_)) => {
+            bail!("--backend dfdx implements GPT-2 only: use a gpt2 --shape")
+        }
+        #[allow(unreachable_patterns)]
+        (b, _) => bail!(
+            "--backend {0}: this build has no {0} backend: rebuild with `--features {0}`",
+            b.name()
+        ),
+    }
+}
+
+/// Time the requested rows on one model.
+fn time_model<M: SplitModel>(
+    model: &M,
+    backend: Backend,
+    shape: &Shape,
+    args: &BenchArgs,
+) -> Result<()>
+where
+    M::Scalar: fs_estimators::Element,
+{
+    let (df, vf, n_layers, lin, q) = shape.flop_terms();
+    let vocab = vf as usize;
+    let tokens: Vec<u32> = (0..args.seq_len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let ctx = model.lower(&tokens, args.layer)?;
+    let positions: Vec<usize> = (args.seq_len - args.positions..args.seq_len).collect();
+    let blocks = (n_layers - args.layer) as f64;
+    let row_flops = |t: usize| (2.0 * lin + 4.0 * q * (t as f64 + 1.0)) * blocks;
+    let lower_flops = (0..args.seq_len)
+        .map(|t| (2.0 * lin + 4.0 * q * (t as f64 + 1.0)) * n_layers as f64)
+        .sum::<f64>();
     for est in &args.estimators {
-        let mut times = Vec::with_capacity(args.repeats);
         let flops: f64 = match est.as_str() {
-            "exact" => positions.iter().map(|&t| row_flops(t) * df + vf * df * (df + 1.0) + 3.0 * df * df * df).sum(),
-            "sampled" => positions.iter().map(|&t| row_flops(t) * args.samples as f64 + 2.0 * vf * df).sum(),
+            "exact" => positions
+                .iter()
+                .map(|&t| row_flops(t) * df + vf * df * (df + 1.0) + 3.0 * df * df * df)
+                .sum(),
+            "sampled" => positions
+                .iter()
+                .map(|&t| 2.0 * row_flops(t) * args.samples as f64 + 2.0 * vf * df)
+                .sum(),
             "readout" => positions.iter().map(|&t| row_flops(t) * df).sum(),
             "gram" => positions.len() as f64 * vf * df * (df + 1.0),
-            other => bail!(
-                "unknown estimator {other:?} in --estimators: use exact, sampled, readout (the A step alone), gram (the G step alone)"
-            ),
+            _ => lower_flops,
         };
+        let mut times = Vec::with_capacity(args.repeats);
         for _ in 0..args.repeats {
             let t0 = Instant::now();
             match est.as_str() {
                 "exact" => {
-                    exact_fisher(&model, &ctx, &positions, &ExactOptions::default())?;
+                    exact_fisher(model, &ctx, &positions, &ExactOptions::default())?;
                 }
                 "readout" => {
                     model.readout_jacobians(&ctx, &positions)?;
@@ -137,34 +297,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         )?;
                     }
                 }
+                "lower" => {
+                    model.lower(&tokens, args.layer)?;
+                }
                 _ => {
                     let o = SampledOptions { samples: args.samples, ..Default::default() };
-                    sampled_fisher(&model, &ctx, &positions, &o)?;
+                    sampled_fisher(model, &ctx, &positions, &o)?;
                 }
             }
             times.push(t0.elapsed().as_secs_f64());
         }
-        let per_position = median(times) / positions.len() as f64;
-        let gflops = flops / positions.len() as f64 / per_position / 1e9;
-        let est_label =
-            if est == "sampled" { format!("sampled S={}", args.samples) } else { est.clone() };
+        // `lower` is per sequence; the others per position.
+        let per = if est == "lower" { 1 } else { positions.len() };
+        let time = median(times) / per as f64;
+        let gflops = flops / per as f64 / time / 1e9;
+        let label = match est.as_str() {
+            "sampled" => format!("sampled S={}", args.samples),
+            "lower" => "lower pass (per sequence)".to_string(),
+            other => other.to_string(),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | candle cpu | {:.3} s | {:.1} | {} |",
+            "| {} | {} | {} | {} | {} | {} {} | {:.3} s | {:.1} | {} |",
             args.shape,
             args.layer,
             args.seq_len,
             positions.len(),
-            est_label,
-            per_position,
+            label,
+            backend.name(),
+            args.device,
+            time,
             gflops,
-            peak_rss_mb().map_or("n/a".into(), |m| format!("{m:.0} MB"))
+            rss()
         );
     }
     Ok(())
-}
-
-/// Run `bench` (no backend compiled in).
-#[cfg(not(feature = "candle"))]
-pub fn run(_args: BenchArgs) -> Result<()> {
-    bail!("this build has no candle backend: rebuild with `--features candle`")
 }
