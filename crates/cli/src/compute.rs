@@ -150,6 +150,9 @@ pub struct ComputeArgs {
     /// `--features all-backends` builds all three).
     #[arg(long, value_enum, default_value = "candle")]
     pub backend: Backend,
+    /// Interpretability read-outs and dataset means (--directions, --mean, --shard).
+    #[command(flatten)]
+    pub readouts: crate::readouts::ReadoutArgs,
 }
 
 impl ComputeArgs {
@@ -190,7 +193,7 @@ impl ComputeArgs {
         if self.eig_top == Some(0) {
             bail!("--eig-top 0 keeps no eigenpairs: give at least 1, or drop the flag");
         }
-        Ok(())
+        self.readouts.validate(self.estimator.name())
     }
 
     /// The estimator's settings, as recorded in run.json / metadata.json.
@@ -394,6 +397,7 @@ struct Entry {
     fisher: Matrix<f64>,
     entropy: f64,
     draws: Option<Vec<u32>>,
+    readout: Option<crate::readouts::Readout>,
 }
 
 /// A Fisher matrix and, for the sampling estimators, the draws it came from.
@@ -459,6 +463,7 @@ where
     let dims = model.dims();
     let layers = resolve_layers(args, dims.n_layers)?;
     let mut docs = documents(args, run)?;
+    crate::dataset::select_shard(&mut docs, args.readouts.shard)?;
     g.log(&format!("{} document(s) tokenized", docs.len()));
     truncate(&mut docs, args.max_seq_len);
     let mut plan = Vec::with_capacity(docs.len());
@@ -489,6 +494,11 @@ where
     }
     let d = dims.d_model;
     let eig_rank = if args.eig { Some(d) } else { args.eig_top.map(|k| k.min(d)) };
+    // --directions K stores (at least) the top K eigenpairs its read-outs refer to.
+    let eig_rank = match args.readouts.directions.min(d) {
+        0 => eig_rank,
+        k => Some(eig_rank.unwrap_or(k).max(k)),
+    };
 
     // Settings that make two runs the same run (checked by --resume).
     let settings = json!({
@@ -499,6 +509,7 @@ where
         "token_ids": docs.iter().map(|d| &d.tokens).collect::<Vec<_>>(),
         "eig_rank": eig_rank,
         "format": format!("{:?}", args.format),
+        "readouts": args.readouts.settings_json(),
     });
     let run_path = args.output.join(RUN_FILE);
     if resuming {
@@ -524,15 +535,27 @@ where
     let mut skipped = 0usize;
     let t_compute = Instant::now();
     let single = docs.len() == 1 && args.input.is_none();
+    let tokenizer =
+        run.tokenizer.clone().or_else(|| fs_checkpoint::load_tokenizer(&run.files.tokenizer).ok());
+    let decode = |id: u32| crate::readouts::token_text(tokenizer.as_ref(), id);
+    let mut mean =
+        crate::dataset::start_mean(args, args.estimator_json(), run.files, &layers, d, resuming)?;
+    let mut last_checkpoint = Instant::now();
     for (k, doc) in docs.iter().enumerate() {
         let i = doc.index;
         let file = sequence_file(i, single, args.format);
         let path = args.output.join(&file);
         sequences.push(json!({
-            "index": i, "file": file, "n_tokens": doc.tokens.len(), "truncated_tokens": doc.truncated,
+            "index": i, "file": (!args.readouts.mean_only).then_some(&file), "n_tokens": doc.tokens.len(), "truncated_tokens": doc.truncated,
             "text_preview": doc.text.as_deref().map(|t| t.chars().take(200).collect::<String>()),
         }));
-        if resuming && path.exists() {
+        // With --mean, a sequence already in the accumulator's checkpoint is never added again.
+        let in_mean = mean.as_ref().is_some_and(|m| m.sequences.contains(&i));
+        let done = match &mean {
+            Some(_) => in_mean && (args.readouts.mean_only || path.exists()),
+            None => path.exists(),
+        };
+        if resuming && done {
             skipped += 1;
             bar.inc((plan[k].len() * layers.len()) as u64);
             g.log(&format!("sequence {i}: {file} exists, skipped (--resume)"));
@@ -550,16 +573,48 @@ where
                         bail!("the Fisher matrix of document {i} at layer {layer} position {t} has a non-finite entry at index {bad}: check the weights and inputs for NaN/Inf");
                     }
                     let p = softmax(logits.row(c * chunk + j))?;
-                    entries.push(Entry { layer, position: t, fisher, entropy: entropy(&p), draws });
+                    let readout = (args.readouts.directions > 0)
+                        .then(|| crate::readouts::readout(model, ctx, t, &fisher, &args.readouts))
+                        .transpose()?;
+                    let e =
+                        Entry { layer, position: t, fisher, entropy: entropy(&p), draws, readout };
+                    if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
+                        m.layer_mut(layer)?.add(&e.fisher, e.entropy)?;
+                    }
+                    if args.readouts.mean_only {
+                        // Nothing per position is kept: summarise now, drop the matrix.
+                        summarise(i, doc, &e, 5, &mut summaries, g, &decode)?;
+                    } else {
+                        entries.push(e);
+                    }
                 }
                 bar.inc(positions.len() as u64);
             }
         }
-        let bytes = sequence_results(i, doc, &entries, eig_rank, args.format, &mut summaries, g)?;
-        write_atomic(&path, &bytes)?;
-        g.log(&format!("sequence {i}: wrote {file}"));
+        if !args.readouts.mean_only {
+            let bytes =
+                sequence_results(i, doc, &entries, eig_rank, args, &mut summaries, g, &decode)?;
+            write_atomic(&path, &bytes)?;
+            g.log(&format!("sequence {i}: wrote {file}"));
+        }
+        if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
+            m.sequences.push(i);
+            // Checkpoint the accumulator (for --resume) at most every 30 s; always at the end.
+            if last_checkpoint.elapsed().as_secs_f64() > 30.0 {
+                m.write(&args.output)?;
+                last_checkpoint = Instant::now();
+            }
+        }
     }
     bar.finish_and_clear();
+    let layer_summary = crate::readouts::layer_summary(&summaries);
+    let mean_summary = match &mean {
+        Some(m) => {
+            m.write(&args.output)?;
+            Some(m.summary()?.into_iter().map(|(r, _)| r).collect::<Vec<_>>())
+        }
+        None => None,
+    };
 
     let weight_hashes = run
         .files
@@ -595,10 +650,19 @@ where
             "compute": t_compute.elapsed().as_secs_f64(),
             "total": t_start.elapsed().as_secs_f64() + run.load_s,
         },
+        "readouts": args.readouts.settings_json(),
+        "layer_summary": layer_summary,
+        "mean_summary": mean_summary,
         "summary": summaries,
     });
     write_atomic(&args.output.join("metadata.json"), &serde_json::to_vec_pretty(&metadata)?)?;
     if !g.quiet {
+        if layers.len() > 1 {
+            crate::readouts::print_layer_summary(&layer_summary);
+        }
+        if let Some(rows) = &mean_summary {
+            crate::dataset::print_mean_summary(rows);
+        }
         eprintln!(
             "wrote {} ({} sequence(s), {} matrices, d = {d})",
             args.output.display(),
@@ -609,40 +673,64 @@ where
     Ok(())
 }
 
+/// Summarise one matrix: append its summary (with decoded read-outs) to `summaries`, print its
+/// line, and return its spectrum (top `rank` eigenpairs, at least 5).
+fn summarise(
+    i: usize,
+    doc: &Document,
+    e: &Entry,
+    rank: usize,
+    summaries: &mut Vec<serde_json::Value>,
+    g: &Globals,
+    decode: &dyn Fn(u32) -> String,
+) -> Result<fs_estimators::Spectrum> {
+    let d = e.fisher.rows();
+    let s = spectrum(&e.fisher, Some(rank.max(5).min(d)))?;
+    let mut summary = json!({
+        "sequence": i, "layer": e.layer, "position": e.position, "token_id": doc.tokens[e.position],
+        "entropy": e.entropy, "trace": s.trace, "top_eigenvalues": &s.eigenvalues[..s.eigenvalues.len().min(5)],
+        "effective_rank": s.effective_rank, "participation_ratio": s.participation_ratio,
+        "clamped_negative_eigenvalues": s.clamped_negative,
+    });
+    if let Some(r) = &e.readout {
+        summary["token"] = json!(decode(doc.tokens[e.position]));
+        summary["directions"] = crate::readouts::readout_json(r, decode);
+    }
+    summaries.push(summary);
+    if !g.quiet {
+        println!(
+            "seq {i:>3}  layer {:>3}  position {:>4}  token {:>6}  entropy {:.4}  trace {:.4e}  top eigenvalues [{}]  eff. rank {:.2}",
+            e.layer,
+            e.position,
+            doc.tokens[e.position],
+            e.entropy,
+            s.trace,
+            s.eigenvalues.iter().take(3).map(|x| format!("{x:.3e}")).collect::<Vec<_>>().join(", "),
+            s.effective_rank
+        );
+    }
+    Ok(s)
+}
+
 /// Serialise one sequence's results and append their summaries.
+#[allow(clippy::too_many_arguments)]
 fn sequence_results(
     i: usize,
     doc: &Document,
     entries: &[Entry],
     eig_rank: Option<usize>,
-    format: Format,
+    args: &ComputeArgs,
     summaries: &mut Vec<serde_json::Value>,
     g: &Globals,
+    decode: &dyn Fn(u32) -> String,
 ) -> Result<Vec<u8>> {
+    let format = args.format;
     let n = entries.len();
     let d = entries.first().map_or(0, |e| e.fisher.rows());
     let mut eigenvalues = Vec::new();
     let mut eigenvectors = Vec::new();
     for e in entries {
-        let s = spectrum(&e.fisher, Some(eig_rank.unwrap_or(5).max(5).min(d)))?;
-        summaries.push(json!({
-            "sequence": i, "layer": e.layer, "position": e.position, "token_id": doc.tokens[e.position],
-            "entropy": e.entropy, "trace": s.trace, "top_eigenvalues": &s.eigenvalues[..s.eigenvalues.len().min(5)],
-            "effective_rank": s.effective_rank, "participation_ratio": s.participation_ratio,
-            "clamped_negative_eigenvalues": s.clamped_negative,
-        }));
-        if !g.quiet {
-            println!(
-                "seq {i:>3}  layer {:>3}  position {:>4}  token {:>6}  entropy {:.4}  trace {:.4e}  top eigenvalues [{}]  eff. rank {:.2}",
-                e.layer,
-                e.position,
-                doc.tokens[e.position],
-                e.entropy,
-                s.trace,
-                s.eigenvalues.iter().take(3).map(|x| format!("{x:.3e}")).collect::<Vec<_>>().join(", "),
-                s.effective_rank
-            );
-        }
+        let s = summarise(i, doc, e, eig_rank.unwrap_or(5), summaries, g, decode)?;
         if let Some(r) = eig_rank {
             eigenvalues.extend(s.eigenvalues.iter().take(r).map(|&x| x as f32));
             for row in 0..d {
@@ -670,6 +758,16 @@ fn sequence_results(
     if let Some(r) = eig_rank {
         tensors.push(("eigenvalues", OwnedTensor::f32(vec![n, r], eigenvalues)));
         tensors.push(("eigenvectors", OwnedTensor::f32(vec![n, d, r], eigenvectors)));
+    }
+    let readouts: Vec<&crate::readouts::Readout> =
+        entries.iter().filter_map(|e| e.readout.as_ref()).collect();
+    if n > 0 && readouts.len() == n {
+        let k = args.readouts.directions.min(d);
+        tensors.extend(crate::readouts::readout_tensors(
+            &readouts,
+            k,
+            args.readouts.direction_tokens,
+        ));
     }
     if let Some(s) = entries.first().and_then(|e| e.draws.as_ref()).map(|v| v.len()) {
         let draws = entries.iter().flat_map(|e| e.draws.iter().flatten().map(|&t| t as i64));

@@ -2,12 +2,16 @@
 //! eigenvalues and the effective rank of F; for the top K eigenvectors `v`, the tokens whose
 //! probability `+v` and `−v` push up most.
 //!
-//! The logit change along `v` is `J v = ∂z/∂h · v`, evaluated as a central difference of the
-//! model's upper half, `(z(h + εv) − z(h − εv)) / 2ε` with `ε = 1e-3·max(1, ‖h‖)` (two
-//! single-position passes per direction). Tokens are ranked by the first-order change of their
-//! probability, `∂p_y/∂ε = p_y·((Jv)_y − Σ_y' p_y' (Jv)_y')` — the tokens the direction actually
-//! moves (a large logit change on an improbable token moves nothing); the printed number is
-//! that change per unit step along `v`.
+//! The logit change along `v` is `J v = W_U A v`, exact (`fs_estimators::direction_effects`: the
+//! readout Jacobian and the unembedding, no finite differences). Tokens are ranked by the
+//! first-order change of their probability, `∂p_y/∂ε = p_y·((Jv)_y − Σ_y' p_y' (Jv)_y')` — the
+//! tokens the direction actually moves (a large logit change on an improbable token moves
+//! nothing); the printed number is that change per unit step along `v`. Each direction also
+//! shows the second-order check `KL(p ‖ p(h + εv))` vs `½ ε² vᵀFv` at a small `ε`.
+//!
+//! Results computed with `compute --directions K` carry their decoded directions and the
+//! projections `hᵀv` (printed as a table); they are shown without loading the model. A layer
+//! sweep (`--layers`) adds a per-layer table, a `--mean` run the spectrum of the mean Fisher.
 
 use crate::npz::read_npz;
 use crate::Globals;
@@ -33,10 +37,10 @@ pub struct InspectArgs {
     pub no_model: bool,
 }
 
-type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
+pub(crate) type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
 
 /// Read every array of a results file (safetensors or npz) as `f64`.
-fn read_results(path: &Path) -> Result<Arrays> {
+pub(crate) fn read_results(path: &Path) -> Result<Arrays> {
     let bad = |e: String| {
         anyhow::anyhow!(
             "{} is not a valid results file ({e}): re-run compute to regenerate it",
@@ -90,14 +94,14 @@ fn read_results(path: &Path) -> Result<Arrays> {
 
 /// Decodes directions with a loaded model.
 trait DirectionDecoder {
-    /// `J v` at (`tokens`, `layer`, `position`) by central differences.
-    fn logit_change(
+    /// What the columns of `v` (`d × K`) do at (`tokens`, `layer`, `position`).
+    fn effects(
         &self,
         tokens: &[u32],
         layer: usize,
         position: usize,
-        v: &[f64],
-    ) -> Result<(Vec<f64>, Vec<f64>)>;
+        v: &Matrix<f64>,
+    ) -> Result<Vec<fs_estimators::DirectionEffect>>;
     /// A token's text.
     fn decode(&self, id: u32) -> String;
 }
@@ -108,37 +112,24 @@ struct ModelDecoder<M: SplitModel> {
 }
 
 impl<M: SplitModel> DirectionDecoder for ModelDecoder<M> {
-    fn logit_change(
+    fn effects(
         &self,
         tokens: &[u32],
         layer: usize,
         position: usize,
-        v: &[f64],
-    ) -> Result<(Vec<f64>, Vec<f64>)> {
-        use fs_estimators::Scalar;
+        v: &Matrix<f64>,
+    ) -> Result<Vec<fs_estimators::DirectionEffect>> {
         let ctx = self.model.lower(tokens, layer)?;
-        let h = self.model.activation(&ctx, position)?;
-        let norm = h.iter().map(|x| x.as_f64() * x.as_f64()).sum::<f64>().sqrt();
-        let eps = 1e-3 * norm.max(1.0);
-        let shifted = |sign: f64| -> Vec<M::Scalar> {
-            h.iter()
-                .zip(v)
-                .map(|(x, d)| M::Scalar::round_from_f64(x.as_f64() + sign * eps * d))
-                .collect()
-        };
-        let zp = self.model.upper_logits(&ctx, position, &shifted(1.0))?;
-        let zm = self.model.upper_logits(&ctx, position, &shifted(-1.0))?;
-        let p = fs_estimators::softmax(&self.model.upper_logits(&ctx, position, &h)?)?;
-        Ok((zp.iter().zip(&zm).map(|(a, b)| (a.as_f64() - b.as_f64()) / (2.0 * eps)).collect(), p))
+        Ok(fs_estimators::direction_effects(
+            &self.model,
+            &ctx,
+            position,
+            v,
+            &fs_estimators::DirectionOptions::default(),
+        )?)
     }
     fn decode(&self, id: u32) -> String {
-        match &self.tokenizer {
-            Some(t) => t
-                .decode(&[id], false)
-                .map(|s| format!("{s:?}"))
-                .unwrap_or_else(|_| format!("#{id}")),
-            None => format!("#{id}"),
-        }
+        crate::readouts::token_text(self.tokenizer.as_ref(), id)
     }
 }
 
@@ -178,6 +169,40 @@ fn load_decoder(dir: &Path, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
     }
 }
 
+/// Print stored read-outs (`compute --directions K`) of one summary entry.
+fn print_stored_directions(summary: &serde_json::Value, top_k: usize, n: usize) {
+    for d in summary["directions"].as_array().into_iter().flatten().take(top_k) {
+        let toks = |key: &str| {
+            d[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(n)
+                .map(|t| {
+                    format!(
+                        "{} ({:+.3})",
+                        t["token"].as_str().unwrap_or("?"),
+                        t["dp"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  v{} (λ = {:.4e}, hᵀv = {:.4})  KL(p‖p(h+εv)) {:.4e} vs ½ε²vᵀFv {:.4e} (ratio {:.3}, ε {:.3e})",
+            d["k"],
+            d["eigenvalue"].as_f64().unwrap_or(f64::NAN),
+            d["projection"].as_f64().unwrap_or(f64::NAN),
+            d["kl"].as_f64().unwrap_or(f64::NAN),
+            d["kl_quadratic"].as_f64().unwrap_or(f64::NAN),
+            d["kl_ratio"].as_f64().unwrap_or(f64::NAN),
+            d["epsilon"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!("    +v pushes up: {}", toks("up"));
+        println!("    −v pushes up: {}", toks("down"));
+    }
+}
+
 /// Run `inspect`.
 pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
     if !args.dir.is_dir() {
@@ -186,9 +211,28 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
             args.dir.display()
         );
     }
-    let files = crate::compute::results_files(&args.dir)?;
+    let has_mean = args.dir.join(crate::dataset::MEAN_FILE).is_file();
+    let meta: serde_json::Value = std::fs::read(args.dir.join("metadata.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let summaries: Vec<serde_json::Value> = meta["summary"].as_array().cloned().unwrap_or_default();
+    let stored = |seq: usize, layer: usize, position: usize| {
+        summaries.iter().find(|s| {
+            s["sequence"].as_u64() == Some(seq as u64)
+                && s["layer"].as_u64() == Some(layer as u64)
+                && s["position"].as_u64() == Some(position as u64)
+                && s["directions"].is_array()
+        })
+    };
+    let files = match crate::compute::results_files(&args.dir) {
+        Ok(f) => f,
+        Err(_) if has_mean => Vec::new(),
+        Err(e) => return Err(e),
+    };
     let results = files.iter().map(|f| read_results(f)).collect::<Result<Vec<_>>>()?;
-    let decoder = if args.no_model || args.top_k == 0 {
+    let all_stored = results.iter().all(|r| r.contains_key("direction_kl"));
+    let decoder = if args.no_model || args.top_k == 0 || files.is_empty() || all_stored {
         None
     } else {
         match load_decoder(&args.dir, g) {
@@ -204,6 +248,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
         let (n, d) = (fs[0], fs[1]);
         let tokens: Vec<u32> = r["token_ids"].1.iter().map(|&x| x as u32).collect();
         let seq = r.get("sequence").map_or(0.0, |s| s.1[0]) as usize;
+        let name = file.file_name().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default();
         for i in 0..n {
             let layer = r["layer"].1[i] as usize;
             let position = r["positions"].1[i] as usize;
@@ -214,8 +259,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
                 .map(|e| format!("{:.4}", e.1[i]))
                 .unwrap_or_else(|| "n/a".into());
             println!(
-                "{}  seq {seq}  layer {layer}  position {position}  token {}",
-                file.file_name().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default(),
+                "{name}  seq {seq}  layer {layer}  position {position}  token {}",
                 tokens.get(position).map_or("?".into(), |t| t.to_string())
             );
             println!(
@@ -231,25 +275,67 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join("  ")
             );
+            if args.top_k == 0 || args.no_model {
+                continue;
+            }
+            if let Some(st) = stored(seq, layer, position) {
+                print_stored_directions(st, args.top_k, args.tokens_per_direction);
+                continue;
+            }
             let Some(dec) = &decoder else { continue };
-            for k in 0..args.top_k.min(d) {
-                let v: Vec<f64> = (0..d).map(|j| s.eigenvectors.get(j, k)).collect();
-                let (dz, p) = dec.logit_change(&tokens, layer, position, &v)?;
-                let mean: f64 = p.iter().zip(&dz).map(|(p, z)| p * z).sum();
-                let dp: Vec<f64> = p.iter().zip(&dz).map(|(p, z)| p * (z - mean)).collect();
-                let mut order: Vec<usize> = (0..dp.len()).collect();
-                order.sort_by(|&a, &b| dp[b].total_cmp(&dp[a]));
-                let fmt = |ids: &mut dyn Iterator<Item = &usize>| {
-                    ids.take(args.tokens_per_direction)
-                        .map(|&y| format!("{} ({:+.3})", dec.decode(y as u32), dp[y]))
+            let k = args.top_k.min(d);
+            let v = Matrix::from_fn(d, k, |j, c| s.eigenvectors.get(j, c));
+            for (c, e) in dec.effects(&tokens, layer, position, &v)?.iter().enumerate() {
+                let fmt = |v: Vec<(u32, f64)>| {
+                    v.into_iter()
+                        .map(|(y, dp)| format!("{} ({dp:+.3})", dec.decode(y)))
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                println!("  v{} (λ = {:.4e})", k + 1, s.eigenvalues[k]);
-                println!("    +v pushes up: {}", fmt(&mut order.iter()));
-                println!("    −v pushes up: {}", fmt(&mut order.iter().rev()));
+                println!(
+                    "  v{} (λ = {:.4e})  KL(p‖p(h+εv)) {:.4e} vs ½ε²vᵀFv {:.4e} (ratio {:.3}, ε {:.3e})",
+                    c + 1,
+                    s.eigenvalues[c],
+                    e.kl,
+                    e.kl_quadratic,
+                    e.kl_ratio(),
+                    e.epsilon
+                );
+                println!("    +v pushes up: {}", fmt(e.pushed_up(args.tokens_per_direction)));
+                println!("    −v pushes up: {}", fmt(e.pushed_down(args.tokens_per_direction)));
             }
         }
+        if let Some((ps, p)) = r.get("projections") {
+            let k = ps.get(1).copied().unwrap_or(0);
+            println!("{name}  projections hᵀv_i on the top eigenvectors of each position's F:");
+            let header: Vec<String> =
+                (1..=k).map(|c| format!("{:>10}", format!("hᵀv{c}"))).collect();
+            println!("  layer  position  {}", header.join(" "));
+            for i in 0..ps[0] {
+                let row: Vec<String> = (0..k).map(|c| format!("{:>10.4}", p[i * k + c])).collect();
+                println!(
+                    "  {:>5}  {:>8}  {}",
+                    r["layer"].1[i] as usize,
+                    r["positions"].1[i] as usize,
+                    row.join(" ")
+                );
+            }
+        }
+    }
+    if let Some(rows) = meta["layer_summary"].as_array().filter(|a| a.len() > 1) {
+        println!("layer sweep:");
+        crate::readouts::print_layer_summary(rows);
+    }
+    if has_mean {
+        let state = crate::dataset::MeanState::read(&args.dir.join(crate::dataset::MEAN_FILE))?;
+        let rows: Vec<serde_json::Value> = state.summary()?.into_iter().map(|(r, _)| r).collect();
+        println!(
+            "{} ({} sequence(s), shard {}):",
+            crate::dataset::MEAN_FILE,
+            state.sequences.len(),
+            state.shard
+        );
+        crate::dataset::print_mean_summary(&rows);
     }
     Ok(())
 }

@@ -7,12 +7,17 @@
 mod backends;
 mod bench;
 mod compute;
+mod dataset;
 mod info;
 mod inputs;
 mod inspect;
+mod merge;
 mod npz;
 mod output;
+mod plots;
 mod positions;
+mod readouts;
+mod report;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -42,6 +47,11 @@ enum Command {
     Info(info::InfoArgs),
     /// Time the estimators on a random model of a named shape and print a table.
     Bench(bench::BenchArgs),
+    /// Add the mean accumulators of `compute --mean --shard i/N` jobs into one result.
+    Merge(merge::MergeArgs),
+    /// Write a self-contained HTML report (plots, layer sweep, decoded directions) of a results
+    /// directory, and its plots as PNG and SVG.
+    Report(report::ReportArgs),
 }
 
 /// Keep freed tensor-sized blocks (up to 32 MiB, glibc's maximum) in the heap instead of
@@ -102,6 +112,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args, &g),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Merge(args) => merge::run(args, &g),
+        Command::Report(args) => report::run(args, &g),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -98,8 +98,8 @@ pub fn centered_output_gram<S: Element>(
     const M_BLOCK: usize = 4096;
     let partial = |start: usize| {
         let mut m = vec![0.0f64; du];
-        for y in start..(start + M_BLOCK).min(v) {
-            let py = p[y];
+        let end = (start + M_BLOCK).min(v);
+        for (y, &py) in p.iter().enumerate().take(end).skip(start) {
             if py > 0.0 {
                 for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
                     *mi += py * w.as_f64();

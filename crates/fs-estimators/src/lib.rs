@@ -20,6 +20,11 @@
 //! and [`spectrum`] for the eigen-analysis (eigenvalues descending, eigenvectors, trace,
 //! effective rank, participation ratio).
 //!
+//! Interpretability read-outs: [`direction_effects`] (what a direction `v` does: the exact logit
+//! change `Jv = W_U A v`, the probability change, `vᵀFv`, and the check
+//! `KL(p ‖ p(h + εv)) ≈ ½ ε² vᵀFv`), [`project`] (coordinates `hᵀv`), and
+//! [`FisherAccumulator`] (dataset means, streamed, with exact-to-round-off merges of shards).
+//!
 //! ## Precision
 //! Probabilities are computed from the logits in `f64` ([`softmax`]) and renormalised there.
 //! The big products (the `V × d_u` weighted Gram, the `V × d` closed form) run in the model's
@@ -34,15 +39,18 @@
 
 #![warn(missing_docs)]
 
+mod accumulate;
 pub mod analytic;
 mod closed_form;
 mod exact;
 mod gram;
 mod predictive;
 mod probs;
+mod readouts;
 mod sampled;
 mod spectrum;
 
+pub use accumulate::{CompensatedSum, FisherAccumulator};
 pub use closed_form::{closed_form_fisher, closed_form_fisher_at, GradientKind};
 pub use exact::{exact_fisher, exact_fisher_from_parts, ExactOptions};
 pub use fs_traits::{FsError, Matrix, MatrixRef, Result, Scalar, SplitContext, SplitModel};
@@ -51,6 +59,10 @@ pub use predictive::{predictive_fisher, PredictiveFisher, PredictiveOptions};
 pub use probs::{
     entropy, normalized_probabilities, sample_tokens, sampling_distribution, softmax,
     SamplingOptions, PROBABILITY_SUM_TOLERANCE,
+};
+pub use readouts::{
+    direction_effects, fisher_quadratic_form, kl_from_logits, logit_change_from_parts, project,
+    DirectionEffect, DirectionOptions,
 };
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
 pub use spectrum::{spectrum, Spectrum};

@@ -1,0 +1,123 @@
+//! `fisher-stein merge DIR... --output OUT`: add the mean accumulators (`mean.safetensors`) of
+//! independent shard jobs (`compute --mean --shard i/N`) into the result one job over all the
+//! documents would have produced: sums and counts add exactly (compensated f64 sums, see
+//! `fs_estimators::FisherAccumulator`), so the merged mean equals the single job's to f64
+//! round-off whatever the order of the shards.
+//!
+//! The inputs must come from one run: same model weights (sha256), width, layers, estimator
+//! settings and position selection; no document may appear in two of them.
+
+use crate::dataset::{check_compatible, print_mean_summary, MeanState, MEAN_FILE};
+use crate::output::{check_output_dir, create_results_dir, write_atomic, ExistingDir};
+use crate::Globals;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Arguments of `fisher-stein merge`.
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// Results directories (or mean.safetensors files) of `compute --mean` shard jobs.
+    #[arg(value_name = "DIR", required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Directory to write the merged mean.safetensors and metadata.json to.
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Run `merge`.
+pub fn run(args: MergeArgs, g: &Globals) -> Result<()> {
+    let existing = if args.force { ExistingDir::Replace } else { ExistingDir::Refuse };
+    check_output_dir(&args.output, existing)?;
+    let mut merged: Option<MeanState> = None;
+    let mut seen: HashMap<(String, usize), String> = HashMap::new();
+    let mut shards = Vec::new();
+    let mut summaries = Vec::new();
+    for input in &args.inputs {
+        let (path, dir) = if input.is_dir() {
+            (input.join(MEAN_FILE), Some(input.clone()))
+        } else if input.is_file() {
+            (input.clone(), input.parent().map(PathBuf::from))
+        } else {
+            bail!(
+                "{} does not exist: give the --output directories of compute --mean jobs",
+                input.display()
+            );
+        };
+        if !path.is_file() {
+            bail!(
+                "{} holds no {MEAN_FILE}: run compute with --mean (or --mean-only) to produce an accumulator",
+                input.display()
+            );
+        }
+        let name = input.display().to_string();
+        let state = MeanState::read(&path)?;
+        let source = state.settings["input"].to_string();
+        for &s in &state.sequences {
+            if let Some(other) = seen.insert((source.clone(), s), name.clone()) {
+                bail!("document {s} is in both {other} and {name}: each document may be merged once (shards of one run, or distinct inputs)");
+            }
+        }
+        g.log(&format!(
+            "read {} ({} layers, shard {})",
+            path.display(),
+            state.layers.len(),
+            state.shard
+        ));
+        shards
+            .push(json!({"path": path, "shard": state.shard, "sequences": state.sequences.len()}));
+        if let Some(s) = dir.as_ref().map(|d| d.join("metadata.json")).filter(|p| p.is_file()) {
+            if let Ok(m) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(&s)?) {
+                summaries.extend(m["summary"].as_array().cloned().unwrap_or_default());
+            }
+        }
+        match merged.as_mut() {
+            None => merged = Some(state),
+            Some(m) => {
+                check_compatible(m, &state, &args.inputs[0].display().to_string(), &name)?;
+                for ((la, a), (lb, b)) in m.layers.iter_mut().zip(&state.layers) {
+                    if la != lb {
+                        bail!("cannot merge {name}: its layers differ from the first input's");
+                    }
+                    a.merge(b).with_context(|| format!("merging {name}"))?;
+                }
+                m.sequences.extend(&state.sequences);
+            }
+        }
+    }
+    let mut m = merged.context("no inputs to merge")?;
+    m.sequences.sort_unstable();
+    m.shard = format!("merged from {} input(s)", args.inputs.len());
+    create_results_dir(&args.output, args.force)?;
+    m.write(&args.output)?;
+    let mean_summary = m.summary()?;
+    let rows: Vec<serde_json::Value> = mean_summary.iter().map(|(r, _)| r.clone()).collect();
+    let layer_summary = crate::readouts::layer_summary(&summaries);
+    let metadata = json!({
+        "tool": "fisher-stein",
+        "version": env!("CARGO_PKG_VERSION"),
+        "merged_from": shards,
+        "settings": m.settings,
+        "layers": m.layers.iter().map(|(l, _)| l).collect::<Vec<_>>(),
+        "d_model": m.dim(),
+        "n_sequences": m.sequences.len(),
+        "mean_summary": rows,
+        "layer_summary": layer_summary,
+        "summary": summaries,
+    });
+    write_atomic(&args.output.join("metadata.json"), &serde_json::to_vec_pretty(&metadata)?)?;
+    if !g.quiet {
+        print_mean_summary(&rows);
+        eprintln!(
+            "merged {} input(s), {} document(s), into {}",
+            args.inputs.len(),
+            m.sequences.len(),
+            args.output.display()
+        );
+    }
+    Ok(())
+}

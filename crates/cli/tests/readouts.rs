@@ -1,0 +1,514 @@
+//! Interpretability read-outs on the repository's tiny real checkpoints: direction effects against
+//! finite differences of the model, the KL check, projections, the layer sweep, dataset means
+//! merged from shards, and the HTML report.
+
+use backend_candle::{Device, Gpt2, Llama};
+use fs_estimators::{
+    direction_effects, exact_fisher, spectrum, DirectionOptions, ExactOptions, Matrix, Scalar,
+    SplitModel,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fisher-stein"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A failure with exit code 2 and a one-line message containing `needle`.
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+}
+
+type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+fn read_safetensors(path: &Path) -> Arrays {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = match t.dtype() {
+                safetensors::Dtype::F32 => t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::F64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                d => panic!("dtype {d:?}"),
+            };
+            (name, (t.shape().to_vec(), v))
+        })
+        .collect()
+}
+
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    n / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-300)
+}
+
+/// `J v` for the top eigenvectors (exact, `W_U A v`) against central differences of the model's
+/// own upper half; returns the worst relative error.
+fn fd_agreement<M: SplitModel>(model: &M, tokens: &[u32], layer: usize) -> f64
+where
+    M::Scalar: fs_estimators::Element,
+{
+    let ctx = model.lower(tokens, layer).unwrap();
+    let mut worst = 0.0f64;
+    for t in [0, tokens.len() / 2, tokens.len() - 1] {
+        let f = exact_fisher(model, &ctx, &[t], &ExactOptions::default()).unwrap();
+        let s = spectrum(&f[0], Some(3)).unwrap();
+        let effects =
+            direction_effects(model, &ctx, t, &s.eigenvectors, &DirectionOptions::default())
+                .unwrap();
+        let h = model.activation(&ctx, t).unwrap();
+        for (k, e) in effects.iter().enumerate() {
+            // Fourth-order central stencil (f32 model: the step trades truncation against
+            // rounding of the logits).
+            let eps = 4e-3;
+            let at = |step: f64| {
+                let x: Vec<M::Scalar> = h
+                    .iter()
+                    .enumerate()
+                    .map(|(j, a)| {
+                        M::Scalar::round_from_f64(a.as_f64() + step * s.eigenvectors.get(j, k))
+                    })
+                    .collect();
+                model.upper_logits(&ctx, t, &x).unwrap()
+            };
+            let (z1, zm1, z2, zm2) = (at(eps), at(-eps), at(2.0 * eps), at(-2.0 * eps));
+            let fd: Vec<f64> = (0..z1.len())
+                .map(|y| {
+                    let d1 = z1[y].as_f64() - zm1[y].as_f64();
+                    let d2 = z2[y].as_f64() - zm2[y].as_f64();
+                    (8.0 * d1 - d2) / (12.0 * eps)
+                })
+                .collect();
+            worst = worst.max(rel(&e.logit_change, &fd));
+            // vᵀFv from the exact Jv reproduces the eigenvalue of the exact Fisher.
+            let lambda = s.eigenvalues[k];
+            assert!(
+                (e.fisher_quadratic - lambda).abs() <= 1e-3 * lambda,
+                "{} vs {lambda}",
+                e.fisher_quadratic
+            );
+        }
+    }
+    worst
+}
+
+#[test]
+fn direction_effects_match_finite_differences_of_the_model() {
+    let tokens = [15u32, 42, 7, 99, 3, 88, 60, 5];
+    for name in ["gpt2-tiny-a", "gpt2-tiny-b"] {
+        let files = fs_checkpoint::resolve_model(fixture(name).to_str().unwrap()).unwrap();
+        let model = Gpt2::load(&files, &Device::Cpu).unwrap();
+        for layer in [0, 1, 2] {
+            let err = fd_agreement(&model, &tokens, layer);
+            println!(
+                "{name} layer {layer}: max relative error of Jv vs central difference {err:.2e}"
+            );
+            assert!(err < 2e-3, "{name} layer {layer}: {err}");
+        }
+    }
+    let files =
+        fs_checkpoint::resolve_model(fixture("llama-tiny-untied").to_str().unwrap()).unwrap();
+    let model = Llama::load(&files, &Device::Cpu).unwrap();
+    for layer in [0, 1] {
+        let err = fd_agreement(&model, &tokens, layer);
+        println!("llama-tiny-untied layer {layer}: max relative error {err:.2e}");
+        assert!(err < 2e-3, "llama layer {layer}: {err}");
+    }
+}
+
+/// `compute --directions 3 --layers all --positions all` on a fixture.
+fn directions_run(name: &str, out: &Path) -> String {
+    ok(&bin()
+        .args(["compute", "--model", fixture(name).to_str().unwrap(), "--layers", "all"])
+        .args(["--tokens", "15,42,7,90,3,88,60,5", "--positions", "all", "--directions", "3"])
+        .args(["--output", out.to_str().unwrap(), "--force"])
+        .output()
+        .unwrap())
+}
+
+#[test]
+fn kl_check_projections_and_report() {
+    let root = tempfile::tempdir().unwrap();
+    for name in ["gpt2-tiny-a", "gpt2-tiny-b", "llama-tiny-tied"] {
+        let out = root.path().join(name);
+        directions_run(name, &out);
+        let r = read_safetensors(&out.join("fisher.safetensors"));
+        let (ks, kl) = &r["direction_kl"];
+        let (_, klq) = &r["direction_kl_quadratic"];
+        assert_eq!(ks[1], 3);
+        let ratios: Vec<f64> = kl.iter().zip(klq).map(|(a, b)| a / b).collect();
+        let (lo, hi) =
+            ratios.iter().fold((f64::INFINITY, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+        println!(
+            "{name}: KL(p‖p(h+εv)) / ½ε²vᵀFv over {} directions in [{lo:.4}, {hi:.4}]",
+            ratios.len()
+        );
+        assert!(lo > 0.9 && hi < 1.1, "{name}: KL ratios in [{lo}, {hi}]");
+
+        // Projections are hᵀv with the stored activation and eigenvectors...
+        let (hs, h) = &r["activations"];
+        let (vs, v) = &r["eigenvectors"];
+        let (_, proj) = &r["projections"];
+        let (n, d, rank) = (vs[0], vs[1], vs[2]);
+        assert_eq!(hs, &vec![n, d]);
+        let mut worst = 0.0f64;
+        for i in 0..n {
+            let hn: f64 = h[i * d..(i + 1) * d].iter().map(|x| x * x).sum::<f64>().sqrt();
+            for k in 0..3 {
+                let dot: f64 = (0..d).map(|j| h[i * d + j] * v[i * d * rank + j * rank + k]).sum();
+                worst = worst.max((dot - proj[i * 3 + k]).abs() / hn);
+            }
+        }
+        assert!(worst < 1e-5, "{name}: projections vs hᵀv {worst:e}");
+        // ...and the stored activation is the model's h_k[t] (checked on GPT-2 through candle).
+        if name.starts_with("gpt2") {
+            let files = fs_checkpoint::resolve_model(fixture(name).to_str().unwrap()).unwrap();
+            let model = Gpt2::load(&files, &Device::Cpu).unwrap();
+            let tokens: Vec<u32> = r["token_ids"].1.iter().map(|&x| x as u32).collect();
+            for i in 0..n {
+                let (layer, t) = (r["layer"].1[i] as usize, r["positions"].1[i] as usize);
+                let ctx = model.lower(&tokens, layer).unwrap();
+                let a: Vec<f64> =
+                    model.activation(&ctx, t).unwrap().iter().map(|x| x.as_f64()).collect();
+                assert!(rel(&h[i * d..(i + 1) * d], &a) < 1e-6, "activation {i}");
+            }
+        }
+    }
+
+    // The report: one self-contained page with the three plots and the tables.
+    let dir = root.path().join("gpt2-tiny-b");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metadata.json")).unwrap()).unwrap();
+    let inspect =
+        ok(&bin().args(["inspect", dir.to_str().unwrap(), "--top-k", "1"]).output().unwrap());
+    assert!(inspect.contains("projections hᵀv_i") && inspect.contains("ratio"), "{inspect}");
+    assert!(inspect.contains("layer sweep:"), "{inspect}");
+    ok(&bin().args(["report", dir.to_str().unwrap()]).output().unwrap());
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    for needle in [
+        "<figure id=\"plot-spectra\"><svg",
+        "<figure id=\"plot-effective_rank\"><svg",
+        "<figure id=\"plot-entropy_trace\"><svg",
+        "<h2>Layer sweep</h2>",
+        "<h2>Projections</h2>",
+        "<h2>Decoded directions</h2>",
+        "+v pushes up",
+        "½ε²vᵀFv",
+    ] {
+        assert!(html.contains(needle), "report lacks {needle}");
+    }
+    // One table row per analysed position and per decoded direction.
+    let n = meta["summary"].as_array().unwrap().len();
+    assert_eq!(html.matches("<h3>seq ").count(), n);
+    assert_eq!(html.matches("<tr><td>v").count(), 3 * n);
+    // Self-contained: no scripts, no links or sources to fetch.
+    for bad in ["<script", "src=", "href=", "url("] {
+        assert!(!html.contains(bad), "report contains {bad}");
+    }
+    for p in ["spectra", "effective_rank", "entropy_trace"] {
+        let png = std::fs::read(dir.join("plots").join(format!("{p}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let svg = std::fs::read_to_string(dir.join("plots").join(format!("{p}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("<text"));
+    }
+}
+
+#[test]
+fn layer_sweep_summary_matches_the_spectra_of_the_stored_matrices() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("sweep");
+    let stdout = ok(&bin()
+        .args(["compute", "--model", fixture("gpt2-tiny-b").to_str().unwrap(), "--layers", "all"])
+        .args(["--tokens", "15,42,7,199,3,88", "--positions", "all", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap());
+    assert!(stdout.contains("layer  positions  mean entropy"), "{stdout}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let rows = meta["layer_summary"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let r = read_safetensors(&out.join("fisher.safetensors"));
+    let (fs, f) = &r["fisher"];
+    let (n, d) = (fs[0], fs[1]);
+    for row in rows {
+        let layer = row["layer"].as_u64().unwrap() as usize;
+        let idx: Vec<usize> = (0..n).filter(|&i| r["layer"].1[i] as usize == layer).collect();
+        assert_eq!(idx.len(), 6);
+        let specs: Vec<_> = idx
+            .iter()
+            .map(|&i| {
+                let m = Matrix::from_vec(d, d, f[i * d * d..(i + 1) * d * d].to_vec()).unwrap();
+                spectrum(&m, Some(5)).unwrap()
+            })
+            .collect();
+        let mean = |g: &dyn Fn(&fs_estimators::Spectrum) -> f64| {
+            specs.iter().map(g).sum::<f64>() / specs.len() as f64
+        };
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-12);
+        assert!(close(row["mean_trace"].as_f64().unwrap(), mean(&|s| s.trace)), "{row}");
+        assert!(
+            close(row["mean_effective_rank"].as_f64().unwrap(), mean(&|s| s.effective_rank)),
+            "{row}"
+        );
+        assert!(
+            close(
+                row["mean_participation_ratio"].as_f64().unwrap(),
+                mean(&|s| s.participation_ratio)
+            ),
+            "{row}"
+        );
+        for k in 0..5 {
+            let got = row["mean_top_eigenvalues"][k].as_f64().unwrap();
+            assert!(close(got, mean(&|s| s.eigenvalues[k])), "layer {layer} λ{k}: {got}");
+        }
+    }
+}
+
+/// A copy of gpt2-tiny-b with a word-level tokenizer (`w0` … `w199` → ids 0 … 199), so that
+/// `--input FILE` works on it.
+fn model_with_word_tokenizer(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("gpt2-tiny-b").join(f), dir.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..200)
+        .map(|i| (format!("w{i}"), serde_json::json!(i)))
+        .chain([("[UNK]".to_string(), serde_json::json!(200))])
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+#[test]
+fn merge_of_shards_equals_one_job() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("model");
+    model_with_word_tokenizer(&model);
+    let docs = root.path().join("docs.txt");
+    std::fs::write(
+        &docs,
+        "w15 w42 w7 w199 w3\nw1 w2 w3 w4 w5 w6 w7\nw100 w50 w25\nw9 w8 w7 w6\nw180 w170 w160 w150 w140 w130\n",
+    )
+    .unwrap();
+    let common = |out: &Path| {
+        let mut c = bin();
+        c.args([
+            "-q",
+            "compute",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            docs.to_str().unwrap(),
+        ])
+        .args([
+            "--layers",
+            "1,3",
+            "--positions",
+            "all",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        c
+    };
+    let single = root.path().join("single");
+    ok(&common(&single).arg("--mean-only").output().unwrap());
+    assert!(!single.join("fisher_seq_000000.safetensors").exists(), "--mean-only wrote matrices");
+    let mut shard_dirs = Vec::new();
+    for i in 0..3 {
+        let out = root.path().join(format!("shard{i}"));
+        ok(&common(&out).args(["--mean", "--shard", &format!("{i}/3")]).output().unwrap());
+        shard_dirs.push(out);
+    }
+    // Shard 1/3 holds documents 1 and 4 only.
+    assert!(shard_dirs[1].join("fisher_seq_000004.safetensors").exists());
+    assert!(!shard_dirs[1].join("fisher_seq_000000.safetensors").exists());
+    let merged = root.path().join("merged");
+    // Merge in a different order from the shard numbering: order must not matter.
+    let stdout = ok(&bin()
+        .args(["merge", shard_dirs[2].to_str().unwrap(), shard_dirs[0].to_str().unwrap()])
+        .arg(shard_dirs[1].to_str().unwrap())
+        .args(["--output", merged.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(stdout.contains("mean Fisher per layer"), "{stdout}");
+    let a = read_safetensors(&single.join("mean.safetensors"));
+    let b = read_safetensors(&merged.join("mean.safetensors"));
+    assert_eq!(a["count"], b["count"]);
+    assert_eq!(a["count"].1, vec![25.0, 25.0]);
+    assert_eq!(a["sequences"], b["sequences"]);
+    let sum = |r: &Arrays| -> Vec<f64> {
+        r["fisher_sum"].1.iter().zip(&r["fisher_sum_lo"].1).map(|(h, l)| h + l).collect()
+    };
+    let e_sum = rel(&sum(&b), &sum(&a));
+    let e_mean = rel(&b["fisher_mean"].1, &a["fisher_mean"].1);
+    println!("merge of 3 shards vs one job: relative error of the sum {e_sum:.1e}, of the mean {e_mean:.1e}");
+    assert!(e_sum <= 1e-12 && e_mean <= 1e-12, "{e_sum} {e_mean}");
+    // The mean is the mean of the per-position matrices the shards wrote (stored in f32).
+    let mut acc = vec![0.0f64; b["fisher_mean"].1.len() / 2];
+    let mut count = 0;
+    for dir in &shard_dirs {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap().to_string_lossy().starts_with("fisher_seq") {
+                let r = read_safetensors(&p);
+                let (fs, f) = &r["fisher"];
+                let dd = fs[1] * fs[2];
+                for i in 0..fs[0] {
+                    if r["layer"].1[i] == 1.0 {
+                        acc.iter_mut().zip(&f[i * dd..(i + 1) * dd]).for_each(|(a, x)| *a += x);
+                        count += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(count, 25);
+    acc.iter_mut().for_each(|x| *x /= 25.0);
+    assert!(rel(&b["fisher_mean"].1[..acc.len()], &acc) < 1e-6);
+    // inspect and report read a mean-only directory and a merged one.
+    let s = ok(&bin().args(["inspect", single.to_str().unwrap()]).output().unwrap());
+    assert!(s.contains("mean.safetensors (5 sequence(s)"), "{s}");
+    ok(&bin().args(["-q", "report", merged.to_str().unwrap()]).output().unwrap());
+    let html = std::fs::read_to_string(merged.join("report.html")).unwrap();
+    assert!(html.contains("<h2>Dataset mean</h2>") && html.contains("plot-spectra"));
+
+    // Bad inputs: one line, exit code 2.
+    let again = root.path().join("again");
+    fails_with(
+        &bin()
+            .args([
+                "merge",
+                shard_dirs[0].to_str().unwrap(),
+                shard_dirs[0].to_str().unwrap(),
+                "--output",
+            ])
+            .arg(&again)
+            .output()
+            .unwrap(),
+        "is in both",
+    );
+    let other_layers = root.path().join("other");
+    ok(&bin()
+        .args([
+            "-q",
+            "compute",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            docs.to_str().unwrap(),
+        ])
+        .args(["--layers", "2", "--positions", "all", "--mean-only", "--shard", "1/3", "--output"])
+        .arg(&other_layers)
+        .output()
+        .unwrap());
+    fails_with(
+        &bin()
+            .args([
+                "merge",
+                shard_dirs[0].to_str().unwrap(),
+                other_layers.to_str().unwrap(),
+                "--output",
+            ])
+            .arg(&again)
+            .output()
+            .unwrap(),
+        "differ in layers",
+    );
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    fails_with(
+        &bin().args(["merge", empty.to_str().unwrap(), "--output"]).arg(&again).output().unwrap(),
+        "holds no mean.safetensors",
+    );
+    fails_with(
+        &bin().args(["merge", "/nonexistent/dir", "--output"]).arg(&again).output().unwrap(),
+        "does not exist",
+    );
+    fails_with(&bin().args(["report", empty.to_str().unwrap()]).output().unwrap(), "metadata.json");
+    for (shard, needle) in [
+        ("3/3", "invalid shard"),
+        ("0/0", "invalid shard"),
+        ("a/b", "invalid shard"),
+        ("1", "invalid shard"),
+    ] {
+        fails_with(
+            &common(&root.path().join("bad")).args(["--mean", "--shard", shard]).output().unwrap(),
+            needle,
+        );
+    }
+    fails_with(
+        &bin()
+            .args([
+                "compute",
+                "--model",
+                model.to_str().unwrap(),
+                "--tokens",
+                "1,2,3",
+                "--layer",
+                "1",
+            ])
+            .args(["--shard", "1/2", "--mean", "--output"])
+            .arg(root.path().join("bad"))
+            .output()
+            .unwrap(),
+        "selects none",
+    );
+    fails_with(
+        &bin()
+            .args([
+                "compute",
+                "--model",
+                model.to_str().unwrap(),
+                "--tokens",
+                "1,2,3",
+                "--layer",
+                "1",
+            ])
+            .args(["--estimator", "predictive", "--directions", "2", "--output"])
+            .arg(root.path().join("bad"))
+            .output()
+            .unwrap(),
+        "--directions",
+    );
+    assert!(
+        !again.exists() && !root.path().join("bad").exists(),
+        "a failed command left a directory"
+    );
+}
