@@ -333,3 +333,75 @@ fn bad_input_is_one_line_exit_2_and_writes_nothing() {
     assert!(e.contains("not empty") && e.contains("--force"), "{e}");
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "x");
 }
+
+/// `compute --backend B` on a GPT-2 and a Llama fixture reproduces the oracle's exact F for every
+/// engine compiled into this binary (the `backend` in metadata.json says which ran); an engine
+/// that is not compiled in is a one-line error naming the Cargo feature.
+#[test]
+fn every_compiled_backend_reproduces_the_fixture_through_the_binary() {
+    for (backend, compiled) in [
+        ("candle", cfg!(feature = "candle")),
+        ("burn", cfg!(feature = "burn")),
+        ("dfdx", cfg!(feature = "dfdx")),
+    ] {
+        for name in ["gpt2-tiny-a", "llama-tiny-untied"] {
+            let fx = fixture(name);
+            let tmp = tempfile::tempdir().unwrap();
+            let out_dir = tmp.path().join("run");
+            let layer = 1;
+            let args = [
+                "compute",
+                "--model",
+                fx.to_str().unwrap(),
+                "--layer",
+                "1",
+                "--backend",
+                backend,
+                "--tokens",
+                &ids_arg(&fx),
+                "--positions",
+                "all",
+            ];
+            if !compiled {
+                expect_failure(
+                    &args,
+                    &out_dir,
+                    &["--backend", backend, &format!("--features {backend}")],
+                );
+                continue;
+            }
+            let llama_on_dfdx = backend == "dfdx" && name.starts_with("llama");
+            if llama_on_dfdx {
+                expect_failure(&args, &out_dir, &["dfdx implements GPT-2 only"]);
+                continue;
+            }
+            let out = bin()
+                .args(args)
+                .args(["-q", "--output", out_dir.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert_ok(&out);
+            let meta: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out_dir.join("metadata.json")).unwrap())
+                    .unwrap();
+            assert_eq!(meta["backend"], backend);
+            let (_, f) = read_tensor(&out_dir.join("fisher.safetensors"), "fisher");
+            let (_, pos) = read_tensor(&out_dir.join("fisher.safetensors"), "positions");
+            let (rshape, reference) = read_tensor(&fx.join("reference.safetensors"), "fisher");
+            let (_, ref_pos) = read_tensor(&fx.join("reference.safetensors"), "positions");
+            let (p, d) = (rshape[1], rshape[2]);
+            for (i, t) in ref_pos.iter().enumerate() {
+                let j = pos.iter().position(|x| x == t).expect("position computed");
+                let r = &reference[(layer * p + i) * d * d..(layer * p + i + 1) * d * d];
+                let g = &f[j * d * d..(j + 1) * d * d];
+                let num: f64 = g.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+                let den: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();
+                assert!(
+                    num / den <= 1e-4,
+                    "{backend} {name} position {t}: relative error {}",
+                    num / den
+                );
+            }
+        }
+    }
+}

@@ -440,10 +440,11 @@ fn readme_main_command_runs_as_written() {
     assert!(stdout.contains("eff. rank") && stdout.contains("+v pushes up"), "{stdout}");
     assert!(stdout.contains("\" Paris\""), "the top direction should move \" Paris\": {stdout}");
     assert!(tmp.path().join("demo/fisher.safetensors").exists());
-    assert!(readme.contains("cargo test --locked"));
+    const TEST_COMMAND: &str = "cargo test --locked --features fisher-stein/all-backends";
+    assert!(readme.contains(&format!("```sh\n{TEST_COMMAND}\n```")), "README test command");
     let ci = std::fs::read_to_string(repo().join(".ci/run")).unwrap();
     assert!(
-        ci.lines().any(|l| l.trim() == "cargo test --locked"),
+        ci.lines().any(|l| l.trim() == TEST_COMMAND),
         ".ci/run must run the README's test command"
     );
 }

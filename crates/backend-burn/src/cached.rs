@@ -1,0 +1,450 @@
+//! What every KV-cached transformer on burn shares: the context of a lower pass, the cached
+//! attention of single rows, and the [`SplitModel`](fs_traits::SplitModel) methods that only need
+//! a model's single-position upper half (readout Jacobians, score gradients, logits).
+//!
+//! A model implements [`CachedUpper`] (its forward pass over a sequence and its upper half on
+//! replicated rows) and gets its `SplitModel` impl from the crate-internal `impl_split_model!`.
+
+use crate::ops::softmax_last_dim;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use fs_traits::{
+    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
+    FsError, Matrix, MatrixRef, ModelDims, SplitContext,
+};
+
+/// Default bytes of activations one readout-Jacobian backward pass may keep alive.
+pub(crate) const DEFAULT_ACTIVATION_BUDGET: usize = 512 << 20;
+
+/// Masked attention logit: finite, so that `masked − max` never produces NaN.
+pub(crate) const MASKED: f32 = -1e30;
+
+/// Read a tensor back to the host as `f32` (a failed read-back becomes [`FsError::Backend`]).
+pub(crate) fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, FsError> {
+    t.try_into_vec_as::<f32>()
+        .map_err(|e| FsError::Backend(format!("burn: {}", crate::one_line(&e))))
+}
+
+/// A float tensor of `shape` from host data on `device`.
+pub(crate) fn tensor<const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// An index tensor on `device`.
+pub(crate) fn indices(ids: impl IntoIterator<Item = usize>, device: &Device) -> Tensor<1, Int> {
+    let ids: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
+    let n = ids.len();
+    Tensor::from_data(TensorData::new(ids, [n]), device)
+}
+
+/// The result of a lower pass: layer-`k` activations, the key/value cache of blocks `≥ k`, and
+/// the final-norm output of every position (for the unperturbed logits). All tensors live on the
+/// plain (non-autodiff) device.
+pub struct CachedContext {
+    pub(crate) layer: usize,
+    pub(crate) tokens: Vec<u32>,
+    /// `H_k` (`T × d`).
+    pub(crate) hidden: Tensor<2>,
+    /// Keys of blocks `k..n_layer`, each `(H, T, d_head)` (after RoPE where the model has it,
+    /// with grouped key/value heads already repeated to `H`).
+    pub(crate) keys: Vec<Tensor<3>>,
+    /// Values of blocks `k..n_layer`, each `(H, T, d_head)`.
+    pub(crate) values: Vec<Tensor<3>>,
+    /// `norm_f(h_L)` (`T × d`).
+    pub(crate) final_norm: Tensor<2>,
+}
+
+impl SplitContext for CachedContext {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+impl CachedContext {
+    /// One context per requested layer from a full forward pass: `hidden[k]` = layer-`k`
+    /// activations (`k = 0..=n_layer`), `keys[i]` / `values[i]` = block `i`'s cache.
+    pub(crate) fn for_layers(
+        tokens: &[u32],
+        layers: &[usize],
+        hidden: &[Tensor<2>],
+        keys: &[Tensor<3>],
+        values: &[Tensor<3>],
+        final_norm: &Tensor<2>,
+    ) -> Vec<CachedContext> {
+        layers
+            .iter()
+            .map(|&layer| CachedContext {
+                layer,
+                tokens: tokens.to_vec(),
+                hidden: hidden[layer].clone(),
+                keys: keys[layer..].to_vec(),
+                values: values[layer..].to_vec(),
+                final_norm: final_norm.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A transformer whose upper half can run on single rows against a key/value cache.
+pub(crate) trait CachedUpper {
+    /// The plain (non-autodiff) device the weights live on.
+    fn device(&self) -> &Device;
+    fn model_dims(&self) -> ModelDims;
+    /// `W_U` on the device (`V × d`).
+    fn lm_head(&self) -> &Tensor<2>;
+    /// `W_U` on the host (`V × d`, row-major).
+    fn lm_head_host(&self) -> &[f32];
+    /// Bytes of activations one readout-Jacobian pass may keep alive.
+    fn activation_budget(&self) -> usize;
+    /// Approximate autodiff bytes per replicated row per block.
+    fn bytes_per_row_per_block(&self) -> usize;
+    /// The full causal forward pass (validated tokens), one context per requested layer.
+    fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext>;
+    /// The upper half on rows `h` `(P, R, d)`, row `(p, r)` at position `positions[p]`:
+    /// returns `u = norm_f(x_L)`, `(P, R, d)`.
+    fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3>;
+}
+
+/// Additive mask `(P, 1, 1, t_max)` letting the rows at `positions[p]` see cached positions
+/// `< positions[p]` (`0` allowed, [`MASKED`] elsewhere); `None` when no row has any context.
+pub(crate) fn context_mask(positions: &[usize], device: &Device) -> Option<(Tensor<4>, usize)> {
+    let t_max = positions.iter().copied().max().unwrap_or(0);
+    if t_max == 0 {
+        return None;
+    }
+    let m: Vec<f32> = positions
+        .iter()
+        .flat_map(|&t| (0..t_max).map(move |j| if j < t { 0.0 } else { MASKED }))
+        .collect();
+    Some((tensor(m, [positions.len(), 1, 1, t_max], device), t_max))
+}
+
+/// Attention of single rows against the cache: `q`, `k_self`, `v_self` are `(P, H, R, d_head)`;
+/// each row attends to the cached keys/values `(H, T, d_head)` of positions `< t_p` (through
+/// `mask`) and to its own key/value:
+///
+/// ```text
+///     s_ctx = q·K_ctxᵀ·scale + mask,   s_self = ⟨q, k_self⟩·scale,
+///     out = softmax([s_ctx, s_self]) · [V_ctx; v_self]
+/// ```
+///
+/// Returns `(P, H, R, d_head)`.
+pub(crate) fn attend_cached(
+    q: Tensor<4>,
+    k_self: Tensor<4>,
+    v_self: Tensor<4>,
+    keys: &Tensor<3>,
+    values: &Tensor<3>,
+    mask: Option<&(Tensor<4>, usize)>,
+    scale: f64,
+) -> Tensor<4> {
+    let self_score = q.clone().mul(k_self).sum_dim(3).mul_scalar(scale);
+    match mask {
+        None => v_self,
+        Some((mask, t_max)) => {
+            let k_ctx = keys.clone().narrow(1, 0, *t_max).unsqueeze::<4>();
+            let v_ctx = values.clone().narrow(1, 0, *t_max).unsqueeze::<4>();
+            let ctx_scores = q.matmul(k_ctx.swap_dims(2, 3)).mul_scalar(scale).add(mask.clone());
+            let probs = softmax_last_dim(Tensor::cat(vec![ctx_scores, self_score], 3));
+            let p_ctx = probs.clone().narrow(3, 0, *t_max);
+            let p_self = probs.narrow(3, *t_max, 1);
+            p_ctx.matmul(v_ctx).add(p_self.mul(v_self))
+        }
+    }
+}
+
+/// Causal self-attention over a whole sequence: `q`, `k`, `v` `(H, T, d_head)`.
+pub(crate) fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, scale: f64) -> Tensor<3> {
+    let [_, t_len, _] = q.dims();
+    let causal: Vec<f32> =
+        (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
+    let causal = tensor(causal, [1, t_len, t_len], &q.device());
+    let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale).add(causal);
+    softmax_last_dim(scores).matmul(v)
+}
+
+/// How to split the readout Jacobians of `n_blocks` upper blocks into backward passes:
+/// `(positions per pass, rows per pass)`. Several positions share a pass when all `d` rows of one
+/// fit the budget; otherwise one position's rows are split over several passes.
+pub(crate) fn readout_batching(
+    d: usize,
+    bytes_per_row_block: usize,
+    n_blocks: usize,
+    budget: usize,
+) -> (usize, usize) {
+    let per_row = (bytes_per_row_block * n_blocks.max(1)).max(1);
+    let rows = (budget / per_row).max(1);
+    if rows >= d {
+        ((rows / d).clamp(1, 64), d)
+    } else {
+        (1, rows)
+    }
+}
+
+/// `r` copies of each `h_{positions[p]}` as a leaf `(P, r, d)` on the autodiff view of the
+/// device, marked `require_grad` (the only tensor the backward pass computes a gradient for).
+fn replicated_leaf<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+    r: usize,
+) -> Result<Tensor<3>, FsError> {
+    let d = m.model_dims().d_model;
+    let rows = read(ctx.hidden.clone().select(0, indices(positions.iter().copied(), m.device())))?;
+    let mut data = Vec::with_capacity(positions.len() * r * d);
+    for row in rows.chunks_exact(d) {
+        for _ in 0..r {
+            data.extend_from_slice(row);
+        }
+    }
+    let grad_device = m.device().clone().autodiff();
+    Ok(tensor(data, [positions.len(), r, d], &grad_device).require_grad())
+}
+
+fn check_positions(ctx: &CachedContext, positions: &[usize]) -> Result<(), FsError> {
+    positions.iter().try_for_each(|&t| check_position(t, ctx.tokens.len()))
+}
+
+/// The gradient of the leaf `h` after `loss.backward()`, on the host.
+fn leaf_gradient(loss: Tensor<1>, h: &Tensor<3>) -> Result<Vec<f32>, FsError> {
+    let grads = loss.backward();
+    let g = h
+        .grad(&grads)
+        .ok_or_else(|| FsError::Backend("burn: no gradient reached the activation".into()))?;
+    read(g)
+}
+
+/// `SplitModel::lower_layers`.
+pub(crate) fn lower_layers<M: CachedUpper>(
+    m: &M,
+    tokens: &[u32],
+    layers: &[usize],
+) -> Result<Vec<CachedContext>, FsError> {
+    let dims = m.model_dims();
+    for &layer in layers {
+        check_layer(layer, dims.n_layers)?;
+    }
+    check_tokens(tokens, dims.vocab_size, dims.max_seq_len)?;
+    Ok(m.forward_sequence(tokens, layers))
+}
+
+/// `SplitModel::activation`.
+pub(crate) fn activation<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+) -> Result<Vec<f32>, FsError> {
+    check_position(position, ctx.tokens.len())?;
+    read(ctx.hidden.clone().select(0, indices([position], m.device())))
+}
+
+/// `SplitModel::upper_logits`: `z = W_U · u(h)` for one row `h` at `position`.
+pub(crate) fn upper_logits<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    h: &[f32],
+) -> Result<Vec<f32>, FsError> {
+    let d = m.model_dims().d_model;
+    check_position(position, ctx.tokens.len())?;
+    check_len("h", h.len(), d)?;
+    check_finite("h", h)?;
+    let h = tensor(h.to_vec(), [1, 1, d], m.device());
+    let u = m.upper(ctx, &[position], h).reshape([1, d]);
+    read(u.matmul(m.lm_head().clone().transpose()))
+}
+
+/// `SplitModel::logits`: the cached final-norm rows times `W_Uᵀ`.
+pub(crate) fn logits<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+) -> Result<Matrix<f32>, FsError> {
+    check_positions(ctx, positions)?;
+    let v = m.model_dims().vocab_size;
+    if positions.is_empty() {
+        return Ok(Matrix::zeros(0, v));
+    }
+    let rows = ctx.final_norm.clone().select(0, indices(positions.iter().copied(), m.device()));
+    let data = read(rows.matmul(m.lm_head().clone().transpose()))?;
+    Matrix::from_vec(positions.len(), v, data)
+}
+
+/// `SplitModel::score_gradients`: `S` replicas of `h`, one backward pass of
+/// `Σ_s ⟨w_{y_s} − m, u_s⟩` (`∂ log p_y/∂u = w_y − m`, `m = W_Uᵀp`; the unembedding stays out of
+/// the autodiff graph: the coefficients are formed on the host, `m` accumulated in `f64`).
+pub(crate) fn score_gradients<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    tokens: &[u32],
+) -> Result<Matrix<f32>, FsError> {
+    let dims = m.model_dims();
+    check_position(position, ctx.tokens.len())?;
+    check_tokens_in_vocab(tokens, dims.vocab_size)?;
+    let d = dims.d_model;
+    if tokens.is_empty() {
+        return Ok(Matrix::zeros(0, d));
+    }
+    let z = logits(m, ctx, &[position])?;
+    check_finite("logits", z.as_slice())?;
+    let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+    let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let w_u = m.lm_head_host();
+    let mut mean = vec![0f64; d];
+    for (ey, w) in e.iter().zip(w_u.chunks_exact(d)) {
+        let p = ey / total;
+        for (mi, &wi) in mean.iter_mut().zip(w) {
+            *mi += p * wi as f64;
+        }
+    }
+    let coeff: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&y| {
+            let w = &w_u[y as usize * d..(y as usize + 1) * d];
+            w.iter().zip(&mean).map(|(&wi, mi)| (wi as f64 - mi) as f32).collect::<Vec<_>>()
+        })
+        .collect();
+    let c = tensor(coeff, [1, tokens.len(), d], m.device());
+    let h = replicated_leaf(m, ctx, &[position], tokens.len())?;
+    let u = m.upper(ctx, &[position], h.clone());
+    let data = leaf_gradient(u.mul(c).sum(), &h)?;
+    Matrix::from_vec(tokens.len(), d, data)
+}
+
+/// Rows `rows` of the readout Jacobians at `positions`: one backward pass of
+/// `Σ_p Σ_i ⟨e_{rows.start+i}, u_{p,i}⟩` over `rows.len()` replicas of each `h_t`. Returns one
+/// `rows.len() × d` block per position.
+fn readout_jacobian_rows<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+    rows: std::ops::Range<usize>,
+) -> Result<Vec<Vec<f32>>, FsError> {
+    let d = m.model_dims().d_model;
+    let r = rows.len();
+    let h = replicated_leaf(m, ctx, positions, r)?;
+    let u = m.upper(ctx, positions, h.clone());
+    let mut selector = vec![0f32; r * d];
+    for (i, row) in rows.enumerate() {
+        selector[i * d + row] = 1.0;
+    }
+    let selector = tensor(selector, [1, r, d], m.device());
+    let g = leaf_gradient(u.mul(selector).sum(), &h)?;
+    Ok(g.chunks_exact(r * d).map(<[f32]>::to_vec).collect())
+}
+
+/// `SplitModel::readout_jacobians`, under the model's activation budget.
+pub(crate) fn readout_jacobians<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+) -> Result<Vec<Matrix<f32>>, FsError> {
+    check_positions(ctx, positions)?;
+    let dims = m.model_dims();
+    let d = dims.d_model;
+    let (per_pass, rows_per_pass) = readout_batching(
+        d,
+        m.bytes_per_row_per_block(),
+        dims.n_layers - ctx.layer,
+        m.activation_budget(),
+    );
+    let mut out = Vec::with_capacity(positions.len());
+    for chunk in positions.chunks(per_pass) {
+        let mut buffers = vec![Vec::with_capacity(d * d); chunk.len()];
+        for start in (0..d).step_by(rows_per_pass) {
+            let rows = start..(start + rows_per_pass).min(d);
+            let part = readout_jacobian_rows(m, ctx, chunk, rows)?;
+            for (b, p) in buffers.iter_mut().zip(part) {
+                b.extend_from_slice(&p);
+            }
+        }
+        for a in buffers {
+            out.push(Matrix::from_vec(d, d, a)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `SplitModel::unembedding`.
+pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
+    let dims = m.model_dims();
+    MatrixRef::new(dims.vocab_size, dims.readout_dim, m.lm_head_host())
+        .expect("lm_head host copy has V·d elements by construction")
+}
+
+/// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model (crate-internal:
+/// it calls the `pub(crate)` helpers above).
+macro_rules! impl_split_model {
+    ($t:ty) => {
+        impl fs_traits::SplitModel for $t {
+            type Scalar = f32;
+            type Context = $crate::CachedContext;
+            fn dims(&self) -> fs_traits::ModelDims {
+                $crate::cached::CachedUpper::model_dims(self)
+            }
+            fn lower(
+                &self,
+                tokens: &[u32],
+                layer: usize,
+            ) -> Result<Self::Context, fs_traits::FsError> {
+                Ok($crate::cached::lower_layers(self, tokens, &[layer])?.remove(0))
+            }
+            fn lower_layers(
+                &self,
+                tokens: &[u32],
+                layers: &[usize],
+            ) -> Result<Vec<Self::Context>, fs_traits::FsError> {
+                $crate::cached::lower_layers(self, tokens, layers)
+            }
+            fn activation(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+            ) -> Result<Vec<f32>, fs_traits::FsError> {
+                $crate::cached::activation(self, ctx, position)
+            }
+            fn upper_logits(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                h: &[f32],
+            ) -> Result<Vec<f32>, fs_traits::FsError> {
+                $crate::cached::upper_logits(self, ctx, position, h)
+            }
+            fn logits(
+                &self,
+                ctx: &Self::Context,
+                positions: &[usize],
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::logits(self, ctx, positions)
+            }
+            fn score_gradients(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                tokens: &[u32],
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::score_gradients(self, ctx, position, tokens)
+            }
+            fn readout_jacobians(
+                &self,
+                ctx: &Self::Context,
+                positions: &[usize],
+            ) -> Result<Vec<fs_traits::Matrix<f32>>, fs_traits::FsError> {
+                $crate::cached::readout_jacobians(self, ctx, positions)
+            }
+            fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
+                $crate::cached::unembedding(self)
+            }
+        }
+    };
+}
+pub(crate) use impl_split_model;

@@ -1,0 +1,381 @@
+//! GPT-2 (HF `GPT2LMHeadModel` semantics) as a [`SplitModel`](fs_traits::SplitModel) on burn.
+//!
+//! * Conv1D weights are stored `[in, out]` and applied as `x · W + b`;
+//! * `gelu_new` (tanh approximation) built from elementary ops ([`crate::ops::gelu_new`]);
+//! * LayerNorm with `layer_norm_epsilon` from the config;
+//! * learned absolute positions; `lm_head` tied to `wte` (an untied `lm_head.weight` is used when
+//!   the config says `tie_word_embeddings: false` and the checkpoint carries one);
+//! * attention scale `1/√d_head`, causal.
+//!
+//! Split layer `k ∈ 0..=n_layer`: `k = 0` is the embedding output `wte[x] + wpe[t]`, `k = i` the
+//! output of block `i − 1`, `k = n_layer` the last block's output before `ln_f`.
+//!
+//! The lower pass runs the whole sequence once and keeps, for every block `≥ k`, the keys and
+//! values of every position. The upper half at position `t` then runs on single rows `h`: each
+//! row attends to the cached keys/values of positions `< t` and to its own key/value (computed
+//! from `h`), so a batch of `R` copies of `h` costs `R` single-token passes, not `R` full
+//! sequences. The readout Jacobian `A = ∂u/∂h` (`u = ln_f` output) takes `d` copies and one
+//! backward pass of `Σ_i ⟨e_i, u_i⟩`; score gradients take `S` copies and one backward pass of
+//! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
+
+use crate::cached::{
+    attend_cached, causal_attention, context_mask, indices, tensor, CachedContext, CachedUpper,
+};
+use crate::ops::{gelu_new, layer_norm, linear};
+use crate::Error;
+use burn::tensor::{Device, Tensor};
+use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
+use fs_traits::{check_finite, ModelDims};
+
+/// A LayerNorm's parameters.
+struct Norm {
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+}
+
+/// One transformer block's parameters (Conv1D weights `[in, out]`).
+struct Block {
+    ln_1: Norm,
+    attn_w: Tensor<2>,
+    attn_b: Tensor<1>,
+    proj_w: Tensor<2>,
+    proj_b: Tensor<1>,
+    ln_2: Norm,
+    fc_w: Tensor<2>,
+    fc_b: Tensor<1>,
+    out_w: Tensor<2>,
+    out_b: Tensor<1>,
+}
+
+/// GPT-2 on burn.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    /// The plain (non-autodiff) device holding the weights.
+    device: Device,
+    wte: Tensor<2>,
+    wpe: Tensor<2>,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    /// `W_U` (`V × d`) on the device: `wte` when tied.
+    lm_head: Tensor<2>,
+    /// `W_U` on the host, for the estimators' weighted Gram.
+    lm_head_host: Vec<f32>,
+    /// Whether `lm_head` is `wte`.
+    tied: bool,
+    /// Bytes of activations a readout-Jacobian backward pass may keep alive.
+    activation_budget: usize,
+    /// Number of parameters (`lm_head` counted once when tied).
+    parameters: usize,
+}
+
+/// The result of [`Gpt2`]'s lower pass.
+pub type Gpt2Context = CachedContext;
+
+/// Produces the `f32` data of a weight from its canonical name and expected shape.
+type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
+
+/// A host buffer as a device tensor of rank `D` (the shape comes from the config's specs).
+fn to_device<const D: usize>(data: Vec<f32>, shape: &[usize], device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = shape.try_into().expect("tensor spec has the rank the model uses");
+    tensor(data, shape, device)
+}
+
+impl Gpt2 {
+    /// Load from resolved checkpoint files (`config.json` + safetensors; see
+    /// [`fs_checkpoint::resolve_model`]). Accepts `transformer.`-prefixed and unprefixed key
+    /// names, ignores `attn.bias` / `attn.masked_bias` buffers, converts f16/bf16/f64 to f32, and
+    /// names the tensor and file on a missing tensor or a shape that does not match the config.
+    /// Weights with NaN or ±∞ are rejected ([`Error::Model`]).
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
+        let cfg = Gpt2Config::from_file(&files.config)?;
+        let store = WeightStore::open(&files.weights)?;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
+            let prefixed = format!("transformer.{name}");
+            let key = store.find(&[&prefixed, name]).ok_or_else(|| {
+                fs_checkpoint::CheckpointError::MissingTensor {
+                    name: prefixed.clone(),
+                    files: files
+                        .weights
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?;
+            Ok(store.read_f32_shaped(&key, shape)?.data)
+        };
+        let untied = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match store.find(&["lm_head.weight"]) {
+                Some(key) => Some(store.read_f32_shaped(&key, &[cfg.vocab_size, cfg.n_embd])?.data),
+                None => None,
+            }
+        };
+        Self::from_weights(cfg, &mut get, untied, device)
+    }
+
+    /// A model with the deterministic random weights of [`fs_checkpoint::random_gpt2_weights`]
+    /// (for benchmarks and property tests): the same model every backend builds from the same
+    /// `(cfg, std, seed)`.
+    pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
+        cfg.validate(std::path::Path::new("<random config>"))?;
+        let mut weights: std::collections::HashMap<String, Vec<f32>> =
+            fs_checkpoint::random_gpt2_weights(&cfg, std, seed)
+                .into_iter()
+                .map(|(name, _, data)| (name, data))
+                .collect();
+        let untied = weights.remove("lm_head.weight");
+        let mut get = |name: &str, _: &[usize]| -> Result<Vec<f32>, Error> {
+            Ok(weights.remove(name).expect("random weights cover every spec"))
+        };
+        Self::from_weights(cfg, &mut get, untied, device)
+    }
+
+    fn from_weights(
+        cfg: Gpt2Config,
+        get: &mut WeightSource<'_>,
+        untied_lm_head: Option<Vec<f32>>,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        let device = device.clone().without_autodiff();
+        // Canonical names and shapes of the body, in load order (an untied head comes separately).
+        let specs: Vec<(String, Vec<usize>)> =
+            cfg.tensor_specs().into_iter().filter(|(name, _)| name != "lm_head.weight").collect();
+        let mut host = std::collections::HashMap::new();
+        let mut parameters = 0;
+        for (name, shape) in &specs {
+            let data = get(name, shape)?;
+            check_finite(&format!("weight {name}"), &data)?;
+            parameters += data.len();
+            host.insert(name.clone(), (data, shape.clone()));
+        }
+        let mut take = |name: String| -> (Vec<f32>, Vec<usize>) {
+            host.remove(&name).expect("every spec was loaded")
+        };
+        let mut vector = |name: String| -> Tensor<1> {
+            let (data, shape) = take(name);
+            to_device(data, &shape, &device)
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        let mut vectors = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            vectors.push(
+                [
+                    "ln_1.weight",
+                    "ln_1.bias",
+                    "attn.c_attn.bias",
+                    "attn.c_proj.bias",
+                    "ln_2.weight",
+                    "ln_2.bias",
+                    "mlp.c_fc.bias",
+                    "mlp.c_proj.bias",
+                ]
+                .map(|s| vector(p(s))),
+            );
+        }
+        let ln_f = Norm { weight: vector("ln_f.weight".into()), bias: vector("ln_f.bias".into()) };
+        let mut matrix = |name: String| -> Tensor<2> {
+            let (data, shape) = take(name);
+            to_device(data, &shape, &device)
+        };
+        let wpe = matrix("wpe.weight".into());
+        for (i, v) in vectors.into_iter().enumerate() {
+            let p = |s: &str| format!("h.{i}.{s}");
+            let [ln_1_w, ln_1_b, attn_b, proj_b, ln_2_w, ln_2_b, fc_b, out_b] = v;
+            blocks.push(Block {
+                ln_1: Norm { weight: ln_1_w, bias: ln_1_b },
+                attn_w: matrix(p("attn.c_attn.weight")),
+                attn_b,
+                proj_w: matrix(p("attn.c_proj.weight")),
+                proj_b,
+                ln_2: Norm { weight: ln_2_w, bias: ln_2_b },
+                fc_w: matrix(p("mlp.c_fc.weight")),
+                fc_b,
+                out_w: matrix(p("mlp.c_proj.weight")),
+                out_b,
+            });
+        }
+        let (wte_host, wte_shape) = take("wte.weight".into());
+        let wte: Tensor<2> = to_device(wte_host.clone(), &wte_shape, &device);
+        let tied = untied_lm_head.is_none();
+        let (lm_head, lm_head_host) = match untied_lm_head {
+            Some(data) => {
+                check_finite("weight lm_head.weight", &data)?;
+                parameters += data.len();
+                (tensor(data.clone(), [cfg.vocab_size, cfg.n_embd], &device), data)
+            }
+            None => (wte.clone(), wte_host),
+        };
+        device.sync().map_err(|e| Error::Burn(crate::one_line(&e)))?;
+        Ok(Gpt2 {
+            activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
+            cfg,
+            device,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            lm_head_host,
+            tied,
+            parameters,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// The device the model runs on (without autodiff; the gradient passes use its autodiff
+    /// view).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether `lm_head` is the token embedding `wte`.
+    pub fn is_tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Set the bytes of activations one readout-Jacobian backward pass may keep alive (default
+    /// 512 MiB). More positions (or more of one position's `d` rows) per pass give larger GEMMs;
+    /// fewer keep the peak memory down.
+    pub fn set_activation_budget(&mut self, bytes: usize) {
+        self.activation_budget = bytes.max(1);
+    }
+
+    /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows each, so
+    /// `positions · d` replicated rows per pass), whatever the activation budget.
+    pub fn set_position_batch(&mut self, positions: usize) {
+        let per_position =
+            bytes_per_row_per_block(&self.cfg) * self.cfg.n_layer.max(1) * self.cfg.n_embd;
+        self.activation_budget = per_position.saturating_mul(positions.max(1));
+    }
+
+    /// Number of parameters (`lm_head` counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        self.parameters
+    }
+
+    fn heads(&self) -> (usize, usize) {
+        (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head)
+    }
+
+    fn norm<const D: usize>(&self, x: Tensor<D>, n: &Norm) -> Tensor<D> {
+        layer_norm(x, &n.weight, &n.bias, self.cfg.layer_norm_epsilon)
+    }
+
+    /// `c_proj(gelu_new(c_fc(ln_2(x))))`.
+    fn mlp<const D: usize>(&self, x: Tensor<D>, b: &Block) -> Tensor<D> {
+        let a = self.norm(x, &b.ln_2);
+        let hidden = gelu_new(linear(a, &b.fc_w, Some(&b.fc_b)));
+        linear(hidden, &b.out_w, Some(&b.out_b))
+    }
+
+    /// The full causal forward pass over a sequence, keeping what the upper half needs at each
+    /// of `layers` (one context per layer, in the order given; they share the cached tensors).
+    fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<Gpt2Context> {
+        let t_len = tokens.len();
+        let (heads, dh) = self.heads();
+        let d = self.cfg.n_embd;
+        let ids = indices(tokens.iter().map(|&t| t as usize), &self.device);
+        let mut x = self.wte.clone().select(0, ids).add(self.wpe.clone().narrow(0, 0, t_len));
+        // hidden[k] for every k; keys/values of every block.
+        let mut hidden = vec![x.clone()];
+        let scale = 1.0 / (dh as f64).sqrt();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for b in &self.blocks {
+            let a = self.norm(x.clone(), &b.ln_1);
+            let qkv = linear(a, &b.attn_w, Some(&b.attn_b));
+            let split = |j: usize| -> Tensor<3> {
+                qkv.clone().narrow(1, j * d, d).reshape([t_len, heads, dh]).swap_dims(0, 1)
+            };
+            let (q, k, v) = (split(0), split(1), split(2));
+            let out = causal_attention(q, k.clone(), v.clone(), scale);
+            let out = out.swap_dims(0, 1).reshape([t_len, d]);
+            x = x.add(linear(out, &b.proj_w, Some(&b.proj_b)));
+            x = x.clone().add(self.mlp(x, b));
+            keys.push(k);
+            values.push(v);
+            hidden.push(x.clone());
+        }
+        let final_norm = self.norm(x, &self.ln_f);
+        CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm)
+    }
+
+    /// The upper half on a batch of rows: `h` is `(P, R, d)`, row `(p, r)` sits at position
+    /// `positions[p]` and attends to the cached keys/values of positions `< positions[p]` and to
+    /// itself. Returns `u = ln_f(x_L)`, `(P, R, d)`.
+    fn upper(&self, ctx: &Gpt2Context, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
+        let [p_n, r_n, d] = h.dims();
+        let (heads, dh) = self.heads();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mask = context_mask(positions, &self.device);
+        let mut x = h;
+        for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
+            let a = self.norm(x.clone(), &b.ln_1);
+            let qkv = linear(a, &b.attn_w, Some(&b.attn_b));
+            let split = |j: usize| -> Tensor<4> {
+                qkv.clone().narrow(2, j * d, d).reshape([p_n, r_n, heads, dh]).swap_dims(1, 2)
+            };
+            let (q, k_self, v_self) = (split(0), split(1), split(2));
+            let out = attend_cached(
+                q,
+                k_self,
+                v_self,
+                &ctx.keys[idx],
+                &ctx.values[idx],
+                mask.as_ref(),
+                scale,
+            );
+            let out = out.swap_dims(1, 2).reshape([p_n, r_n, d]);
+            x = x.add(linear(out, &b.proj_w, Some(&b.proj_b)));
+            x = x.clone().add(self.mlp(x, b));
+        }
+        self.norm(x, &self.ln_f)
+    }
+}
+
+/// Approximate bytes the autodiff graph keeps per replicated row per block (f32): LayerNorm
+/// intermediates, q/k/v, attention and MLP activations.
+fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
+    4 * (16 * cfg.n_embd + 3 * cfg.inner_dim())
+}
+
+impl CachedUpper for Gpt2 {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn model_dims(&self) -> ModelDims {
+        ModelDims {
+            d_model: self.cfg.n_embd,
+            readout_dim: self.cfg.n_embd,
+            vocab_size: self.cfg.vocab_size,
+            n_layers: self.cfg.n_layer,
+            max_seq_len: Some(self.cfg.n_positions),
+        }
+    }
+    fn lm_head(&self) -> &Tensor<2> {
+        &self.lm_head
+    }
+    fn lm_head_host(&self) -> &[f32] {
+        &self.lm_head_host
+    }
+    fn activation_budget(&self) -> usize {
+        self.activation_budget
+    }
+    fn bytes_per_row_per_block(&self) -> usize {
+        bytes_per_row_per_block(&self.cfg)
+    }
+    fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
+        Gpt2::forward_sequence(self, tokens, layers)
+    }
+    fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
+        Gpt2::upper(self, ctx, positions, h)
+    }
+}
+
+crate::cached::impl_split_model!(Gpt2);

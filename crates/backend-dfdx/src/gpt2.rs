@@ -1,0 +1,856 @@
+//! GPT-2 (HF `GPT2LMHeadModel` semantics) as a [`SplitModel`] on dfdx.
+//!
+//! * Conv1D weights are stored `[in, out]` and applied as `x · W + b` (`c_attn` is split into
+//!   its query, key and value column blocks at load time);
+//! * `gelu_new` (tanh approximation) and LayerNorm (`layer_norm_epsilon` from the config) are
+//!   built from elementary ops ([`crate::ops`]);
+//! * learned absolute positions; `lm_head` tied to `wte` (an untied `lm_head.weight` is used when
+//!   the config says `tie_word_embeddings: false` and the checkpoint carries one);
+//! * attention scale `1/√d_head`, causal.
+//!
+//! Split layer `k ∈ 0..=n_layer`: `k = 0` is the embedding output `wte[x] + wpe[t]`, `k = i` the
+//! output of block `i − 1`, `k = n_layer` the last block's output before `ln_f`.
+//!
+//! **One attention routine for both halves.** A row at position `t` attends to the cached keys
+//! and values of positions `j < t` (an additive mask of `−10³⁰` hides `j ≥ t`) and to its own key
+//! and value, with the softmax normalised after the value product:
+//!
+//! ```text
+//!     s_j = ⟨q, k_j⟩/√d_h (j < t),   s_* = ⟨q, k_self⟩/√d_h,   μ = max(s_j, s_*) (a constant),
+//!     out = (Σ_j e^{s_j−μ} v_j + e^{s_*−μ} v_self) / (Σ_j e^{s_j−μ} + e^{s_*−μ}).
+//! ```
+//!
+//! The lower pass runs it on all `T` rows with the sequence's own keys as the cache (that is
+//! causal attention); the upper half runs it on replicated single rows `h` against the keys and
+//! values the lower pass cached for blocks `≥ k`, so `R` copies of `h` cost `R` single-token
+//! passes, not `R` sequences; [`SplitModel::extend`] runs it on one new row against the prefix.
+//!
+//! **Jacobians by batched VJPs.** dfdx has no forward mode. The readout Jacobian `A = ∂u/∂h`
+//! (`u = ln_f` output) takes `d` copies of `h` and one backward pass of `Σ_i ⟨e_i, u_i⟩` (row `i`
+//! of the input gradient is row `i` of `A`); score gradients take `S` copies and one backward
+//! pass of `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp`. Only `h` is traced; products with weights and
+//! cached keys/values use [`Engine`]'s input-only backward.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use dfdx::prelude::{
+    Axes2, Axes3, Axis, Backward, BroadcastTo, GatherTo, HasShape, MaxTo, NoneTape, PermuteTo,
+    Rank0, ReshapeTo, SumTo, Tape, TensorFromVec, Trace, TryMatMul, WithEmptyTape,
+};
+use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
+use fs_traits::{
+    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
+    FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
+};
+
+use crate::ops::{gelu_new, layer_norm, linear, Batch, Engine, Mat, Vector};
+use crate::{Device, Error};
+
+/// Masked attention logit: finite, so that `masked − max` never produces NaN.
+const MASKED: f32 = -1e30;
+
+/// Default bytes of activations and gradients one backward pass may keep alive.
+const DEFAULT_ACTIVATION_BUDGET: usize = 1 << 30;
+
+/// A LayerNorm's parameters.
+struct Norm<D: Engine> {
+    weight: Vector<D>,
+    bias: Vector<D>,
+}
+
+/// One transformer block's parameters (weights `[in, out]`).
+struct Block<D: Engine> {
+    ln_1: Norm<D>,
+    /// Query, key and value column blocks of `c_attn` (`d × d` each) and their biases.
+    wq: Mat<D>,
+    wk: Mat<D>,
+    wv: Mat<D>,
+    bq: Vector<D>,
+    bk: Vector<D>,
+    bv: Vector<D>,
+    proj_w: Mat<D>,
+    proj_b: Vector<D>,
+    ln_2: Norm<D>,
+    fc_w: Mat<D>,
+    fc_b: Vector<D>,
+    out_w: Mat<D>,
+    out_b: Vector<D>,
+}
+
+/// The network on one dfdx device.
+struct Net<D: Engine> {
+    dev: D,
+    cfg: Gpt2Config,
+    wte: Mat<D>,
+    wpe: Mat<D>,
+    blocks: Vec<Block<D>>,
+    ln_f: Norm<D>,
+    /// `W_Uᵀ` (`d × V`, a transposed view of the `V × d` head).
+    lm_head_t: Mat<D>,
+}
+
+/// The network on whichever device it was loaded on.
+enum AnyNet {
+    Cpu(Net<dfdx::tensor::Cpu>),
+    #[cfg(feature = "cuda")]
+    Cuda(Net<dfdx::tensor::Cuda>),
+}
+
+/// Run `$body` with `$net` bound to the device-specific network.
+macro_rules! with_net {
+    ($self:expr, $net:ident => $body:expr) => {
+        match &$self.net {
+            AnyNet::Cpu($net) => $body,
+            #[cfg(feature = "cuda")]
+            AnyNet::Cuda($net) => $body,
+        }
+    };
+}
+
+/// How the rows of a backward pass are grouped.
+#[derive(Clone, Copy, Debug)]
+enum Batching {
+    /// Keep about this many bytes of activations and gradients alive per pass.
+    Budget(usize),
+    /// Exactly this many positions (all `d` rows each) per pass.
+    Positions(usize),
+}
+
+/// GPT-2 on dfdx.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    net: AnyNet,
+    /// `W_U` on the host (`V × d`), for the estimators' weighted Gram.
+    lm_head_host: Vec<f32>,
+    /// Whether `lm_head` is `wte`.
+    tied: bool,
+    batching: Batching,
+}
+
+/// Everything one forward pass over a sequence produced, shared by the contexts of every layer.
+struct SequenceCache {
+    tokens: Vec<u32>,
+    /// `hidden[k]` = `H_k` (`T × d`, row-major), `k = 0..=n_layer`.
+    hidden: Vec<Vec<f32>>,
+    /// `keys[i]` = block `i`'s keys (`H × T × d_head`).
+    keys: Vec<Vec<f32>>,
+    /// `values[i]` = block `i`'s values (`H × T × d_head`).
+    values: Vec<Vec<f32>>,
+    /// `ln_f(h_L)` (`T × d`).
+    final_norm: Vec<f32>,
+}
+
+/// One new token's row, computed against a cached prefix ([`SplitModel::extend`]).
+struct NewRow {
+    /// Its layer-`k` activation for every `k = 0..=n_layer` (`d` each).
+    hidden: Vec<Vec<f32>>,
+    /// Its key per block (`H × d_head`).
+    keys: Vec<Vec<f32>>,
+    /// Its value per block (`H × d_head`).
+    values: Vec<Vec<f32>>,
+    /// Its `ln_f` output (`d`).
+    final_norm: Vec<f32>,
+}
+
+/// The result of [`Gpt2`]'s lower pass: the split layer and the sequence's cached activations,
+/// keys and values (host memory; shared between the contexts of one
+/// [`lower_layers`](SplitModel::lower_layers) call).
+pub struct Gpt2Context {
+    layer: usize,
+    cache: Arc<SequenceCache>,
+}
+
+impl SplitContext for Gpt2Context {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+    fn tokens(&self) -> &[u32] {
+        &self.cache.tokens
+    }
+}
+
+/// Produces the `f32` data of a weight from its canonical name and expected shape.
+type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
+
+/// Turn a panic inside dfdx (a kernel failure; dfdx's infallible ops unwrap their errors) into a
+/// one-line backend error.
+pub(crate) fn guarded<R>(f: impl FnOnce() -> Result<R, FsError>) -> Result<R, FsError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(FsError::Backend(format!(
+            "dfdx: {}",
+            msg.lines().next().unwrap_or_default().trim_end()
+        )))
+    })
+}
+
+impl Gpt2 {
+    /// Load from resolved checkpoint files (`config.json` + safetensors; see
+    /// [`fs_checkpoint::resolve_model`]). Accepts `transformer.`-prefixed and unprefixed key
+    /// names, ignores `attn.bias` / `attn.masked_bias` buffers, converts f16/bf16/f64 to f32, and
+    /// names the tensor and file on a missing tensor or a shape that does not match the config.
+    /// NaN or infinite weights are rejected ([`FsError::NonFinite`] naming the tensor). A
+    /// checkpoint of another architecture fails with `fs-checkpoint`'s config error.
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
+        let cfg = Gpt2Config::from_file(&files.config)?;
+        let store = WeightStore::open(&files.weights)?;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
+            let prefixed = format!("transformer.{name}");
+            let key = store.find(&[&prefixed, name]).ok_or_else(|| {
+                fs_checkpoint::CheckpointError::MissingTensor {
+                    name: prefixed.clone(),
+                    files: files
+                        .weights
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?;
+            Ok(store.read_f32_shaped(&key, shape)?.data)
+        };
+        let untied = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match store.find(&["lm_head.weight"]) {
+                Some(key) => Some(store.read_f32_shaped(&key, &[cfg.vocab_size, cfg.n_embd])?.data),
+                None => None,
+            }
+        };
+        Self::from_weights(cfg, &mut get, untied, device)
+    }
+
+    /// A model with the deterministic random weights of [`fs_checkpoint::random_gpt2_weights`]
+    /// (for benchmarks and property tests): the same model every backend builds from the same
+    /// `(cfg, std, seed)`.
+    pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
+        cfg.validate(std::path::Path::new("<random config>"))?;
+        let mut weights: std::collections::HashMap<String, Vec<f32>> =
+            fs_checkpoint::random_gpt2_weights(&cfg, std, seed)
+                .into_iter()
+                .map(|(name, _, data)| (name, data))
+                .collect();
+        let untied = weights.remove("lm_head.weight");
+        let mut get = |name: &str, _: &[usize]| -> Result<Vec<f32>, Error> {
+            weights.remove(name).ok_or_else(|| {
+                Error::Model(FsError::Backend(format!("random weights lack tensor {name}")))
+            })
+        };
+        Self::from_weights(cfg, &mut get, untied, device)
+    }
+
+    fn from_weights(
+        cfg: Gpt2Config,
+        get: &mut WeightSource<'_>,
+        untied_lm_head: Option<Vec<f32>>,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        // Read and check every tensor on the host first (same order and messages as the other
+        // backends), then build the network on the device.
+        let mut host = std::collections::HashMap::new();
+        for (name, shape) in cfg.tensor_specs() {
+            if name == "lm_head.weight" {
+                continue;
+            }
+            let data = get(&name, &shape)?;
+            check_finite(&format!("weight {name}"), &data)?;
+            host.insert(name, data);
+        }
+        if let Some(data) = &untied_lm_head {
+            check_finite("weight lm_head.weight", data)?;
+        }
+        let tied = untied_lm_head.is_none();
+        let lm_head_host = match untied_lm_head {
+            Some(data) => data,
+            None => host["wte.weight"].clone(),
+        };
+        let net = guarded(|| {
+            Ok(match device {
+                Device::Cpu(dev) => AnyNet::Cpu(Net::build(dev, &cfg, &mut host, &lm_head_host)),
+                #[cfg(feature = "cuda")]
+                Device::Cuda(dev) => AnyNet::Cuda(Net::build(dev, &cfg, &mut host, &lm_head_host)),
+            })
+        })?;
+        Ok(Gpt2 {
+            cfg,
+            net,
+            lm_head_host,
+            tied,
+            batching: Batching::Budget(DEFAULT_ACTIVATION_BUDGET),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// Set the bytes of activations and gradients one backward pass may keep alive (default
+    /// 1 GiB). More positions (or more of one position's `d` copies of `h`) per pass give larger
+    /// GEMMs; fewer keep the peak memory down. A budget below one position's `d` rows splits a
+    /// position's readout Jacobian over several passes (blocks of rows of `A`).
+    pub fn set_activation_budget(&mut self, bytes: usize) {
+        self.batching = Batching::Budget(bytes.max(1));
+    }
+
+    /// Force `positions` positions per readout-Jacobian backward pass (all `d` copies of `h`
+    /// each), whatever the activation budget.
+    pub fn set_position_batch(&mut self, positions: usize) {
+        self.batching = Batching::Positions(positions.max(1));
+    }
+
+    /// Number of parameters (`lm_head` counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        let body: usize = self
+            .cfg
+            .tensor_specs()
+            .iter()
+            .filter(|(name, _)| name != "lm_head.weight")
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        body + if self.tied { 0 } else { self.cfg.vocab_size * self.cfg.n_embd }
+    }
+
+    /// Approximate bytes one row of a backward pass keeps alive through the upper half from
+    /// `layer` with `t_ctx` cached positions: the forward activations the tape holds and their
+    /// gradients, per block.
+    fn bytes_per_row(&self, layer: usize, t_ctx: usize) -> usize {
+        let (d, inner, h) = (self.cfg.n_embd, self.cfg.inner_dim(), self.cfg.n_head);
+        let per_block = 3 * inner + 16 * d + 4 * h * t_ctx;
+        8 * (self.cfg.n_layer - layer).max(1) * per_block + 16 * d
+    }
+
+    /// `(positions per pass, rows per pass)` for readout Jacobians of `d` rows per position.
+    fn readout_batching(&self, layer: usize, t_ctx: usize) -> (usize, usize) {
+        let d = self.cfg.n_embd;
+        match self.batching {
+            Batching::Positions(p) => (p, d),
+            Batching::Budget(bytes) => {
+                let rows = (bytes / self.bytes_per_row(layer, t_ctx).max(1)).max(1);
+                if rows >= d {
+                    ((rows / d).clamp(1, 64), d)
+                } else {
+                    (1, rows)
+                }
+            }
+        }
+    }
+
+    /// Rows per pass for score gradients.
+    fn rows_per_pass(&self, layer: usize, t_ctx: usize) -> usize {
+        match self.batching {
+            Batching::Positions(p) => p * self.cfg.n_embd,
+            Batching::Budget(bytes) => (bytes / self.bytes_per_row(layer, t_ctx).max(1)).max(1),
+        }
+    }
+
+    /// `p = softmax(z)` at `position` (f64 sums, rounded to f32).
+    fn probabilities(&self, ctx: &Gpt2Context, position: usize) -> Result<Vec<f32>, FsError> {
+        let z = self.logits(ctx, &[position])?;
+        check_finite("logits", z.as_slice())?;
+        let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+        let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        Ok(e.iter().map(|x| (x / total) as f32).collect())
+    }
+}
+
+/// Split the `[d, 3d]` `c_attn` weight into its `[d, d]` query, key and value column blocks.
+fn split_columns(w: &[f32], rows: usize, d: usize) -> [Vec<f32>; 3] {
+    let mut out = [Vec::with_capacity(rows * d), Vec::with_capacity(rows * d), Vec::new()];
+    out[2].reserve(rows * d);
+    for row in w.chunks_exact(3 * d) {
+        for (j, part) in out.iter_mut().enumerate() {
+            part.extend_from_slice(&row[j * d..(j + 1) * d]);
+        }
+    }
+    out
+}
+
+impl<D: Engine> Net<D> {
+    fn build(
+        dev: &D,
+        cfg: &Gpt2Config,
+        host: &mut std::collections::HashMap<String, Vec<f32>>,
+        lm_head: &[f32],
+    ) -> Self {
+        let (d, inner, v) = (cfg.n_embd, cfg.inner_dim(), cfg.vocab_size);
+        let mut take = |name: String| host.remove(&name).expect("every tensor was read");
+        let mat = |data: Vec<f32>, r: usize, c: usize| dev.tensor_from_vec(data, (r, c));
+        let vector = |data: Vec<f32>| {
+            let n = data.len();
+            dev.tensor_from_vec(data, (n,))
+        };
+        let norm = |take: &mut dyn FnMut(String) -> Vec<f32>, p: &str| Norm {
+            weight: vector(take(format!("{p}.weight"))),
+            bias: vector(take(format!("{p}.bias"))),
+        };
+        let wte = mat(take("wte.weight".into()), v, d);
+        let wpe = mat(take("wpe.weight".into()), cfg.n_positions, d);
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            let ln_1 = norm(&mut take, &p("ln_1"));
+            let [wq, wk, wv] = split_columns(&take(p("attn.c_attn.weight")), d, d);
+            let b = take(p("attn.c_attn.bias"));
+            blocks.push(Block {
+                ln_1,
+                wq: mat(wq, d, d),
+                wk: mat(wk, d, d),
+                wv: mat(wv, d, d),
+                bq: vector(b[..d].to_vec()),
+                bk: vector(b[d..2 * d].to_vec()),
+                bv: vector(b[2 * d..].to_vec()),
+                proj_w: mat(take(p("attn.c_proj.weight")), d, d),
+                proj_b: vector(take(p("attn.c_proj.bias"))),
+                ln_2: norm(&mut take, &p("ln_2")),
+                fc_w: mat(take(p("mlp.c_fc.weight")), d, inner),
+                fc_b: vector(take(p("mlp.c_fc.bias"))),
+                out_w: mat(take(p("mlp.c_proj.weight")), inner, d),
+                out_b: vector(take(p("mlp.c_proj.bias"))),
+            });
+        }
+        let ln_f = norm(&mut take, "ln_f");
+        let lm_head_t = mat(lm_head.to_vec(), v, d).permute::<(usize, usize), Axes2<1, 0>>();
+        Net { dev: dev.clone(), cfg: cfg.clone(), wte, wpe, blocks, ln_f, lm_head_t }
+    }
+
+    fn heads(&self) -> (usize, usize) {
+        (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head)
+    }
+
+    /// Rows `(n, d)` viewed as heads `(H, n, d_head)` (a strided view).
+    fn split_heads<T: Tape<f32, D>>(&self, x: Mat<D, T>) -> Batch<D, T> {
+        let n = x.shape().0;
+        let (h, dh) = self.heads();
+        x.reshape_like(&(n, h, dh)).permute::<(usize, usize, usize), Axes3<1, 0, 2>>()
+    }
+
+    /// Additive mask `(n, T_ctx)`: row `r` (at position `row_pos[r]`) sees cached positions
+    /// `j < row_pos[r]`.
+    fn mask(&self, row_pos: &[usize], t_ctx: usize) -> Mat<D> {
+        let m: Vec<f32> = row_pos
+            .iter()
+            .flat_map(|&t| (0..t_ctx).map(move |j| if j < t { 0.0 } else { MASKED }))
+            .collect();
+        self.dev.tensor_from_vec(m, (row_pos.len(), t_ctx))
+    }
+
+    /// Attention of rows `q`, `k_self`, `v_self` (`n × d`) against cached keys/values
+    /// `(H, T_ctx, d_head)` under `mask` (`n × T_ctx`), plus each row's own key/value (module
+    /// docs). Returns `n × d`.
+    fn attend<T: Tape<f32, D>>(
+        &self,
+        q: Mat<D, T>,
+        k_self: Mat<D, T>,
+        v_self: Mat<D, T>,
+        keys: &Batch<D>,
+        values: &Batch<D>,
+        mask: &Mat<D>,
+    ) -> Mat<D, T> {
+        let (n, d) = *q.shape();
+        let (h, dh) = self.heads();
+        let t_ctx = keys.shape().1;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let q = self.split_heads(q * scale);
+        let k_self = self.split_heads(k_self);
+        let v_self = self.split_heads(v_self);
+        // ⟨q, k_self⟩ per head and row: (H, n).
+        let self_score = (q.with_empty_tape() * k_self).sum::<(usize, usize), Axis<2>>();
+        let keys_t = keys.clone().permute::<(usize, usize, usize), Axes3<0, 2, 1>>();
+        let scores =
+            D::const_bmm(q, &keys_t) + mask.clone().broadcast_like::<_, Axis<0>>(&(h, n, t_ctx));
+        // The softmax shift: a constant (no gradient), the max over context and self.
+        let shift = scores
+            .retaped::<NoneTape>()
+            .max::<(usize, usize), Axis<2>>()
+            .maximum(self_score.retaped::<NoneTape>());
+        let e_ctx = (scores - shift.clone().broadcast_like::<_, Axis<2>>(&(h, n, t_ctx))).exp();
+        let e_self = (self_score - shift).exp();
+        let denom =
+            e_ctx.with_empty_tape().sum::<(usize, usize), Axis<2>>() + e_self.with_empty_tape();
+        let out =
+            D::const_bmm(e_ctx, values) + e_self.broadcast_like::<_, Axis<2>>(&(h, n, dh)) * v_self;
+        let out = out / denom.broadcast_like::<_, Axis<2>>(&(h, n, dh));
+        out.permute::<(usize, usize, usize), Axes3<1, 0, 2>>().reshape_like(&(n, d))
+    }
+
+    /// One block on rows `x` (`n × d`). With `cache = Some((keys, values))` the rows attend to
+    /// that cache; with `None` they attend to each other causally (the lower pass: the rows are
+    /// positions `0..n` and the cache is their own keys/values). Returns the block output and
+    /// the rows' keys and values as heads `(H, n, d_head)`, contiguous.
+    fn block<T: Tape<f32, D>>(
+        &self,
+        b: &Block<D>,
+        x: Mat<D, T>,
+        cache: Option<(&Batch<D>, &Batch<D>)>,
+        mask: &Mat<D>,
+    ) -> (Mat<D, T>, Batch<D>, Batch<D>) {
+        let eps = self.cfg.layer_norm_epsilon;
+        let a = layer_norm(x.with_empty_tape(), &b.ln_1.weight, &b.ln_1.bias, eps);
+        let q = linear(a.with_empty_tape(), &b.wq, &b.bq);
+        let k = linear(a.with_empty_tape(), &b.wk, &b.bk);
+        let v = linear(a, &b.wv, &b.bv);
+        let n = x.shape().0;
+        let (h, dh) = self.heads();
+        let own_k = self.split_heads(k.retaped::<NoneTape>()).reshape_like(&(h, n, dh));
+        let own_v = self.split_heads(v.retaped::<NoneTape>()).reshape_like(&(h, n, dh));
+        let (keys, values) = cache.unwrap_or((&own_k, &own_v));
+        let att = self.attend(q, k, v, keys, values, mask);
+        let x = x + linear(att, &b.proj_w, &b.proj_b);
+        let a = layer_norm(x.with_empty_tape(), &b.ln_2.weight, &b.ln_2.bias, eps);
+        let mlp = linear(gelu_new(linear(a, &b.fc_w, &b.fc_b)), &b.out_w, &b.out_b);
+        (x + mlp, own_k, own_v)
+    }
+
+    /// `ln_f` of rows.
+    fn final_norm<T: Tape<f32, D>>(&self, x: Mat<D, T>) -> Mat<D, T> {
+        layer_norm(x, &self.ln_f.weight, &self.ln_f.bias, self.cfg.layer_norm_epsilon)
+    }
+
+    /// `wte[token] + wpe[position]` for each `(token, position)` pair, `n × d`.
+    fn embed(&self, tokens: &[u32], positions: &[usize]) -> Mat<D> {
+        let n = tokens.len();
+        let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        let ids = self.dev.tensor_from_vec(ids, (n,));
+        let pos = self.dev.tensor_from_vec(positions.to_vec(), (n,));
+        let tok: Mat<D> = self.wte.clone().gather(ids);
+        let pos: Mat<D> = self.wpe.clone().gather(pos);
+        tok + pos
+    }
+
+    /// The full causal forward pass over `tokens`.
+    fn forward_sequence(&self, tokens: &[u32]) -> SequenceCache {
+        let t_len = tokens.len();
+        let positions: Vec<usize> = (0..t_len).collect();
+        let mask = self.mask(&positions, t_len);
+        let mut x = self.embed(tokens, &positions);
+        let mut hidden = vec![x.as_vec()];
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for b in &self.blocks {
+            let (y, k, v) = self.block(b, x, None, &mask);
+            x = y;
+            hidden.push(x.as_vec());
+            keys.push(k.as_vec());
+            values.push(v.as_vec());
+        }
+        let final_norm = self.final_norm(x).as_vec();
+        SequenceCache { tokens: tokens.to_vec(), hidden, keys, values, final_norm }
+    }
+
+    /// The cached keys and values of blocks `from..` on the device, `(H, T, d_head)` each.
+    fn upload_cache(&self, cache: &SequenceCache, from: usize) -> Vec<(Batch<D>, Batch<D>)> {
+        let (h, dh) = self.heads();
+        let t = cache.tokens.len();
+        (from..self.blocks.len())
+            .map(|i| {
+                (
+                    self.dev.tensor_from_vec(cache.keys[i].clone(), (h, t, dh)),
+                    self.dev.tensor_from_vec(cache.values[i].clone(), (h, t, dh)),
+                )
+            })
+            .collect()
+    }
+
+    /// The upper half from `layer` on rows `x` (`n × d`), row `r` at position `row_pos[r]`
+    /// against the cached keys/values `kv` of blocks `layer..`: returns `u = ln_f(x_L)`.
+    fn upper<T: Tape<f32, D>>(
+        &self,
+        layer: usize,
+        x: Mat<D, T>,
+        kv: &[(Batch<D>, Batch<D>)],
+        row_pos: &[usize],
+    ) -> Mat<D, T> {
+        let t_ctx = kv.first().map_or(1, |(k, _)| k.shape().1);
+        let mask = self.mask(row_pos, t_ctx);
+        let mut x = x;
+        for (b, (k, v)) in self.blocks[layer..].iter().zip(kv) {
+            x = self.block(b, x, Some((k, v)), &mask).0;
+        }
+        self.final_norm(x)
+    }
+
+    /// Logits `u · W_Uᵀ` of rows `u` (`n × d`), row-major `n × V`.
+    fn unembed(&self, u: Mat<D>) -> Vec<f32> {
+        u.matmul(self.lm_head_t.clone()).as_vec()
+    }
+
+    /// Input gradients of `Σ_r ⟨seeds_r, u(x_r)⟩` for rows `x` (`n × d`, row-major) at positions
+    /// `row_pos`: one batched backward pass. Returns `n × d`, row-major.
+    fn vjp(
+        &self,
+        layer: usize,
+        kv: &[(Batch<D>, Batch<D>)],
+        rows: Vec<f32>,
+        row_pos: &[usize],
+        seeds: Vec<f32>,
+    ) -> Vec<f32> {
+        let n = row_pos.len();
+        let d = self.cfg.n_embd;
+        let x = self.dev.tensor_from_vec(rows, (n, d));
+        let seeds = self.dev.tensor_from_vec(seeds, (n, d));
+        let u = self.upper(layer, x.leaky_trace(), kv, row_pos);
+        let grads = (u * seeds).sum::<Rank0, _>().backward();
+        grads.get(&x).as_vec()
+    }
+
+    /// The row of a new token at `position` against the first `position` positions of `cache`
+    /// (blocks from 0).
+    fn step(&self, cache: &SequenceCache, token: u32, position: usize) -> NewRow {
+        let kv = self.upload_cache(cache, 0);
+        let t_ctx = cache.tokens.len();
+        let mask = self.mask(&[position], t_ctx);
+        let mut x = self.embed(&[token], &[position]);
+        let mut hidden = vec![x.as_vec()];
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (b, (k, v)) in self.blocks.iter().zip(&kv) {
+            let (y, k_row, v_row) = self.block(b, x, Some((k, v)), &mask);
+            x = y;
+            hidden.push(x.as_vec());
+            keys.push(k_row.as_vec());
+            values.push(v_row.as_vec());
+        }
+        let final_norm = self.final_norm(x).as_vec();
+        NewRow { hidden, keys, values, final_norm }
+    }
+}
+
+impl Gpt2 {
+    fn check_positions(ctx: &Gpt2Context, positions: &[usize]) -> Result<(), FsError> {
+        positions.iter().try_for_each(|&t| check_position(t, ctx.cache.tokens.len()))
+    }
+
+    /// Copies of `h_t` for each `(position, copies)`, with each row's position.
+    fn replicate(&self, ctx: &Gpt2Context, groups: &[(usize, usize)]) -> (Vec<f32>, Vec<usize>) {
+        let d = self.cfg.n_embd;
+        let hidden = &ctx.cache.hidden[ctx.layer];
+        let mut rows = Vec::new();
+        let mut row_pos = Vec::new();
+        for &(t, copies) in groups {
+            for _ in 0..copies {
+                rows.extend_from_slice(&hidden[t * d..(t + 1) * d]);
+                row_pos.push(t);
+            }
+        }
+        (rows, row_pos)
+    }
+}
+
+impl SplitModel for Gpt2 {
+    type Scalar = f32;
+    type Context = Gpt2Context;
+
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            d_model: self.cfg.n_embd,
+            readout_dim: self.cfg.n_embd,
+            vocab_size: self.cfg.vocab_size,
+            n_layers: self.cfg.n_layer,
+            max_seq_len: Some(self.cfg.n_positions),
+        }
+    }
+
+    fn lower(&self, tokens: &[u32], layer: usize) -> Result<Gpt2Context, FsError> {
+        Ok(self.lower_layers(tokens, &[layer])?.remove(0))
+    }
+
+    fn lower_layers(&self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Gpt2Context>, FsError> {
+        for &layer in layers {
+            check_layer(layer, self.cfg.n_layer)?;
+        }
+        check_tokens(tokens, self.cfg.vocab_size, Some(self.cfg.n_positions))?;
+        let cache = guarded(|| Ok(with_net!(self, net => net.forward_sequence(tokens))))?;
+        let cache = Arc::new(cache);
+        Ok(layers.iter().map(|&layer| Gpt2Context { layer, cache: cache.clone() }).collect())
+    }
+
+    fn activation(&self, ctx: &Gpt2Context, position: usize) -> Result<Vec<f32>, FsError> {
+        check_position(position, ctx.cache.tokens.len())?;
+        let d = self.cfg.n_embd;
+        Ok(ctx.cache.hidden[ctx.layer][position * d..(position + 1) * d].to_vec())
+    }
+
+    fn upper_logits(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        h: &[f32],
+    ) -> Result<Vec<f32>, FsError> {
+        let d = self.cfg.n_embd;
+        check_position(position, ctx.cache.tokens.len())?;
+        check_len("h", h.len(), d)?;
+        check_finite("h", h)?;
+        guarded(|| {
+            Ok(with_net!(self, net => {
+                let kv = net.upload_cache(&ctx.cache, ctx.layer);
+                let x = net.dev.tensor_from_vec(h.to_vec(), (1, d));
+                net.unembed(net.upper(ctx.layer, x, &kv, &[position]))
+            }))
+        })
+    }
+
+    fn logits(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<Matrix<f32>, FsError> {
+        Self::check_positions(ctx, positions)?;
+        let (d, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        if positions.is_empty() {
+            return Ok(Matrix::zeros(0, v));
+        }
+        let rows: Vec<f32> = positions
+            .iter()
+            .flat_map(|&t| ctx.cache.final_norm[t * d..(t + 1) * d].iter().copied())
+            .collect();
+        let data = guarded(|| {
+            Ok(with_net!(self, net => {
+                net.unembed(net.dev.tensor_from_vec(rows, (positions.len(), d)))
+            }))
+        })?;
+        Matrix::from_vec(positions.len(), v, data)
+    }
+
+    /// `S` copies of `h`, backward passes of `Σ_s ⟨w_{y_s} − m, u_s⟩` (`∂ log p_y/∂u = w_y − m`,
+    /// `m = W_Uᵀp`; the unembedding stays out of the graph), as many copies per pass as the
+    /// activation budget allows.
+    fn score_gradients(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        tokens: &[u32],
+    ) -> Result<Matrix<f32>, FsError> {
+        let d = self.cfg.n_embd;
+        check_position(position, ctx.cache.tokens.len())?;
+        check_tokens_in_vocab(tokens, self.cfg.vocab_size)?;
+        if tokens.is_empty() {
+            return Ok(Matrix::zeros(0, d));
+        }
+        let p = self.probabilities(ctx, position)?;
+        let mut mean = vec![0f64; d];
+        for (py, w) in p.iter().zip(self.lm_head_host.chunks_exact(d)) {
+            for (m, &x) in mean.iter_mut().zip(w) {
+                *m += *py as f64 * x as f64;
+            }
+        }
+        let per_pass = self.rows_per_pass(ctx.layer, ctx.cache.tokens.len());
+        let mut out = Vec::with_capacity(tokens.len() * d);
+        for chunk in tokens.chunks(per_pass) {
+            let seeds: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&y| {
+                    let w = &self.lm_head_host[y as usize * d..(y as usize + 1) * d];
+                    w.iter().zip(&mean).map(|(&w, &m)| (w as f64 - m) as f32)
+                })
+                .collect();
+            let (rows, row_pos) = self.replicate(ctx, &[(position, chunk.len())]);
+            let g = guarded(|| {
+                Ok(with_net!(self, net => {
+                    let kv = net.upload_cache(&ctx.cache, ctx.layer);
+                    net.vjp(ctx.layer, &kv, rows, &row_pos, seeds)
+                }))
+            })?;
+            out.extend(g);
+        }
+        Matrix::from_vec(tokens.len(), d, out)
+    }
+
+    /// `A_t = ∂u/∂h` at each position: `d` copies of `h_t` seeded with the identity rows, one
+    /// backward pass for as many positions (or as many rows of one position's `A`) as the
+    /// batching allows. Row `i` of the input gradient is row `i` of `A`.
+    fn readout_jacobians(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+    ) -> Result<Vec<Matrix<f32>>, FsError> {
+        Self::check_positions(ctx, positions)?;
+        let d = self.cfg.n_embd;
+        let (per_pass, rows_per_pass) = self.readout_batching(ctx.layer, ctx.cache.tokens.len());
+        let mut out = Vec::with_capacity(positions.len());
+        guarded(|| {
+            with_net!(self, net => {
+                let kv = net.upload_cache(&ctx.cache, ctx.layer);
+                for chunk in positions.chunks(per_pass) {
+                    let mut a = vec![vec![0f32; d * d]; chunk.len()];
+                    for start in (0..d).step_by(rows_per_pass) {
+                        let end = (start + rows_per_pass).min(d);
+                        let width = end - start;
+                        let groups: Vec<(usize, usize)> = chunk.iter().map(|&t| (t, width)).collect();
+                        let (rows, row_pos) = self.replicate(ctx, &groups);
+                        let mut seeds = vec![0f32; chunk.len() * width * d];
+                        for p in 0..chunk.len() {
+                            for r in 0..width {
+                                seeds[(p * width + r) * d + start + r] = 1.0;
+                            }
+                        }
+                        let g = net.vjp(ctx.layer, &kv, rows, &row_pos, seeds);
+                        for (p, a) in a.iter_mut().enumerate() {
+                            let block = &g[p * width * d..(p + 1) * width * d];
+                            a[start * d..end * d].copy_from_slice(block);
+                        }
+                    }
+                    for a in a {
+                        out.push(Matrix::from_vec(d, d, a)?);
+                    }
+                }
+                Ok(())
+            })
+        })?;
+        Ok(out)
+    }
+
+    fn unembedding(&self) -> MatrixRef<'_, f32> {
+        MatrixRef::new(self.cfg.vocab_size, self.cfg.n_embd, &self.lm_head_host)
+            .expect("lm_head host copy has V·d elements by construction")
+    }
+
+    /// Reuses the cached prefix: the new token runs as one row through every block against the
+    /// keys/values of positions `< prefix_len` (position id `prefix_len`), and the new context
+    /// is the prefix's cache plus that row.
+    fn extend(
+        &self,
+        ctx: &Gpt2Context,
+        prefix_len: usize,
+        token: u32,
+    ) -> Result<Gpt2Context, FsError> {
+        let cache = &ctx.cache;
+        let t_len = cache.tokens.len();
+        if prefix_len > t_len {
+            return Err(FsError::invalid(
+                "prefix_len",
+                prefix_len,
+                format!("at most the sequence length {t_len}"),
+            ));
+        }
+        let mut tokens = cache.tokens[..prefix_len].to_vec();
+        tokens.push(token);
+        check_tokens(&tokens, self.cfg.vocab_size, Some(self.cfg.n_positions))?;
+        let row = guarded(|| Ok(with_net!(self, net => net.step(cache, token, prefix_len))))?;
+        let d = self.cfg.n_embd;
+        let (h, dh) = (self.cfg.n_head, d / self.cfg.n_head);
+        let hidden = cache
+            .hidden
+            .iter()
+            .zip(&row.hidden)
+            .map(|(old, new)| [&old[..prefix_len * d], new.as_slice()].concat())
+            .collect();
+        // Keys/values are (H, T, d_head): keep each head's first prefix_len rows, append the new.
+        let extend_heads = |old: &[f32], new: &[f32]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(h * (prefix_len + 1) * dh);
+            for head in 0..h {
+                out.extend_from_slice(&old[head * t_len * dh..(head * t_len + prefix_len) * dh]);
+                out.extend_from_slice(&new[head * dh..(head + 1) * dh]);
+            }
+            out
+        };
+        let keys = cache.keys.iter().zip(&row.keys).map(|(o, n)| extend_heads(o, n)).collect();
+        let values =
+            cache.values.iter().zip(&row.values).map(|(o, n)| extend_heads(o, n)).collect();
+        let final_norm = [&cache.final_norm[..prefix_len * d], row.final_norm.as_slice()].concat();
+        Ok(Gpt2Context {
+            layer: ctx.layer,
+            cache: Arc::new(SequenceCache { tokens, hidden, keys, values, final_norm }),
+        })
+    }
+}
