@@ -12,6 +12,7 @@ use crate::Error;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::Device;
 use fs_checkpoint::{CheckpointError, LlamaConfig};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// The GGUF architectures this loader reads.
@@ -42,6 +43,332 @@ fn unpermute(rows: &[f32], n_head: usize, out: usize, inp: usize) -> Vec<f32> {
     hf
 }
 
+/// Longest GGUF string accepted (a key, a value, or one element of a string array): 16 MiB.
+const MAX_STRING_BYTES: u64 = 1 << 24;
+/// Most metadata values accepted in all (scalars and array elements together; SmolLM2 has
+/// ≈ 150 k): bounds the memory of candle's in-memory metadata whatever the file size.
+const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Most tensors and metadata entries accepted.
+const MAX_ENTRIES: u64 = 1 << 20;
+/// Deepest nesting of arrays accepted (llama.cpp writes none).
+const MAX_NESTING: u32 = 4;
+
+enum HeaderError {
+    Io(std::io::Error),
+    Bad(String),
+}
+
+impl From<std::io::Error> for HeaderError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            HeaderError::Bad("the header ends early".into())
+        } else {
+            HeaderError::Io(e)
+        }
+    }
+}
+
+fn bad<T>(message: String) -> Result<T, HeaderError> {
+    Err(HeaderError::Bad(message))
+}
+
+/// A position-tracking reader over the header of a file of known size.
+struct HeaderReader<R> {
+    inner: R,
+    pos: u64,
+    size: u64,
+    /// GGUF v1 writes lengths as u32, later versions as u64.
+    v1: bool,
+    /// Metadata values read so far.
+    values: u64,
+}
+
+impl<R: Read + Seek> HeaderReader<R> {
+    fn remaining(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], HeaderError> {
+        let mut b = [0u8; N];
+        self.inner.read_exact(&mut b)?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+
+    fn u32(&mut self) -> Result<u32, HeaderError> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, HeaderError> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+
+    fn length(&mut self) -> Result<u64, HeaderError> {
+        if self.v1 {
+            self.u32().map(u64::from)
+        } else {
+            self.u64()
+        }
+    }
+
+    /// Skip `n` bytes, which must lie inside the file.
+    fn skip(&mut self, n: u64, what: &str) -> Result<(), HeaderError> {
+        if n > self.remaining() {
+            return bad(format!(
+                "{what} needs {n} bytes at offset {}, past the end of the {}-byte file",
+                self.pos, self.size
+            ));
+        }
+        self.inner.seek_relative(n as i64)?;
+        self.pos += n;
+        Ok(())
+    }
+
+    /// A string, its length checked before anything is read (contents returned only when
+    /// `keep`).
+    fn string(&mut self, what: &str, keep: bool) -> Result<Option<String>, HeaderError> {
+        let len = self.length()?;
+        if len > MAX_STRING_BYTES {
+            return bad(format!("{what} declares a {len}-byte string (limit {MAX_STRING_BYTES})"));
+        }
+        if !keep {
+            self.skip(len, what)?;
+            return Ok(None);
+        }
+        if len > self.remaining() {
+            return bad(format!(
+                "{what} declares a {len}-byte string at offset {}, past the end of the {}-byte file",
+                self.pos, self.size
+            ));
+        }
+        let mut v = vec![0u8; len as usize];
+        self.inner.read_exact(&mut v)?;
+        self.pos += len;
+        Ok(Some(String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn count_values(&mut self, n: u64, key: &str) -> Result<(), HeaderError> {
+        self.values = self.values.saturating_add(n);
+        if self.values > MAX_METADATA_VALUES {
+            return bad(format!(
+                "metadata {key:?} brings the metadata to over {MAX_METADATA_VALUES} values"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Skip one metadata value of `value_type`; integer scalars are returned (for
+    /// `general.alignment`).
+    fn value(
+        &mut self,
+        value_type: u32,
+        key: &str,
+        depth: u32,
+    ) -> Result<Option<i64>, HeaderError> {
+        self.count_values(1, key)?;
+        Ok(match value_type {
+            GGUF_U8 => Some(i64::from(self.bytes::<1>()?[0])),
+            GGUF_I8 => Some(i64::from(i8::from_le_bytes(self.bytes()?))),
+            GGUF_U16 => Some(i64::from(u16::from_le_bytes(self.bytes()?))),
+            GGUF_I16 => Some(i64::from(i16::from_le_bytes(self.bytes()?))),
+            GGUF_U32 => Some(i64::from(self.u32()?)),
+            GGUF_I32 => Some(i64::from(i32::from_le_bytes(self.bytes()?))),
+            GGUF_STRING => {
+                self.string(&format!("metadata {key:?}"), false)?;
+                None
+            }
+            GGUF_ARRAY => {
+                if depth >= MAX_NESTING {
+                    return bad(format!("metadata {key:?} nests arrays over {MAX_NESTING} deep"));
+                }
+                let elem_type = self.u32()?;
+                let len = self.length()?;
+                let prefix = if self.v1 { 4 } else { 8 };
+                // Fixed-size elements are skipped in one step; strings and arrays are walked.
+                let (min, fixed) = match elem_type {
+                    GGUF_STRING => (prefix, false),
+                    GGUF_ARRAY => (4 + prefix, false),
+                    t => match fixed_size(t) {
+                        Some(w) => (w, true),
+                        None => {
+                            return bad(format!(
+                                "metadata {key:?} is an array of unknown value type {t}"
+                            ))
+                        }
+                    },
+                };
+                match len.checked_mul(min) {
+                    Some(n) if n <= self.remaining() => {}
+                    _ => {
+                        return bad(format!(
+                            "metadata {key:?} declares {len} array elements, more than the {} bytes left in the file hold",
+                            self.remaining()
+                        ))
+                    }
+                }
+                if fixed {
+                    self.count_values(len, key)?;
+                    self.skip(len * min, key)?;
+                } else {
+                    for _ in 0..len {
+                        self.value(elem_type, key, depth + 1)?;
+                    }
+                }
+                None
+            }
+            t => match fixed_size(t) {
+                Some(w) => {
+                    self.skip(w, key)?;
+                    None
+                }
+                None => return bad(format!("metadata {key:?} has unknown value type {t}")),
+            },
+        })
+    }
+}
+
+// GGUF metadata value types.
+const GGUF_U8: u32 = 0;
+const GGUF_I8: u32 = 1;
+const GGUF_U16: u32 = 2;
+const GGUF_I16: u32 = 3;
+const GGUF_U32: u32 = 4;
+const GGUF_I32: u32 = 5;
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+
+/// The size in bytes of a fixed-size GGUF value type (integers, floats, bool).
+fn fixed_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        0 | 1 | 7 => Some(1), // u8, i8, bool
+        2 | 3 => Some(2),     // u16, i16
+        4..=6 => Some(4),     // u32, i32, f32
+        10..=12 => Some(8),   // u64, i64, f64
+        _ => None,
+    }
+}
+
+/// The candle type of a GGUF tensor type id (those candle's reader knows).
+fn ggml_dtype(id: u32) -> Option<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType as T;
+    Some(match id {
+        0 => T::F32,
+        1 => T::F16,
+        2 => T::Q4_0,
+        3 => T::Q4_1,
+        6 => T::Q5_0,
+        7 => T::Q5_1,
+        8 => T::Q8_0,
+        9 => T::Q8_1,
+        10 => T::Q2K,
+        11 => T::Q3K,
+        12 => T::Q4K,
+        13 => T::Q5K,
+        14 => T::Q6K,
+        15 => T::Q8K,
+        30 => T::BF16,
+        _ => return None,
+    })
+}
+
+/// Walk a GGUF header without allocating from any declared size: magic and version; the
+/// tensor and metadata counts against the bytes left; every string and array length against
+/// the bytes left and the limits above; `general.alignment` a power of two; every tensor's
+/// rank, dimensions (≥ 1, no overflow), type, and byte range `[offset, offset + size)` inside
+/// the data section. Returns the number of tensors.
+fn check_header(file: &std::fs::File) -> Result<u64, HeaderError> {
+    let size = file.metadata()?.len();
+    let mut r = HeaderReader { inner: BufReader::new(file), pos: 0, size, v1: false, values: 0 };
+    let magic = r.bytes::<4>()?;
+    if &magic != b"GGUF" {
+        return bad(format!("the magic is {magic:02x?}, not \"GGUF\""));
+    }
+    let version = r.u32()?;
+    if !(1..=3).contains(&version) {
+        return bad(format!("GGUF version {version} (readable: 1, 2, 3)"));
+    }
+    r.v1 = version == 1;
+    let n_tensors = r.length()?;
+    let n_kv = r.length()?;
+    let prefix = if r.v1 { 4 } else { 8 };
+    // Smallest entries: a key, a type and one byte; a name, a rank, a type and an offset.
+    let needed = n_kv
+        .checked_mul(prefix + 4 + 1)
+        .zip(n_tensors.checked_mul(prefix + 4 + 4 + 8))
+        .and_then(|(a, b)| a.checked_add(b));
+    if n_tensors > MAX_ENTRIES || n_kv > MAX_ENTRIES || needed.is_none_or(|n| n > r.remaining()) {
+        return bad(format!(
+            "the header declares {n_tensors} tensors and {n_kv} metadata entries, more than the {}-byte file holds",
+            size
+        ));
+    }
+    let mut alignment = 32u64;
+    for _ in 0..n_kv {
+        let key = r.string("a metadata key", true)?.unwrap_or_default();
+        let value_type = r.u32()?;
+        let value = r.value(value_type, &key, 0)?;
+        if key == "general.alignment" {
+            // candle reads the alignment from 8-, 16- and 32-bit integers only.
+            alignment = match (value_type, value) {
+                (0..=5, Some(a)) if a >= 0 => a as u64,
+                _ => 32,
+            };
+            if !alignment.is_power_of_two() {
+                return bad(format!("general.alignment is {alignment}, not a power of two"));
+            }
+        }
+    }
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name = r.string("a tensor name", true)?.unwrap_or_default();
+        let rank = r.u32()?;
+        if rank > 4 {
+            return bad(format!("tensor {name:?} has {rank} dimensions (at most 4)"));
+        }
+        let mut elems = 1u64;
+        for _ in 0..rank {
+            let dim = r.length()?;
+            if dim == 0 {
+                return bad(format!("tensor {name:?} has an empty dimension"));
+            }
+            elems = elems
+                .checked_mul(dim)
+                .filter(|&n| n <= isize::MAX as u64)
+                .ok_or_else(|| HeaderError::Bad(format!("tensor {name:?} is impossibly large")))?;
+        }
+        let type_id = r.u32()?;
+        let dtype = ggml_dtype(type_id).ok_or_else(|| {
+            HeaderError::Bad(format!("tensor {name:?} has tensor type {type_id}"))
+        })?;
+        let block = dtype.block_size() as u64;
+        if !elems.is_multiple_of(block) {
+            return bad(format!(
+                "tensor {name:?} has {elems} elements, not a whole number of {dtype:?} blocks of {block}"
+            ));
+        }
+        let bytes = (elems / block).checked_mul(dtype.type_size() as u64);
+        let offset = r.u64()?;
+        let end = bytes.and_then(|b| offset.checked_add(b));
+        tensors.push((name, offset, end));
+    }
+    let data_start = r.pos.div_ceil(alignment) * alignment;
+    // A file without tensors may end before the (aligned) data section would start.
+    let data_len = size.checked_sub(data_start).or(tensors.is_empty().then_some(0)).ok_or_else(|| {
+        HeaderError::Bad(format!("the tensor data would start at byte {data_start}, past the end of the {size}-byte file"))
+    })?;
+    for (name, offset, end) in tensors {
+        match end {
+            Some(end) if end <= data_len => {}
+            _ => {
+                return bad(format!(
+                    "tensor {name:?} at data offset {offset} runs past the end of the file ({data_len} bytes of tensor data)"
+                ))
+            }
+        }
+    }
+    Ok(n_tensors)
+}
+
 /// Load a Llama-architecture GGUF file: the model and the tokenizer from its metadata.
 ///
 /// Errors (one line, naming the file): not a GGUF file / truncated or corrupt (detected from the
@@ -55,15 +382,24 @@ pub fn load_llama_gguf(
     let mut file = std::fs::File::open(path).map_err(|source| {
         Error::Checkpoint(CheckpointError::Io { path: path.to_path_buf(), source })
     })?;
-    let content = Content::read(&mut file).map_err(|e| {
+    let unreadable = |reason: &str| {
         gguf_error(
             path,
             format!(
-                "not a readable GGUF file ({}): it may be truncated, corrupt, or use an unsupported tensor type (supported: {GGUF_TYPES}); re-download it",
-                crate::first_line(&e)
+                "not a readable GGUF file ({reason}): it may be truncated, corrupt, or use an unsupported tensor type (supported: {GGUF_TYPES}); re-download it"
             ),
         )
+    };
+    // Our own pass over the header first: every count, length and tensor range is checked
+    // against the file's real size (and sane limits) before candle's reader allocates from them.
+    let n_tensors = check_header(&file).map_err(|e| match e {
+        HeaderError::Io(e) => unreadable(&e.to_string()),
+        HeaderError::Bad(m) => unreadable(&m),
     })?;
+    file.seek(SeekFrom::Start(0)).map_err(|source| {
+        Error::Checkpoint(CheckpointError::Io { path: path.to_path_buf(), source })
+    })?;
+    let content = Content::read(&mut file).map_err(|e| unreadable(&crate::first_line(&e)))?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -139,6 +475,25 @@ pub fn load_llama_gguf(
             format!(
                 "has inconsistent attention metadata (heads {}, kv heads {}, head dim {})",
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            ),
+        ));
+    }
+    // Sizes the model allocates from before any tensor is read: bounded by the file.
+    if cfg.num_hidden_layers == 0 || cfg.num_hidden_layers as u64 > n_tensors {
+        return Err(gguf_error(
+            path,
+            format!(
+                "declares llama.block_count = {} with {n_tensors} tensors in the file: it is corrupt, re-download it",
+                cfg.num_hidden_layers
+            ),
+        ));
+    }
+    if cfg.num_attention_heads.checked_mul(cfg.head_dim).is_none() {
+        return Err(gguf_error(
+            path,
+            format!(
+                "has impossibly large attention metadata (heads {}, head dim {})",
+                cfg.num_attention_heads, cfg.head_dim
             ),
         ));
     }

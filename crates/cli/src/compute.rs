@@ -10,8 +10,8 @@ use crate::backends::{with_model, Backend, LoadSpec, Loaded, ModelJob};
 use crate::inputs::{read_input_file, truncate, Document};
 use crate::npz::npz_bytes;
 use crate::output::{
-    check_output_dir, create_results_dir, safetensors_bytes, write_atomic, ExistingDir,
-    OwnedTensor, RUN_FILE,
+    check_output_dir, create_results_dir, lock_output, remove_stale_temporaries, safetensors_bytes,
+    write_atomic, ExistingDir, OwnedTensor, RUN_FILE,
 };
 use crate::positions::PositionSpec;
 use crate::Globals;
@@ -143,6 +143,14 @@ pub struct ComputeArgs {
     /// Continue the run in a non-empty output directory, skipping finished sequences.
     #[arg(long)]
     pub resume: bool,
+    /// Stop at the first position whose computation meets a NaN or infinity (in activations,
+    /// logits, probabilities or the result) instead of recording it as failed and going on.
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// With --mean: checkpoint the accumulator (what --resume continues from) at most every
+    /// SECONDS (0 = after every sequence); it is always written at the end.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub checkpoint_secs: f64,
     /// Device: cpu, or cuda:N (needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -189,6 +197,12 @@ impl ComputeArgs {
         }
         if self.batch_size == Some(0) {
             bail!("--batch-size 0: give at least 1 position per batch");
+        }
+        if !(self.checkpoint_secs >= 0.0 && self.checkpoint_secs.is_finite()) {
+            bail!(
+                "--checkpoint-secs {}: give a finite number of seconds ≥ 0",
+                self.checkpoint_secs
+            );
         }
         if self.eig_top == Some(0) {
             bail!("--eig-top 0 keeps no eigenpairs: give at least 1, or drop the flag");
@@ -330,6 +344,9 @@ fn sequence_file(i: usize, single: bool, format: Format) -> String {
 /// Run `compute`.
 pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
     args.validate()?;
+    // Held until the run ends (however it ends): no second run writes into this directory.
+    let _lock = lock_output(&args.output)?;
+    remove_stale_temporaries(&args.output)?;
     let existing = if args.resume {
         ExistingDir::Resume
     } else if args.force {
@@ -531,6 +548,7 @@ where
     let total: usize = plan.iter().map(|p| p.len() * layers.len()).sum();
     let bar = g.progress(total as u64);
     let mut summaries = Vec::new();
+    let mut failed: Vec<serde_json::Value> = Vec::new();
     let mut sequences = Vec::new();
     let mut skipped = 0usize;
     let t_compute = Instant::now();
@@ -545,39 +563,110 @@ where
         let i = doc.index;
         let file = sequence_file(i, single, args.format);
         let path = args.output.join(&file);
+        let state_path = sequence_state_file(&args.output, i);
         sequences.push(json!({
             "index": i, "file": (!args.readouts.mean_only).then_some(&file), "n_tokens": doc.tokens.len(), "truncated_tokens": doc.truncated,
             "text_preview": doc.text.as_deref().map(|t| t.chars().take(200).collect::<String>()),
         }));
         // With --mean, a sequence already in the accumulator's checkpoint is never added again.
+        // A sequence is finished once its state file (summaries, failures) is written: that
+        // happens after its results file and before the accumulator's checkpoint records it.
         let in_mean = mean.as_ref().is_some_and(|m| m.sequences.contains(&i));
-        let done = match &mean {
-            Some(_) => in_mean && (args.readouts.mean_only || path.exists()),
-            None => path.exists(),
-        };
+        let done = state_path.exists()
+            && match &mean {
+                Some(_) => in_mean && (args.readouts.mean_only || path.exists()),
+                None => path.exists(),
+            };
         if resuming && done {
+            let state = SequenceState::read(&state_path)?;
+            summaries.extend(state.summaries);
+            failed.extend(state.failed);
             skipped += 1;
             bar.inc((plan[k].len() * layers.len()) as u64);
             g.log(&format!("sequence {i}: {file} exists, skipped (--resume)"));
             continue;
         }
-        let contexts = model.lower_layers(&doc.tokens, &layers)?;
+        let first_summary = summaries.len();
+        let first_failure = failed.len();
+        let mut fail = |layer: usize, t: usize, e: anyhow::Error| -> Result<()> {
+            record_failure(i, layer, t, e, args.fail_fast, g, &mut failed)
+        };
+        let contexts = match model.lower_layers(&doc.tokens, &layers) {
+            Ok(c) => c,
+            Err(e) if is_numerical_fs(&e) => {
+                // The forward pass itself broke down: every requested position of this
+                // sequence fails.
+                let e = anyhow::Error::from(e);
+                for &layer in &layers {
+                    for &t in &plan[k] {
+                        fail(layer, t, anyhow::anyhow!("{e:#}"))?;
+                    }
+                }
+                Vec::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut entries = Vec::new();
         for (ctx, &layer) in contexts.iter().zip(&layers) {
-            let logits = model.logits(ctx, &plan[k])?;
+            // Logits of every position at once; position by position when one is not finite.
+            let logits = match model.logits(ctx, &plan[k]) {
+                Ok(l) if l.as_slice().iter().all(|&x| fs_traits::Scalar::as_f64(x).is_finite()) => {
+                    Some(l)
+                }
+                Ok(_) => None,
+                Err(e) if is_numerical_fs(&e) => None,
+                Err(e) => return Err(e.into()),
+            };
             let chunk = args.batch_size.unwrap_or(1).max(1);
             for (c, positions) in plan[k].chunks(chunk).enumerate() {
-                let results = estimate(model, ctx, positions, args)?;
-                for (j, ((fisher, draws), &t)) in results.into_iter().zip(positions).enumerate() {
-                    if let Some(bad) = fisher.as_slice().iter().position(|x| !x.is_finite()) {
-                        bail!("the Fisher matrix of document {i} at layer {layer} position {t} has a non-finite entry at index {bad}: check the weights and inputs for NaN/Inf");
-                    }
-                    let p = softmax(logits.row(c * chunk + j))?;
-                    let readout = (args.readouts.directions > 0)
-                        .then(|| crate::readouts::readout(model, ctx, t, &fisher, &args.readouts))
-                        .transpose()?;
-                    let e =
-                        Entry { layer, position: t, fisher, entropy: entropy(&p), draws, readout };
+                // A batch that meets a non-finite value is retried position by position, so
+                // that one bad position does not fail its neighbours.
+                let results: Vec<Result<Estimate>> = match estimate(model, ctx, positions, args) {
+                    Ok(v) => v.into_iter().map(Ok).collect(),
+                    Err(e) if is_numerical(&e) && positions.len() > 1 => positions
+                        .iter()
+                        .map(|&t| estimate(model, ctx, &[t], args).map(|mut v| v.remove(0)))
+                        .collect(),
+                    Err(e) if is_numerical(&e) => vec![Err(e)],
+                    Err(e) => return Err(e),
+                };
+                for (j, (result, &t)) in results.into_iter().zip(positions).enumerate() {
+                    let entry = (|| -> Result<Entry> {
+                        let (fisher, draws) = result?;
+                        if let Some(bad) = fisher.as_slice().iter().position(|x| !x.is_finite()) {
+                            return Err(FsError::NonFinite {
+                                what: "the Fisher matrix".into(),
+                                index: bad,
+                                value: fisher.as_slice()[bad],
+                            }
+                            .into());
+                        }
+                        let p = match &logits {
+                            Some(l) => softmax(l.row(c * chunk + j))?,
+                            None => softmax(model.logits(ctx, &[t])?.row(0))?,
+                        };
+                        let readout = (args.readouts.directions > 0)
+                            .then(|| {
+                                crate::readouts::readout(model, ctx, t, &fisher, &args.readouts)
+                            })
+                            .transpose()?;
+                        Ok(Entry {
+                            layer,
+                            position: t,
+                            fisher,
+                            entropy: entropy(&p),
+                            draws,
+                            readout,
+                        })
+                    })();
+                    let e = match entry {
+                        Ok(e) => e,
+                        Err(e) if is_numerical(&e) => {
+                            fail(layer, t, e)?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
                         m.layer_mut(layer)?.add(&e.fisher, e.entropy)?;
                     }
@@ -593,14 +682,20 @@ where
         }
         if !args.readouts.mean_only {
             let bytes =
-                sequence_results(i, doc, &entries, eig_rank, args, &mut summaries, g, &decode)?;
+                sequence_results(i, doc, &entries, d, eig_rank, args, &mut summaries, g, &decode)?;
             write_atomic(&path, &bytes)?;
             g.log(&format!("sequence {i}: wrote {file}"));
         }
+        SequenceState {
+            summaries: summaries[first_summary..].to_vec(),
+            failed: failed[first_failure..].to_vec(),
+        }
+        .write(&state_path)?;
         if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
             m.sequences.push(i);
-            // Checkpoint the accumulator (for --resume) at most every 30 s; always at the end.
-            if last_checkpoint.elapsed().as_secs_f64() > 30.0 {
+            // Checkpoint the accumulator (for --resume) at most every --checkpoint-secs;
+            // always at the end.
+            if last_checkpoint.elapsed().as_secs_f64() >= args.checkpoint_secs {
                 m.write(&args.output)?;
                 last_checkpoint = Instant::now();
             }
@@ -645,6 +740,8 @@ where
         "backend": run.backend,
         "device": run.device,
         "resumed_sequences_skipped": skipped,
+        "n_failed_positions": failed.len(),
+        "failed_positions": failed,
         "timings_s": {
             "load": run.load_s,
             "compute": t_compute.elapsed().as_secs_f64(),
@@ -667,10 +764,121 @@ where
             "wrote {} ({} sequence(s), {} matrices, d = {d})",
             args.output.display(),
             docs.len(),
-            total
+            total - failed.len()
         );
     }
+    if let Some(first) = failed.first() {
+        return Err(PartialFailure {
+            failed: failed.len(),
+            total,
+            first: first["error"].as_str().unwrap_or_default().to_string(),
+            metadata: args.output.join("metadata.json"),
+        }
+        .into());
+    }
     Ok(())
+}
+
+/// A run that finished every position it could, with some positions failed on NaN or
+/// infinity (they are listed in metadata.json). `main` exits with code 3 for it.
+#[derive(Debug)]
+pub struct PartialFailure {
+    /// Positions (layer × position × sequence) that failed.
+    pub failed: usize,
+    /// Positions requested.
+    pub total: usize,
+    /// The first failure's message.
+    pub first: String,
+    /// The metadata file listing every failure.
+    pub metadata: PathBuf,
+}
+
+impl std::fmt::Display for PartialFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} positions failed on non-finite values (first: {}); every other result is written, the failures are listed under \"failed_positions\" in {}: check the weights and inputs, or pass --fail-fast to stop at the first",
+            self.failed,
+            self.total,
+            self.first,
+            self.metadata.display()
+        )
+    }
+}
+
+impl std::error::Error for PartialFailure {}
+
+/// Whether an estimator error is a numerical fault of one position (NaN or infinity met in
+/// activations, logits, probabilities or results; a linear-algebra breakdown), as opposed to a
+/// fault of the run (I/O, a bad argument), which stops the run.
+fn is_numerical(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<FsError>().is_some_and(is_numerical_fs)
+}
+
+fn is_numerical_fs(e: &FsError) -> bool {
+    matches!(
+        e,
+        FsError::NonFinite { .. } | FsError::NotAProbability { .. } | FsError::LinearAlgebra(_)
+    )
+}
+
+/// Record a failed position (or, with `--fail-fast`, stop the run with it).
+fn record_failure(
+    sequence: usize,
+    layer: usize,
+    position: usize,
+    e: anyhow::Error,
+    fail_fast: bool,
+    g: &Globals,
+    failed: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let message = format!("document {sequence} layer {layer} position {position}: {e:#}");
+    if fail_fast {
+        bail!("{message} (--fail-fast): check the weights and inputs for NaN/Inf, or drop --fail-fast to record failed positions and go on");
+    }
+    if !g.quiet {
+        eprintln!("warning: {message}; recorded as failed, continuing");
+    }
+    failed.push(json!({
+        "sequence": sequence, "layer": layer, "position": position, "error": message,
+    }));
+    Ok(())
+}
+
+/// Where a run keeps the per-sequence state `--resume` needs (hidden, inside the results
+/// directory): `.state/seq_NNNNNN.json`.
+fn sequence_state_file(dir: &Path, i: usize) -> PathBuf {
+    dir.join(".state").join(format!("seq_{i:06}.json"))
+}
+
+/// What a resumed run needs to know of a finished sequence to write the same metadata.json as an
+/// uninterrupted run: its summaries and its failed positions.
+struct SequenceState {
+    summaries: Vec<serde_json::Value>,
+    failed: Vec<serde_json::Value>,
+}
+
+impl SequenceState {
+    fn write(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let state = json!({"summaries": self.summaries, "failed": self.failed});
+        write_atomic(path, &serde_json::to_vec(&state)?)
+    }
+
+    fn read(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let corrupt =
+            || anyhow::anyhow!("{} is corrupt: re-run with --force to start over", path.display());
+        let state: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| corrupt())?;
+        let list = |key: &str| -> Result<Vec<serde_json::Value>> {
+            state.get(key).and_then(|v| v.as_array()).cloned().ok_or_else(corrupt)
+        };
+        Ok(SequenceState { summaries: list("summaries")?, failed: list("failed")? })
+    }
 }
 
 /// Summarise one matrix: append its summary (with decoded read-outs) to `summaries`, print its
@@ -718,6 +926,7 @@ fn sequence_results(
     i: usize,
     doc: &Document,
     entries: &[Entry],
+    d: usize,
     eig_rank: Option<usize>,
     args: &ComputeArgs,
     summaries: &mut Vec<serde_json::Value>,
@@ -726,7 +935,6 @@ fn sequence_results(
 ) -> Result<Vec<u8>> {
     let format = args.format;
     let n = entries.len();
-    let d = entries.first().map_or(0, |e| e.fisher.rows());
     let mut eigenvalues = Vec::new();
     let mut eigenvectors = Vec::new();
     for e in entries {

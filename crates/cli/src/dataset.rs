@@ -140,21 +140,28 @@ impl MeanState {
         let refs: Vec<(&str, &OwnedTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
         let bytes = safetensors::tensor::serialize(refs, Some(meta))
             .context("serialising the mean accumulator")?;
-        write_atomic(&dir.join(MEAN_FILE), &bytes)
+        // The header's metadata map is serialised in hash order; sort it so that the same
+        // accumulator is the same bytes (a resumed run equals an uninterrupted one).
+        write_atomic(&dir.join(MEAN_FILE), &crate::output::canonical_safetensors(&bytes)?)
     }
 
     /// Read `path` (a mean.safetensors), checking every shape.
     pub fn read(path: &Path) -> Result<MeanState> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// [`MeanState::read`] on the file's bytes; `path` names the file in messages.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<MeanState> {
         let bad = |e: String| {
             anyhow!(
                 "{} is not a valid mean accumulator ({e}): re-run compute --mean",
                 path.display()
             )
         };
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some("fisher-stein mean accumulator v1") {
             return Err(bad("no fisher-stein accumulator header".into()));
@@ -164,7 +171,7 @@ impl MeanState {
         )
         .map_err(|e| bad(format!("settings: {e}")))?;
         let shard = meta.get("shard").cloned().unwrap_or_default();
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let get = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
             let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
             let v = match t.dtype() {
@@ -189,7 +196,9 @@ impl MeanState {
         let (_, ent) = get("entropy_sum")?;
         let (_, seqs) = get("sequences")?;
         let l = ls.first().copied().unwrap_or(0);
-        if hs.len() != 3
+        if ls.len() != 1
+            || layers.len() != l
+            || hs.len() != 3
             || hs[0] != l
             || hs[1] != hs[2]
             || lo.len() != hi.len()

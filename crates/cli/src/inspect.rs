@@ -37,24 +37,30 @@ pub struct InspectArgs {
     pub no_model: bool,
 }
 
-pub(crate) type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
+pub type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
 
 /// Read every array of a results file (safetensors or npz) as `f64`.
-pub(crate) fn read_results(path: &Path) -> Result<Arrays> {
+pub fn read_results(path: &Path) -> Result<Arrays> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    read_results_bytes(path, &bytes)
+}
+
+/// [`read_results`] on the file's bytes: `path` chooses the format (`.npz`, else safetensors)
+/// and names the file in messages.
+pub fn read_results_bytes(path: &Path, bytes: &[u8]) -> Result<Arrays> {
     let bad = |e: String| {
         anyhow::anyhow!(
             "{} is not a valid results file ({e}): re-run compute to regenerate it",
             path.display()
         )
     };
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = HashMap::new();
     if path.extension().is_some_and(|e| e == "npz") {
-        for (name, a) in read_npz(&bytes).map_err(|e| bad(format!("{e:#}")))? {
+        for (name, a) in read_npz(bytes).map_err(|e| bad(format!("{e:#}")))? {
             out.insert(name, (a.shape, a.data));
         }
     } else {
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         for (name, t) in st.tensors() {
             let v: Vec<f64> = match t.dtype() {
                 safetensors::Dtype::F32 => t
@@ -247,7 +253,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
         let (fs, f) = &r["fisher"];
         let (n, d) = (fs[0], fs[1]);
         let tokens: Vec<u32> = r["token_ids"].1.iter().map(|&x| x as u32).collect();
-        let seq = r.get("sequence").map_or(0.0, |s| s.1[0]) as usize;
+        let seq = r.get("sequence").and_then(|s| s.1.first().copied()).unwrap_or(0.0) as usize;
         let name = file.file_name().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default();
         for i in 0..n {
             let layer = r["layer"].1[i] as usize;

@@ -2,24 +2,11 @@
 //! and the backend crates.
 //!
 //! Every error is one line on stderr (`error: …` naming the problem and the fix) with exit
-//! code 2; nothing half-written is left behind (results directories are written atomically).
-
-mod backends;
-mod bench;
-mod compute;
-mod dataset;
-mod info;
-mod inputs;
-mod inspect;
-mod merge;
-mod npz;
-mod output;
-mod plots;
-mod positions;
-mod readouts;
-mod report;
+//! code 2; nothing half-written is left behind (results files are written atomically). A run
+//! that finished but recorded positions as failed on NaN/Inf exits with code 3.
 
 use clap::{Parser, Subcommand};
+use fisher_stein::{bench, compute, info, inspect, merge, report, Globals};
 use std::process::ExitCode;
 
 /// Fisher information of a language model's next-token distribution with respect to an
@@ -119,44 +106,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::from(2)
+            // 3: the run finished, but some positions failed on NaN/Inf (listed in
+            // metadata.json); 2: nothing (more) was computed.
+            if e.downcast_ref::<compute::PartialFailure>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(2)
+            }
         }
-    }
-}
-
-/// Options every subcommand shares.
-pub struct Globals {
-    /// `--quiet`.
-    pub quiet: bool,
-    /// `--verbose`.
-    pub verbose: bool,
-    /// When the process started.
-    pub start: std::time::Instant,
-}
-
-impl Globals {
-    /// Log a step to stderr with `--verbose`.
-    pub fn log(&self, msg: &str) {
-        if self.verbose {
-            eprintln!("[{:>8.3} s] {msg}", self.start.elapsed().as_secs_f64());
-        }
-    }
-
-    /// A progress bar over `total` positions on stderr: positions/s and ETA; hidden with
-    /// `--quiet` or when stderr is not a terminal.
-    pub fn progress(&self, total: u64) -> indicatif::ProgressBar {
-        use std::io::IsTerminal;
-        if self.quiet || !std::io::stderr().is_terminal() {
-            return indicatif::ProgressBar::hidden();
-        }
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} positions  {per_sec}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
     }
 }
 

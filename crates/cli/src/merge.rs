@@ -8,7 +8,7 @@
 //! settings and position selection; no document may appear in two of them.
 
 use crate::dataset::{check_compatible, print_mean_summary, MeanState, MEAN_FILE};
-use crate::output::{check_output_dir, create_results_dir, write_atomic, ExistingDir};
+use crate::output::{check_output_dir, create_results_dir, lock_output, write_atomic, ExistingDir};
 use crate::Globals;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -32,6 +32,8 @@ pub struct MergeArgs {
 /// Run `merge`.
 pub fn run(args: MergeArgs, g: &Globals) -> Result<()> {
     let existing = if args.force { ExistingDir::Replace } else { ExistingDir::Refuse };
+    // No other run writes into the output directory while this one does.
+    let _lock = lock_output(&args.output)?;
     check_output_dir(&args.output, existing)?;
     let mut merged: Option<MeanState> = None;
     let mut seen: HashMap<(String, usize), String> = HashMap::new();

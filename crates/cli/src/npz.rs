@@ -164,7 +164,10 @@ fn parse_npy(data: &[u8]) -> Result<NpyArray> {
         .map(|s| s.parse::<usize>())
         .collect::<Result<_, _>>()?;
     let body = &data[10 + hlen..];
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .with_context(|| format!("NPY shape {shape:?} overflows"))?;
     let values: Vec<f64> = match descr {
         "<f4" => {
             body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()

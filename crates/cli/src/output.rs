@@ -68,6 +68,29 @@ pub fn safetensors_bytes(tensors: &[(&str, OwnedTensor)]) -> Result<Vec<u8>> {
         .context("serialising the results as safetensors")
 }
 
+/// The same safetensors file with its JSON header's keys sorted (and re-padded to 8 bytes), so
+/// that equal contents are equal bytes: `safetensors` writes the `__metadata__` map in hash
+/// order, which differs from process to process. Tensor data and offsets are unchanged.
+pub fn canonical_safetensors(bytes: &[u8]) -> Result<Vec<u8>> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .filter(|&n| n <= bytes.len() - 8)
+        .context("canonicalising a safetensors header: the file is shorter than its header")?;
+    // serde_json's maps are sorted by key (no `preserve_order` feature in this workspace).
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
+        .context("canonicalising a safetensors header: it is not JSON")?;
+    let mut json = serde_json::to_vec(&header)?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
 /// What to do with an existing results directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExistingDir {
@@ -90,10 +113,11 @@ pub fn check_output_dir(dir: &Path, existing: ExistingDir) -> Result<bool> {
                 dir.display()
             );
         }
+        // Temporaries of a killed run's atomic writes do not make a directory non-empty.
         let non_empty = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read output directory {}", dir.display()))?
-            .next()
-            .is_some();
+            .filter_map(|e| e.ok())
+            .any(|e| !is_temporary(&e.file_name().to_string_lossy()));
         if non_empty {
             match existing {
                 ExistingDir::Refuse => bail!(
@@ -123,6 +147,111 @@ pub fn check_output_dir(dir: &Path, existing: ExistingDir) -> Result<bool> {
     })?;
     std::fs::remove_file(&probe).ok();
     Ok(false)
+}
+
+/// Whether a file name is one of [`write_atomic`]'s temporaries (`.NAME.tmp-PID`).
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Remove the temporaries a killed run's atomic writes left in `dir` (call with the directory's
+/// [`OutputLock`] held, so that no live run owns them).
+pub fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.filter_map(|e| e.ok()) {
+        if is_temporary(&e.file_name().to_string_lossy()) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing the stale temporary {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive advisory lock (`flock`) on a results directory, held for the whole run so that
+/// two runs pointed at the same `--output` cannot interleave their writes. The lock lives in a
+/// hidden sibling file `.NAME.fisher-stein.lock` (the directory itself may not exist yet, and
+/// `--force` replaces it); the operating system releases it when the process ends, however it
+/// ends, so a killed run never leaves a stale lock. The file is removed when the lock is dropped.
+pub struct OutputLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked: a run that opened the old file sees, after locking it,
+        // that the path no longer names it, and retries on a fresh file (see `lock_output`).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Take the [`OutputLock`] of `dir`, or fail at once (one line, naming the other run's pid)
+/// when another run holds it.
+pub fn lock_output(dir: &Path) -> Result<OutputLock> {
+    use std::io::Write;
+    let parent = parent_of(dir);
+    std::fs::create_dir_all(&parent).with_context(|| {
+        format!("cannot create {}: choose a writable --output", parent.display())
+    })?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let path = parent.join(format!(".{}.fisher-stein.lock", name.as_deref().unwrap_or("output")));
+    loop {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| {
+                format!(
+                    "cannot create the lock file {}: choose a writable --output",
+                    path.display()
+                )
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let who =
+                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+                bail!(
+                    "{} is in use by another fisher-stein run{who}: wait for it to finish, or choose another --output",
+                    dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        if same_file(&file, &path) {
+            file.set_len(0).ok();
+            let _ = write!(file, "{}", std::process::id());
+            return Ok(OutputLock { path, _file: file });
+        }
+        // The holder removed the file between our open and our lock: try again on a new one.
+    }
+}
+
+#[cfg(unix)]
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &std::fs::File, path: &Path) -> bool {
+    path.exists()
 }
 
 /// The file a run records its settings in (checked by `--resume`).
@@ -187,5 +316,44 @@ mod tests {
         let left: Vec<_> =
             std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("out")]);
+    }
+
+    #[test]
+    fn canonical_safetensors_are_the_same_bytes_for_the_same_contents() {
+        let t = OwnedTensor::f64(vec![2], [1.0, 2.0]);
+        let bytes = |keys: &[usize]| {
+            let meta: std::collections::HashMap<String, String> =
+                keys.iter().map(|k| (format!("key{k}"), format!("value {k}"))).collect();
+            let raw = safetensors::tensor::serialize([("x", &t)], Some(meta)).unwrap();
+            canonical_safetensors(&raw).unwrap()
+        };
+        let a = bytes(&(0..16).collect::<Vec<_>>());
+        let b = bytes(&(0..16).rev().collect::<Vec<_>>());
+        assert_eq!(a, b);
+        let (_, header) = safetensors::SafeTensors::read_metadata(&a).unwrap();
+        assert_eq!(header.metadata().as_ref().unwrap()["key7"], "value 7");
+        let st = safetensors::SafeTensors::deserialize(&a).unwrap();
+        assert_eq!(st.tensor("x").unwrap().data(), t.bytes());
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_directory_is_refused_until_the_first_is_dropped() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        let first = lock_output(&dir).unwrap();
+        let e = lock_output(&dir).err().unwrap().to_string();
+        assert!(e.contains("in use by another fisher-stein run"), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        let path = first.path().to_path_buf();
+        drop(first);
+        assert!(!path.exists());
+        let again = lock_output(&dir).unwrap();
+        drop(again);
+        // Stale temporaries do not make a directory non-empty, and are removed.
+        create_results_dir(&dir, false).unwrap();
+        std::fs::write(dir.join(".run.json.tmp-1"), b"half").unwrap();
+        assert!(!check_output_dir(&dir, ExistingDir::Refuse).unwrap());
+        remove_stale_temporaries(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     }
 }

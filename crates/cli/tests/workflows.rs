@@ -338,8 +338,34 @@ fn text_input_file_inspect_and_info() {
     assert!(info.contains("vocab         50257") && info.contains("byte-level BPE"), "{info}");
 }
 
+/// Every file of a results directory except the hidden per-sequence state and lock, by name.
+fn result_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// metadata.json without what records the run's history rather than its results (timings, how
+/// many sequences a resumed run skipped).
+fn metadata_results(dir: &Path) -> serde_json::Value {
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metadata.json")).unwrap()).unwrap();
+    let m = meta.as_object_mut().unwrap();
+    m.remove("timings_s");
+    m.remove("resumed_sequences_skipped");
+    meta
+}
+
+/// SIGKILL at several random moments (seeded: set FS_KILL_SEED to replay; the seed is printed),
+/// each run after the first continuing with `--resume` and possibly killed again: the final
+/// per-sequence results, the mean accumulator and run.json equal an uninterrupted run's byte for
+/// byte, and metadata.json equals it except for timings and the resume count.
 #[test]
-fn resume_after_a_kill_gives_the_same_results() {
+fn resume_after_kills_at_random_moments_gives_identical_results() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     model_with_tokenizer(&model, 32);
@@ -351,63 +377,95 @@ fn resume_after_a_kill_gives_the_same_results() {
         .collect();
     std::fs::write(&docs, lines.join("\n")).unwrap();
     let args = |out: &Path| -> Vec<String> {
-        [
-            "compute",
-            "--model",
-            model.to_str().unwrap(),
-            "--layer",
-            "1",
-            "--input",
-            docs.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(
-            ["--positions", "all", "-q", "--output", out.to_str().unwrap()]
-                .iter()
-                .map(|s| s.to_string()),
-        )
-        .collect()
+        let m = model.to_str().unwrap();
+        let d = docs.to_str().unwrap();
+        let o = out.to_str().unwrap();
+        let a = ["compute", "--model", m, "--layers", "0,1", "--input", d, "--positions", "all"];
+        a.iter()
+            .chain(&["--mean", "--checkpoint-secs", "0", "--eig-top", "3", "-q", "--output", o])
+            .map(|s| s.to_string())
+            .collect()
     };
     let full = tmp.path().join("full");
-    ok(&bin().args(args(&full)).output().unwrap());
-
-    let killed = tmp.path().join("killed");
-    let mut child = bin().args(args(&killed)).spawn().unwrap();
     let t0 = std::time::Instant::now();
-    while !killed.join("fisher_seq_000002.safetensors").exists() && t0.elapsed().as_secs() < 120 {
-        if child.try_wait().unwrap().is_some() {
+    ok(&bin().args(args(&full)).output().unwrap());
+    let duration_ms = t0.elapsed().as_millis() as u64;
+
+    let seed: u64 =
+        std::env::var("FS_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+                as u64
+                | 1
+        });
+    println!(
+        "kill seed {seed} (FS_KILL_SEED={seed} replays it); uninterrupted run {duration_ms} ms"
+    );
+    let mut state = seed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let killed = tmp.path().join("killed");
+    // A chain of runs, each but the first a --resume of the one before, each killed at a random
+    // moment. A run that finishes before its kill point restarts the chain from scratch, until
+    // one chain has 4 kills.
+    let mut kills = 0;
+    for attempt in 0..40 {
+        let mut cmd = bin();
+        cmd.args(args(&killed));
+        if kills > 0 {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd.spawn().unwrap();
+        // A resumed run has less left to do: later kill points come earlier.
+        let at = duration_ms * (2 + next() % 49) / 100 / (1 + kills);
+        std::thread::sleep(std::time::Duration::from_millis(at));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            kills += 1;
+            println!("attempt {attempt}: SIGKILL at {at} ms (kill {kills} of the chain)");
+        } else {
+            println!("attempt {attempt}: finished before {at} ms; the chain restarts");
+            kills = 0;
+            std::fs::remove_dir_all(&killed).unwrap();
+        }
+        // Only complete files are ever visible: every results file in the directory parses.
+        if killed.exists() {
+            for name in result_files(&killed) {
+                if name.ends_with(".safetensors") {
+                    read_safetensors(&killed.join(name));
+                }
+            }
+        }
+        if kills == 4 {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    // Only complete files are ever visible: every existing sequence file parses.
-    for e in std::fs::read_dir(&killed).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            read_safetensors(&p);
-        }
+    assert_eq!(kills, 4, "no chain of 4 kills in 40 attempts (seed {seed})");
+    // Without --resume (or --force) a started directory is refused; with it the run completes.
+    if killed.join("run.json").exists() {
+        let refused = bin().args(args(&killed)).output().unwrap();
+        assert_eq!(refused.status.code(), Some(2));
     }
-    // Without --resume the directory is refused; with it the run completes.
-    let refused = bin().args(args(&killed)).output().unwrap();
-    assert_eq!(refused.status.code(), Some(2));
     ok(&bin().args(args(&killed)).arg("--resume").output().unwrap());
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(killed.join("metadata.json")).unwrap()).unwrap();
-    assert!(
-        meta["resumed_sequences_skipped"].as_u64().unwrap() >= 1,
-        "{}",
-        meta["resumed_sequences_skipped"]
-    );
-    for i in 0..24 {
-        let name = format!("fisher_seq_{i:06}.safetensors");
-        assert_eq!(
-            std::fs::read(full.join(&name)).unwrap(),
-            std::fs::read(killed.join(&name)).unwrap(),
-            "{name} differs"
+    assert_eq!(result_files(&full), result_files(&killed));
+    for name in result_files(&full) {
+        if name == "metadata.json" {
+            continue;
+        }
+        assert!(
+            std::fs::read(full.join(&name)).unwrap() == std::fs::read(killed.join(&name)).unwrap(),
+            "{name} differs after kills and --resume (seed {seed})"
         );
+    }
+    assert_eq!(metadata_results(&full), metadata_results(&killed), "metadata.json (seed {seed})");
+    // No temporaries, no lock left behind.
+    for e in std::fs::read_dir(tmp.path()).unwrap().chain(std::fs::read_dir(&killed).unwrap()) {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".tmp-"), "temporary {name} left behind");
     }
     // --resume with different settings is refused.
     let other = bin()
@@ -417,6 +475,68 @@ fn resume_after_a_kill_gives_the_same_results() {
         .unwrap();
     assert_eq!(other.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&other.stderr).contains("different settings"));
+}
+
+/// Two runs pointed at the same output directory: the second is refused at once (one line,
+/// exit 2, naming the first run's pid) whether it asks for --resume, --force or neither, and
+/// the first run's results are untouched; once the first run is gone (even killed), its lock
+/// is free.
+#[test]
+fn a_second_run_on_the_same_output_is_refused_by_the_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    model_with_tokenizer(&model, 32);
+    let docs = tmp.path().join("docs.txt");
+    let lines: Vec<String> =
+        (0..200).map(|i| format!("Document {i}: the quick brown fox jumps over the dog")).collect();
+    std::fs::write(&docs, lines.join("\n")).unwrap();
+    let out = tmp.path().join("out");
+    let args: Vec<String> = [
+        "compute",
+        "--model",
+        model.to_str().unwrap(),
+        "--layer",
+        "1",
+        "--input",
+        docs.to_str().unwrap(),
+        "--positions",
+        "all",
+        "-q",
+        "--output",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut first = bin().args(&args).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("fisher_seq_000000.safetensors").exists() && t0.elapsed().as_secs() < 120 {
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let before = std::fs::read(out.join("fisher_seq_000000.safetensors")).unwrap();
+    for extra in [&[][..], &["--resume"][..], &["--force"][..]] {
+        let second = bin().args(&args).args(extra).output().unwrap();
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert_eq!(second.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("in use by another fisher-stein run")
+                && stderr.contains(&format!("pid {}", first.id())),
+            "{extra:?}: {stderr}"
+        );
+    }
+    assert!(first.try_wait().unwrap().is_none(), "the first run was disturbed");
+    assert_eq!(std::fs::read(out.join("fisher_seq_000000.safetensors")).unwrap(), before);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The killed run's lock died with it: --resume takes it (and is killed in turn here, to keep
+    // the test short; resuming to the end is the test above).
+    let mut resumed = bin().args(&args).arg("--resume").spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(resumed.try_wait().unwrap().is_none(), "--resume after a kill did not start");
+    resumed.kill().unwrap();
+    resumed.wait().unwrap();
 }
 
 /// The README's main command, as written, run by bash, with `cargo run --release -p fisher-stein
@@ -449,101 +569,319 @@ fn readme_main_command_runs_as_written() {
     );
 }
 
-/// Each row: args, needles the one-line error must contain. Exit code 2, no panic, nothing written.
+/// Copy a safetensors checkpoint directory, letting `edit` change any f32 tensor's values.
+fn edited_checkpoint(src: &Path, dst: &Path, edit: impl Fn(&str, &mut Vec<f32>)) {
+    use safetensors::tensor::{Dtype, TensorView};
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), Dtype::F32);
+            let mut v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            edit(&name, &mut v);
+            (name, t.shape().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+
+/// The bad-input matrix: files, configs, layers, texts, flags and numbers a user can get wrong.
+/// Every row must end with exit code 2 and one line on stderr that contains the row's words,
+/// never a panic, and leave no output directory. The table (row, exit code, message) is printed
+/// for the issue tracker: `cargo test -p fisher-stein --test workflows bad_input_matrix --
+/// --nocapture`.
 #[test]
 fn bad_input_matrix() {
     let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let model = tmp.path().join("m");
     model_with_tokenizer(&model, 8);
-    let m = model.to_str().unwrap().to_string();
-    let fx = fixture("gpt2-tiny-a").to_str().unwrap().to_string();
-    let jsonl = tmp.path().join("bad.jsonl");
-    std::fs::write(&jsonl, "{\"text\": \"fine\"}\n{\"content\": \"no text field\"}\n").unwrap();
-    let long_text = "word ".repeat(100);
+    let fx_path = fixture("gpt2-tiny-a");
+    let fx = fx_path.to_str().unwrap().to_string();
+    // Files.
+    let with_config = |name: &str, config: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(fx_path.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), config).unwrap();
+    };
+    let cfg = std::fs::read_to_string(fx_path.join("config.json")).unwrap();
+    with_config("cfg-not-json", "{\"model_type\": \"gpt2\", \"n_embd\": ");
+    with_config("cfg-no-field", &cfg.replace("\"n_embd\": 32,", ""));
+    with_config("cfg-heads", &cfg.replace("\"n_head\": 2", "\"n_head\": 5"));
+    with_config("cfg-shape", &cfg.replace("\"n_embd\": 32", "\"n_embd\": 64"));
+    with_config("cfg-arch", &cfg.replace("\"model_type\": \"gpt2\"", "\"model_type\": \"mamba\""));
+    let weights = std::fs::read(fx_path.join("model.safetensors")).unwrap();
+    let with_weights = |name: &str, bytes: &[u8]| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), &cfg).unwrap();
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    };
+    with_weights("st-truncated", &weights[..weights.len() / 2]);
+    let mut huge = (1u64 << 60).to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    with_weights("st-huge-header", &huge);
+    let mut garbage = 16u64.to_le_bytes().to_vec();
+    garbage.extend_from_slice(b"{\"a\": [1, 2, 3]}");
+    with_weights("st-garbage-header", &garbage);
+    with_weights("st-empty", b"");
+    edited_checkpoint(&fx_path, &tmp.path().join("st-nan"), |name, v| {
+        if name.ends_with("h.1.mlp.c_fc.weight") {
+            v[7] = f32::NAN;
+        }
+    });
+    let bad_tok = tmp.path().join("bad-tokenizer");
+    model_with_tokenizer(&bad_tok, 8);
+    std::fs::write(bad_tok.join("vocab.json"), "[this is not a vocabulary").unwrap();
+    std::fs::write(tmp.path().join("broken.gguf"), b"GGUF\x03\x00").unwrap();
+    std::fs::write(tmp.path().join("magic.gguf"), b"NOPE\x03\x00\x00\x00 not a gguf file at all")
+        .unwrap();
+    let mut lying = b"GGUF".to_vec();
+    lying.extend_from_slice(&3u32.to_le_bytes());
+    lying.extend_from_slice(&u64::MAX.to_le_bytes()); // tensor count
+    lying.extend_from_slice(&u64::MAX.to_le_bytes()); // metadata count
+    std::fs::write(tmp.path().join("lying.gguf"), &lying).unwrap();
     let corrupt = tmp.path().join("corrupt");
     std::fs::create_dir(&corrupt).unwrap();
     std::fs::write(corrupt.join("fisher.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
         .unwrap();
-    let gguf = tmp.path().join("broken.gguf");
-    std::fs::write(&gguf, b"GGUF\x03\x00").unwrap();
+    std::fs::create_dir(tmp.path().join("empty-dir")).unwrap();
+    let junk = tmp.path().join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("notes.txt"), "mine").unwrap();
+    std::fs::write(tmp.path().join("a-file"), "not a directory").unwrap();
+    // Texts.
+    std::fs::write(
+        tmp.path().join("bad.jsonl"),
+        "{\"text\": \"fine\"}\n{\"content\": \"no text field\"}\n",
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("empty.txt"), "").unwrap();
+    std::fs::write(tmp.path().join("binary.txt"), b"caf\xe9 \xff\xfe\n").unwrap();
+    std::fs::write(tmp.path().join("two.txt"), "first document\nsecond document\n").unwrap();
+    let long_text = "word ".repeat(100);
     let out = tmp.path().join("out");
     let o = out.to_str().unwrap().to_string();
-    // One row per line: the command (placeholders {m}, {fx}, {o}, {jsonl}, {corrupt}; split on
-    // spaces) and the words the one-line error must contain.
-    let table: &[(&str, &[&str])] = &[
-        ("compute --model /no/such/model --layer 0 --tokens 1 --output {o}", &["/no/such/model", "config.json"]),
-        ("compute --model {m} --layer 9 --text hi --output {o}", &["layer 9", "0..=1"]),
-        ("compute --model {m} --layer 0 --text  --output {o}", &["--text is empty"]),
-        ("compute --model {m} --layer 0 --text {long} --output {o}", &["101 tokens", "at most 64", "--max-seq-len"]),
-        ("compute --model {m} --layer 0 --text hi --estimator magic --output {o}", &["magic", "exact"]),
-        ("compute --model {m} --layer 0 --text hi --estimator sampled --samples 0 --output {o}", &["--samples 0"]),
-        ("compute --model {m} --layer 0 --text hi --estimator predictive --top-p 1.5 --output {o}", &["top_p", "(0, 1]"]),
-        ("compute --model {m} --layer 0 --text hi --estimator sampled --top-p 0 --output {o}", &["top_p", "(0, 1]"]),
-        ("compute --model {m} --layer 0 --input {jsonl} --output {o}", &["line 2", "\"text\""]),
-        ("compute --model {fx} --layer 0 --tokens 1,2 --positions 7 --output {o}", &["position 7"]),
-        ("compute --model {fx} --layers 0,x --tokens 1 --output {o}", &["invalid layer", "\"x\""]),
-        ("inspect {corrupt}", &["fisher.safetensors", "not a valid results file"]),
-        ("inspect /no/such/dir", &["/no/such/dir"]),
-        ("compute --model {gguf} --layer 0 --text hi --output {o}", &["broken.gguf", "not a readable GGUF file"]),
-        ("info {gguf}", &["broken.gguf", "not a readable GGUF file"]),
-        ("info /no/such/model", &["/no/such/model"]),
+
+    // (what is wrong, the command: split on spaces, placeholders {o} output, {m} GPT-2 with
+    // tokenizer, {fx} fixture, {t:NAME} a file made above, {long} a long text; words the one-line
+    // message must contain)
+    #[rustfmt::skip]
+    let table: &[(&str, &str, &[&str])] = &[
+        // Files.
+        ("model path does not exist", "compute --model /no/such/model --layer 0 --tokens 1 --output {o}", &["/no/such/model"]),
+        ("config.json is not JSON", "compute --model {t:cfg-not-json} --layer 0 --tokens 1 --output {o}", &["config.json"]),
+        ("config.json lacks n_embd", "compute --model {t:cfg-no-field} --layer 0 --tokens 1 --output {o}", &["config.json", "n_embd"]),
+        ("n_embd not divisible by n_head", "compute --model {t:cfg-heads} --layer 0 --tokens 1 --output {o}", &["n_head"]),
+        ("config does not match the weights", "compute --model {t:cfg-shape} --layer 0 --tokens 1 --output {o}", &["wte.weight", "64"]),
+        ("unsupported architecture", "compute --model {t:cfg-arch} --layer 0 --tokens 1 --output {o}", &["mamba"]),
+        ("weights file truncated", "compute --model {t:st-truncated} --layer 0 --tokens 1 --output {o}", &["model.safetensors"]),
+        ("safetensors header claims 2^60 bytes", "compute --model {t:st-huge-header} --layer 0 --tokens 1 --output {o}", &["model.safetensors"]),
+        ("safetensors header is not a tensor table", "compute --model {t:st-garbage-header} --layer 0 --tokens 1 --output {o}", &["model.safetensors"]),
+        ("weights file empty", "compute --model {t:st-empty} --layer 0 --tokens 1 --output {o}", &["model.safetensors"]),
+        ("NaN in a weight", "compute --model {t:st-nan} --layer 0 --tokens 1 --output {o}", &["h.1.mlp.c_fc.weight", "NaN"]),
+        ("tokenizer vocab.json corrupt", "compute --model {t:bad-tokenizer} --layer 0 --text hello --output {o}", &["vocab.json"]),
+        ("GGUF header truncated", "compute --model {t:broken.gguf} --layer 0 --text hi --output {o}", &["broken.gguf", "GGUF"]),
+        ("GGUF magic wrong", "compute --model {t:magic.gguf} --layer 0 --text hi --output {o}", &["magic.gguf", "GGUF"]),
+        ("GGUF header lies about its counts", "compute --model {t:lying.gguf} --layer 0 --text hi --output {o}", &["lying.gguf", "GGUF"]),
+        ("info on a broken GGUF", "info {t:broken.gguf}", &["broken.gguf", "GGUF"]),
+        ("info on a missing model", "info /no/such/model", &["/no/such/model"]),
+        ("inspect a corrupt results file", "inspect {t:corrupt}", &["fisher.safetensors", "not a valid results file"]),
+        ("inspect a missing directory", "inspect /no/such/dir", &["/no/such/dir"]),
+        ("inspect a directory without results", "inspect {t:empty-dir}", &["holds no fisher"]),
+        ("merge directories without accumulators", "merge {t:empty-dir} {t:junk} --output {o}", &["mean.safetensors"]),
+        ("report on a missing directory", "report /no/such/dir --output {o}", &["/no/such/dir"]),
+        // Layers and positions.
+        ("layer beyond the model", "compute --model {fx} --layer 9 --tokens 1 --output {o}", &["layer 9", "0..=2"]),
+        ("--layers not a number", "compute --model {fx} --layers 0,x --tokens 1 --output {o}", &["invalid layer", "\"x\""]),
+        ("position beyond the sequence", "compute --model {fx} --layer 0 --tokens 1,2 --positions 7 --output {o}", &["position 7"]),
+        ("--positions unparsable", "compute --model {fx} --layer 0 --tokens 1,2 --positions 3..a --output {o}", &["3..a"]),
+        ("--position-skip 0", "compute --model {fx} --layer 0 --tokens 1,2 --position-skip 0 --output {o}", &["--position-skip 0"]),
+        ("--max-positions 0", "compute --model {fx} --layer 0 --tokens 1,2 --max-positions 0 --output {o}", &["--max-positions 0"]),
+        // Texts and tokens.
+        ("--text empty", "compute --model {m} --layer 0 --text  --output {o}", &["--text is empty"]),
+        ("--text longer than the context", "compute --model {m} --layer 0 --text {long} --output {o}", &["101 tokens", "at most 64", "--max-seq-len"]),
+        ("--text without a tokenizer", "compute --model {fx} --layer 0 --text hello --output {o}", &["tokenizer"]),
+        ("token id outside the vocabulary", "compute --model {fx} --layer 0 --tokens 1,101 --output {o}", &["token id 101", "0..=100"]),
+        ("--tokens not numbers", "compute --model {fx} --layer 0 --tokens 1,x --output {o}", &["--tokens", "x"]),
+        ("--input missing", "compute --model {m} --layer 0 --input /no/such/input.txt --output {o}", &["/no/such/input.txt"]),
+        ("--input empty", "compute --model {m} --layer 0 --input {t:empty.txt} --output {o}", &["empty.txt"]),
+        ("--input not UTF-8", "compute --model {m} --layer 0 --input {t:binary.txt} --output {o}", &["binary.txt", "UTF-8"]),
+        ("--input JSONL line without text", "compute --model {m} --layer 0 --input {t:bad.jsonl} --output {o}", &["line 2", "\"text\""]),
+        ("--start-sequence past the input", "compute --model {m} --layer 0 --input {t:two.txt} --start-sequence 5 --output {o}", &["--start-sequence 5", "2"]),
+        ("--max-seq-len 0", "compute --model {m} --layer 0 --text hi --max-seq-len 0 --output {o}", &["--max-seq-len 0"]),
+        // Estimator flags and numbers.
+        ("unknown estimator", "compute --model {fx} --layer 0 --tokens 1 --estimator magic --output {o}", &["magic", "exact"]),
+        ("--samples 0", "compute --model {fx} --layer 0 --tokens 1 --estimator sampled --samples 0 --output {o}", &["--samples 0"]),
+        ("--top-p above 1", "compute --model {fx} --layer 0 --tokens 1 --estimator predictive --top-p 1.5 --output {o}", &["top_p", "(0, 1]"]),
+        ("--top-p 0", "compute --model {fx} --layer 0 --tokens 1 --estimator sampled --top-p 0 --output {o}", &["top_p", "(0, 1]"]),
+        ("--temperature 0", "compute --model {fx} --layer 0 --tokens 1 --estimator sampled --temperature 0 --output {o}", &["temperature"]),
+        ("--temperature NaN", "compute --model {fx} --layer 0 --tokens 1 --estimator sampled --temperature NaN --output {o}", &["temperature"]),
+        ("--eig-top 0", "compute --model {fx} --layer 0 --tokens 1 --eig-top 0 --output {o}", &["--eig-top 0"]),
+        ("--batch-size 0", "compute --model {fx} --layer 0 --tokens 1 --batch-size 0 --output {o}", &["--batch-size 0"]),
+        ("--checkpoint-secs negative", "compute --model {fx} --layer 0 --tokens 1 --mean --checkpoint-secs=-1 --output {o}", &["--checkpoint-secs"]),
+        ("--shard index past N", "compute --model {fx} --layer 0 --tokens 1 --mean --shard 3/2 --output {o}", &["3/2"]),
+        ("--device cuda in a CPU build", "compute --model {fx} --layer 0 --tokens 1 --device cuda:0 --output {o}", &["cuda"]),
+        // Output directory.
+        ("--output is a file", "compute --model {fx} --layer 0 --tokens 1 --output {t:a-file}", &["not a directory"]),
+        ("--resume on a foreign directory", "compute --model {fx} --layer 0 --tokens 1 --resume --output {t:junk}", &["run.json"]),
+        ("--output not empty, no --resume/--force", "compute --model {fx} --layer 0 --tokens 1 --output {t:junk}", &["--resume", "--force"]),
+        ("--output not writable", "compute --model {fx} --layer 0 --tokens 1 --output /proc/fisher-out", &["/proc"]),
     ];
-    let rows: Vec<(Vec<String>, &[&str])> = table
-        .iter()
-        .map(|(cmd, needles)| {
-            let args = cmd
-                .split(' ')
-                .map(|a| match a {
-                    "{m}" => m.clone(),
-                    "{fx}" => fx.clone(),
-                    "{o}" => o.clone(),
-                    "{jsonl}" => jsonl.to_str().unwrap().to_string(),
-                    "{corrupt}" => corrupt.to_str().unwrap().to_string(),
-                    "{gguf}" => gguf.to_str().unwrap().to_string(),
-                    "{long}" => long_text.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            (args, *needles)
-        })
-        .collect();
-    for (args, needles) in rows {
+    assert!(table.len() >= 30);
+    println!("| # | what is wrong | exit | message |\n|---|---|---|---|");
+    for (row, (what, cmd, needles)) in table.iter().enumerate() {
+        let args: Vec<String> = cmd
+            .split(' ')
+            .map(|a| match a {
+                "{o}" => o.clone(),
+                "{m}" => m(&model),
+                "{fx}" => fx.clone(),
+                "{long}" => long_text.clone(),
+                a => match a.strip_prefix("{t:").and_then(|n| n.strip_suffix('}')) {
+                    Some(name) => t(name),
+                    None => a.to_string(),
+                },
+            })
+            .collect();
         let r = bin().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&r.stderr);
-        assert_eq!(r.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: not one line: {stderr}");
-        for n in needles {
-            assert!(stderr.contains(n), "{args:?}: {stderr:?} lacks {n:?}");
+        println!("| {} | {what} | {:?} | `{}` |", row + 1, r.status.code(), stderr.trim_end());
+        assert_eq!(r.status.code(), Some(2), "{what}: {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{what}: not one line: {stderr}");
+        for n in needles.iter() {
+            assert!(stderr.contains(n), "{what}: {stderr:?} lacks {n:?}");
         }
-        assert!(!out.exists(), "{args:?} left an output directory");
+        assert!(!out.exists(), "{what}: left an output directory");
+        let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-") || n.ends_with(".lock"))
+            .collect();
+        assert!(leftovers.is_empty(), "{what}: left {leftovers:?}");
     }
-    // A non-empty output directory without --resume / --force.
-    std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("keep"), "x").unwrap();
-    let r = bin()
-        .args(["compute", "--model", &fx, "--layer", "0", "--tokens", "1", "--output", &o])
-        .output()
-        .unwrap();
+    assert_eq!(std::fs::read_to_string(junk.join("notes.txt")).unwrap(), "mine");
+}
+
+fn m(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// A finite but overflowing weight (position 2's embedding at f32::MAX) makes the activations
+/// of every document with 3 or more tokens non-finite. (Within a document the fault reaches every
+/// position, earlier ones included: masked attention multiplies the NaN values by zero weights,
+/// and 0·NaN = NaN, in these engines as in PyTorch.) Those documents' positions are recorded as
+/// failed, with layer and position, in metadata.json; the short documents are computed and
+/// written; the exit code is 3 with one line saying so. With --fail-fast the run stops at the
+/// first failure (exit 2).
+#[test]
+fn a_numerical_fault_fails_its_positions_not_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    model_with_tokenizer(&clean, 8);
+    let model = tmp.path().join("overflow");
+    edited_checkpoint(&clean, &model, |name, v| {
+        if name == "wpe.weight" {
+            // Row 2 of [n_positions, 8].
+            v[2 * 8..3 * 8].iter_mut().for_each(|x| *x = f32::MAX);
+        }
+    });
+    let docs = tmp.path().join("docs.txt");
+    std::fs::write(&docs, "the quick brown fox jumps\nHi\nover the lazy dog again\nok\n").unwrap();
+    let out = tmp.path().join("out");
+    let run = |extra: &[&str]| {
+        bin()
+            .args(["compute", "--model", &m(&model), "--layers", "0,1", "--input", &m(&docs)])
+            .args(["--positions", "all", "--output", &m(&out)])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let r = run(&["--mean"]);
     let stderr = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(2));
-    assert!(stderr.contains("--resume") && stderr.contains("--force"), "{stderr}");
-    // An unwritable output location.
-    let r = bin()
-        .args([
-            "compute",
-            "--model",
-            &fx,
-            "--layer",
-            "0",
-            "--tokens",
-            "1",
-            "--output",
-            "/proc/fisher-out",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(r.status.code(), Some(3), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+    let lens: Vec<usize> =
+        meta["positions"].as_array().unwrap().iter().map(|p| p.as_array().unwrap().len()).collect();
+    assert!(lens[0] >= 3 && lens[1] < 3 && lens[2] >= 3 && lens[3] < 3, "{lens:?}");
+    let mut expected = Vec::new();
+    for seq in [0, 2] {
+        for layer in [0, 1] {
+            for t in 0..lens[seq] {
+                expected.push((seq as u64, layer, t as u64));
+            }
+        }
+    }
+    let failed: Vec<(u64, u64, u64)> = meta["failed_positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let n = |k: &str| f[k].as_u64().unwrap();
+            (n("sequence"), n("layer"), n("position"))
+        })
+        .collect();
+    assert_eq!(failed, expected);
+    assert_eq!(meta["n_failed_positions"], expected.len());
+    assert!(meta["failed_positions"][0]["error"].as_str().unwrap().contains("non-finite"));
+    let total = 2 * lens.iter().sum::<usize>();
+    let last = stderr.trim_end().lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "error: {} of {total} positions failed on non-finite values",
+            expected.len()
+        )),
+        "{last}"
+    );
+    assert!(last.contains("failed_positions") && last.contains("--fail-fast"), "{last}");
+    println!("{last}");
+    assert!(stderr.contains("warning: document 2 layer 1 position 0: "), "{stderr}");
+    // The short documents are complete and finite; the failed ones hold no matrix.
+    for (seq, n) in [(1, lens[1]), (3, lens[3])] {
+        let results = read_safetensors(&out.join(format!("fisher_seq_{seq:06}.safetensors")));
+        assert_eq!(results["layer"].1.len(), 2 * n);
+        assert!(results["fisher"].1.iter().all(|x| x.is_finite()));
+        assert!(results["fisher"].1.iter().any(|&x| x != 0.0));
+    }
+    let results = read_safetensors(&out.join("fisher_seq_000000.safetensors"));
+    assert_eq!(results["fisher"].0, vec![0, 8, 8]);
+    // The mean counts only the positions that succeeded.
+    let mean = read_safetensors(&out.join("mean.safetensors"));
+    assert_eq!(mean["count"].1, vec![(lens[1] + lens[3]) as f64; 2]);
+    // inspect reads a directory with failed positions.
+    ok(&bin().args(["inspect", &m(&out), "--no-model"]).output().unwrap());
+
+    std::fs::remove_dir_all(&out).unwrap();
+    let r = run(&["--fail-fast"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("document 0 layer 0 position 0") && stderr.contains("--fail-fast"),
+        "{stderr}"
+    );
+    assert!(!out.join("fisher_seq_000000.safetensors").exists());
 }
 
 #[test]

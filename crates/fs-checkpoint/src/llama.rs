@@ -196,7 +196,7 @@ impl LlamaConfig {
         };
         let qwen = model_type == "qwen2";
         let attention_bias = bool_field(obj, "attention_bias", false);
-        Ok(LlamaConfig {
+        let cfg = LlamaConfig {
             vocab_size: required(obj, "vocab_size", path)?,
             hidden_size,
             intermediate_size: required(obj, "intermediate_size", path)?,
@@ -214,7 +214,26 @@ impl LlamaConfig {
             o_bias: !qwen && attention_bias,
             mlp_bias: bool_field(obj, "mlp_bias", false),
             model_type,
-        })
+        };
+        // The weight shapes the backends build from these sizes must be representable (a
+        // hostile config must not overflow `heads × head_dim` and the like before any tensor is
+        // compared with the checkpoint).
+        let limit = isize::MAX as usize / 8;
+        for (field, a, b) in [
+            ("num_attention_heads", cfg.num_attention_heads, cfg.head_dim),
+            ("num_key_value_heads", cfg.num_key_value_heads, cfg.head_dim),
+            ("vocab_size", cfg.vocab_size, cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size, cfg.hidden_size),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n > limit) {
+                return Err(CheckpointError::config(
+                    path,
+                    field,
+                    format!("is {a}, far too large for the model's other sizes"),
+                ));
+            }
+        }
+        Ok(cfg)
     }
 
     /// The RoPE inverse frequencies `θ^(−2i/head_dim)`, `i < head_dim/2`, in `f64`, with the

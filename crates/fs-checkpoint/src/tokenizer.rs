@@ -1,6 +1,7 @@
 //! Tokenizer loading.
 
 use std::path::Path;
+use std::str::FromStr;
 
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -22,20 +23,48 @@ pub fn load_tokenizer(files: &TokenizerFiles) -> Result<Tokenizer> {
     match files {
         TokenizerFiles::Json(path) => {
             require(path)?;
-            Tokenizer::from_file(path).map_err(|e| tokenizer_error(path, &*e))
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    CheckpointError::Tokenizer {
+                        path: path.clone(),
+                        message: "the file is not UTF-8 text (corrupt or not a tokenizer.json): re-download it".into(),
+                    }
+                } else {
+                    CheckpointError::io(path, e)
+                }
+            })?;
+            // tokenizers panics (`expect("Helper")` in its decoder deserializer) on some
+            // malformed JSON instead of returning an error: check the syntax first.
+            let value = serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
+                CheckpointError::Tokenizer {
+                    path: path.clone(),
+                    message: format!("not valid JSON ({e}): re-download it"),
+                }
+            })?;
+            check_json_bpe(&value).map_err(|message| CheckpointError::Tokenizer {
+                path: path.clone(),
+                message,
+            })?;
+            Tokenizer::from_str(&text).map_err(|e| tokenizer_error(path, &*e))
         }
         TokenizerFiles::VocabMerges { vocab, merges } => {
             require(vocab)?;
             require(merges)?;
-            let bpe = BPE::from_file(utf8(vocab)?, utf8(merges)?).build().map_err(|e| {
-                CheckpointError::Tokenizer {
-                    path: vocab.clone(),
-                    message: format!(
-                        "building byte-level BPE from it and {} failed: {e}",
-                        merges.display()
-                    ),
-                }
-            })?;
+            let fail = |e: &dyn std::fmt::Display| CheckpointError::Tokenizer {
+                path: vocab.clone(),
+                message: format!(
+                    "building byte-level BPE from it and {} failed: {e}",
+                    merges.display()
+                ),
+            };
+            // Read the files here (as `BPE::read_file` does) so that the merges are checked
+            // before the builder, which panics on some merges (see `check_bpe_merges`).
+            let (vocab_map, merge_list) = read_vocab_merges(vocab, merges)?;
+            check_bpe_merges(&vocab_map, &merge_list, None).map_err(|e| fail(&e))?;
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab_map, merge_list)
+                .build()
+                .map_err(|e| fail(&e))?;
             let has_eot = bpe.get_vocab().contains_key(GPT2_EOT);
             let mut tok = Tokenizer::new(bpe);
             tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
@@ -81,6 +110,8 @@ pub fn tokenizer_from_gguf_bpe(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    check_bpe_merges(&vocab, &merges, None)
+        .map_err(|message| CheckpointError::Tokenizer { path: source.to_path_buf(), message })?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -101,6 +132,128 @@ pub fn tokenizer_from_gguf_bpe(
     Ok(tok)
 }
 
+/// Check BPE merges before `tokenizers`' builder sees them: it copies `a` and `b` (less the
+/// continuing-subword prefix) into a buffer as long as the longest vocabulary entry before it
+/// looks the merged token up, so a merge whose result is longer than every token panics (and a
+/// `b` shorter than the prefix underflows). Each merge must name two vocabulary tokens, `b` must
+/// start with the prefix, and the merged token must be in the vocabulary.
+fn check_bpe_merges(
+    vocab: &tokenizers::models::bpe::Vocab,
+    merges: &[(String, String)],
+    prefix: Option<&str>,
+) -> std::result::Result<(), String> {
+    for (i, (a, b)) in merges.iter().enumerate() {
+        for t in [a, b] {
+            if !vocab.contains_key(t) {
+                return Err(format!(
+                    "merge {i} ({a:?} {b:?}) names {t:?}, which is not in the vocabulary"
+                ));
+            }
+        }
+        let rest = b.strip_prefix(prefix.unwrap_or("")).ok_or_else(|| {
+            format!("merge {i} ({a:?} {b:?}): {b:?} lacks the continuing-subword prefix {prefix:?}")
+        })?;
+        let merged = format!("{a}{rest}");
+        if !vocab.contains_key(&merged) {
+            return Err(format!(
+                "merge {i} ({a:?} {b:?}) makes {merged:?}, which is not in the vocabulary"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`check_bpe_merges`] on the model of a parsed `tokenizer.json`, when it has a vocabulary
+/// object and a merges list in a form `tokenizers` reads (anything else it rejects itself).
+fn check_json_bpe(value: &serde_json::Value) -> std::result::Result<(), String> {
+    let Some(model) = value.get("model").and_then(serde_json::Value::as_object) else {
+        return Ok(());
+    };
+    let (Some(vocab), Some(merges)) = (
+        model.get("vocab").and_then(serde_json::Value::as_object),
+        model.get("merges").and_then(serde_json::Value::as_array),
+    ) else {
+        return Ok(());
+    };
+    let Some(vocab) = vocab
+        .iter()
+        .map(|(k, v)| Some((k.clone(), u32::try_from(v.as_u64()?).ok()?)))
+        .collect::<Option<tokenizers::models::bpe::Vocab>>()
+    else {
+        return Ok(());
+    };
+    let Some(merges) = merges
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => match s.split(' ').collect::<Vec<_>>()[..] {
+                [a, b] => Some((a.to_string(), b.to_string())),
+                _ => None,
+            },
+            serde_json::Value::Array(p) => match &p[..] {
+                [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                    Some((a.clone(), b.clone()))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(());
+    };
+    let prefix = model.get("continuing_subword_prefix").and_then(serde_json::Value::as_str);
+    check_bpe_merges(&vocab, &merges, prefix)
+}
+
+/// `vocab.json` and `merges.txt` read as `BPE::read_file` reads them: token → id (non-numeric
+/// entries skipped), and one `a b` merge per line after `#version` lines.
+fn read_vocab_merges(
+    vocab: &Path,
+    merges: &Path,
+) -> Result<(tokenizers::models::bpe::Vocab, Vec<(String, String)>)> {
+    let bad = |path: &Path, message: String| CheckpointError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                bad(path, "the file is not UTF-8 text: re-download it".into())
+            } else {
+                CheckpointError::io(path, e)
+            }
+        })
+    };
+    let json: serde_json::Value = serde_json::from_str(&read(vocab)?)
+        .map_err(|e| bad(vocab, format!("not valid JSON ({e}): re-download it")))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| bad(vocab, "not a JSON object of token → id: re-download it".into()))?;
+    let mut map = tokenizers::models::bpe::Vocab::default();
+    for (token, id) in obj {
+        if let serde_json::Value::Number(n) = id {
+            let id = n.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| {
+                bad(vocab, format!("token {token:?} has id {n}, not a 32-bit id: re-download it"))
+            })?;
+            map.insert(token.clone(), id);
+        }
+    }
+    let text = read(merges)?;
+    let mut list = Vec::new();
+    for (i, line) in text.lines().filter(|l| !l.starts_with("#version")).enumerate() {
+        match line.split(' ').collect::<Vec<_>>()[..] {
+            [a, b] => list.push((a.to_string(), b.to_string())),
+            _ => {
+                return Err(bad(
+                    merges,
+                    format!("merge {} ({line:?}) is not two tokens separated by a space", i + 1),
+                ))
+            }
+        }
+    }
+    Ok((map, list))
+}
+
 fn require(path: &Path) -> Result<()> {
     if path.is_file() {
         Ok(())
@@ -111,13 +264,6 @@ fn require(path: &Path) -> Result<()> {
             fix: "put tokenizer.json, or vocab.json and merges.txt, next to config.json".into(),
         })
     }
-}
-
-fn utf8(path: &Path) -> Result<&str> {
-    path.to_str().ok_or_else(|| CheckpointError::Tokenizer {
-        path: path.to_path_buf(),
-        message: "the path is not valid UTF-8, which the tokenizers library needs (rename or move the file)".into(),
-    })
 }
 
 fn tokenizer_error(path: &Path, e: &(dyn std::error::Error + Send + Sync)) -> CheckpointError {

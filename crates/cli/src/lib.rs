@@ -1,0 +1,55 @@
+//! `fisher-stein` as a library: the modules of the command-line tool (`src/main.rs` is a thin
+//! binary over them). Exposed so that the fuzz targets (`fuzz/`) can call the results readers
+//! ([`inspect::read_results_bytes`], [`npz::read_npz`], [`dataset::MeanState::from_bytes`]);
+//! not a stable API.
+
+pub mod backends;
+pub mod bench;
+pub mod compute;
+pub mod dataset;
+pub mod info;
+pub mod inputs;
+pub mod inspect;
+pub mod merge;
+pub mod npz;
+pub mod output;
+pub mod plots;
+pub mod positions;
+pub mod readouts;
+pub mod report;
+
+/// Options every subcommand shares.
+pub struct Globals {
+    /// `--quiet`.
+    pub quiet: bool,
+    /// `--verbose`.
+    pub verbose: bool,
+    /// When the process started.
+    pub start: std::time::Instant,
+}
+
+impl Globals {
+    /// Log a step to stderr with `--verbose`.
+    pub fn log(&self, msg: &str) {
+        if self.verbose {
+            eprintln!("[{:>8.3} s] {msg}", self.start.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A progress bar over `total` positions on stderr: positions/s and ETA; hidden with
+    /// `--quiet` or when stderr is not a terminal.
+    pub fn progress(&self, total: u64) -> indicatif::ProgressBar {
+        use std::io::IsTerminal;
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} positions  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    }
+}
