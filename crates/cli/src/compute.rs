@@ -346,7 +346,6 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
     args.validate()?;
     // Held until the run ends (however it ends): no second run writes into this directory.
     let _lock = lock_output(&args.output)?;
-    remove_stale_temporaries(&args.output)?;
     let existing = if args.resume {
         ExistingDir::Resume
     } else if args.force {
@@ -355,6 +354,12 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
         ExistingDir::Refuse
     };
     let resuming = check_output_dir(&args.output, existing)?;
+    if resuming {
+        // Only in a directory this tool wrote (it holds run.json) and under the lock: the
+        // temporaries a killed run left behind.
+        remove_stale_temporaries(&args.output)?;
+        remove_stale_temporaries(&args.output.join(".state"))?;
+    }
     let spec = LoadSpec {
         model: &args.model,
         backend: args.backend,
@@ -982,7 +987,7 @@ fn sequence_results(
         tensors.push(("sample_tokens", OwnedTensor::i64(vec![n, s], draws)));
     }
     match format {
-        Format::Safetensors => safetensors_bytes(&tensors),
+        Format::Safetensors => safetensors_bytes(&tensors, None),
         Format::Npz => npz_bytes(&tensors),
     }
 }

@@ -137,12 +137,9 @@ impl MeanState {
         ]
         .into_iter()
         .collect();
-        let refs: Vec<(&str, &OwnedTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-        let bytes = safetensors::tensor::serialize(refs, Some(meta))
+        let bytes = crate::output::safetensors_bytes(&tensors, Some(meta))
             .context("serialising the mean accumulator")?;
-        // The header's metadata map is serialised in hash order; sort it so that the same
-        // accumulator is the same bytes (a resumed run equals an uninterrupted one).
-        write_atomic(&dir.join(MEAN_FILE), &crate::output::canonical_safetensors(&bytes)?)
+        write_atomic(&dir.join(MEAN_FILE), &bytes)
     }
 
     /// Read `path` (a mean.safetensors), checking every shape.

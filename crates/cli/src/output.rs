@@ -62,10 +62,16 @@ impl View for &OwnedTensor {
     }
 }
 
-/// Serialise named tensors into safetensors bytes.
-pub fn safetensors_bytes(tensors: &[(&str, OwnedTensor)]) -> Result<Vec<u8>> {
-    safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (*n, t)), None)
-        .context("serialising the results as safetensors")
+/// Serialise named tensors (and an optional `__metadata__` string map) into safetensors bytes,
+/// with the header's keys sorted ([`canonical_safetensors`]): the same contents are always the
+/// same bytes.
+pub fn safetensors_bytes(
+    tensors: &[(&str, OwnedTensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let raw = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (*n, t)), metadata)
+        .context("serialising safetensors")?;
+    canonical_safetensors(&raw)
 }
 
 /// The same safetensors file with its JSON header's keys sorted (and re-padded to 8 bytes), so
