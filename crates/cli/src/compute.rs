@@ -15,7 +15,7 @@ use crate::output::{
 };
 use crate::positions::PositionSpec;
 use crate::Globals;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use fs_checkpoint::{ModelFiles, ModelOrigin};
 use fs_estimators::{
     closed_form_fisher_at, entropy, exact_fisher, predictive_fisher, sampled_fisher, softmax,
@@ -236,8 +236,8 @@ fn resolve_layers(args: &ComputeArgs, n_layers: usize) -> Result<Vec<usize>> {
         (None, Some(s)) => s
             .split(',')
             .map(|x| {
-                x.trim().parse::<usize>().with_context(|| {
-                    format!("invalid layer {x:?} in --layers {s:?}: use K,K,... or all")
+                x.trim().parse::<usize>().map_err(|e| {
+                    anyhow!("invalid layer {x:?} in --layers {s:?} ({e}): use K,K,... or all")
                 })
             })
             .collect::<Result<_>>()?,

@@ -1,7 +1,7 @@
 //! Input documents: `--text`, `--tokens`, or `--input FILE` (plain text, one document per line,
 //! or JSONL with a `text` field), tokenised and checked before any computation.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
 /// One input sequence.
@@ -21,8 +21,11 @@ pub struct Document {
 /// line starting with `{`) with a string `text` field per line, else one document per non-empty
 /// line of plain text.
 pub fn read_input_file(path: &Path) -> Result<Vec<String>> {
-    let content = std::fs::read_to_string(path).with_context(|| {
-        format!("cannot read --input {}: check the path (UTF-8 text or JSONL)", path.display())
+    let content = std::fs::read_to_string(path).map_err(|e| {
+        anyhow!(
+            "cannot read --input {} ({e}): check the path (UTF-8 text or JSONL)",
+            path.display()
+        )
     })?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let first = content.lines().find(|l| !l.trim().is_empty()).unwrap_or("");

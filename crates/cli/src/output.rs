@@ -2,7 +2,7 @@
 //! to the target, which is renamed into place only once every file is complete. A failed or
 //! killed run leaves no half-written results directory behind.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, View};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -144,12 +144,12 @@ pub fn check_output_dir(dir: &Path, existing: ExistingDir) -> Result<bool> {
         }
     }
     let parent = parent_of(dir);
-    std::fs::create_dir_all(&parent).with_context(|| {
-        format!("cannot create {}: choose a writable --output", parent.display())
+    std::fs::create_dir_all(&parent).map_err(|e| {
+        anyhow!("cannot create {} ({e}): choose a writable --output", parent.display())
     })?;
     let probe = parent.join(format!(".fisher-stein-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| {
-        format!("cannot write in {}: choose a writable --output", parent.display())
+    std::fs::write(&probe, b"").map_err(|e| {
+        anyhow!("cannot write in {} ({e}): choose a writable --output", parent.display())
     })?;
     std::fs::remove_file(&probe).ok();
     Ok(false)
@@ -203,8 +203,8 @@ impl Drop for OutputLock {
 pub fn lock_output(dir: &Path) -> Result<OutputLock> {
     use std::io::Write;
     let parent = parent_of(dir);
-    std::fs::create_dir_all(&parent).with_context(|| {
-        format!("cannot create {}: choose a writable --output", parent.display())
+    std::fs::create_dir_all(&parent).map_err(|e| {
+        anyhow!("cannot create {} ({e}): choose a writable --output", parent.display())
     })?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
     let path = parent.join(format!(".{}.fisher-stein.lock", name.as_deref().unwrap_or("output")));
@@ -215,9 +215,9 @@ pub fn lock_output(dir: &Path) -> Result<OutputLock> {
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| {
-                format!(
-                    "cannot create the lock file {}: choose a writable --output",
+            .map_err(|e| {
+                anyhow!(
+                    "cannot create the lock file {} ({e}): choose a writable --output",
                     path.display()
                 )
             })?;

@@ -771,6 +771,17 @@ fn bad_input_matrix() {
         for n in needles.iter() {
             assert!(stderr.contains(n), "{what}: {stderr:?} lacks {n:?}");
         }
+        // Said once, fix last: no clause of the message repeats (a context and its cause both
+        // saying "re-download it"), and it does not end on an operating-system error after
+        // the fix.
+        let line = stderr.trim_end();
+        let clauses: Vec<&str> = line.split(": ").collect();
+        for c in clauses.iter().filter(|c| c.len() >= 8) {
+            let n = clauses.iter().filter(|d| d.starts_with(c)).count();
+            assert_eq!(n, 1, "{what}: {c:?} said twice: {line}");
+        }
+        let last = line.rsplit(": ").next().unwrap();
+        assert!(!last.contains("os error"), "{what}: ends on the cause, not the fix: {line}");
         assert!(!out.exists(), "{what}: left an output directory");
         let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
             .unwrap()

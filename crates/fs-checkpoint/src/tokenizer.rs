@@ -27,7 +27,7 @@ pub fn load_tokenizer(files: &TokenizerFiles) -> Result<Tokenizer> {
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     CheckpointError::Tokenizer {
                         path: path.clone(),
-                        message: "the file is not UTF-8 text (corrupt or not a tokenizer.json): re-download it".into(),
+                        message: "the file is not UTF-8 text (corrupt or not a tokenizer.json)".into(),
                     }
                 } else {
                     CheckpointError::io(path, e)
@@ -38,7 +38,7 @@ pub fn load_tokenizer(files: &TokenizerFiles) -> Result<Tokenizer> {
             let value = serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
                 CheckpointError::Tokenizer {
                     path: path.clone(),
-                    message: format!("not valid JSON ({e}): re-download it"),
+                    message: format!("not valid JSON ({e})"),
                 }
             })?;
             check_json_bpe(&value).map_err(|message| CheckpointError::Tokenizer {
@@ -218,22 +218,21 @@ fn read_vocab_merges(
     let read = |path: &Path| {
         std::fs::read_to_string(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
-                bad(path, "the file is not UTF-8 text: re-download it".into())
+                bad(path, "the file is not UTF-8 text".into())
             } else {
                 CheckpointError::io(path, e)
             }
         })
     };
     let json: serde_json::Value = serde_json::from_str(&read(vocab)?)
-        .map_err(|e| bad(vocab, format!("not valid JSON ({e}): re-download it")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| bad(vocab, "not a JSON object of token → id: re-download it".into()))?;
+        .map_err(|e| bad(vocab, format!("not valid JSON ({e})")))?;
+    let obj =
+        json.as_object().ok_or_else(|| bad(vocab, "not a JSON object of token → id".into()))?;
     let mut map = tokenizers::models::bpe::Vocab::default();
     for (token, id) in obj {
         if let serde_json::Value::Number(n) = id {
             let id = n.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| {
-                bad(vocab, format!("token {token:?} has id {n}, not a 32-bit id: re-download it"))
+                bad(vocab, format!("token {token:?} has id {n}, not a 32-bit id"))
             })?;
             map.insert(token.clone(), id);
         }
