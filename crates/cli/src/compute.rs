@@ -485,7 +485,11 @@ where
     let dims = model.dims();
     let layers = resolve_layers(args, dims.n_layers)?;
     let mut docs = documents(args, run)?;
-    crate::dataset::select_shard(&mut docs, args.readouts.shard)?;
+    if let Some(warning) = crate::dataset::select_shard(&mut docs, args.readouts.shard) {
+        if !g.quiet {
+            eprintln!("{warning}");
+        }
+    }
     g.log(&format!("{} document(s) tokenized", docs.len()));
     truncate(&mut docs, args.max_seq_len);
     let mut plan = Vec::with_capacity(docs.len());

@@ -295,19 +295,24 @@ pub fn check_compatible(a: &MeanState, b: &MeanState, a_name: &str, b_name: &str
 }
 
 /// Keep only the documents of `--shard i/N` (document `j` belongs to shard `j mod N`).
+///
+/// A shard that gets no document (more shards than documents, as in a job array sized for a
+/// larger corpus) is not an error: the run writes an empty result (with `--mean`, an
+/// accumulator with count 0, which `merge` adds as nothing) and succeeds, so that every task of
+/// the array succeeds and `merge` can take all their directories. Returns the warning to print
+/// in that case.
 pub fn select_shard(
     docs: &mut Vec<crate::inputs::Document>,
     shard: Option<ShardSpec>,
-) -> Result<()> {
-    let Some(shard) = shard else { return Ok(()) };
+) -> Option<String> {
+    let shard = shard?;
     let before = docs.len();
     docs.retain(|d| shard.contains(d.index));
-    if docs.is_empty() {
-        bail!(
-            "--shard {shard} selects none of the {before} document(s) (document j goes to shard j mod N): use at most {before} shard(s)"
-        );
-    }
-    Ok(())
+    docs.is_empty().then(|| {
+        format!(
+            "warning: --shard {shard} selects none of the {before} document(s) (document j goes to shard j mod N); writing an empty result"
+        )
+    })
 }
 
 /// The accumulators of a `compute --mean` run: fresh, or, with `--resume`, the checkpoint in
