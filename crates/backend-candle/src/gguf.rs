@@ -144,6 +144,12 @@ impl<R: Read + Seek> HeaderReader<R> {
         let mut v = vec![0u8; len as usize];
         self.inner.read_exact(&mut v)?;
         self.pos += len;
+        // As candle's reader does (some writers NUL-terminate GGUF strings): without this, a
+        // key "general.alignment\0…" would escape the alignment check here and reach candle as
+        // "general.alignment" (found by the gguf fuzz target: alignment 0, division by zero).
+        while v.last() == Some(&0) {
+            v.pop();
+        }
         Ok(Some(String::from_utf8_lossy(&v).into_owned()))
     }
 

@@ -28,6 +28,19 @@ fn gguf_regressions_are_errors_not_crashes() {
     }
 }
 
+/// A key written as "general.alignment" plus NUL padding, with value 0: candle strips trailing
+/// NULs from strings and then divides by the alignment, so the header check must strip them too
+/// and refuse the 0.
+#[test]
+fn nul_padded_alignment_key_is_checked() {
+    let input = files("tests/fixtures/fuzz-regressions/gguf")
+        .into_iter()
+        .find(|p| p.ends_with("alignment-key-nul-terminated-zero.gguf"))
+        .expect("regression input");
+    let e = load_llama_gguf(&input, &Device::Cpu).err().expect("an error");
+    assert!(e.to_string().contains("general.alignment is 0"), "{e}");
+}
+
 #[test]
 fn gguf_seeds_load() {
     let seeds = files("fuzz/seeds/gguf");
