@@ -18,9 +18,9 @@ use crate::Globals;
 use anyhow::{anyhow, bail, Context, Result};
 use fs_checkpoint::{ModelFiles, ModelOrigin};
 use fs_estimators::{
-    closed_form_fisher_at, entropy, exact_fisher, predictive_fisher, sampled_fisher, softmax,
-    spectrum, Element, ExactOptions, FsError, GradientKind, Matrix, PredictiveOptions,
-    SampledOptions, SamplingOptions, SplitModel,
+    closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
+    sampled_fisher, softmax, spectrum, Element, ExactOptions, FsError, GradientKind, Matrix,
+    PredictiveOptions, SampledOptions, SamplingOptions, SplitModel,
 };
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -423,26 +423,36 @@ struct Entry {
 }
 
 /// A Fisher matrix and, for the sampling estimators, the draws it came from.
-type Estimate = (Matrix<f64>, Option<Vec<u32>>);
+/// One position's estimate: the Fisher matrix, the sampled tokens (sampled and predictive
+/// estimators) and, for the exact estimator with `--directions`, the readout Jacobian `A_t` it
+/// was built from (reused by the read-outs instead of computed twice).
+type Estimate<S> = (Matrix<f64>, Option<Vec<u32>>, Option<Matrix<S>>);
 
 fn estimate<M: SplitModel>(
     model: &M,
     ctx: &M::Context,
     positions: &[usize],
     args: &ComputeArgs,
-) -> Result<Vec<Estimate>>
+) -> Result<Vec<Estimate<M::Scalar>>>
 where
     M::Scalar: Element,
 {
     let opts = ExactOptions::default();
     Ok(match args.estimator {
-        Estimator::Exact => {
-            exact_fisher(model, ctx, positions, &opts)?.into_iter().map(|f| (f, None)).collect()
+        Estimator::Exact if args.readouts.directions > 0 => {
+            exact_fisher_with_jacobians(model, ctx, positions, &opts)?
+                .into_iter()
+                .map(|e| (e.fisher, None, Some(e.jacobian)))
+                .collect()
         }
+        Estimator::Exact => exact_fisher(model, ctx, positions, &opts)?
+            .into_iter()
+            .map(|f| (f, None, None))
+            .collect(),
         Estimator::ClosedForm => {
             closed_form_fisher_at(model, ctx, positions, GradientKind::Logits, &opts)?
                 .into_iter()
-                .map(|f| (f, None))
+                .map(|f| (f, None, None))
                 .collect()
         }
         Estimator::Sampled => {
@@ -453,7 +463,7 @@ where
             };
             sampled_fisher(model, ctx, positions, &o)?
                 .into_iter()
-                .map(|s| (s.fisher, Some(s.tokens)))
+                .map(|s| (s.fisher, Some(s.tokens), None))
                 .collect()
         }
         Estimator::Predictive => {
@@ -465,7 +475,9 @@ where
             };
             positions
                 .iter()
-                .map(|&t| predictive_fisher(model, ctx, t, &o).map(|p| (p.fisher, Some(p.tokens))))
+                .map(|&t| {
+                    predictive_fisher(model, ctx, t, &o).map(|p| (p.fisher, Some(p.tokens), None))
+                })
                 .collect::<Result<_, FsError>>()?
         }
     })
@@ -630,18 +642,19 @@ where
             for (c, positions) in plan[k].chunks(chunk).enumerate() {
                 // A batch that meets a non-finite value is retried position by position, so
                 // that one bad position does not fail its neighbours.
-                let results: Vec<Result<Estimate>> = match estimate(model, ctx, positions, args) {
-                    Ok(v) => v.into_iter().map(Ok).collect(),
-                    Err(e) if is_numerical(&e) && positions.len() > 1 => positions
-                        .iter()
-                        .map(|&t| estimate(model, ctx, &[t], args).map(|mut v| v.remove(0)))
-                        .collect(),
-                    Err(e) if is_numerical(&e) => vec![Err(e)],
-                    Err(e) => return Err(e),
-                };
+                let results: Vec<Result<Estimate<M::Scalar>>> =
+                    match estimate(model, ctx, positions, args) {
+                        Ok(v) => v.into_iter().map(Ok).collect(),
+                        Err(e) if is_numerical(&e) && positions.len() > 1 => positions
+                            .iter()
+                            .map(|&t| estimate(model, ctx, &[t], args).map(|mut v| v.remove(0)))
+                            .collect(),
+                        Err(e) if is_numerical(&e) => vec![Err(e)],
+                        Err(e) => return Err(e),
+                    };
                 for (j, (result, &t)) in results.into_iter().zip(positions).enumerate() {
                     let entry = (|| -> Result<Entry> {
-                        let (fisher, draws) = result?;
+                        let (fisher, draws, jacobian) = result?;
                         if let Some(bad) = fisher.as_slice().iter().position(|x| !x.is_finite()) {
                             return Err(FsError::NonFinite {
                                 what: "the Fisher matrix".into(),
@@ -656,7 +669,14 @@ where
                         };
                         let readout = (args.readouts.directions > 0)
                             .then(|| {
-                                crate::readouts::readout(model, ctx, t, &fisher, &args.readouts)
+                                crate::readouts::readout(
+                                    model,
+                                    ctx,
+                                    t,
+                                    &fisher,
+                                    jacobian.as_ref(),
+                                    &args.readouts,
+                                )
                             })
                             .transpose()?;
                         Ok(Entry {

@@ -7,7 +7,8 @@
 use crate::output::OwnedTensor;
 use anyhow::{bail, Result};
 use fs_estimators::{
-    direction_effects, project, spectrum, DirectionOptions, Matrix, Scalar, SplitModel,
+    direction_effects, direction_effects_from_jacobian, project, spectrum, DirectionOptions,
+    Matrix, Scalar, SplitModel,
 };
 use serde_json::json;
 
@@ -93,12 +94,15 @@ pub struct Readout {
     pub directions: Vec<DirectionRow>,
 }
 
-/// Compute the read-out of the matrix `fisher` of `model` at `position` of `ctx`.
+/// Compute the read-out of the matrix `fisher` of `model` at `position` of `ctx`. `jacobian`:
+/// the readout Jacobian `A_t` of this position when the estimator already computed it
+/// (`J v = W_U A_t v` then costs no second Jacobian), else `None`.
 pub fn readout<M: SplitModel>(
     model: &M,
     ctx: &M::Context,
     position: usize,
     fisher: &Matrix<f64>,
+    jacobian: Option<&Matrix<M::Scalar>>,
     args: &ReadoutArgs,
 ) -> Result<Readout> {
     let d = fisher.rows();
@@ -106,8 +110,13 @@ pub fn readout<M: SplitModel>(
     let s = spectrum(fisher, Some(k))?;
     let h = model.activation(ctx, position)?;
     let projections = project(&h, &s.eigenvectors)?;
-    let effects =
-        direction_effects(model, ctx, position, &s.eigenvectors, &DirectionOptions::default())?;
+    let opts = DirectionOptions::default();
+    let effects = match jacobian {
+        Some(a) => {
+            direction_effects_from_jacobian(model, ctx, position, a.view(), &s.eigenvectors, &opts)?
+        }
+        None => direction_effects(model, ctx, position, &s.eigenvectors, &opts)?,
+    };
     let n = args.direction_tokens;
     let directions = effects
         .iter()

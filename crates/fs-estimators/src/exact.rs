@@ -65,6 +65,35 @@ pub fn exact_fisher<M: SplitModel>(
 where
     M::Scalar: Element,
 {
+    Ok(exact_fisher_with_jacobians(model, ctx, positions, opts)?
+        .into_iter()
+        .map(|e| e.fisher)
+        .collect())
+}
+
+/// One position's exact Fisher `F_t = A_tᵀ G_t A_t` with the readout Jacobian it was built from.
+#[derive(Clone, Debug)]
+pub struct FisherWithJacobian<S> {
+    /// `F_t`, symmetric PSD, `d × d`, in `f64`.
+    pub fisher: Matrix<f64>,
+    /// `A_t = ∂u/∂h` at this position, `d_u × d`, in the model's scalar.
+    pub jacobian: Matrix<S>,
+}
+
+/// [`exact_fisher`], also returning each position's readout Jacobian `A_t = ∂u/∂h`
+/// (`d_u × d`, in the model's scalar) that `F_t = A_tᵀ G_t A_t` was built from, so that a
+/// caller who needs `A_t` again (the read-outs of
+/// [`direction_effects_from_jacobian`](crate::direction_effects_from_jacobian):
+/// `J v = W_U A_t v`) does not pay for a second Jacobian. Same errors as [`exact_fisher`].
+pub fn exact_fisher_with_jacobians<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    positions: &[usize],
+    opts: &ExactOptions,
+) -> Result<Vec<FisherWithJacobian<M::Scalar>>>
+where
+    M::Scalar: Element,
+{
     if positions.is_empty() {
         return Ok(Vec::new());
     }
@@ -76,12 +105,13 @@ where
     let jacobians = model.readout_jacobians(ctx, positions)?;
     fs_traits::check_len("readout Jacobians (one per position)", jacobians.len(), positions.len())?;
     jacobians
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, a)| {
             check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
             let p = softmax(logits.row(i))?;
-            exact_fisher_from_parts(a.view(), w_u, &p, opts)
+            let fisher = exact_fisher_from_parts(a.view(), w_u, &p, opts)?;
+            Ok(FisherWithJacobian { fisher, jacobian: a })
         })
         .collect()
 }

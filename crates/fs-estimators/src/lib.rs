@@ -52,7 +52,10 @@ mod spectrum;
 
 pub use accumulate::{CompensatedSum, FisherAccumulator};
 pub use closed_form::{closed_form_fisher, closed_form_fisher_at, GradientKind};
-pub use exact::{exact_fisher, exact_fisher_from_parts, ExactOptions};
+pub use exact::{
+    exact_fisher, exact_fisher_from_parts, exact_fisher_with_jacobians, ExactOptions,
+    FisherWithJacobian,
+};
 pub use fs_traits::{FsError, Matrix, MatrixRef, Result, Scalar, SplitContext, SplitModel};
 pub use gram::{centered_output_gram, outer_product_mean, relative_frobenius, sandwich};
 pub use predictive::{predictive_fisher, PredictiveFisher, PredictiveOptions};
@@ -61,8 +64,8 @@ pub use probs::{
     SamplingOptions, PROBABILITY_SUM_TOLERANCE,
 };
 pub use readouts::{
-    direction_effects, fisher_quadratic_form, kl_from_logits, logit_change_from_parts, project,
-    DirectionEffect, DirectionOptions,
+    direction_effects, direction_effects_from_jacobian, fisher_quadratic_form, kl_from_logits,
+    logit_change_from_parts, project, DirectionEffect, DirectionOptions,
 };
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
 pub use spectrum::{spectrum, Spectrum};

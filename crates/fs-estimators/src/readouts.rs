@@ -153,11 +153,29 @@ pub fn project<S: Scalar>(h: &[S], directions: &Matrix<f64>) -> Result<Vec<f64>>
 ///
 /// Costs one readout Jacobian, `K` products with `W_U` and `K + 1` single-position upper passes.
 /// `p` is taken from [`SplitModel::upper_logits`] at the unperturbed `h`, the same function the
-/// perturbed logits come from.
+/// perturbed logits come from. With the Jacobian at hand (from
+/// [`exact_fisher_with_jacobians`](crate::exact_fisher_with_jacobians)), call
+/// [`direction_effects_from_jacobian`] instead.
 pub fn direction_effects<M: SplitModel>(
     model: &M,
     ctx: &M::Context,
     position: usize,
+    directions: &Matrix<f64>,
+    opts: &DirectionOptions,
+) -> Result<Vec<DirectionEffect>> {
+    let a = model.readout_jacobians(ctx, &[position])?;
+    let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
+    direction_effects_from_jacobian(model, ctx, position, a.view(), directions, opts)
+}
+
+/// [`direction_effects`] with the readout Jacobian `A = ∂u/∂h` (`d_u × d`) of `position`
+/// given, so that only the `K` products `W_U A v` and the `K + 1` upper passes are paid.
+/// `a` must be the Jacobian at this `position` of this `ctx`; its shape is checked.
+pub fn direction_effects_from_jacobian<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    position: usize,
+    a: MatrixRef<'_, M::Scalar>,
     directions: &Matrix<f64>,
     opts: &DirectionOptions,
 ) -> Result<Vec<DirectionEffect>> {
@@ -176,8 +194,6 @@ pub fn direction_effects<M: SplitModel>(
     let z0 = model.upper_logits(ctx, position, &h)?;
     fs_traits::check_len("upper_logits output", z0.len(), dims.vocab_size)?;
     let p = softmax(&z0)?;
-    let a = model.readout_jacobians(ctx, &[position])?;
-    let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
     crate::exact::check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
     let w_u = model.unembedding();
     crate::exact::check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
@@ -192,7 +208,7 @@ pub fn direction_effects<M: SplitModel>(
                     "a non-zero vector",
                 ));
             }
-            let jv = logit_change_from_parts(a.view(), w_u, &v)?;
+            let jv = logit_change_from_parts(a, w_u, &v)?;
             let mean: f64 = p.iter().zip(&jv).map(|(p, z)| p * z).sum();
             let prob_change: Vec<f64> = p.iter().zip(&jv).map(|(p, z)| p * (z - mean)).collect();
             let vfv = fisher_quadratic_form(&p, &jv)?;
@@ -275,6 +291,56 @@ mod tests {
             let r = e.kl_ratio();
             assert!((r - 1.0).abs() < 0.1, "direction {k}: KL ratio {r}");
         }
+    }
+
+    /// The Jacobian kept by `exact_fisher_with_jacobians` is the model's own `A_t`, its Fisher is
+    /// `exact_fisher`'s, and read-outs from it equal those that compute `A_t` again — and a
+    /// Jacobian of the wrong position gives different read-outs (the reuse is not a no-op).
+    #[test]
+    fn readouts_from_the_kept_jacobian_equal_recomputed_ones() {
+        let model = TanhModel::<f64>::random(40, 8, 12, 6, 1.0, 5);
+        let ctx = model.lower(&[1, 7, 3, 9, 2], 0).unwrap();
+        let opts = ExactOptions::default();
+        let positions = [1, 3, 4];
+        let kept = crate::exact_fisher_with_jacobians(&model, &ctx, &positions, &opts).unwrap();
+        let plain = exact_fisher(&model, &ctx, &positions, &opts).unwrap();
+        let fresh = model.readout_jacobians(&ctx, &positions).unwrap();
+        for (i, (k, (f, a))) in kept.iter().zip(plain.iter().zip(&fresh)).enumerate() {
+            assert_eq!(k.fisher.as_slice(), f.as_slice(), "F at {i}");
+            assert_eq!(k.jacobian.as_slice(), a.as_slice(), "A at {i}");
+        }
+        let s = spectrum(&kept[1].fisher, Some(2)).unwrap();
+        let o = DirectionOptions::default();
+        let again = direction_effects(&model, &ctx, 3, &s.eigenvectors, &o).unwrap();
+        let reused = direction_effects_from_jacobian(
+            &model,
+            &ctx,
+            3,
+            kept[1].jacobian.view(),
+            &s.eigenvectors,
+            &o,
+        )
+        .unwrap();
+        for (x, y) in again.iter().zip(&reused) {
+            assert_eq!(x.logit_change, y.logit_change);
+            assert_eq!(
+                (x.fisher_quadratic, x.kl, x.epsilon),
+                (y.fisher_quadratic, y.kl, y.epsilon)
+            );
+        }
+        let wrong = direction_effects_from_jacobian(
+            &model,
+            &ctx,
+            3,
+            kept[0].jacobian.view(),
+            &s.eigenvectors,
+            &o,
+        )
+        .unwrap();
+        assert!(rel(&wrong[0].logit_change, &again[0].logit_change) > 1e-3);
+        let bad = Matrix::<f64>::zeros(3, 8);
+        assert!(direction_effects_from_jacobian(&model, &ctx, 3, bad.view(), &s.eigenvectors, &o)
+            .is_err());
     }
 
     #[test]
