@@ -494,15 +494,16 @@ pub fn load_llama_gguf(
             ),
         ));
     }
-    if cfg.num_attention_heads.checked_mul(cfg.head_dim).is_none() {
-        return Err(gguf_error(
+    // The same limits as a config.json (the RoPE table alone has head_dim / 2 entries).
+    cfg.check_sizes(path).map_err(|e| match e {
+        fs_checkpoint::CheckpointError::Config { field, message, .. } => gguf_error(
             path,
             format!(
-                "has impossibly large attention metadata (heads {}, head dim {})",
-                cfg.num_attention_heads, cfg.head_dim
+                "has impossible model sizes ({field} {message}): it is corrupt, re-download it"
             ),
-        ));
-    }
+        ),
+        other => gguf_error(path, other.to_string()),
+    })?;
     let kv_heads = cfg.num_key_value_heads;
     let mut get = |hf_name: &str, shape: &[usize]| -> Result<Option<Vec<f32>>, Error> {
         let (gguf_name, permute_heads) = match hf_gguf_name(hf_name, heads, kv_heads) {

@@ -53,3 +53,15 @@ fn gguf_seeds_load() {
         drop(model);
     }
 }
+
+/// `llama.rope.dimension_count` = 4294967294 (even, 2 heads: no overflow) would make the RoPE
+/// table 2³¹ f64 entries before any tensor is read: refused by the config size limits.
+#[test]
+fn huge_rope_dimension_is_refused_before_allocating() {
+    let input = files("tests/fixtures/fuzz-regressions/gguf")
+        .into_iter()
+        .find(|p| p.ends_with("rope-dimension-count-4294967294.gguf"))
+        .expect("regression input");
+    let e = load_llama_gguf(&input, &Device::Cpu).err().expect("an error").to_string();
+    assert!(e.contains("head_dim is 4294967294") && e.contains("re-download"), "{e}");
+}

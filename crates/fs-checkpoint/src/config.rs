@@ -10,6 +10,33 @@ use crate::error::{CheckpointError, Result};
 /// approximation of GELU.
 pub const GPT2_ACTIVATIONS: &[&str] = &["gelu_new", "gelu_pytorch_tanh"];
 
+/// The largest width a `config.json` may declare (vocabulary, hidden, intermediate, heads, head
+/// dimension): 2²⁴ = 16,777,216, 64× the largest vocabulary and 300× the largest hidden size of
+/// released checkpoints. Backends allocate from these sizes before they compare a tensor with the
+/// checkpoint (the RoPE table has `head_dim / 2` entries), so a corrupt or hostile config must be
+/// refused here rather than reach an allocation of petabytes.
+pub const MAX_CONFIG_WIDTH: usize = 1 << 24;
+
+/// The most layers a `config.json` may declare (2¹⁶; released checkpoints have at most a few
+/// hundred).
+pub const MAX_CONFIG_LAYERS: usize = 1 << 16;
+
+/// Refuse a size above [`MAX_CONFIG_WIDTH`] (or [`MAX_CONFIG_LAYERS`] for layer counts) with a
+/// one-line config error naming the field.
+pub(crate) fn check_size_limits(path: &Path, sizes: &[(&str, usize)]) -> Result<()> {
+    for &(field, value) in sizes {
+        let limit = if field.contains("layer") { MAX_CONFIG_LAYERS } else { MAX_CONFIG_WIDTH };
+        if value > limit {
+            return Err(CheckpointError::config(
+                path,
+                field,
+                format!("is {value}, over the {limit} this tool accepts for any model"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// HF `GPT2Config` (config.json). Missing optional fields take HF's defaults:
 /// `layer_norm_epsilon` 1e-5, `activation_function` "gelu_new", `tie_word_embeddings` true,
 /// `n_inner` None (= 4·`n_embd`).
@@ -171,6 +198,16 @@ impl Gpt2Config {
                 return Err(CheckpointError::config(path, field, "is 0, expected a positive size"));
             }
         }
+        check_size_limits(
+            path,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("n_embd", self.n_embd),
+                ("n_layer", self.n_layer),
+                ("n_head", self.n_head),
+                ("n_inner", self.n_inner.unwrap_or(1)),
+            ],
+        )?;
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(CheckpointError::config(
                 path,

@@ -46,7 +46,7 @@ mod synthetic;
 mod tokenizer;
 mod weights;
 
-pub use config::{Gpt2Config, GPT2_ACTIVATIONS};
+pub use config::{Gpt2Config, GPT2_ACTIVATIONS, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH};
 pub use error::{CheckpointError, Result};
 pub use hash::sha256_file;
 pub use llama::{Llama3RopeScaling, LlamaConfig, LLAMA_MODEL_TYPES};

@@ -215,15 +215,38 @@ impl LlamaConfig {
             mlp_bias: bool_field(obj, "mlp_bias", false),
             model_type,
         };
+        cfg.check_sizes(path)?;
+        Ok(cfg)
+    }
+
+    /// Check the sizes every backend allocates from before it compares a tensor with the
+    /// checkpoint: each width at most [`MAX_CONFIG_WIDTH`](crate::MAX_CONFIG_WIDTH), layers at
+    /// most [`MAX_CONFIG_LAYERS`](crate::MAX_CONFIG_LAYERS), and the products `heads × head_dim`,
+    /// `vocab × hidden`, `intermediate × hidden` representable. [`LlamaConfig::from_json`] runs
+    /// it; a loader that builds the config from other metadata (GGUF) must run it too. `path`
+    /// names the file in the one-line error.
+    pub fn check_sizes(&self, path: &Path) -> Result<()> {
+        crate::config::check_size_limits(
+            path,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.num_key_value_heads),
+                ("head_dim", self.head_dim),
+            ],
+        )?;
         // The weight shapes the backends build from these sizes must be representable (a
         // hostile config must not overflow `heads × head_dim` and the like before any tensor is
         // compared with the checkpoint).
         let limit = isize::MAX as usize / 8;
         for (field, a, b) in [
-            ("num_attention_heads", cfg.num_attention_heads, cfg.head_dim),
-            ("num_key_value_heads", cfg.num_key_value_heads, cfg.head_dim),
-            ("vocab_size", cfg.vocab_size, cfg.hidden_size),
-            ("intermediate_size", cfg.intermediate_size, cfg.hidden_size),
+            ("num_attention_heads", self.num_attention_heads, self.head_dim),
+            ("num_key_value_heads", self.num_key_value_heads, self.head_dim),
+            ("vocab_size", self.vocab_size, self.hidden_size),
+            ("intermediate_size", self.intermediate_size, self.hidden_size),
         ] {
             if a.checked_mul(b).is_none_or(|n| n > limit) {
                 return Err(CheckpointError::config(
@@ -233,7 +256,7 @@ impl LlamaConfig {
                 ));
             }
         }
-        Ok(cfg)
+        Ok(())
     }
 
     /// The RoPE inverse frequencies `θ^(−2i/head_dim)`, `i < head_dim/2`, in `f64`, with the

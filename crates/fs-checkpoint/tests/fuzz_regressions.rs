@@ -108,3 +108,34 @@ fn tokenizer() {
         exercise(&input, &TokenizerFiles::VocabMerges { vocab, merges });
     }
 }
+
+/// A Llama config with `head_dim` 8·10¹⁶ (4 heads: the products stay representable) made
+/// `inv_freq` allocate 4·10¹⁶ f64 (found by the config_json fuzz target); GPT-2 sizes have the
+/// same limits.
+#[test]
+fn sizes_beyond_the_limits_are_config_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text =
+        std::fs::read_to_string(root.join(
+            "tests/fixtures/fuzz-regressions/config_json/llama-head-dim-8e16-rope-table.json",
+        ))
+        .unwrap();
+    let path = Path::new("config.json");
+    let e = LlamaConfig::from_json(&text, path).expect_err("an error").to_string();
+    assert!(e.contains("`head_dim` is 80000000000000000, over the 16777216"), "{e}");
+    let at_limit = text.replace("80000000000000000", &fs_checkpoint::MAX_CONFIG_WIDTH.to_string());
+    assert!(LlamaConfig::from_json(&at_limit, path).is_ok());
+    let gpt2 = |n_layer: usize| {
+        format!(
+            r#"{{"model_type": "gpt2", "vocab_size": 10, "n_positions": 8, "n_embd": 8, "n_layer": {n_layer}, "n_head": 2}}"#
+        )
+    };
+    let layers = fs_checkpoint::MAX_CONFIG_LAYERS;
+    let ok = Gpt2Config::from_json(&gpt2(layers), path).and_then(|c| c.validate(path).map(|_| c));
+    assert!(ok.is_ok(), "{ok:?}");
+    let e = Gpt2Config::from_json(&gpt2(layers + 1), path)
+        .and_then(|c| c.validate(path))
+        .expect_err("an error")
+        .to_string();
+    assert!(e.contains("`n_layer` is 65537"), "{e}");
+}
