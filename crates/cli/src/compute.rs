@@ -422,7 +422,6 @@ struct Entry {
     readout: Option<crate::readouts::Readout>,
 }
 
-/// A Fisher matrix and, for the sampling estimators, the draws it came from.
 /// One position's estimate: the Fisher matrix, the sampled tokens (sampled and predictive
 /// estimators) and, for the exact estimator with `--directions`, the readout Jacobian `A_t` it
 /// was built from (reused by the read-outs instead of computed twice).
