@@ -33,12 +33,17 @@ fn gguf_regressions_are_errors_not_crashes() {
 /// and refuse the 0.
 #[test]
 fn nul_padded_alignment_key_is_checked() {
+    let e = regression_error("alignment-key-nul-terminated-zero.gguf");
+    assert!(e.contains("general.alignment is 0"), "{e}");
+}
+
+/// The one-line error `load_llama_gguf` gives for the regression input `name`.
+fn regression_error(name: &str) -> String {
     let input = files("tests/fixtures/fuzz-regressions/gguf")
         .into_iter()
-        .find(|p| p.ends_with("alignment-key-nul-terminated-zero.gguf"))
-        .expect("regression input");
-    let e = load_llama_gguf(&input, &Device::Cpu).err().expect("an error");
-    assert!(e.to_string().contains("general.alignment is 0"), "{e}");
+        .find(|p| p.ends_with(name))
+        .unwrap_or_else(|| panic!("regression input {name}"));
+    load_llama_gguf(&input, &Device::Cpu).err().expect("an error").to_string()
 }
 
 #[test]
@@ -58,10 +63,6 @@ fn gguf_seeds_load() {
 /// table 2³¹ f64 entries before any tensor is read: refused by the config size limits.
 #[test]
 fn huge_rope_dimension_is_refused_before_allocating() {
-    let input = files("tests/fixtures/fuzz-regressions/gguf")
-        .into_iter()
-        .find(|p| p.ends_with("rope-dimension-count-4294967294.gguf"))
-        .expect("regression input");
-    let e = load_llama_gguf(&input, &Device::Cpu).err().expect("an error").to_string();
+    let e = regression_error("rope-dimension-count-4294967294.gguf");
     assert!(e.contains("head_dim is 4294967294") && e.contains("re-download"), "{e}");
 }

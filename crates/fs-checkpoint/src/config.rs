@@ -21,11 +21,10 @@ pub const MAX_CONFIG_WIDTH: usize = 1 << 24;
 /// hundred).
 pub const MAX_CONFIG_LAYERS: usize = 1 << 16;
 
-/// Refuse a size above [`MAX_CONFIG_WIDTH`] (or [`MAX_CONFIG_LAYERS`] for layer counts) with a
-/// one-line config error naming the field.
-pub(crate) fn check_size_limits(path: &Path, sizes: &[(&str, usize)]) -> Result<()> {
-    for &(field, value) in sizes {
-        let limit = if field.contains("layer") { MAX_CONFIG_LAYERS } else { MAX_CONFIG_WIDTH };
+/// Refuse a `(field, value, limit)` with `value > limit` (the limits: [`MAX_CONFIG_WIDTH`],
+/// [`MAX_CONFIG_LAYERS`]) with a one-line config error naming the field.
+pub(crate) fn check_size_limits(path: &Path, sizes: &[(&str, usize, usize)]) -> Result<()> {
+    for &(field, value, limit) in sizes {
         if value > limit {
             return Err(CheckpointError::config(
                 path,
@@ -201,11 +200,11 @@ impl Gpt2Config {
         check_size_limits(
             path,
             &[
-                ("vocab_size", self.vocab_size),
-                ("n_embd", self.n_embd),
-                ("n_layer", self.n_layer),
-                ("n_head", self.n_head),
-                ("n_inner", self.n_inner.unwrap_or(1)),
+                ("vocab_size", self.vocab_size, MAX_CONFIG_WIDTH),
+                ("n_embd", self.n_embd, MAX_CONFIG_WIDTH),
+                ("n_layer", self.n_layer, MAX_CONFIG_LAYERS),
+                ("n_head", self.n_head, MAX_CONFIG_WIDTH),
+                ("n_inner", self.n_inner.unwrap_or(1), MAX_CONFIG_WIDTH),
             ],
         )?;
         if !self.n_embd.is_multiple_of(self.n_head) {

@@ -226,16 +226,19 @@ impl LlamaConfig {
     /// it; a loader that builds the config from other metadata (GGUF) must run it too. `path`
     /// names the file in the one-line error.
     pub fn check_sizes(&self, path: &Path) -> Result<()> {
-        crate::config::check_size_limits(
+        use crate::config::{
+            check_size_limits, MAX_CONFIG_LAYERS as LAYERS, MAX_CONFIG_WIDTH as W,
+        };
+        check_size_limits(
             path,
             &[
-                ("vocab_size", self.vocab_size),
-                ("hidden_size", self.hidden_size),
-                ("intermediate_size", self.intermediate_size),
-                ("num_hidden_layers", self.num_hidden_layers),
-                ("num_attention_heads", self.num_attention_heads),
-                ("num_key_value_heads", self.num_key_value_heads),
-                ("head_dim", self.head_dim),
+                ("vocab_size", self.vocab_size, W),
+                ("hidden_size", self.hidden_size, W),
+                ("intermediate_size", self.intermediate_size, W),
+                ("num_hidden_layers", self.num_hidden_layers, LAYERS),
+                ("num_attention_heads", self.num_attention_heads, W),
+                ("num_key_value_heads", self.num_key_value_heads, W),
+                ("head_dim", self.head_dim, W),
             ],
         )?;
         // The weight shapes the backends build from these sizes must be representable (a

@@ -312,15 +312,10 @@ mod tests {
         let s = spectrum(&kept[1].fisher, Some(2)).unwrap();
         let o = DirectionOptions::default();
         let again = direction_effects(&model, &ctx, 3, &s.eigenvectors, &o).unwrap();
-        let reused = direction_effects_from_jacobian(
-            &model,
-            &ctx,
-            3,
-            kept[1].jacobian.view(),
-            &s.eigenvectors,
-            &o,
-        )
-        .unwrap();
+        let from = |a: MatrixRef<'_, f64>| {
+            direction_effects_from_jacobian(&model, &ctx, 3, a, &s.eigenvectors, &o)
+        };
+        let reused = from(kept[1].jacobian.view()).unwrap();
         for (x, y) in again.iter().zip(&reused) {
             assert_eq!(x.logit_change, y.logit_change);
             assert_eq!(
@@ -328,19 +323,9 @@ mod tests {
                 (y.fisher_quadratic, y.kl, y.epsilon)
             );
         }
-        let wrong = direction_effects_from_jacobian(
-            &model,
-            &ctx,
-            3,
-            kept[0].jacobian.view(),
-            &s.eigenvectors,
-            &o,
-        )
-        .unwrap();
+        let wrong = from(kept[0].jacobian.view()).unwrap();
         assert!(rel(&wrong[0].logit_change, &again[0].logit_change) > 1e-3);
-        let bad = Matrix::<f64>::zeros(3, 8);
-        assert!(direction_effects_from_jacobian(&model, &ctx, 3, bad.view(), &s.eigenvectors, &o)
-            .is_err());
+        assert!(from(Matrix::<f64>::zeros(3, 8).view()).is_err());
     }
 
     #[test]
