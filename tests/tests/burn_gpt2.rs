@@ -15,7 +15,13 @@ fn cpu() -> Device {
 
 fn load(name: &str) -> (Gpt2, Reference) {
     let files = fs_checkpoint::resolve_model(dir(name).to_str().unwrap()).expect("resolve fixture");
-    (Gpt2::load(&files, &cpu()).expect("load fixture"), Reference::load(name))
+    (
+        fs_checkpoint::Gpt2Weights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &cpu()))
+            .expect("load fixture"),
+        Reference::load(name),
+    )
 }
 
 fn tiny_config(tied: bool) -> Gpt2Config {
@@ -64,11 +70,17 @@ fn random_is_the_model_of_the_written_checkpoint() {
         let w = fs_checkpoint::random_gpt2_weights(&cfg, WEIGHT_STD, 11);
         let tmp = tempfile::tempdir().unwrap();
         let files = fs_checkpoint::write_checkpoint(tmp.path(), &cfg.to_json(), &w).unwrap();
-        let loaded = Gpt2::load(&files, &cpu()).unwrap();
-        let random = Gpt2::random(cfg.clone(), WEIGHT_STD, 11, &cpu()).unwrap();
-        assert_eq!(loaded.parameter_count(), random.parameter_count());
+        let loaded = fs_checkpoint::Gpt2Weights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &cpu()))
+            .unwrap();
+        let random = fs_checkpoint::Gpt2Weights::random(cfg.clone(), WEIGHT_STD, 11)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &cpu()))
+            .unwrap();
         let n: usize = w.iter().map(|t| t.2.len()).sum();
-        assert_eq!(random.parameter_count(), n, "tied {tied}");
+        let host = fs_checkpoint::Gpt2Weights::random(cfg.clone(), WEIGHT_STD, 11).unwrap();
+        assert_eq!(host.parameter_count(), n, "tied {tied}");
         assert_eq!(random.config(), &cfg);
         let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6];
         let all: Vec<usize> = (0..tokens.len()).collect();
@@ -86,7 +98,11 @@ fn bad_weights_and_devices_are_typed_errors() {
     w[5].2[3] = f32::NAN;
     let tmp = tempfile::tempdir().unwrap();
     let files = fs_checkpoint::write_checkpoint(tmp.path(), &cfg.to_json(), &w).unwrap();
-    let e = Gpt2::load(&files, &cpu()).err().expect("NaN weights are rejected");
+    let e = fs_checkpoint::Gpt2Weights::load(&files)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &cpu()))
+        .err()
+        .expect("NaN weights are rejected");
     // fs-checkpoint checks values as it reads them; the model checks them again (the random path).
     assert!(matches!(e, Error::Checkpoint(_) | Error::Model(_)), "{e}");
     let msg = e.to_string();
@@ -95,6 +111,9 @@ fn bad_weights_and_devices_are_typed_errors() {
     assert!(matches!(e, Error::Device { .. }), "{e}");
     assert!(!e.to_string().contains('\n'));
     // An autodiff device is accepted too: the model keeps its weights off the tape.
-    let m = Gpt2::random(cfg, WEIGHT_STD, 2, &cpu().autodiff()).unwrap();
+    let m = fs_checkpoint::Gpt2Weights::random(cfg, WEIGHT_STD, 2)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &cpu().autodiff()))
+        .unwrap();
     assert!(!m.device().is_autodiff());
 }

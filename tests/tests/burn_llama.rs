@@ -17,7 +17,10 @@ fn cpu() -> Device {
 fn batching_positions_does_not_change_the_result() {
     let name = "llama-tiny-untied";
     let files = fs_checkpoint::resolve_model(dir(name).to_str().unwrap()).unwrap();
-    let mut model = Llama::load(&files, &cpu()).unwrap();
+    let mut model = fs_checkpoint::LlamaWeights::load(&files)
+        .map_err(Into::into)
+        .and_then(|w| Llama::new(w, &cpu()))
+        .unwrap();
     let r = Reference::load(name);
     let ctx = model.lower(&r.input_ids, 1).unwrap();
     let all: Vec<usize> = (0..r.input_ids.len()).collect();
@@ -40,9 +43,15 @@ fn random_is_the_model_of_the_written_checkpoint() {
         let case = llama_case().new_tree(&mut runner).unwrap().current();
         let tmp = tempfile::tempdir().unwrap();
         let files = case.write(tmp.path());
-        let loaded = Llama::load(&files, &cpu()).unwrap();
-        let random = Llama::random(case.config.clone(), WEIGHT_STD, case.seed, &cpu()).unwrap();
-        assert_eq!(loaded.parameter_count(), random.parameter_count());
+        let loaded = fs_checkpoint::LlamaWeights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Llama::new(w, &cpu()))
+            .unwrap();
+        let random =
+            fs_checkpoint::LlamaWeights::random(case.config.clone(), WEIGHT_STD, case.seed)
+                .map_err(Into::into)
+                .and_then(|w| Llama::new(w, &cpu()))
+                .unwrap();
         assert_eq!(random.config(), &case.config);
         let all: Vec<usize> = (0..case.tokens.len()).collect();
         let a = loaded.logits(&loaded.lower(&case.tokens, case.layer).unwrap(), &all).unwrap();

@@ -9,7 +9,13 @@ use fs_suite::fixtures::{dir, Reference};
 
 fn load(name: &str) -> (Gpt2, Reference) {
     let files = fs_checkpoint::resolve_model(dir(name).to_str().unwrap()).expect("resolve fixture");
-    (Gpt2::load(&files, &Device::Cpu).expect("load fixture"), Reference::load(name))
+    (
+        fs_checkpoint::Gpt2Weights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &Device::Cpu))
+            .expect("load fixture"),
+        Reference::load(name),
+    )
 }
 
 #[test]

@@ -15,7 +15,13 @@ fn cpu() -> Device {
 
 fn load(name: &str) -> (Gpt2, Reference) {
     let files = fs_checkpoint::resolve_model(dir(name).to_str().unwrap()).expect("resolve fixture");
-    (Gpt2::load(&files, &cpu()).expect("load fixture"), Reference::load(name))
+    (
+        fs_checkpoint::Gpt2Weights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &cpu()))
+            .expect("load fixture"),
+        Reference::load(name),
+    )
 }
 
 fn tiny_config(tied: bool) -> Gpt2Config {
@@ -71,11 +77,17 @@ fn random_is_the_model_of_the_written_checkpoint() {
         let w = fs_checkpoint::random_gpt2_weights(&cfg, WEIGHT_STD, 11);
         let tmp = tempfile::tempdir().unwrap();
         let files = fs_checkpoint::write_checkpoint(tmp.path(), &cfg.to_json(), &w).unwrap();
-        let loaded = Gpt2::load(&files, &cpu()).unwrap();
-        let random = Gpt2::random(cfg.clone(), WEIGHT_STD, 11, &cpu()).unwrap();
-        assert_eq!(loaded.parameter_count(), random.parameter_count());
+        let loaded = fs_checkpoint::Gpt2Weights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &cpu()))
+            .unwrap();
+        let random = fs_checkpoint::Gpt2Weights::random(cfg.clone(), WEIGHT_STD, 11)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &cpu()))
+            .unwrap();
         let n: usize = w.iter().map(|t| t.2.len()).sum();
-        assert_eq!(random.parameter_count(), n, "tied {tied}");
+        let host = fs_checkpoint::Gpt2Weights::random(cfg.clone(), WEIGHT_STD, 11).unwrap();
+        assert_eq!(host.parameter_count(), n, "tied {tied}");
         assert_eq!(random.config(), &cfg);
         let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6];
         let all: Vec<usize> = (0..tokens.len()).collect();
@@ -91,7 +103,10 @@ fn random_is_the_model_of_the_written_checkpoint() {
 
 #[test]
 fn extend_reuses_the_prefix_with_the_right_position() {
-    let model = Gpt2::random(tiny_config(true), WEIGHT_STD, 5, &cpu()).unwrap();
+    let model = fs_checkpoint::Gpt2Weights::random(tiny_config(true), WEIGHT_STD, 5)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &cpu()))
+        .unwrap();
     let tokens = [3u32, 1, 4, 1, 5, 9];
     for layer in [0, 2, 3] {
         let ctx = model.lower(&tokens, layer).unwrap();
@@ -124,7 +139,11 @@ fn bad_weights_configs_and_devices_are_typed_errors() {
     w[5].2[3] = f32::NAN;
     let tmp = tempfile::tempdir().unwrap();
     let files = fs_checkpoint::write_checkpoint(tmp.path(), &cfg.to_json(), &w).unwrap();
-    let e = Gpt2::load(&files, &cpu()).err().expect("NaN weights are rejected");
+    let e = fs_checkpoint::Gpt2Weights::load(&files)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &cpu()))
+        .err()
+        .expect("NaN weights are rejected");
     assert!(matches!(e, Error::Checkpoint(_) | Error::Model(_)), "{e}");
     let msg = e.to_string();
     assert!(msg.contains(&w[5].0) && msg.contains("NaN") && !msg.contains('\n'), "{msg}");
@@ -138,7 +157,11 @@ fn bad_weights_configs_and_devices_are_typed_errors() {
     let lw = fs_checkpoint::random_llama_weights(&lcfg, WEIGHT_STD, 1);
     let ltmp = tempfile::tempdir().unwrap();
     let lfiles = fs_checkpoint::write_checkpoint(ltmp.path(), &lcfg.to_json(), &lw).unwrap();
-    let e = Gpt2::load(&lfiles, &cpu()).err().expect("a Llama checkpoint is rejected");
+    let e = fs_checkpoint::Gpt2Weights::load(&lfiles)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &cpu()))
+        .err()
+        .expect("a Llama checkpoint is rejected");
     assert!(matches!(e, Error::Checkpoint(_)), "{e}");
     assert!(!e.to_string().contains('\n'), "{e}");
 
@@ -153,7 +176,10 @@ fn bad_weights_configs_and_devices_are_typed_errors() {
     }
 
     // Bad requests are typed errors, not panics.
-    let model = Gpt2::random(cfg, WEIGHT_STD, 2, &cpu()).unwrap();
+    let model = fs_checkpoint::Gpt2Weights::random(cfg, WEIGHT_STD, 2)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &cpu()))
+        .unwrap();
     let ctx = model.lower(&[1, 2, 3], 1).unwrap();
     assert!(matches!(
         model.upper_logits(&ctx, 1, &[0.0; 3]),

@@ -8,9 +8,22 @@
 //! still ranks " Paris" first, at p ≈ 0.72 or 0.57, hence the tight band.
 #![cfg(feature = "candle")]
 
-use backend_candle::{load_llama_gguf, Device};
+use backend_candle::{Device, Llama};
+use fs_checkpoint::{
+    tokenizers::Tokenizer, Checkpoint, CheckpointError, LlamaWeights, ModelWeights,
+};
 use fs_estimators::{exact_fisher, softmax, spectrum, ExactOptions, SplitModel};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The engine-free half of loading a GGUF file: typed weights and the tokenizer from its
+/// metadata.
+fn read_gguf(path: &Path) -> Result<(LlamaWeights, Tokenizer), CheckpointError> {
+    let ckpt = Checkpoint::open_gguf(path)?;
+    let ModelWeights::Llama(weights) = ckpt.read_weights()? else {
+        unreachable!("GGUF files are Llama-family models")
+    };
+    Ok((weights, ckpt.embedded_tokenizer()?.expect("GGUF files carry a tokenizer")))
+}
 
 fn fetch() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/fetch_smollm2.sh");
@@ -29,7 +42,8 @@ fn fetch() -> PathBuf {
 #[test]
 fn smollm2_gguf_predicts_paris_with_the_reference_probability() {
     let path = fetch();
-    let (model, tokenizer) = load_llama_gguf(&path, &Device::Cpu).expect("load GGUF");
+    let (weights, tokenizer) = read_gguf(&path).expect("read GGUF");
+    let model = Llama::new(weights, &Device::Cpu).expect("upload to candle");
     let ids = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
     assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
     let dims = model.dims();
@@ -104,18 +118,17 @@ fn bad_gguf_files_are_named_errors_not_panics() {
     let dir = tempfile_dir();
     let arch = dir.join("falcon.gguf");
     std::fs::write(&arch, tiny_gguf("falcon")).unwrap();
-    let e =
-        load_llama_gguf(&arch, &Device::Cpu).err().expect("unsupported architecture").to_string();
+    let e = read_gguf(&arch).err().expect("unsupported architecture").to_string();
     assert!(e.contains("falcon") && e.contains("llama"), "{e}");
     let garbage = dir.join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
-    let e = load_llama_gguf(&garbage, &Device::Cpu).err().expect("garbage").to_string();
+    let e = read_gguf(&garbage).err().expect("garbage").to_string();
     assert!(e.contains("garbage.gguf") && e.contains("not a readable GGUF"), "{e}");
     // A truncated real file: the header survives, the tensor data does not.
     let real = std::fs::read(fetch()).unwrap();
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, &real[..4 << 20]).unwrap();
-    let e = load_llama_gguf(&truncated, &Device::Cpu).err().expect("truncated").to_string();
+    let e = read_gguf(&truncated).err().expect("truncated").to_string();
     assert!(e.contains("truncated.gguf"), "{e}");
     assert!(!e.contains('\n'), "{e}");
 }
@@ -124,4 +137,26 @@ fn tempfile_dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("fs-gguf-test-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// burn reads the same GGUF (through the same engine-free reader) and agrees with candle: the
+/// exact Fisher at layer 15, last position of the France prompt, within 1e-4 relative Frobenius.
+#[cfg(feature = "burn")]
+#[test]
+fn burn_reads_the_gguf_and_agrees_with_candle() {
+    let (weights, tokenizer) = read_gguf(&fetch()).expect("read GGUF");
+    let ids = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let candle = Llama::new(weights.clone(), &Device::Cpu).unwrap();
+    let burn = backend_burn::Llama::new(weights, &backend_burn::device("cpu").unwrap()).unwrap();
+    let ctx = candle.lower(&ids, 15).unwrap();
+    let fc = exact_fisher(&candle, &ctx, &[4], &ExactOptions::default()).unwrap().remove(0);
+    let ctx = burn.lower(&ids, 15).unwrap();
+    let fb = exact_fisher(&burn, &ctx, &[4], &ExactOptions::default()).unwrap().remove(0);
+    let norm =
+        |m: &fs_estimators::Matrix<f64>| m.as_slice().iter().map(|x| x * x).sum::<f64>().sqrt();
+    let diff: f64 =
+        fc.as_slice().iter().zip(fb.as_slice()).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let rel = diff / norm(&fc);
+    println!("SmolLM2 layer 15 exact F, burn vs candle: relative Frobenius {rel:.3e}");
+    assert!(rel <= 1e-4, "burn vs candle: {rel:.3e}");
 }

@@ -24,8 +24,8 @@ use crate::cached::{
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
-use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
-use fs_traits::{check_finite, ModelDims};
+use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
+use fs_traits::ModelDims;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -71,143 +71,47 @@ pub struct Gpt2 {
 /// The result of [`Gpt2`]'s lower pass.
 pub type Gpt2Context = CachedContext;
 
-/// Produces the `f32` data of a weight from its canonical name and expected shape.
-type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
-
-/// A host buffer as a device tensor of rank `D` (the shape comes from the config's specs).
-fn to_device<const D: usize>(data: Vec<f32>, shape: &[usize], device: &Device) -> Tensor<D> {
-    let shape: [usize; D] = shape.try_into().expect("tensor spec has the rank the model uses");
-    tensor(data, shape, device)
-}
-
 impl Gpt2 {
-    /// Load from resolved checkpoint files (`config.json` + safetensors; see
-    /// [`fs_checkpoint::resolve_model`]). Accepts `transformer.`-prefixed and unprefixed key
-    /// names, ignores `attn.bias` / `attn.masked_bias` buffers, converts f16/bf16/f64 to f32, and
-    /// names the tensor and file on a missing tensor or a shape that does not match the config.
-    /// Weights with NaN or ±∞ are rejected ([`Error::Model`]).
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
-        let cfg = Gpt2Config::from_file(&files.config)?;
-        let store = WeightStore::open(&files.weights)?;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
-            let prefixed = format!("transformer.{name}");
-            let key = store.find(&[&prefixed, name]).ok_or_else(|| {
-                fs_checkpoint::CheckpointError::MissingTensor {
-                    name: prefixed.clone(),
-                    files: files
-                        .weights
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-            })?;
-            Ok(store.read_f32_shaped(&key, shape)?.data)
-        };
-        let untied = if cfg.tie_word_embeddings {
-            None
-        } else {
-            match store.find(&["lm_head.weight"]) {
-                Some(key) => Some(store.read_f32_shaped(&key, &[cfg.vocab_size, cfg.n_embd])?.data),
-                None => None,
-            }
-        };
-        Self::from_weights(cfg, &mut get, untied, device)
-    }
-
-    /// A model with the deterministic random weights of [`fs_checkpoint::random_gpt2_weights`]
-    /// (for benchmarks and property tests): the same model every backend builds from the same
-    /// `(cfg, std, seed)`.
-    pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
-        cfg.validate(std::path::Path::new("<random config>"))?;
-        let mut weights: std::collections::HashMap<String, Vec<f32>> =
-            fs_checkpoint::random_gpt2_weights(&cfg, std, seed)
-                .into_iter()
-                .map(|(name, _, data)| (name, data))
-                .collect();
-        let untied = weights.remove("lm_head.weight");
-        let mut get = |name: &str, _: &[usize]| -> Result<Vec<f32>, Error> {
-            Ok(weights.remove(name).expect("random weights cover every spec"))
-        };
-        Self::from_weights(cfg, &mut get, untied, device)
-    }
-
-    fn from_weights(
-        cfg: Gpt2Config,
-        get: &mut WeightSource<'_>,
-        untied_lm_head: Option<Vec<f32>>,
-        device: &Device,
-    ) -> Result<Self, Error> {
+    /// Upload typed host weights ([`Gpt2Weights`], read by `fs-checkpoint` from safetensors,
+    /// GGUF or random values) to the plain (non-autodiff) view of `device`. `W_U` stays on the
+    /// host too, for the estimators' weighted Gram.
+    pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
         let device = device.clone().without_autodiff();
-        // Canonical names and shapes of the body, in load order (an untied head comes separately).
-        let specs: Vec<(String, Vec<usize>)> =
-            cfg.tensor_specs().into_iter().filter(|(name, _)| name != "lm_head.weight").collect();
-        let mut host = std::collections::HashMap::new();
-        let mut parameters = 0;
-        for (name, shape) in &specs {
-            let data = get(name, shape)?;
-            check_finite(&format!("weight {name}"), &data)?;
-            parameters += data.len();
-            host.insert(name.clone(), (data, shape.clone()));
-        }
-        let mut take = |name: String| -> (Vec<f32>, Vec<usize>) {
-            host.remove(&name).expect("every spec was loaded")
+        let parameters = weights.parameter_count();
+        let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
+        let matrix = |m: HostMatrix| tensor(m.data, [m.rows, m.cols], &device);
+        let vector = |v: Vec<f32>| {
+            let n = v.len();
+            tensor(v, [n], &device)
         };
-        let mut vector = |name: String| -> Tensor<1> {
-            let (data, shape) = take(name);
-            to_device(data, &shape, &device)
-        };
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        let mut vectors = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("h.{i}.{s}");
-            vectors.push(
-                [
-                    "ln_1.weight",
-                    "ln_1.bias",
-                    "attn.c_attn.bias",
-                    "attn.c_proj.bias",
-                    "ln_2.weight",
-                    "ln_2.bias",
-                    "mlp.c_fc.bias",
-                    "mlp.c_proj.bias",
-                ]
-                .map(|s| vector(p(s))),
-            );
-        }
-        let ln_f = Norm { weight: vector("ln_f.weight".into()), bias: vector("ln_f.bias".into()) };
-        let mut matrix = |name: String| -> Tensor<2> {
-            let (data, shape) = take(name);
-            to_device(data, &shape, &device)
-        };
-        let wpe = matrix("wpe.weight".into());
-        for (i, v) in vectors.into_iter().enumerate() {
-            let p = |s: &str| format!("h.{i}.{s}");
-            let [ln_1_w, ln_1_b, attn_b, proj_b, ln_2_w, ln_2_b, fc_b, out_b] = v;
-            blocks.push(Block {
-                ln_1: Norm { weight: ln_1_w, bias: ln_1_b },
-                attn_w: matrix(p("attn.c_attn.weight")),
-                attn_b,
-                proj_w: matrix(p("attn.c_proj.weight")),
-                proj_b,
-                ln_2: Norm { weight: ln_2_w, bias: ln_2_b },
-                fc_w: matrix(p("mlp.c_fc.weight")),
-                fc_b,
-                out_w: matrix(p("mlp.c_proj.weight")),
-                out_b,
-            });
-        }
-        let (wte_host, wte_shape) = take("wte.weight".into());
-        let wte: Tensor<2> = to_device(wte_host.clone(), &wte_shape, &device);
-        let tied = untied_lm_head.is_none();
-        let (lm_head, lm_head_host) = match untied_lm_head {
-            Some(data) => {
-                check_finite("weight lm_head.weight", &data)?;
-                parameters += data.len();
-                (tensor(data.clone(), [cfg.vocab_size, cfg.n_embd], &device), data)
-            }
-            None => (wte.clone(), wte_host),
-        };
+        let norm = |n: LayerNorm| Norm { weight: vector(n.weight), bias: vector(n.bias) };
+        let linear = |l: Linear| (matrix(l.weight), vector(l.bias.unwrap_or_default()));
+        let lm_head_host = lm_head.as_ref().unwrap_or(&wte).data.clone();
+        let tied = lm_head.is_none();
+        let wte = matrix(wte);
+        let lm_head = lm_head.map_or_else(|| wte.clone(), matrix);
+        let blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let (attn_w, attn_b) = linear(b.attn_qkv);
+                let (proj_w, proj_b) = linear(b.attn_out);
+                let (fc_w, fc_b) = linear(b.mlp_in);
+                let (out_w, out_b) = linear(b.mlp_out);
+                Block {
+                    ln_1: norm(b.ln_1),
+                    attn_w,
+                    attn_b,
+                    proj_w,
+                    proj_b,
+                    ln_2: norm(b.ln_2),
+                    fc_w,
+                    fc_b,
+                    out_w,
+                    out_b,
+                }
+            })
+            .collect();
+        let (wpe, ln_f) = (matrix(wpe), norm(ln_f));
         device.sync().map_err(|e| Error::Burn(crate::one_line(&e)))?;
         Ok(Gpt2 {
             activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,

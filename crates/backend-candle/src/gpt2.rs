@@ -23,8 +23,8 @@ use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use candle_core::{Device, Tensor};
-use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
-use fs_traits::{check_finite, ModelDims};
+use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
+use fs_traits::ModelDims;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -58,8 +58,6 @@ pub struct Gpt2 {
     lm_head: Tensor,
     /// `W_U` on the host, for the estimators' weighted Gram.
     lm_head_host: Vec<f32>,
-    /// Whether `lm_head` is `wte`.
-    tied: bool,
     /// Bytes of activations a readout-Jacobian backward pass may keep alive.
     activation_budget: usize,
 }
@@ -67,131 +65,60 @@ pub struct Gpt2 {
 /// The result of [`Gpt2`]'s lower pass.
 pub type Gpt2Context = CachedContext;
 
-/// Produces the `f32` data of a weight from its canonical name and expected shape.
-type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
-
-/// Canonical (unprefixed) tensor names and shapes of the GPT-2 body, in load order (an untied
-/// `lm_head` is read separately).
-fn tensor_specs(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
-    cfg.tensor_specs().into_iter().filter(|(name, _)| name != "lm_head.weight").collect()
-}
-
 impl Gpt2 {
-    /// Load from resolved checkpoint files (`config.json` + safetensors; see
-    /// [`fs_checkpoint::resolve_model`]). Accepts `transformer.`-prefixed and unprefixed key
-    /// names, ignores `attn.bias` / `attn.masked_bias` buffers, converts f16/bf16/f64 to f32, and
-    /// names the tensor and file on a missing tensor or a shape that does not match the config.
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
-        let cfg = Gpt2Config::from_file(&files.config)?;
-        let store = WeightStore::open(&files.weights)?;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
-            let prefixed = format!("transformer.{name}");
-            let key = store.find(&[&prefixed, name]).ok_or_else(|| {
-                fs_checkpoint::CheckpointError::MissingTensor {
-                    name: prefixed.clone(),
-                    files: files
-                        .weights
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-            })?;
-            Ok(store.read_f32_shaped(&key, shape)?.data)
+    /// Upload typed host weights ([`Gpt2Weights`], read by `fs-checkpoint` from safetensors,
+    /// GGUF or random values) to `device`. `W_U` stays on the host too, for the estimators'
+    /// weighted Gram.
+    pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
+        let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
+        let matrix = |m: HostMatrix| Tensor::from_vec(m.data, (m.rows, m.cols), device);
+        let vector = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, device)
         };
-        let untied = if cfg.tie_word_embeddings {
-            None
-        } else {
-            match store.find(&["lm_head.weight"]) {
-                Some(key) => Some(store.read_f32_shaped(&key, &[cfg.vocab_size, cfg.n_embd])?.data),
-                None => None,
-            }
+        let norm = |n: LayerNorm| -> candle_core::Result<Norm> {
+            Ok(Norm { weight: vector(n.weight)?, bias: vector(n.bias)? })
         };
-        Self::from_weights(cfg, &mut get, untied, device)
-    }
-
-    /// A model with the deterministic random weights of [`fs_checkpoint::random_gpt2_weights`]
-    /// (for benchmarks and property tests): the same model every backend builds from the same
-    /// `(cfg, std, seed)`.
-    pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
-        cfg.validate(std::path::Path::new("<random config>"))?;
-        let mut weights: std::collections::HashMap<String, Vec<f32>> =
-            fs_checkpoint::random_gpt2_weights(&cfg, std, seed)
-                .into_iter()
-                .map(|(name, _, data)| (name, data))
-                .collect();
-        let untied = weights.remove("lm_head.weight");
-        let mut get = |name: &str, _: &[usize]| -> Result<Vec<f32>, Error> {
-            Ok(weights.remove(name).expect("random weights cover every spec"))
+        let linear = |l: Linear| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((matrix(l.weight)?, vector(l.bias.unwrap_or_default())?))
         };
-        Self::from_weights(cfg, &mut get, untied, device)
-    }
-
-    fn from_weights(
-        cfg: Gpt2Config,
-        get: &mut WeightSource<'_>,
-        untied_lm_head: Option<Vec<f32>>,
-        device: &Device,
-    ) -> Result<Self, Error> {
-        let mut load = |name: &str, shape: &[usize]| -> Result<(Vec<f32>, Tensor), Error> {
-            let data = get(name, shape)?;
-            check_finite(&format!("weight {name}"), &data)?;
-            let t = Tensor::from_slice(&data, shape, device)?;
-            Ok((data, t))
+        let lm_head_host = lm_head.as_ref().unwrap_or(&wte).data.clone();
+        let wte = matrix(wte)?;
+        let lm_head = match lm_head {
+            Some(m) => matrix(m)?,
+            None => wte.clone(),
         };
-        let specs = tensor_specs(&cfg);
-        let mut tensors = std::collections::HashMap::new();
-        let mut wte_host = Vec::new();
-        for (name, shape) in &specs {
-            let (data, t) = load(name, shape)?;
-            if name == "wte.weight" {
-                wte_host = data;
-            }
-            tensors.insert(name.clone(), t);
-        }
-        let mut take = |name: String| tensors.remove(&name).expect("every spec was loaded");
-        let norm = |take: &mut dyn FnMut(String) -> Tensor, p: &str| Norm {
-            weight: take(format!("{p}.weight")),
-            bias: take(format!("{p}.bias")),
-        };
-        let wte = take("wte.weight".into());
-        let wpe = take("wpe.weight".into());
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("h.{i}.{s}");
-            blocks.push(Block {
-                ln_1: norm(&mut take, &p("ln_1")),
-                attn_w: take(p("attn.c_attn.weight")),
-                attn_b: take(p("attn.c_attn.bias")),
-                proj_w: take(p("attn.c_proj.weight")),
-                proj_b: take(p("attn.c_proj.bias")),
-                ln_2: norm(&mut take, &p("ln_2")),
-                fc_w: take(p("mlp.c_fc.weight")),
-                fc_b: take(p("mlp.c_fc.bias")),
-                out_w: take(p("mlp.c_proj.weight")),
-                out_b: take(p("mlp.c_proj.bias")),
-            });
-        }
-        let ln_f = norm(&mut take, "ln_f");
-        let tied = untied_lm_head.is_none();
-        let (lm_head, lm_head_host) = match untied_lm_head {
-            Some(data) => {
-                check_finite("weight lm_head.weight", &data)?;
-                (Tensor::from_slice(&data, (cfg.vocab_size, cfg.n_embd), device)?, data)
-            }
-            None => (wte.clone(), wte_host),
-        };
+        let blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let (attn_w, attn_b) = linear(b.attn_qkv)?;
+                let (proj_w, proj_b) = linear(b.attn_out)?;
+                let (fc_w, fc_b) = linear(b.mlp_in)?;
+                let (out_w, out_b) = linear(b.mlp_out)?;
+                Ok(Block {
+                    ln_1: norm(b.ln_1)?,
+                    attn_w,
+                    attn_b,
+                    proj_w,
+                    proj_b,
+                    ln_2: norm(b.ln_2)?,
+                    fc_w,
+                    fc_b,
+                    out_w,
+                    out_b,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Gpt2 {
             activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
-            cfg,
             device: device.clone(),
             wte,
-            wpe,
+            wpe: matrix(wpe)?,
             blocks,
-            ln_f,
+            ln_f: norm(ln_f)?,
             lm_head,
             lm_head_host,
-            tied,
+            cfg,
         })
     }
 
@@ -217,34 +144,6 @@ impl Gpt2 {
     pub fn set_position_batch(&mut self, positions: usize) {
         let per_position = bytes_per_row_per_block(&self.cfg) * self.cfg.n_embd;
         self.activation_budget = per_position.saturating_mul(positions.max(1));
-    }
-
-    /// Number of parameters (`lm_head` counted once when tied).
-    pub fn parameter_count(&self) -> usize {
-        let mut n = self.wte.elem_count() + self.wpe.elem_count();
-        n += self.ln_f.weight.elem_count() + self.ln_f.bias.elem_count();
-        for b in &self.blocks {
-            for t in [
-                &b.ln_1.weight,
-                &b.ln_1.bias,
-                &b.attn_w,
-                &b.attn_b,
-                &b.proj_w,
-                &b.proj_b,
-                &b.ln_2.weight,
-                &b.ln_2.bias,
-                &b.fc_w,
-                &b.fc_b,
-                &b.out_w,
-                &b.out_b,
-            ] {
-                n += t.elem_count();
-            }
-        }
-        if !self.tied {
-            n += self.lm_head.elem_count();
-        }
-        n
     }
 
     fn heads(&self) -> (usize, usize) {

@@ -1,17 +1,16 @@
 //! # backend-candle
 //!
 //! [`fs_traits::SplitModel`] implementations on [candle](https://github.com/huggingface/candle):
-//! [`Gpt2`] (HF `GPT2LMHeadModel` semantics). CPU by default; the `cuda` feature adds CUDA
-//! devices (`cuda:N`).
+//! [`Gpt2`] (HF `GPT2LMHeadModel` semantics) and [`Llama`] (the Llama family). CPU by default;
+//! the `cuda` feature adds CUDA devices (`cuda:N`).
 //!
-//! Loading goes through `fs-checkpoint` (config parsing, safetensors headers checked before any
-//! allocation, HF cache resolution), shared with the other backends; this crate holds only what
-//! candle forces it to hold: the tensors and the forward / backward passes.
+//! A model is built from the typed host weights `fs-checkpoint` reads from any source
+//! (safetensors, GGUF, random): [`Gpt2::new`], [`Llama::new`]. This crate holds only what candle
+//! forces it to hold: the tensors and the forward / forward-mode passes (`docs/ARCHITECTURE.md`).
 
 #![warn(missing_docs)]
 
 mod cached;
-mod gguf;
 mod gpt2;
 mod jvp;
 mod llama;
@@ -19,7 +18,6 @@ pub mod ops;
 
 pub use cached::CachedContext;
 pub use candle_core::Device;
-pub use gguf::{load_llama_gguf, GGUF_ARCHITECTURES, GGUF_TYPES};
 pub use gpt2::{Gpt2, Gpt2Context};
 pub use llama::Llama;
 
@@ -37,14 +35,6 @@ pub enum Error {
     /// `RUST_BACKTRACE` is set).
     #[error("candle: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
-    /// A GGUF file that cannot be used.
-    #[error("GGUF file {}: {message}", path.display())]
-    Gguf {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong, and the fix.
-        message: String,
-    },
     /// A device that cannot be used.
     #[error("device {device:?} is not available: {reason}")]
     Device {

@@ -13,8 +13,8 @@ use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::linear;
 use crate::Error;
 use candle_core::{Device, Tensor, D};
-use fs_checkpoint::{LlamaConfig, ModelFiles, WeightStore};
-use fs_traits::{check_finite, ModelDims};
+use fs_checkpoint::{HostMatrix, Linear, LlamaConfig, LlamaWeights};
+use fs_traits::ModelDims;
 
 struct Block {
     attn_norm: Tensor,
@@ -48,126 +48,59 @@ pub struct Llama {
     activation_budget: usize,
 }
 
-/// Host tensors of a checkpoint in HF layout (`[out, in]` matrices), by HF name.
-pub(crate) type HostWeights<'a> = dyn FnMut(&str, &[usize]) -> Result<Option<Vec<f32>>, Error> + 'a;
-
-/// Transpose a row-major `rows × cols` buffer.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
-}
-
 impl Llama {
-    /// Load from a resolved HF checkpoint (`config.json` + safetensors). Matrices are stored
-    /// `[out, in]` and transposed once on load; a missing tensor or a shape that does not match
-    /// the config is named.
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
-        let cfg = LlamaConfig::from_file(&files.config)?;
-        let store = WeightStore::open(&files.weights)?;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Option<Vec<f32>>, Error> {
-            if !store.contains(name) {
-                return Ok(None);
-            }
-            Ok(Some(store.read_f32_shaped(name, shape)?.data))
+    /// Upload typed host weights ([`LlamaWeights`], read by `fs-checkpoint` from safetensors,
+    /// GGUF or random values; linear weights already `[in, out]`) to `device`. `W_U` stays on
+    /// the host too, for the estimators' weighted Gram.
+    pub fn new(weights: LlamaWeights, device: &Device) -> Result<Self, Error> {
+        let LlamaWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
+        let matrix = |m: HostMatrix| Tensor::from_vec(m.data, (m.rows, m.cols), device);
+        let vector = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, device)
         };
-        Self::from_hf_weights(cfg, &mut get, device, &files.weights)
-    }
-
-    /// A model with the deterministic random weights of [`fs_checkpoint::random_llama_weights`]
-    /// (for benchmarks and property tests): the same model every backend builds from the same
-    /// `(cfg, std, seed)`.
-    pub fn random(cfg: LlamaConfig, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
-        let mut weights: std::collections::HashMap<String, Vec<f32>> =
-            fs_checkpoint::random_llama_weights(&cfg, std, seed)
-                .into_iter()
-                .map(|(name, _, data)| (name, data))
-                .collect();
-        let mut get = |name: &str, _: &[usize]| -> Result<Option<Vec<f32>>, Error> {
-            Ok(weights.remove(name))
+        let linear = |l: Linear| -> candle_core::Result<(Tensor, Option<Tensor>)> {
+            Ok((matrix(l.weight)?, l.bias.map(vector).transpose()?))
         };
-        Self::from_hf_weights(cfg, &mut get, device, &[])
-    }
-
-    /// Build from HF-named host tensors (`model.embed_tokens.weight`, `model.layers.{i}.…`,
-    /// `model.norm.weight`, optional `lm_head.weight`).
-    pub(crate) fn from_hf_weights(
-        cfg: LlamaConfig,
-        get: &mut HostWeights<'_>,
-        device: &Device,
-        files: &[std::path::PathBuf],
-    ) -> Result<Self, Error> {
-        let (d, v, inner) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-        let (q_out, kv_out) =
-            (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-        let files = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-        // A required tensor, finite.
-        let mut fetch = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
-            let data =
-                get(name, shape)?.ok_or_else(|| fs_checkpoint::CheckpointError::MissingTensor {
-                    name: name.to_string(),
-                    files: files.clone(),
-                })?;
-            check_finite(&format!("weight {name}"), &data)?;
-            Ok(data)
+        let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
+        let embed = matrix(embed)?;
+        let lm_head = match lm_head {
+            Some(m) => matrix(m)?,
+            None => embed.clone(),
         };
-        let embed_data = fetch("model.embed_tokens.weight", &[v, d])?;
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            // HF stores linear weights [out, in]; keep them [in, out].
-            let mut lw = |name: &str, out: usize, inp: usize| -> Result<Tensor, Error> {
-                let w = fetch(name, &[out, inp])?;
-                Ok(Tensor::from_vec(transpose(&w, out, inp), (inp, out), device)?)
-            };
-            let q_w = lw(&p("self_attn.q_proj.weight"), q_out, d)?;
-            let k_w = lw(&p("self_attn.k_proj.weight"), kv_out, d)?;
-            let v_w = lw(&p("self_attn.v_proj.weight"), kv_out, d)?;
-            let o_w = lw(&p("self_attn.o_proj.weight"), d, q_out)?;
-            let gate_w = lw(&p("mlp.gate_proj.weight"), inner, d)?;
-            let up_w = lw(&p("mlp.up_proj.weight"), inner, d)?;
-            let down_w = lw(&p("mlp.down_proj.weight"), d, inner)?;
-            let mut vector =
-                |name: String, n: usize, wanted: bool| -> Result<Option<Tensor>, Error> {
-                    if !wanted {
-                        return Ok(None);
-                    }
-                    Ok(Some(Tensor::from_vec(fetch(&name, &[n])?, n, device)?))
-                };
-            blocks.push(Block {
-                attn_norm: vector(p("input_layernorm.weight"), d, true)?.expect("wanted"),
-                q_w,
-                q_b: vector(p("self_attn.q_proj.bias"), q_out, cfg.qkv_bias)?,
-                k_w,
-                k_b: vector(p("self_attn.k_proj.bias"), kv_out, cfg.qkv_bias)?,
-                v_w,
-                v_b: vector(p("self_attn.v_proj.bias"), kv_out, cfg.qkv_bias)?,
-                o_w,
-                o_b: vector(p("self_attn.o_proj.bias"), d, cfg.o_bias)?,
-                mlp_norm: vector(p("post_attention_layernorm.weight"), d, true)?.expect("wanted"),
-                gate_w,
-                up_w,
-                down_w,
-                gate_b: vector(p("mlp.gate_proj.bias"), inner, cfg.mlp_bias)?,
-                up_b: vector(p("mlp.up_proj.bias"), inner, cfg.mlp_bias)?,
-                down_b: vector(p("mlp.down_proj.bias"), d, cfg.mlp_bias)?,
-            });
-        }
-        let norm_data = fetch("model.norm.weight", &[d])?;
-        let untied =
-            if cfg.tie_word_embeddings { None } else { Some(fetch("lm_head.weight", &[v, d])?) };
-        let embed = Tensor::from_slice(&embed_data, (v, d), device)?;
-        let (lm_head, lm_head_host) = match untied {
-            Some(data) => (Tensor::from_slice(&data, (v, d), device)?, data),
-            None => (embed.clone(), embed_data),
-        };
+        let blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let (q_w, q_b) = linear(b.q)?;
+                let (k_w, k_b) = linear(b.k)?;
+                let (v_w, v_b) = linear(b.v)?;
+                let (o_w, o_b) = linear(b.o)?;
+                let (gate_w, gate_b) = linear(b.gate)?;
+                let (up_w, up_b) = linear(b.up)?;
+                let (down_w, down_b) = linear(b.down)?;
+                Ok(Block {
+                    attn_norm: vector(b.attn_norm)?,
+                    q_w,
+                    q_b,
+                    k_w,
+                    k_b,
+                    v_w,
+                    v_b,
+                    o_w,
+                    o_b,
+                    mlp_norm: vector(b.mlp_norm)?,
+                    gate_w,
+                    up_w,
+                    down_w,
+                    gate_b,
+                    up_b,
+                    down_b,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Llama {
             inv_freq: cfg.inv_freq(),
-            norm: Tensor::from_vec(norm_data, d, device)?,
+            norm: vector(norm)?,
             cfg,
             device: device.clone(),
             embed,
@@ -192,36 +125,6 @@ impl Llama {
     pub fn set_position_batch(&mut self, positions: usize) {
         let per_position = CachedUpper::bytes_per_row_per_block(self) * self.cfg.hidden_size;
         self.activation_budget = per_position.saturating_mul(positions.max(1));
-    }
-
-    /// Number of parameters (`lm_head` counted once when tied).
-    pub fn parameter_count(&self) -> usize {
-        let mut n = self.embed.elem_count() + self.norm.elem_count();
-        for b in &self.blocks {
-            for t in [
-                &b.attn_norm,
-                &b.q_w,
-                &b.k_w,
-                &b.v_w,
-                &b.o_w,
-                &b.mlp_norm,
-                &b.gate_w,
-                &b.up_w,
-                &b.down_w,
-            ] {
-                n += t.elem_count();
-            }
-            for t in [&b.q_b, &b.k_b, &b.v_b, &b.o_b, &b.gate_b, &b.up_b, &b.down_b]
-                .into_iter()
-                .flatten()
-            {
-                n += t.elem_count();
-            }
-        }
-        if !self.cfg.tie_word_embeddings {
-            n += self.lm_head.elem_count();
-        }
-        n
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {

@@ -1,5 +1,5 @@
 //! Rough timing of the dfdx backend on a GPT-2-small-shaped random model (12 layers, d 768,
-//! 12 heads, V 50257; `Gpt2::random(cfg, 0.02, 0)`), split at layer 6, last position of a
+//! 12 heads, V 50257; `Gpt2Weights::random(cfg, 0.02, 0)`), split at layer 6, last position of a
 //! 64-token sequence: the lower pass, the readout Jacobian `A` (768 VJPs in batched backward
 //! passes), the exact Fisher `F = Aᵀ G A` and 10 score gradients.
 //!
@@ -35,8 +35,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let gemm = backend_dfdx::matmul_gflops(768, 768, 3072, 5, &device("cpu")?)?;
     println!("dfdx f32 GEMM (768×768)·(768×3072): {gemm:.1} GFLOP/s");
     let t0 = Instant::now();
-    let model = Gpt2::random(cfg, 0.02, 0, &device("cpu")?)?;
-    println!("build: {:.2} s ({} parameters)", t0.elapsed().as_secs_f64(), model.parameter_count());
+    let weights = fs_checkpoint::Gpt2Weights::random(cfg, 0.02, 0)?;
+    let parameters = weights.parameter_count();
+    let model = Gpt2::new(weights, &device("cpu")?)?;
+    println!("build: {:.2} s ({parameters} parameters)", t0.elapsed().as_secs_f64());
     let tokens: Vec<u32> = (0..t_len).map(|i| ((i * 7919 + 13) % 50257) as u32).collect();
     let t0 = Instant::now();
     let ctx = model.lower(&tokens, layer)?;

@@ -38,7 +38,7 @@ use dfdx::prelude::{
     Axes2, Axes3, Axis, Backward, BroadcastTo, GatherTo, HasShape, MaxTo, NoneTape, PermuteTo,
     Rank0, ReshapeTo, SumTo, Tape, TensorFromVec, Trace, TryMatMul, WithEmptyTape,
 };
-use fs_checkpoint::{Gpt2Config, ModelFiles, WeightStore};
+use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
     FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
@@ -123,8 +123,6 @@ pub struct Gpt2 {
     net: AnyNet,
     /// `W_U` on the host (`V × d`), for the estimators' weighted Gram.
     lm_head_host: Vec<f32>,
-    /// Whether `lm_head` is `wte`.
-    tied: bool,
     batching: Batching,
 }
 
@@ -171,7 +169,6 @@ impl SplitContext for Gpt2Context {
 }
 
 /// Produces the `f32` data of a weight from its canonical name and expected shape.
-type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, Error> + 'a;
 
 /// Turn a panic inside dfdx (a kernel failure; dfdx's infallible ops unwrap their errors) into a
 /// one-line backend error.
@@ -190,99 +187,21 @@ pub(crate) fn guarded<R>(f: impl FnOnce() -> Result<R, FsError>) -> Result<R, Fs
 }
 
 impl Gpt2 {
-    /// Load from resolved checkpoint files (`config.json` + safetensors; see
-    /// [`fs_checkpoint::resolve_model`]). Accepts `transformer.`-prefixed and unprefixed key
-    /// names, ignores `attn.bias` / `attn.masked_bias` buffers, converts f16/bf16/f64 to f32, and
-    /// names the tensor and file on a missing tensor or a shape that does not match the config.
-    /// NaN or infinite weights are rejected ([`FsError::NonFinite`] naming the tensor). A
-    /// checkpoint of another architecture fails with `fs-checkpoint`'s config error.
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, Error> {
-        let cfg = Gpt2Config::from_file(&files.config)?;
-        let store = WeightStore::open(&files.weights)?;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, Error> {
-            let prefixed = format!("transformer.{name}");
-            let key = store.find(&[&prefixed, name]).ok_or_else(|| {
-                fs_checkpoint::CheckpointError::MissingTensor {
-                    name: prefixed.clone(),
-                    files: files
-                        .weights
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-            })?;
-            Ok(store.read_f32_shaped(&key, shape)?.data)
-        };
-        let untied = if cfg.tie_word_embeddings {
-            None
-        } else {
-            match store.find(&["lm_head.weight"]) {
-                Some(key) => Some(store.read_f32_shaped(&key, &[cfg.vocab_size, cfg.n_embd])?.data),
-                None => None,
-            }
-        };
-        Self::from_weights(cfg, &mut get, untied, device)
-    }
-
-    /// A model with the deterministic random weights of [`fs_checkpoint::random_gpt2_weights`]
-    /// (for benchmarks and property tests): the same model every backend builds from the same
-    /// `(cfg, std, seed)`.
-    pub fn random(cfg: Gpt2Config, std: f64, seed: u64, device: &Device) -> Result<Self, Error> {
-        cfg.validate(std::path::Path::new("<random config>"))?;
-        let mut weights: std::collections::HashMap<String, Vec<f32>> =
-            fs_checkpoint::random_gpt2_weights(&cfg, std, seed)
-                .into_iter()
-                .map(|(name, _, data)| (name, data))
-                .collect();
-        let untied = weights.remove("lm_head.weight");
-        let mut get = |name: &str, _: &[usize]| -> Result<Vec<f32>, Error> {
-            weights.remove(name).ok_or_else(|| {
-                Error::Model(FsError::Backend(format!("random weights lack tensor {name}")))
-            })
-        };
-        Self::from_weights(cfg, &mut get, untied, device)
-    }
-
-    fn from_weights(
-        cfg: Gpt2Config,
-        get: &mut WeightSource<'_>,
-        untied_lm_head: Option<Vec<f32>>,
-        device: &Device,
-    ) -> Result<Self, Error> {
-        // Read and check every tensor on the host first (same order and messages as the other
-        // backends), then build the network on the device.
-        let mut host = std::collections::HashMap::new();
-        for (name, shape) in cfg.tensor_specs() {
-            if name == "lm_head.weight" {
-                continue;
-            }
-            let data = get(&name, &shape)?;
-            check_finite(&format!("weight {name}"), &data)?;
-            host.insert(name, data);
-        }
-        if let Some(data) = &untied_lm_head {
-            check_finite("weight lm_head.weight", data)?;
-        }
-        let tied = untied_lm_head.is_none();
-        let lm_head_host = match untied_lm_head {
-            Some(data) => data,
-            None => host["wte.weight"].clone(),
-        };
+    /// Build the network from typed host weights ([`Gpt2Weights`], read by `fs-checkpoint` from
+    /// safetensors, GGUF or random values) on `device`; `c_attn` is split into its query, key
+    /// and value column blocks here. `W_U` stays on the host too, for the estimators' weighted
+    /// Gram.
+    pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
+        let lm_head_host = weights.unembedding().data.clone();
+        let cfg = weights.config.clone();
         let net = guarded(|| {
             Ok(match device {
-                Device::Cpu(dev) => AnyNet::Cpu(Net::build(dev, &cfg, &mut host, &lm_head_host)),
+                Device::Cpu(dev) => AnyNet::Cpu(Net::build(dev, weights, &lm_head_host)),
                 #[cfg(feature = "cuda")]
-                Device::Cuda(dev) => AnyNet::Cuda(Net::build(dev, &cfg, &mut host, &lm_head_host)),
+                Device::Cuda(dev) => AnyNet::Cuda(Net::build(dev, weights, &lm_head_host)),
             })
         })?;
-        Ok(Gpt2 {
-            cfg,
-            net,
-            lm_head_host,
-            tied,
-            batching: Batching::Budget(DEFAULT_ACTIVATION_BUDGET),
-        })
+        Ok(Gpt2 { cfg, net, lm_head_host, batching: Batching::Budget(DEFAULT_ACTIVATION_BUDGET) })
     }
 
     /// The model's configuration.
@@ -302,18 +221,6 @@ impl Gpt2 {
     /// each), whatever the activation budget.
     pub fn set_position_batch(&mut self, positions: usize) {
         self.batching = Batching::Positions(positions.max(1));
-    }
-
-    /// Number of parameters (`lm_head` counted once when tied).
-    pub fn parameter_count(&self) -> usize {
-        let body: usize = self
-            .cfg
-            .tensor_specs()
-            .iter()
-            .filter(|(name, _)| name != "lm_head.weight")
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum();
-        body + if self.tied { 0 } else { self.cfg.vocab_size * self.cfg.n_embd }
     }
 
     /// Approximate bytes one row of a backward pass keeps alive through the upper half from
@@ -373,51 +280,50 @@ fn split_columns(w: &[f32], rows: usize, d: usize) -> [Vec<f32>; 3] {
 }
 
 impl<D: Engine> Net<D> {
-    fn build(
-        dev: &D,
-        cfg: &Gpt2Config,
-        host: &mut std::collections::HashMap<String, Vec<f32>>,
-        lm_head: &[f32],
-    ) -> Self {
-        let (d, inner, v) = (cfg.n_embd, cfg.inner_dim(), cfg.vocab_size);
-        let mut take = |name: String| host.remove(&name).expect("every tensor was read");
-        let mat = |data: Vec<f32>, r: usize, c: usize| dev.tensor_from_vec(data, (r, c));
+    fn build(dev: &D, weights: Gpt2Weights, lm_head: &[f32]) -> Self {
+        let Gpt2Weights { config: cfg, wte, wpe, blocks: host_blocks, ln_f, .. } = weights;
+        let (d, v) = (cfg.n_embd, cfg.vocab_size);
+        let mat = |m: HostMatrix| dev.tensor_from_vec(m.data, (m.rows, m.cols));
         let vector = |data: Vec<f32>| {
             let n = data.len();
             dev.tensor_from_vec(data, (n,))
         };
-        let norm = |take: &mut dyn FnMut(String) -> Vec<f32>, p: &str| Norm {
-            weight: vector(take(format!("{p}.weight"))),
-            bias: vector(take(format!("{p}.bias"))),
-        };
-        let wte = mat(take("wte.weight".into()), v, d);
-        let wpe = mat(take("wpe.weight".into()), cfg.n_positions, d);
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("h.{i}.{s}");
-            let ln_1 = norm(&mut take, &p("ln_1"));
-            let [wq, wk, wv] = split_columns(&take(p("attn.c_attn.weight")), d, d);
-            let b = take(p("attn.c_attn.bias"));
-            blocks.push(Block {
-                ln_1,
-                wq: mat(wq, d, d),
-                wk: mat(wk, d, d),
-                wv: mat(wv, d, d),
-                bq: vector(b[..d].to_vec()),
-                bk: vector(b[d..2 * d].to_vec()),
-                bv: vector(b[2 * d..].to_vec()),
-                proj_w: mat(take(p("attn.c_proj.weight")), d, d),
-                proj_b: vector(take(p("attn.c_proj.bias"))),
-                ln_2: norm(&mut take, &p("ln_2")),
-                fc_w: mat(take(p("mlp.c_fc.weight")), d, inner),
-                fc_b: vector(take(p("mlp.c_fc.bias"))),
-                out_w: mat(take(p("mlp.c_proj.weight")), inner, d),
-                out_b: vector(take(p("mlp.c_proj.bias"))),
-            });
+        let norm = |n: LayerNorm| Norm { weight: vector(n.weight), bias: vector(n.bias) };
+        let bias = |l: &Linear| l.bias.clone().unwrap_or_default();
+        let blocks = host_blocks
+            .into_iter()
+            .map(|b| {
+                let [wq, wk, wv] = split_columns(&b.attn_qkv.weight.data, d, d);
+                let qkv_b = bias(&b.attn_qkv);
+                Block {
+                    ln_1: norm(b.ln_1),
+                    wq: dev.tensor_from_vec(wq, (d, d)),
+                    wk: dev.tensor_from_vec(wk, (d, d)),
+                    wv: dev.tensor_from_vec(wv, (d, d)),
+                    bq: vector(qkv_b[..d].to_vec()),
+                    bk: vector(qkv_b[d..2 * d].to_vec()),
+                    bv: vector(qkv_b[2 * d..].to_vec()),
+                    proj_b: vector(bias(&b.attn_out)),
+                    proj_w: mat(b.attn_out.weight),
+                    ln_2: norm(b.ln_2),
+                    fc_b: vector(bias(&b.mlp_in)),
+                    fc_w: mat(b.mlp_in.weight),
+                    out_b: vector(bias(&b.mlp_out)),
+                    out_w: mat(b.mlp_out.weight),
+                }
+            })
+            .collect();
+        let lm_head_t =
+            dev.tensor_from_vec(lm_head.to_vec(), (v, d)).permute::<(usize, usize), Axes2<1, 0>>();
+        Net {
+            dev: dev.clone(),
+            wte: mat(wte),
+            wpe: mat(wpe),
+            blocks,
+            ln_f: norm(ln_f),
+            lm_head_t,
+            cfg,
         }
-        let ln_f = norm(&mut take, "ln_f");
-        let lm_head_t = mat(lm_head.to_vec(), v, d).permute::<(usize, usize), Axes2<1, 0>>();
-        Net { dev: dev.clone(), cfg: cfg.clone(), wte, wpe, blocks, ln_f, lm_head_t }
     }
 
     fn heads(&self) -> (usize, usize) {

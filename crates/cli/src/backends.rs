@@ -1,13 +1,17 @@
-//! Loading a model on the engine the user chose (`--backend`, `--device`), and handing it to a
-//! job that is generic over [`SplitModel`].
+//! The registry of engines and models: the one place that knows which engine runs which
+//! architecture. Every subcommand that needs a model (`compute`, `inspect`, `bench`) goes
+//! through it; so do the cross-backend tests (`fs-suite` has the same table for its tests).
 //!
-//! The engines are Cargo features of this crate (`candle`, the default; `burn`; `dfdx`;
-//! `all-backends`). Asking for one that was not compiled in names the feature to enable.
+//! A model is opened engine-free (`fs_checkpoint::Checkpoint`: resolve, config, GGUF header),
+//! its typed host weights are read once (`ModelWeights`), and [`Engine::run`] uploads them to
+//! the engine the user chose (`--backend`, `--device`) and hands the model to a job that is
+//! generic over [`SplitModel`]. The engines are Cargo features of this crate (`candle`, the
+//! default; `burn`; `dfdx`; `all-backends`); asking for one that was not compiled in names the
+//! feature to enable.
 
-use anyhow::{bail, Context, Result};
-use fs_checkpoint::ModelFiles;
+use anyhow::{bail, Result};
+use fs_checkpoint::{Architecture, Checkpoint, ModelFiles, ModelWeights};
 use fs_estimators::{Element, SplitModel};
-use std::path::Path;
 use std::time::Instant;
 
 use crate::Globals;
@@ -15,7 +19,7 @@ use crate::Globals;
 /// The autodiff engine that runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// candle (GPT-2, the Llama family, GGUF; CPU, CUDA with `--features cuda`).
+    /// candle (GPT-2, the Llama family; CPU, CUDA with `--features cuda`).
     Candle,
     /// burn (GPT-2, the Llama family; needs `--features burn`).
     Burn,
@@ -24,6 +28,9 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every engine, compiled in or not.
+    pub const ALL: [Backend; 3] = [Backend::Candle, Backend::Burn, Backend::Dfdx];
+
     /// The name used in flags, tables and metadata.
     pub fn name(self) -> &'static str {
         match self {
@@ -33,13 +40,33 @@ impl Backend {
         }
     }
 
-    /// Whether this build has the engine.
-    pub fn compiled(self) -> bool {
+    /// The architecture families (model files) this engine implements.
+    pub fn families(self) -> &'static [&'static str] {
         match self {
-            Backend::Candle => cfg!(feature = "candle"),
-            Backend::Burn => cfg!(feature = "burn"),
-            Backend::Dfdx => cfg!(feature = "dfdx"),
+            Backend::Candle | Backend::Burn => &["gpt2", "llama"],
+            Backend::Dfdx => &["gpt2"],
         }
+    }
+
+    /// An error unless this engine implements `arch`.
+    pub fn check_supports(self, arch: Architecture) -> Result<()> {
+        if self.families().contains(&arch.family()) {
+            return Ok(());
+        }
+        let others: Vec<&str> = Backend::ALL
+            .iter()
+            .filter(|b| b.families().contains(&arch.family()))
+            .map(|b| b.name())
+            .collect();
+        let family_name = |f: &&str| if *f == "gpt2" { "GPT-2" } else { "the Llama family" };
+        let has: Vec<&str> = self.families().iter().map(family_name).collect();
+        bail!(
+            "--backend {} implements {} only, this is a {}-family model: use --backend {}",
+            self.name(),
+            has.join(" and "),
+            arch.family(),
+            others.join(" or ")
+        )
     }
 
     fn not_compiled(self) -> anyhow::Error {
@@ -56,7 +83,7 @@ pub struct Loaded {
     pub files: ModelFiles,
     /// A tokenizer that came with the weights (GGUF metadata), if any.
     pub tokenizer: Option<fs_checkpoint::tokenizers::Tokenizer>,
-    /// `gpt2` or `llama`.
+    /// The model file that runs it: `gpt2` or `llama`.
     pub arch: &'static str,
     /// Number of parameters.
     pub parameters: usize,
@@ -72,10 +99,107 @@ pub struct Loaded {
 pub trait ModelJob {
     /// What the job returns.
     type Output;
-    /// Run on `model`.
-    fn run<M: SplitModel>(self, model: &M, loaded: Loaded) -> Result<Self::Output>
+    /// Run on `model` (owned: a job may keep it, as `inspect`'s decoder does).
+    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<Self::Output>
     where
         M::Scalar: Element;
+}
+
+/// An engine with its device opened.
+pub enum Engine {
+    /// candle.
+    #[cfg(feature = "candle")]
+    Candle(backend_candle::Device),
+    /// burn.
+    #[cfg(feature = "burn")]
+    Burn(backend_burn::Device),
+    /// dfdx.
+    #[cfg(feature = "dfdx")]
+    Dfdx(backend_dfdx::Device),
+}
+
+impl Engine {
+    /// Open `device` (`cpu`, `cuda:N`, `wgpu`, … as the engine reads it) on `backend`; an error
+    /// naming the feature when the engine or the device kind was not compiled in.
+    pub fn open(backend: Backend, device: &str) -> Result<Self> {
+        Ok(match backend {
+            #[cfg(feature = "candle")]
+            Backend::Candle => Engine::Candle(backend_candle::device(device)?),
+            #[cfg(feature = "burn")]
+            Backend::Burn => Engine::Burn(backend_burn::device(device)?),
+            #[cfg(feature = "dfdx")]
+            Backend::Dfdx => Engine::Dfdx(backend_dfdx::device(device)?),
+            #[allow(unreachable_patterns)]
+            other => return Err(other.not_compiled()),
+        })
+    }
+
+    /// The engine's attained f32 GEMM rate for `(m × k)·(k × n)` on its device, GFLOP/s.
+    pub fn matmul_gflops(&self, m: usize, k: usize, n: usize, repeats: usize) -> Result<f64> {
+        Ok(match self {
+            #[cfg(feature = "candle")]
+            Engine::Candle(d) => backend_candle::matmul_gflops(m, k, n, repeats, d)?,
+            #[cfg(feature = "burn")]
+            Engine::Burn(d) => backend_burn::matmul_gflops(m, k, n, repeats, d)?,
+            #[cfg(feature = "dfdx")]
+            Engine::Dfdx(d) => backend_dfdx::matmul_gflops(m, k, n, repeats, d)?,
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("an Engine exists only for a compiled-in engine"),
+        })
+    }
+
+    /// Upload `weights` as this engine's model of their architecture, set the readout batch
+    /// (`Some(positions per pass)`, or the engine's memory budget), and run `job` on it.
+    pub fn run<J: ModelJob>(
+        &self,
+        weights: ModelWeights,
+        batch: Option<usize>,
+        loaded: Loaded,
+        job: J,
+    ) -> Result<J::Output> {
+        let upload = Instant::now();
+        macro_rules! run {
+            ($model:expr) => {{
+                let mut model = $model;
+                if let Some(b) = batch {
+                    model.set_position_batch(b);
+                }
+                let load_s = loaded.load_s + upload.elapsed().as_secs_f64();
+                job.run(model, Loaded { load_s, ..loaded })
+            }};
+        }
+        match (self, weights) {
+            #[cfg(feature = "candle")]
+            (Engine::Candle(d), ModelWeights::Gpt2(w)) => run!(backend_candle::Gpt2::new(w, d)?),
+            #[cfg(feature = "candle")]
+            (Engine::Candle(d), ModelWeights::Llama(w)) => run!(backend_candle::Llama::new(w, d)?),
+            #[cfg(feature = "burn")]
+            (Engine::Burn(d), ModelWeights::Gpt2(w)) => run!(backend_burn::Gpt2::new(w, d)?),
+            #[cfg(feature = "burn")]
+            (Engine::Burn(d), ModelWeights::Llama(w)) => run!(backend_burn::Llama::new(w, d)?),
+            #[cfg(feature = "dfdx")]
+            (Engine::Dfdx(d), ModelWeights::Gpt2(w)) => run!(backend_dfdx::Gpt2::new(w, d)?),
+            #[allow(unreachable_patterns)]
+            (engine, weights) => {
+                engine.backend().check_supports(weights.config().architecture())?;
+                unreachable!("every supported (engine, architecture) pair has an arm")
+            }
+        }
+    }
+
+    /// Which engine this is.
+    pub fn backend(&self) -> Backend {
+        match *self {
+            #[cfg(feature = "candle")]
+            Engine::Candle(_) => Backend::Candle,
+            #[cfg(feature = "burn")]
+            Engine::Burn(_) => Backend::Burn,
+            #[cfg(feature = "dfdx")]
+            Engine::Dfdx(_) => Backend::Dfdx,
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("an Engine exists only for a compiled-in engine"),
+        }
+    }
 }
 
 /// How to load: the model spec (directory, hub id or `.gguf` file), engine, device and the
@@ -92,163 +216,40 @@ pub struct LoadSpec<'a> {
     pub batch: Option<usize>,
 }
 
-/// A `.gguf` file given as `--model`, described as model files (config and weights are the file).
-pub fn gguf_files(spec: &str) -> Option<ModelFiles> {
-    let path = Path::new(spec);
-    if !(path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))) {
-        return None;
-    }
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    Some(ModelFiles {
-        config: path.to_path_buf(),
-        weights: vec![path.to_path_buf()],
-        tokenizer: fs_checkpoint::TokenizerFiles::Missing,
-        origin: fs_checkpoint::ModelOrigin::LocalDir { dir },
-    })
-}
-
-/// `model_type` of a `config.json` (`gpt2` when absent).
-pub fn architecture(files: &ModelFiles) -> Result<String> {
-    let text = std::fs::read_to_string(&files.config)
-        .with_context(|| format!("cannot read {}", files.config.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", files.config.display()))?;
-    Ok(v.get("model_type").and_then(|m| m.as_str()).unwrap_or("gpt2").to_string())
-}
-
-/// The architecture family a `model_type` belongs to.
-fn family(model_type: &str) -> Result<&'static str> {
-    match model_type {
-        "gpt2" => Ok("gpt2"),
-        "llama" | "mistral" | "qwen2" => Ok("llama"),
-        other => bail!(
-            "model architecture {other:?} is not supported yet: supported: gpt2, llama, mistral, qwen2"
-        ),
-    }
-}
-
-/// Resolve and load `spec` on its engine, then run `job` on the model.
+/// Resolve `spec.model`, read its weights, put them on the chosen engine and run `job` on the
+/// model. Checked in this order, each before anything slower: the engine is compiled in, the
+/// model resolves and its configuration is valid, the engine implements the architecture, the
+/// device opens; then the weights are read and uploaded.
 pub fn with_model<J: ModelJob>(spec: &LoadSpec<'_>, g: &Globals, job: J) -> Result<J::Output> {
     let t0 = Instant::now();
-    if !spec.backend.compiled() {
+    if !cfg!(feature = "candle") && spec.backend == Backend::Candle
+        || !cfg!(feature = "burn") && spec.backend == Backend::Burn
+        || !cfg!(feature = "dfdx") && spec.backend == Backend::Dfdx
+    {
         return Err(spec.backend.not_compiled());
     }
-    if let Some(files) = gguf_files(spec.model) {
-        if spec.backend != Backend::Candle {
-            bail!(
-                "--backend {}: GGUF files are read by the candle backend only: use --backend candle (or convert the model to an HF directory)",
-                spec.backend.name()
-            );
-        }
-        return run_gguf(files, spec, g, t0, job);
-    }
-    let files = fs_checkpoint::resolve_model(spec.model)?;
-    let model_type = architecture(&files)?;
-    let arch = family(&model_type)?;
+    let ckpt = Checkpoint::open(spec.model)?;
+    let arch = ckpt.config.architecture();
     g.log(&format!(
-        "model {} resolved: {model_type}, config {}; loading on {} {}",
+        "model {} resolved: {arch}, config {}; loading on {} {}",
         spec.model,
-        files.config.display(),
+        ckpt.files.config.display(),
         spec.backend.name(),
         spec.device
     ));
-    let loaded = |files: ModelFiles, parameters: usize| Loaded {
-        files,
-        tokenizer: None,
-        arch,
-        parameters,
+    spec.backend.check_supports(arch)?;
+    let engine = Engine::open(spec.backend, spec.device)?;
+    let weights = ckpt.read_weights()?;
+    let tokenizer = ckpt.embedded_tokenizer()?;
+    let loaded = Loaded {
+        parameters: weights.parameter_count(),
+        files: ckpt.files,
+        tokenizer,
+        arch: arch.family(),
         backend: spec.backend,
         device: spec.device.to_string(),
         load_s: t0.elapsed().as_secs_f64(),
     };
-    match (spec.backend, arch) {
-        #[cfg(feature = "candle")]
-        (Backend::Candle, "gpt2") => {
-            let mut m =
-                backend_candle::Gpt2::load(&files, &backend_candle::device(spec.device)?)?;
-            if let Some(b) = spec.batch {
-                m.set_position_batch(b);
-            }
-            let n = m.parameter_count();
-            job.run(&m, loaded(files, n))
-        }
-        #[cfg(feature = "candle")]
-        (Backend::Candle, _) => {
-            let mut m =
-                backend_candle::Llama::load(&files, &backend_candle::device(spec.device)?)?;
-            if let Some(b) = spec.batch {
-                m.set_position_batch(b);
-            }
-            let n = m.parameter_count();
-            job.run(&m, loaded(files, n))
-        }
-        #[cfg(feature = "burn")]
-        (Backend::Burn, "gpt2") => {
-            let mut m = backend_burn::Gpt2::load(&files, &backend_burn::device(spec.device)?)?;
-            if let Some(b) = spec.batch {
-                m.set_position_batch(b);
-            }
-            let n = m.parameter_count();
-            job.run(&m, loaded(files, n))
-        }
-        #[cfg(feature = "burn")]
-        (Backend::Burn, _) => {
-            let mut m = backend_burn::Llama::load(&files, &backend_burn::device(spec.device)?)?;
-            if let Some(b) = spec.batch {
-                m.set_position_batch(b);
-            }
-            let n = m.parameter_count();
-            job.run(&m, loaded(files, n))
-        }
-        #[cfg(feature = "dfdx")]
-        (Backend::Dfdx, "gpt2") => {
-            let mut m = backend_dfdx::Gpt2::load(&files, &backend_dfdx::device(spec.device)?)?;
-            if let Some(b) = spec.batch {
-                m.set_position_batch(b);
-            }
-            let n = m.parameter_count();
-            job.run(&m, loaded(files, n))
-        }
-        (Backend::Dfdx, other) => bail!(
-            "--backend dfdx implements GPT-2 only, this is a {other}-family model: use --backend candle or burn"
-        ),
-        #[allow(unreachable_patterns)]
-        (b, _) => Err(b.not_compiled()),
-    }
-}
-
-#[cfg(feature = "candle")]
-fn run_gguf<J: ModelJob>(
-    files: ModelFiles,
-    spec: &LoadSpec<'_>,
-    _g: &Globals,
-    t0: Instant,
-    job: J,
-) -> Result<J::Output> {
-    let device = backend_candle::device(spec.device)?;
-    let (mut model, tokenizer) = backend_candle::load_llama_gguf(&files.config, &device)?;
-    if let Some(b) = spec.batch {
-        model.set_position_batch(b);
-    }
-    let loaded = Loaded {
-        parameters: model.parameter_count(),
-        files,
-        tokenizer: Some(tokenizer),
-        arch: "llama",
-        backend: Backend::Candle,
-        device: spec.device.to_string(),
-        load_s: t0.elapsed().as_secs_f64(),
-    };
-    job.run(&model, loaded)
-}
-
-#[cfg(not(feature = "candle"))]
-fn run_gguf<J: ModelJob>(
-    _: ModelFiles,
-    _: &LoadSpec<'_>,
-    _: &Globals,
-    _: Instant,
-    _: J,
-) -> Result<J::Output> {
-    Err(Backend::Candle.not_compiled())
+    g.log(&format!("weights read in {:.3} s", loaded.load_s));
+    engine.run(weights, spec.batch, loaded, job)
 }

@@ -29,7 +29,7 @@
 //! "cached context" of a run); `lower` times the forward pass over the whole sequence once (a
 //! one-position-at-a-time run pays it for every position, a run over all positions once).
 
-use crate::backends::Backend;
+use crate::backends::{Backend, Engine, Loaded, ModelJob};
 use anyhow::{bail, Result};
 use fs_checkpoint::{Gpt2Config, LlamaConfig};
 use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
@@ -131,6 +131,14 @@ impl Shape {
         })
     }
 
+    /// The configuration of the random model.
+    fn config(&self) -> fs_checkpoint::ModelConfig {
+        match self {
+            Shape::Gpt2(c) => fs_checkpoint::ModelConfig::Gpt2(c.clone()),
+            Shape::Llama(c) => fs_checkpoint::ModelConfig::Llama(c.clone()),
+        }
+    }
+
     /// `(d, V, L, M_lin, q)` for the flop count.
     fn flop_terms(&self) -> (f64, f64, usize, f64, f64) {
         match self {
@@ -180,64 +188,54 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Build the random model on `backend` and time it.
+/// Build the random model on `backend` (through the engine registry) and time it.
 fn run_backend(backend: Backend, shape: &Shape, args: &BenchArgs) -> Result<()> {
     let (d, _, _, _, _) = shape.flop_terms();
     let d = d as usize;
     let (m, k, n) = (d, d, 4 * d);
-    let reps = args.repeats.max(5);
-    macro_rules! go {
-        ($model:expr, $gemm:expr) => {{
-            let gemm: f64 = $gemm;
-            println!(
-                "| {} | — | — | — | f32 GEMM ({m}×{k})·({k}×{n}) | {} {} | — | {gemm:.1} | {} |",
-                args.shape,
-                backend.name(),
-                args.device,
-                rss()
-            );
-            time_model(&$model, backend, shape, args)
-        }};
-    }
-    match (backend, shape) {
-        #[cfg(feature = "candle")]
-        (Backend::Candle, s) => {
-            let dev = backend_candle::device(&args.device)?;
-            let gemm = backend_candle::matmul_gflops(m, k, n, reps, &dev)?;
-            match s {
-                Shape::Gpt2(c) => {
-                    go!(backend_candle::Gpt2::random(c.clone(), 0.02, 0, &dev)?, gemm)
-                }
-                Shape::Llama(c) => {
-                    go!(backend_candle::Llama::random(c.clone(), 0.02, 0, &dev)?, gemm)
-                }
-            }
-        }
-        #[cfg(feature = "burn")]
-        (Backend::Burn, s) => {
-            let dev = backend_burn::device(&args.device)?;
-            let gemm = backend_burn::matmul_gflops(m, k, n, reps, &dev)?;
-            match s {
-                Shape::Gpt2(c) => go!(backend_burn::Gpt2::random(c.clone(), 0.02, 0, &dev)?, gemm),
-                Shape::Llama(c) => {
-                    go!(backend_burn::Llama::random(c.clone(), 0.02, 0, &dev)?, gemm)
-                }
-            }
-        }
-        #[cfg(feature = "dfdx")]
-        (Backend::Dfdx, Shape::Gpt2(c)) => {
-            let dev = backend_dfdx::device(&args.device)?;
-            let gemm = backend_dfdx::matmul_gflops(m, k, n, reps, &dev)?;
-            go!(backend_dfdx::Gpt2::random(c.clone(), 0.02, 0, &dev)?, gemm)
-        }
-        (Backend::Dfdx, Shape::Llama(_)) => {
-            bail!("--backend dfdx implements GPT-2 only: use a gpt2 --shape")
-        }
-        #[allow(unreachable_patterns)]
-        (b, _) => bail!(
-            "--backend {0}: this build has no {0} backend: rebuild with `--features {0}`",
-            b.name()
-        ),
+    let config = shape.config();
+    backend.check_supports(config.architecture())?;
+    let engine = Engine::open(backend, &args.device)?;
+    let gemm = engine.matmul_gflops(m, k, n, args.repeats.max(5))?;
+    println!(
+        "| {} | — | — | — | f32 GEMM ({m}×{k})·({k}×{n}) | {} {} | — | {gemm:.1} | {} |",
+        args.shape,
+        backend.name(),
+        args.device,
+        rss()
+    );
+    let weights = config.random_weights(0.02, 0)?;
+    let loaded = Loaded {
+        files: fs_checkpoint::ModelFiles {
+            config: "<random>".into(),
+            weights: Vec::new(),
+            tokenizer: fs_checkpoint::TokenizerFiles::Missing,
+            origin: fs_checkpoint::ModelOrigin::LocalDir { dir: Default::default() },
+        },
+        tokenizer: None,
+        arch: config.architecture().family(),
+        parameters: weights.parameter_count(),
+        backend,
+        device: args.device.clone(),
+        load_s: 0.0,
+    };
+    engine.run(weights, None, loaded, BenchJob { backend, shape, args })
+}
+
+/// [`time_model`] as a job of the engine registry.
+struct BenchJob<'a> {
+    backend: Backend,
+    shape: &'a Shape,
+    args: &'a BenchArgs,
+}
+
+impl ModelJob for BenchJob<'_> {
+    type Output = ();
+    fn run<M: SplitModel + 'static>(self, model: M, _loaded: Loaded) -> Result<()>
+    where
+        M::Scalar: fs_estimators::Element,
+    {
+        time_model(&model, self.backend, self.shape, self.args)
     }
 }
 

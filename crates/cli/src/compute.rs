@@ -378,10 +378,11 @@ struct ComputeJob<'a> {
 
 impl ModelJob for ComputeJob<'_> {
     type Output = ();
-    fn run<M: SplitModel>(self, model: &M, loaded: Loaded) -> Result<()>
+    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<()>
     where
         M::Scalar: Element,
     {
+        let model = &model;
         self.g.log(&format!(
             "loaded {} parameters on {} {} in {:.2} s",
             loaded.parameters,

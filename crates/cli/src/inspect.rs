@@ -13,6 +13,7 @@
 //! projections `hᵀv` (printed as a table); they are shown without loading the model. A layer
 //! sweep (`--layers`) adds a per-layer table, a `--mean` run the spectrum of the mean Fisher.
 
+use crate::backends::{with_model, Backend, LoadSpec, Loaded, ModelJob};
 use crate::npz::read_npz;
 use crate::Globals;
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,12 @@ pub struct InspectArgs {
     /// Do not load the model (spectra only, no decoded directions).
     #[arg(long)]
     pub no_model: bool,
+    /// The engine that loads the model to decode directions.
+    #[arg(long, value_enum, default_value_t = Backend::Candle)]
+    pub backend: Backend,
+    /// Its device: `cpu`, `cuda:N` (candle, dfdx with `cuda`), `wgpu` (burn with `wgpu`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
@@ -139,40 +146,35 @@ impl<M: SplitModel> DirectionDecoder for ModelDecoder<M> {
     }
 }
 
-fn load_decoder(dir: &Path, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
-    let meta_path = dir.join("metadata.json");
+/// Loads the model named in metadata.json on the chosen engine as a [`DirectionDecoder`].
+struct DecoderJob;
+
+impl ModelJob for DecoderJob {
+    type Output = Box<dyn DirectionDecoder>;
+    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<Self::Output>
+    where
+        M::Scalar: fs_estimators::Element,
+    {
+        let tokenizer = match loaded.tokenizer {
+            Some(t) => Some(t),
+            None => fs_checkpoint::load_tokenizer(&loaded.files.tokenizer).ok(),
+        };
+        Ok(Box::new(ModelDecoder { model, tokenizer }))
+    }
+}
+
+fn load_decoder(args: &InspectArgs, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
+    let meta_path = args.dir.join("metadata.json");
     let meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&meta_path)
             .with_context(|| format!("cannot read {}", meta_path.display()))?,
     )
     .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
     let spec = meta["model"]["spec"].as_str().context("metadata.json names no model")?;
-    #[cfg(feature = "candle")]
-    if crate::backends::gguf_files(spec).is_some() {
-        let (model, tokenizer) = backend_candle::load_llama_gguf(
-            std::path::Path::new(spec),
-            &backend_candle::Device::Cpu,
-        )?;
-        g.log(&format!("loaded {spec} to decode directions"));
-        return Ok(Box::new(ModelDecoder { model, tokenizer: Some(tokenizer) }));
-    }
-    let files = fs_checkpoint::resolve_model(spec)?;
-    let tokenizer = fs_checkpoint::load_tokenizer(&files.tokenizer).ok();
-    match meta["model"]["architecture"].as_str().unwrap_or("gpt2") {
-        #[cfg(feature = "candle")]
-        "gpt2" => {
-            let model = backend_candle::Gpt2::load(&files, &backend_candle::Device::Cpu)?;
-            g.log(&format!("loaded {spec} to decode directions"));
-            Ok(Box::new(ModelDecoder { model, tokenizer }))
-        }
-        #[cfg(feature = "candle")]
-        "llama" | "mistral" | "qwen2" => {
-            let model = backend_candle::Llama::load(&files, &backend_candle::Device::Cpu)?;
-            g.log(&format!("loaded {spec} to decode directions"));
-            Ok(Box::new(ModelDecoder { model, tokenizer }))
-        }
-        other => bail!("cannot load a {other} model in this build"),
-    }
+    let load = LoadSpec { model: spec, backend: args.backend, device: &args.device, batch: None };
+    let decoder = with_model(&load, g, DecoderJob)?;
+    g.log(&format!("loaded {spec} on {} to decode directions", args.backend.name()));
+    Ok(decoder)
 }
 
 /// Print stored read-outs (`compute --directions K`) of one summary entry.
@@ -241,7 +243,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
     let decoder = if args.no_model || args.top_k == 0 || files.is_empty() || all_stored {
         None
     } else {
-        match load_decoder(&args.dir, g) {
+        match load_decoder(&args, g) {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("note: directions not decoded, the model could not be loaded: {e:#}");

@@ -129,7 +129,10 @@ fn direction_effects_match_finite_differences_of_the_model() {
     let tokens = [15u32, 42, 7, 99, 3, 88, 60, 5];
     for name in ["gpt2-tiny-a", "gpt2-tiny-b"] {
         let files = fs_checkpoint::resolve_model(fixture(name).to_str().unwrap()).unwrap();
-        let model = Gpt2::load(&files, &Device::Cpu).unwrap();
+        let model = fs_checkpoint::Gpt2Weights::load(&files)
+            .map_err(Into::into)
+            .and_then(|w| Gpt2::new(w, &Device::Cpu))
+            .unwrap();
         for layer in [0, 1, 2] {
             let err = fd_agreement(&model, &tokens, layer);
             println!(
@@ -140,7 +143,10 @@ fn direction_effects_match_finite_differences_of_the_model() {
     }
     let files =
         fs_checkpoint::resolve_model(fixture("llama-tiny-untied").to_str().unwrap()).unwrap();
-    let model = Llama::load(&files, &Device::Cpu).unwrap();
+    let model = fs_checkpoint::LlamaWeights::load(&files)
+        .map_err(Into::into)
+        .and_then(|w| Llama::new(w, &Device::Cpu))
+        .unwrap();
     for layer in [0, 1] {
         let err = fd_agreement(&model, &tokens, layer);
         println!("llama-tiny-untied layer {layer}: max relative error {err:.2e}");
@@ -195,7 +201,10 @@ fn kl_check_projections_and_report() {
         // ...and the stored activation is the model's h_k[t] (checked on GPT-2 through candle).
         if name.starts_with("gpt2") {
             let files = fs_checkpoint::resolve_model(fixture(name).to_str().unwrap()).unwrap();
-            let model = Gpt2::load(&files, &Device::Cpu).unwrap();
+            let model = fs_checkpoint::Gpt2Weights::load(&files)
+                .map_err(Into::into)
+                .and_then(|w| Gpt2::new(w, &Device::Cpu))
+                .unwrap();
             let tokens: Vec<u32> = r["token_ids"].1.iter().map(|&x| x as u32).collect();
             for i in 0..n {
                 let (layer, t) = (r["layer"].1[i] as usize, r["positions"].1[i] as usize);

@@ -50,19 +50,28 @@ where
 }
 
 fn candle(c: &mut Criterion) {
-    let m = backend_candle::Gpt2::random(config(), 0.02, 0, &backend_candle::Device::Cpu).unwrap();
+    let m = fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0)
+        .map_err(Into::into)
+        .and_then(|w| backend_candle::Gpt2::new(w, &backend_candle::Device::Cpu))
+        .unwrap();
     bench_model(c, "candle", &m);
 }
 
 fn burn(c: &mut Criterion) {
     let dev = backend_burn::device("cpu").unwrap();
-    let m = backend_burn::Gpt2::random(config(), 0.02, 0, &dev).unwrap();
+    let m = fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0)
+        .map_err(Into::into)
+        .and_then(|w| backend_burn::Gpt2::new(w, &dev))
+        .unwrap();
     bench_model(c, "burn", &m);
 }
 
 fn dfdx(c: &mut Criterion) {
     let dev = backend_dfdx::device("cpu").unwrap();
-    let m = backend_dfdx::Gpt2::random(config(), 0.02, 0, &dev).unwrap();
+    let m = fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0)
+        .map_err(Into::into)
+        .and_then(|w| backend_dfdx::Gpt2::new(w, &dev))
+        .unwrap();
     bench_model(c, "dfdx", &m);
 }
 

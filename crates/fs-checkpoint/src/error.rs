@@ -73,6 +73,25 @@ pub enum CheckpointError {
         /// What is wrong, and the fix.
         message: String,
     },
+    /// A GGUF file that cannot be used (corrupt header, tensor outside the file, metadata the
+    /// architecture needs missing or inconsistent).
+    #[error("GGUF file {}: {}", path.display(), one_line(message))]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        message: String,
+    },
+    /// A NaN or infinity in a weight (or another array that must be finite).
+    #[error("{what} holds {value} at flat index {index}: the weights are corrupt or overflowed, re-export them")]
+    NonFinite {
+        /// Which array (`weight NAME`).
+        what: String,
+        /// First bad index.
+        index: usize,
+        /// The value (NaN or ±inf).
+        value: f64,
+    },
     /// A tensor the model needs that no weight file holds.
     #[error("tensor `{name}` is not in {files}: the weights do not match the architecture in config.json (use the config.json that came with them)")]
     MissingTensor {
@@ -120,6 +139,11 @@ impl CheckpointError {
     /// Shorthand for [`CheckpointError::Safetensors`].
     pub(crate) fn safetensors(path: &Path, message: impl Into<String>) -> Self {
         CheckpointError::Safetensors { path: path.to_path_buf(), message: message.into() }
+    }
+
+    /// Shorthand for [`CheckpointError::Gguf`].
+    pub(crate) fn gguf(path: &Path, message: impl Into<String>) -> Self {
+        CheckpointError::Gguf { path: path.to_path_buf(), message: message.into() }
     }
 
     /// Shorthand for [`CheckpointError::Json`].

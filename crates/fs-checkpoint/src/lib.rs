@@ -1,55 +1,70 @@
-//! # fs-checkpoint — model-loading plumbing shared by every backend
+//! # fs-checkpoint — everything about a checkpoint that needs no engine
 //!
-//! The candle, burn and dfdx backends all need the same framework-free steps before they can
-//! build a model; they live here, once:
+//! The candle, burn and dfdx backends only upload host weights and run passes; every step before
+//! that lives here, once (map: `docs/ARCHITECTURE.md`):
 //!
 //! * **finding the files** — [`resolve_model`] takes a local directory or a hub id
 //!   (`org/name[@revision]`) and finds `config.json`, the safetensors weights (single file or
 //!   sharded with `model.safetensors.index.json`) and the tokenizer files, reading the standard
-//!   Hugging Face cache offline ([`default_hub_cache`]: `HF_HUB_CACHE`, `HF_HOME`, `~/.cache`);
-//! * **the config** — [`Gpt2Config`] parses and validates HF's `GPT2Config`;
-//! * **the weights** — [`WeightStore`] validates every safetensors header against the real file
-//!   size before anything is allocated, then reads single tensors on demand into f32
-//!   [`HostTensor`]s (F32, F16, BF16, F64);
-//! * **the tokenizer** — [`load_tokenizer`] loads `tokenizer.json` or GPT-2's
-//!   `vocab.json` + `merges.txt`;
+//!   Hugging Face cache offline ([`default_hub_cache`]); [`Checkpoint::open`] also takes a
+//!   `.gguf` file;
+//! * **the architecture** — [`Architecture`] (gpt2, llama, mistral, qwen2) and its
+//!   configuration [`ModelConfig`] from `config.json` ([`Gpt2Config`], [`LlamaConfig`]) or GGUF
+//!   metadata ([`LlamaConfig::from_gguf`]), validated with one-line errors;
+//! * **the weights** — per architecture one typed, shape-checked, finite set of host weights
+//!   ([`Gpt2Weights`], [`LlamaWeights`]; linear weights `[in, out]`) read from any
+//!   [`WeightSource`]: safetensors ([`WeightStore`]: headers validated against the real file
+//!   size before anything is allocated; F32, F16, BF16, F64), GGUF ([`GgufFile`] +
+//!   [`GgufSource`]: header validated the same way, llama.cpp names mapped to HF names, q/k
+//!   rows un-permuted, every [`GgmlType`] dequantised by this crate's [`dequantize`]), or
+//!   deterministic random values ([`RandomSource`]);
+//! * **the tokenizer** — [`load_tokenizer`] (`tokenizer.json` or GPT-2's `vocab.json` +
+//!   `merges.txt`), or the one in a GGUF file's metadata ([`Checkpoint::embedded_tokenizer`]);
 //! * **provenance** — [`sha256_file`] hashes the weights for results metadata;
-//! * **synthetic models** — [`Gpt2Config::tensor_specs`], [`random_gpt2_weights`],
-//!   [`write_checkpoint`] (and the Llama equivalents) write one random model directory that every
-//!   backend loads identically, for the cross-backend suite and the benchmarks.
+//! * **synthetic models** — [`ModelConfig::random_weights`], [`random_gpt2_weights`],
+//!   [`write_checkpoint`]: one random model that every backend loads identically, for the
+//!   cross-backend suite and the benchmarks.
 //!
 //! Every error is a [`CheckpointError`] whose message is one line naming the file, tensor or
 //! value at fault and the fix.
 //!
 //! ```no_run
-//! use fs_checkpoint::{load_tokenizer, resolve_model, Gpt2Config, WeightStore};
+//! use fs_checkpoint::{Checkpoint, ModelWeights};
 //!
-//! let files = resolve_model("openai-community/gpt2")?;
-//! let config = Gpt2Config::from_file(&files.config)?;
-//! let weights = WeightStore::open(&files.weights)?;
-//! let name = weights
-//!     .find(&["transformer.wte.weight", "wte.weight"])
-//!     .expect("token embedding");
-//! let wte = weights.read_f32_shaped(&name, &[config.vocab_size, config.n_embd])?;
-//! let tokenizer = load_tokenizer(&files.tokenizer)?;
+//! let ckpt = Checkpoint::open("openai-community/gpt2")?;
+//! match ckpt.read_weights()? {
+//!     ModelWeights::Gpt2(w) => println!("wte is {:?}", w.wte.shape()),
+//!     ModelWeights::Llama(w) => println!("{} blocks", w.blocks.len()),
+//! }
 //! # Ok::<(), fs_checkpoint::CheckpointError>(())
 //! ```
 
 #![warn(missing_docs)]
 
-mod config;
+mod arch;
+mod checkpoint;
+mod dequant;
 mod error;
+mod gguf;
 mod hash;
-mod llama;
 mod resolve;
 mod synthetic;
 mod tokenizer;
 mod weights;
 
-pub use config::{Gpt2Config, GPT2_ACTIVATIONS, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH};
+pub use arch::gpt2::{Gpt2Block, Gpt2Config, Gpt2Weights, LayerNorm, GPT2_ACTIVATIONS};
+pub use arch::llama::{
+    Llama3RopeScaling, LlamaBlock, LlamaConfig, LlamaWeights, GGUF_ARCHITECTURES, LLAMA_MODEL_TYPES,
+};
+pub use arch::{
+    unpermute_rows, Architecture, GgufNameMap, GgufSource, GgufTensorName, HostMatrix, Linear,
+    ModelConfig, ModelWeights, RandomSource, WeightSource, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
+};
+pub use checkpoint::{is_gguf_path, Checkpoint, CheckpointFormat};
+pub use dequant::{dequantize, dequantize_into, GgmlType};
 pub use error::{CheckpointError, Result};
+pub use gguf::{GgufFile, GgufTensorInfo, GgufValue, GGUF_TYPES};
 pub use hash::sha256_file;
-pub use llama::{Llama3RopeScaling, LlamaConfig, LLAMA_MODEL_TYPES};
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };

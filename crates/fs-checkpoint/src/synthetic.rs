@@ -1,5 +1,5 @@
-//! Synthetic checkpoints: the tensor layout of each architecture, deterministic random weights,
-//! and a writer for HF-style model directories.
+//! Synthetic checkpoints: deterministic random weights (in each architecture's HF tensor
+//! layout) and a writer for HF-style model directories.
 //!
 //! Every backend loads the same directory through [`crate::resolve_model`], so a random model
 //! written once here is *the same model* on candle, burn and dfdx: that is what the
@@ -15,136 +15,6 @@ use crate::{Gpt2Config, LlamaConfig, ModelFiles, ModelOrigin, TokenizerFiles};
 
 /// One named host tensor (f32, row-major) in HF layout.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
-
-impl Gpt2Config {
-    /// Canonical (unprefixed) tensor names and shapes of a GPT-2 checkpoint in HF layout
-    /// (Conv1D weights `[in, out]`), in load order. An untied config adds `lm_head.weight`.
-    pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, v, n_pos, inner) =
-            (self.n_embd, self.vocab_size, self.n_positions, self.inner_dim());
-        let mut specs =
-            vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".into(), vec![n_pos, d])];
-        for i in 0..self.n_layer {
-            let p = |s: &str| format!("h.{i}.{s}");
-            specs.extend([
-                (p("ln_1.weight"), vec![d]),
-                (p("ln_1.bias"), vec![d]),
-                (p("attn.c_attn.weight"), vec![d, 3 * d]),
-                (p("attn.c_attn.bias"), vec![3 * d]),
-                (p("attn.c_proj.weight"), vec![d, d]),
-                (p("attn.c_proj.bias"), vec![d]),
-                (p("ln_2.weight"), vec![d]),
-                (p("ln_2.bias"), vec![d]),
-                (p("mlp.c_fc.weight"), vec![d, inner]),
-                (p("mlp.c_fc.bias"), vec![inner]),
-                (p("mlp.c_proj.weight"), vec![inner, d]),
-                (p("mlp.c_proj.bias"), vec![d]),
-            ]);
-        }
-        specs.push(("ln_f.weight".into(), vec![d]));
-        specs.push(("ln_f.bias".into(), vec![d]));
-        if !self.tie_word_embeddings {
-            specs.push(("lm_head.weight".into(), vec![v, d]));
-        }
-        specs
-    }
-
-    /// The HF `config.json` of this configuration (`model_type: "gpt2"`).
-    pub fn to_json(&self) -> Value {
-        json!({
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": self.vocab_size,
-            "n_positions": self.n_positions,
-            "n_embd": self.n_embd,
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_inner": self.n_inner,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "activation_function": self.activation_function,
-            "tie_word_embeddings": self.tie_word_embeddings,
-        })
-    }
-}
-
-impl LlamaConfig {
-    /// HF tensor names and shapes of a Llama-family checkpoint (linear weights `[out, in]`), in
-    /// load order, including the optional biases and `lm_head.weight` this config asks for.
-    pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, v, inner) = (self.hidden_size, self.vocab_size, self.intermediate_size);
-        let (q, kv) =
-            (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
-        let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
-        for i in 0..self.num_hidden_layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            specs.push((p("input_layernorm.weight"), vec![d]));
-            for (name, out, inp, bias) in [
-                ("self_attn.q_proj", q, d, self.qkv_bias),
-                ("self_attn.k_proj", kv, d, self.qkv_bias),
-                ("self_attn.v_proj", kv, d, self.qkv_bias),
-                ("self_attn.o_proj", d, q, self.o_bias),
-            ] {
-                specs.push((p(&format!("{name}.weight")), vec![out, inp]));
-                if bias {
-                    specs.push((p(&format!("{name}.bias")), vec![out]));
-                }
-            }
-            specs.push((p("post_attention_layernorm.weight"), vec![d]));
-            for (name, out, inp) in [
-                ("mlp.gate_proj", inner, d),
-                ("mlp.up_proj", inner, d),
-                ("mlp.down_proj", d, inner),
-            ] {
-                specs.push((p(&format!("{name}.weight")), vec![out, inp]));
-                if self.mlp_bias {
-                    specs.push((p(&format!("{name}.bias")), vec![out]));
-                }
-            }
-        }
-        specs.push(("model.norm.weight".into(), vec![d]));
-        if !self.tie_word_embeddings {
-            specs.push(("lm_head.weight".into(), vec![v, d]));
-        }
-        specs
-    }
-
-    /// The HF `config.json` of this configuration (transformers 4.x style top-level
-    /// `rope_theta` + `rope_scaling`, which [`LlamaConfig::from_json`] also reads).
-    pub fn to_json(&self) -> Value {
-        let rope_scaling = self.rope_scaling.map(|s| {
-            json!({
-                "rope_type": "llama3",
-                "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor,
-                "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings,
-            })
-        });
-        let mut cfg = json!({
-            "model_type": self.model_type,
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "mlp_bias": self.mlp_bias,
-            "hidden_act": "silu",
-        });
-        // Qwen2 always has q/k/v biases and never an o bias; Llama/Mistral use one switch.
-        if self.model_type != "qwen2" {
-            cfg["attention_bias"] = json!(self.qkv_bias || self.o_bias);
-        }
-        cfg
-    }
-}
 
 /// A seeded standard-normal stream (ChaCha-free: SplitMix64 + Box–Muller), identical on every
 /// platform, so a `(config, std, seed)` triple names one model everywhere.
@@ -189,7 +59,7 @@ fn init(name: &str, std: f64, n_layer: usize) -> (f64, f64) {
     }
 }
 
-fn random_tensors(
+pub(crate) fn random_tensors(
     specs: Vec<(String, Vec<usize>)>,
     std: f64,
     n_layer: usize,
@@ -329,5 +199,38 @@ mod tests {
             assert_eq!(names.iter().any(|n| n.ends_with("q_proj.bias")), cfg.qkv_bias);
             assert_eq!(names.iter().any(|n| n.ends_with("o_proj.bias")), cfg.o_bias);
         }
+    }
+
+    /// The typed weights of a written random checkpoint equal those of the random source, for
+    /// both families and both tyings, and count every written parameter once.
+    #[test]
+    fn random_source_is_the_model_of_the_written_checkpoint() {
+        for tied in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = Gpt2Config { tie_word_embeddings: tied, ..gpt2() };
+            let tensors = random_gpt2_weights(&cfg, 0.3, 7);
+            let files = write_checkpoint(dir.path(), &cfg.to_json(), &tensors).unwrap();
+            let loaded = crate::Gpt2Weights::load(&files).unwrap();
+            assert_eq!(loaded, crate::Gpt2Weights::random(cfg.clone(), 0.3, 7).unwrap());
+            let n: usize = tensors.iter().map(|t| t.2.len()).sum();
+            assert_eq!(loaded.parameter_count(), n, "tied {tied}");
+            assert_eq!(loaded.lm_head.is_none(), tied);
+        }
+        let json = json!({"model_type": "qwen2", "vocab_size": 13, "hidden_size": 8,
+            "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": false});
+        let cfg = LlamaConfig::from_json(&json.to_string(), Path::new("config.json")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = random_llama_weights(&cfg, 0.3, 9);
+        let files = write_checkpoint(dir.path(), &cfg.to_json(), &tensors).unwrap();
+        let loaded = crate::LlamaWeights::load(&files).unwrap();
+        assert_eq!(loaded, crate::LlamaWeights::random(cfg, 0.3, 9).unwrap());
+        let n: usize = tensors.iter().map(|t| t.2.len()).sum();
+        assert_eq!(loaded.parameter_count(), n);
+        // HF stores q_proj as [out, in]; the typed weights hold [in, out].
+        let hf = &tensors.iter().find(|t| t.0 == "model.layers.0.self_attn.q_proj.weight").unwrap();
+        let q = &loaded.blocks[0].q.weight;
+        assert_eq!((q.rows, q.cols), (hf.1[1], hf.1[0]));
+        assert_eq!(q.data[1], hf.2[q.rows]); // W[0][1] = HF[1][0]
     }
 }

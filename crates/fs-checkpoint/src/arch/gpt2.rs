@@ -1,40 +1,19 @@
-//! HF `config.json` parsing.
+//! GPT-2 (HF `GPT2LMHeadModel`): the `config.json`, the tensor layout, and the typed host
+//! weights every engine uploads ([`Gpt2Weights`]).
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
+use crate::arch::{
+    check_finite, check_size_limits, present, HostMatrix, Linear, ModelConfig, WeightSource,
+    MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
+};
 use crate::error::{CheckpointError, Result};
 
 /// The activation functions a GPT-2 backend implements: both names denote the tanh
 /// approximation of GELU.
 pub const GPT2_ACTIVATIONS: &[&str] = &["gelu_new", "gelu_pytorch_tanh"];
-
-/// The largest width a `config.json` may declare (vocabulary, hidden, intermediate, heads, head
-/// dimension): 2²⁴ = 16,777,216, 64× the largest vocabulary and 300× the largest hidden size of
-/// released checkpoints. Backends allocate from these sizes before they compare a tensor with the
-/// checkpoint (the RoPE table has `head_dim / 2` entries), so a corrupt or hostile config must be
-/// refused here rather than reach an allocation of petabytes.
-pub const MAX_CONFIG_WIDTH: usize = 1 << 24;
-
-/// The most layers a `config.json` may declare (2¹⁶; released checkpoints have at most a few
-/// hundred).
-pub const MAX_CONFIG_LAYERS: usize = 1 << 16;
-
-/// Refuse a `(field, value, limit)` with `value > limit` (the limits: [`MAX_CONFIG_WIDTH`],
-/// [`MAX_CONFIG_LAYERS`]) with a one-line config error naming the field.
-pub(crate) fn check_size_limits(path: &Path, sizes: &[(&str, usize, usize)]) -> Result<()> {
-    for &(field, value, limit) in sizes {
-        if value > limit {
-            return Err(CheckpointError::config(
-                path,
-                field,
-                format!("is {value}, over the {limit} this tool accepts for any model"),
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// HF `GPT2Config` (config.json). Missing optional fields take HF's defaults:
 /// `layer_norm_epsilon` 1e-5, `activation_function` "gelu_new", `tie_word_embeddings` true,
@@ -248,12 +227,217 @@ impl Gpt2Config {
     }
 }
 
-/// A field that is present and not `null`.
-pub(crate) fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
-    obj.get(field).filter(|v| !v.is_null())
+impl Gpt2Config {
+    /// Canonical (unprefixed) tensor names and shapes of a GPT-2 checkpoint in HF layout
+    /// (Conv1D weights `[in, out]`), in load order. An untied config adds `lm_head.weight`.
+    pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, v, n_pos, inner) =
+            (self.n_embd, self.vocab_size, self.n_positions, self.inner_dim());
+        let mut specs =
+            vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".into(), vec![n_pos, d])];
+        for i in 0..self.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            specs.extend([
+                (p("ln_1.weight"), vec![d]),
+                (p("ln_1.bias"), vec![d]),
+                (p("attn.c_attn.weight"), vec![d, 3 * d]),
+                (p("attn.c_attn.bias"), vec![3 * d]),
+                (p("attn.c_proj.weight"), vec![d, d]),
+                (p("attn.c_proj.bias"), vec![d]),
+                (p("ln_2.weight"), vec![d]),
+                (p("ln_2.bias"), vec![d]),
+                (p("mlp.c_fc.weight"), vec![d, inner]),
+                (p("mlp.c_fc.bias"), vec![inner]),
+                (p("mlp.c_proj.weight"), vec![inner, d]),
+                (p("mlp.c_proj.bias"), vec![d]),
+            ]);
+        }
+        specs.push(("ln_f.weight".into(), vec![d]));
+        specs.push(("ln_f.bias".into(), vec![d]));
+        if !self.tie_word_embeddings {
+            specs.push(("lm_head.weight".into(), vec![v, d]));
+        }
+        specs
+    }
+
+    /// The HF `config.json` of this configuration (`model_type: "gpt2"`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.n_inner,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": self.activation_function,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        })
+    }
 }
 
-pub(crate) fn req_usize(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {
+/// A LayerNorm `y = (x − mean x) / √(var x + ε) · weight + bias`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerNorm {
+    /// The scale (length `d`).
+    pub weight: Vec<f32>,
+    /// The shift (length `d`).
+    pub bias: Vec<f32>,
+}
+
+/// One GPT-2 block: `x ← x + attn(ln_1 x)`, `x ← x + mlp(ln_2 x)`. HF's Conv1D weights are
+/// already stored `[in, out]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Block {
+    /// LayerNorm before attention.
+    pub ln_1: LayerNorm,
+    /// `c_attn`: `d → 3d`, the query, key and value column blocks side by side.
+    pub attn_qkv: Linear,
+    /// Attention output projection `c_proj`: `d → d`.
+    pub attn_out: Linear,
+    /// LayerNorm before the MLP.
+    pub ln_2: LayerNorm,
+    /// `c_fc`: `d → inner`, followed by `gelu_new`.
+    pub mlp_in: Linear,
+    /// MLP output `c_proj`: `inner → d`.
+    pub mlp_out: Linear,
+}
+
+/// The host weights of a GPT-2 model, shape-checked against its config and finite.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Weights {
+    /// The configuration they were read for.
+    pub config: Gpt2Config,
+    /// Token embedding `wte`, `V × d`.
+    pub wte: HostMatrix,
+    /// Position embedding `wpe`, `n_positions × d`.
+    pub wpe: HostMatrix,
+    /// The blocks, in order.
+    pub blocks: Vec<Gpt2Block>,
+    /// The final LayerNorm.
+    pub ln_f: LayerNorm,
+    /// An untied unembedding `lm_head`, `V × d`; `None` when `W_U = wte` (tied, or an untied
+    /// config whose checkpoint carries no `lm_head.weight`, as HF then ties it too).
+    pub lm_head: Option<HostMatrix>,
+}
+
+impl Gpt2Weights {
+    /// Read every tensor of `config` from `source`: `transformer.`-prefixed or unprefixed names
+    /// (the `attn.bias` / `attn.masked_bias` buffers are never read), each checked against the
+    /// shape the config implies and for NaN/±∞. A missing tensor is named with its prefixed
+    /// name and the source's files.
+    pub fn read(config: Gpt2Config, source: &mut dyn WeightSource) -> Result<Self> {
+        config.validate(Path::new("<config>"))?;
+        let (d, v, inner) = (config.n_embd, config.vocab_size, config.inner_dim());
+        let get = gpt2_tensor;
+        let norm = |source: &mut dyn WeightSource, p: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: get(source, &format!("{p}.weight"), &[d])?,
+                bias: get(source, &format!("{p}.bias"), &[d])?,
+            })
+        };
+        let wte = HostMatrix::new(v, d, get(source, "wte.weight", &[v, d])?);
+        let wpe = HostMatrix::new(
+            config.n_positions,
+            d,
+            get(source, "wpe.weight", &[config.n_positions, d])?,
+        );
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            let linear = |source: &mut dyn WeightSource, name: &str, inp: usize, out: usize| {
+                Ok::<_, CheckpointError>(Linear {
+                    weight: HostMatrix::new(
+                        inp,
+                        out,
+                        get(source, &p(&format!("{name}.weight")), &[inp, out])?,
+                    ),
+                    bias: Some(get(source, &p(&format!("{name}.bias")), &[out])?),
+                })
+            };
+            let ln_1 = norm(source, &p("ln_1"))?;
+            let attn_qkv = linear(source, "attn.c_attn", d, 3 * d)?;
+            let attn_out = linear(source, "attn.c_proj", d, d)?;
+            let ln_2 = norm(source, &p("ln_2"))?;
+            let mlp_in = linear(source, "mlp.c_fc", d, inner)?;
+            let mlp_out = linear(source, "mlp.c_proj", inner, d)?;
+            blocks.push(Gpt2Block { ln_1, attn_qkv, attn_out, ln_2, mlp_in, mlp_out });
+        }
+        let ln_f = norm(source, "ln_f")?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            match source.read("lm_head.weight", &[v, d])? {
+                Some(data) => {
+                    check_finite("lm_head.weight", &data)?;
+                    Some(HostMatrix::new(v, d, data))
+                }
+                None => None,
+            }
+        };
+        Ok(Gpt2Weights { config, wte, wpe, blocks, ln_f, lm_head })
+    }
+
+    /// Read a GPT-2 checkpoint directory's `config.json` and safetensors (see
+    /// [`crate::resolve_model`] for finding the files).
+    pub fn load(files: &crate::ModelFiles) -> Result<Self> {
+        let config = Gpt2Config::from_file(&files.config)?;
+        Self::read(config, &mut crate::WeightStore::open(&files.weights)?)
+    }
+
+    /// The deterministic random weights of `(config, std, seed)` ([`crate::RandomSource`]):
+    /// the same model on every engine.
+    pub fn random(config: Gpt2Config, std: f64, seed: u64) -> Result<Self> {
+        let source = &mut crate::RandomSource::new(&ModelConfig::Gpt2(config.clone()), std, seed);
+        Self::read(config, source)
+    }
+
+    /// The unembedding `W_U` (`V × d`): `lm_head` when untied, else `wte`.
+    pub fn unembedding(&self) -> &HostMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// Number of parameters (`W_U` counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        let norm = |n: &LayerNorm| n.weight.len() + n.bias.len();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                norm(&b.ln_1)
+                    + norm(&b.ln_2)
+                    + [&b.attn_qkv, &b.attn_out, &b.mlp_in, &b.mlp_out]
+                        .iter()
+                        .map(|l| l.parameter_count())
+                        .sum::<usize>()
+            })
+            .sum();
+        self.wte.data.len()
+            + self.wpe.data.len()
+            + blocks
+            + norm(&self.ln_f)
+            + self.lm_head.as_ref().map_or(0, |m| m.data.len())
+    }
+}
+
+/// A GPT-2 tensor by its canonical name: `transformer.{name}` or `{name}` (HF saves the base
+/// model unprefixed), finite; missing is named with the prefixed name.
+fn gpt2_tensor(source: &mut dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let prefixed = format!("transformer.{name}");
+    let data = match source.read(&prefixed, shape)? {
+        Some(data) => data,
+        None => source.read(name, shape)?.ok_or_else(|| CheckpointError::MissingTensor {
+            name: prefixed,
+            files: source.describe(),
+        })?,
+    };
+    check_finite(name, &data)?;
+    Ok(data)
+}
+
+fn req_usize(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {
     let v = present(obj, field).ok_or_else(|| {
         CheckpointError::config(path, field, "is missing: a GPT-2 config.json must set it")
     })?;

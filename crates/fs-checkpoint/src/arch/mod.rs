@@ -1,0 +1,500 @@
+//! The architectures fisher-stein reads, each written once: its configuration, its tensor
+//! layout, and one typed, shape-checked, finite set of host weights that every engine uploads.
+//!
+//! An architecture is one module here (`gpt2`, `llama`) plus one model file per engine
+//! (`crates/backend-*/src/<arch>.rs`); see `docs/ARCHITECTURE.md`, "Adding an architecture".
+//!
+//! Weights come from a [`WeightSource`] — a safetensors [`WeightStore`] (one file or shards), a
+//! GGUF file ([`GgufSource`]: llama.cpp names mapped to HF names, dequantised, q/k rows
+//! un-permuted), or deterministic random values ([`RandomSource`]) — and are laid out as the
+//! engines consume them: row-major f32, linear weights `[in, out]` so that `y = x·W + b`.
+
+pub mod gpt2;
+pub mod llama;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{CheckpointError, Result};
+use crate::gguf::GgufFile;
+use crate::weights::WeightStore;
+use gpt2::{Gpt2Config, Gpt2Weights};
+use llama::{LlamaConfig, LlamaWeights};
+
+/// The largest width a `config.json` may declare (vocabulary, hidden, intermediate, heads, head
+/// dimension): 2²⁴ = 16,777,216, 64× the largest vocabulary and 300× the largest hidden size of
+/// released checkpoints. Backends allocate from these sizes before they compare a tensor with the
+/// checkpoint (the RoPE table has `head_dim / 2` entries), so a corrupt or hostile config must be
+/// refused here rather than reach an allocation of petabytes.
+pub const MAX_CONFIG_WIDTH: usize = 1 << 24;
+
+/// The most layers a `config.json` may declare (2¹⁶; released checkpoints have at most a few
+/// hundred).
+pub const MAX_CONFIG_LAYERS: usize = 1 << 16;
+
+/// Refuse a `(field, value, limit)` with `value > limit` (the limits: [`MAX_CONFIG_WIDTH`],
+/// [`MAX_CONFIG_LAYERS`]) with a one-line config error naming the field.
+pub(crate) fn check_size_limits(path: &Path, sizes: &[(&str, usize, usize)]) -> Result<()> {
+    for &(field, value, limit) in sizes {
+        if value > limit {
+            return Err(CheckpointError::config(
+                path,
+                field,
+                format!("is {value}, over the {limit} this tool accepts for any model"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A field that is present and not `null`.
+pub(crate) fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    obj.get(field).filter(|v| !v.is_null())
+}
+
+/// The architectures this crate reads, by HF `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Architecture {
+    /// GPT-2 (`GPT2LMHeadModel`).
+    Gpt2,
+    /// Llama (`LlamaForCausalLM`; also SmolLM).
+    Llama,
+    /// Mistral (read as the Llama family).
+    Mistral,
+    /// Qwen2 (the Llama family with q/k/v biases).
+    Qwen2,
+}
+
+impl Architecture {
+    /// Every architecture, in the order error messages list them.
+    pub const ALL: [Architecture; 4] =
+        [Architecture::Gpt2, Architecture::Llama, Architecture::Mistral, Architecture::Qwen2];
+
+    /// The HF `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Gpt2 => "gpt2",
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The architecture of an HF `model_type`; [`CheckpointError::Unsupported`] (listing what
+    /// is supported) for any other.
+    pub fn from_model_type(model_type: &str) -> Result<Self> {
+        Architecture::ALL.into_iter().find(|a| a.model_type() == model_type).ok_or_else(|| {
+            CheckpointError::Unsupported {
+                what: format!("model architecture {model_type:?}"),
+                supported: Architecture::ALL.map(Architecture::model_type).join(", "),
+            }
+        })
+    }
+
+    /// The model file that runs it: `gpt2` or `llama` (Mistral and Qwen2 are Llama-family
+    /// models).
+    pub fn family(self) -> &'static str {
+        match self {
+            Architecture::Gpt2 => "gpt2",
+            _ => "llama",
+        }
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// A parsed, validated configuration of any supported architecture.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelConfig {
+    /// GPT-2.
+    Gpt2(Gpt2Config),
+    /// The Llama family (Llama, Mistral, Qwen2).
+    Llama(LlamaConfig),
+}
+
+impl ModelConfig {
+    /// Read a `config.json`, dispatching on its `model_type` (`gpt2` when absent, as HF's GPT-2
+    /// checkpoints predate the field).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                CheckpointError::NotFound {
+                    what: "config.json".into(),
+                    path: path.to_path_buf(),
+                    fix: "pass the directory that holds the model's config.json".into(),
+                }
+            } else {
+                CheckpointError::io(path, e)
+            }
+        })?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| CheckpointError::json(path, e.to_string()))?;
+        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("gpt2");
+        Ok(match Architecture::from_model_type(model_type)? {
+            Architecture::Gpt2 => ModelConfig::Gpt2(Gpt2Config::from_json(&text, path)?),
+            _ => ModelConfig::Llama(LlamaConfig::from_json(&text, path)?),
+        })
+    }
+
+    /// The architecture.
+    pub fn architecture(&self) -> Architecture {
+        match self {
+            ModelConfig::Gpt2(_) => Architecture::Gpt2,
+            ModelConfig::Llama(c) => {
+                Architecture::from_model_type(&c.model_type).unwrap_or(Architecture::Llama)
+            }
+        }
+    }
+
+    /// Number of blocks (split layers are `0..=n_layers`).
+    pub fn n_layers(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_layer,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// Residual-stream width `d`.
+    pub fn d_model(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_embd,
+            ModelConfig::Llama(c) => c.hidden_size,
+        }
+    }
+
+    /// Vocabulary size `V`.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The tensor names and shapes of a checkpoint of this configuration in HF layout, in load
+    /// order.
+    pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            ModelConfig::Gpt2(c) => c.tensor_specs(),
+            ModelConfig::Llama(c) => c.tensor_specs(),
+        }
+    }
+
+    /// The HF `config.json` of this configuration.
+    pub fn to_json(&self) -> Value {
+        match self {
+            ModelConfig::Gpt2(c) => c.to_json(),
+            ModelConfig::Llama(c) => c.to_json(),
+        }
+    }
+
+    /// Read the typed host weights of this configuration from `source`.
+    pub fn read_weights(&self, source: &mut dyn WeightSource) -> Result<ModelWeights> {
+        Ok(match self {
+            ModelConfig::Gpt2(c) => ModelWeights::Gpt2(Gpt2Weights::read(c.clone(), source)?),
+            ModelConfig::Llama(c) => ModelWeights::Llama(LlamaWeights::read(c.clone(), source)?),
+        })
+    }
+
+    /// Deterministic random weights of this configuration ([`RandomSource`]).
+    pub fn random_weights(&self, std: f64, seed: u64) -> Result<ModelWeights> {
+        self.read_weights(&mut RandomSource::new(self, std, seed))
+    }
+}
+
+/// The typed host weights of any supported architecture, ready to upload.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelWeights {
+    /// GPT-2.
+    Gpt2(Gpt2Weights),
+    /// The Llama family.
+    Llama(LlamaWeights),
+}
+
+impl ModelWeights {
+    /// The configuration the weights were read for.
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            ModelWeights::Gpt2(w) => ModelConfig::Gpt2(w.config.clone()),
+            ModelWeights::Llama(w) => ModelConfig::Llama(w.config.clone()),
+        }
+    }
+
+    /// Number of parameters (a tied unembedding counted once).
+    pub fn parameter_count(&self) -> usize {
+        match self {
+            ModelWeights::Gpt2(w) => w.parameter_count(),
+            ModelWeights::Llama(w) => w.parameter_count(),
+        }
+    }
+}
+
+/// A row-major f32 matrix on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMatrix {
+    /// Number of rows.
+    pub rows: usize,
+    /// Number of columns.
+    pub cols: usize,
+    /// `rows · cols` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl HostMatrix {
+    /// The `rows × cols` matrix stored row-major in `data` (`data.len() == rows · cols`, which
+    /// every reader here has checked).
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        HostMatrix { rows, cols, data }
+    }
+
+    /// The transpose of the `rows × cols` matrix stored row-major in `data`.
+    pub fn transposed(rows: usize, cols: usize, data: &[f32]) -> Self {
+        let mut out = vec![0f32; data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                out[c * rows + r] = data[r * cols + c];
+            }
+        }
+        HostMatrix { rows: cols, cols: rows, data: out }
+    }
+
+    /// `[rows, cols]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+}
+
+/// A linear map `y = x·W + b` with `W` stored `[in, out]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear {
+    /// `W`, `in × out`.
+    pub weight: HostMatrix,
+    /// `b` (length `out`), if the layer has one.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// Number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.weight.data.len() + self.bias.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Where typed weights are read from: tensors by their HF name, as f32, row-major.
+///
+/// The architecture modules ask for every tensor they need with the shape the configuration
+/// implies; a source answers `None` for a tensor it does not hold (the caller decides whether
+/// that is an error or an optional tensor) and an error naming the file for a tensor it holds
+/// with another shape or unreadable data.
+pub trait WeightSource {
+    /// The tensor `name` (HF naming) with shape `shape`, converted to f32.
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>>;
+
+    /// The files read from, comma-separated (for "tensor … is not in …" messages).
+    fn describe(&self) -> String;
+}
+
+impl WeightSource for WeightStore {
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.read_f32_shaped(name, shape)?.data))
+    }
+
+    fn describe(&self) -> String {
+        if self.files().is_empty() {
+            return "no weight files".to_string();
+        }
+        self.files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Where an HF tensor lives in a llama.cpp GGUF file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GgufTensorName {
+    /// The GGUF tensor name (`blk.3.attn_q.weight`).
+    pub name: String,
+    /// llama.cpp's converter permuted the rows of this tensor for `heads` heads (q and k of
+    /// RoPE models: the interleaved rotation pairs rows `2i, 2i+1` where HF's `rotate_half`
+    /// pairs `i, i + d_head/2`); undone on read.
+    pub unpermute_heads: Option<usize>,
+}
+
+/// A GGUF file as a [`WeightSource`]: HF names are mapped to GGUF names by the architecture's
+/// map, tensors are dequantised ([`GgufFile::read_f32`]) and un-permuted where the converter
+/// permuted them.
+pub struct GgufSource<'a> {
+    file: &'a GgufFile,
+    map: Box<GgufNameMap<'a>>,
+}
+
+/// An architecture's map from HF tensor names to where they live in a GGUF file.
+pub type GgufNameMap<'a> = dyn Fn(&str) -> Option<GgufTensorName> + 'a;
+
+impl<'a> GgufSource<'a> {
+    /// A source reading `file` through `map` (HF name → GGUF name).
+    pub fn new(file: &'a GgufFile, map: impl Fn(&str) -> Option<GgufTensorName> + 'a) -> Self {
+        GgufSource { file, map: Box::new(map) }
+    }
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        let Some(target) = (self.map)(name) else { return Ok(None) };
+        let Some(info) = self.file.tensor(&target.name) else { return Ok(None) };
+        if info.shape != shape {
+            return Err(CheckpointError::ShapeMismatch {
+                name: target.name,
+                expected: shape.to_vec(),
+                got: info.shape.clone(),
+                path: self.file.path().to_path_buf(),
+            });
+        }
+        let data = self.file.read_f32(&target.name)?;
+        Ok(Some(match target.unpermute_heads {
+            Some(heads) => unpermute_rows(&data, heads, shape[0], shape[1]),
+            None => data,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        self.file.path().display().to_string()
+    }
+}
+
+/// Undo llama.cpp's q/k row permutation for `n_head` heads: GGUF row `h·dh + 2i + j` is HF row
+/// `h·dh + j·dh/2 + i` (`dh = out / n_head`). llama.cpp's converter does
+/// `w.reshape(n_head, 2, dh/2, in).swapaxes(1, 2).reshape(out, in)`.
+pub fn unpermute_rows(rows: &[f32], n_head: usize, out: usize, inp: usize) -> Vec<f32> {
+    let dh = out / n_head.max(1);
+    let half = dh / 2;
+    let mut hf = rows.to_vec();
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = (h * dh + 2 * i + j) * inp;
+                let dst = (h * dh + j * half + i) * inp;
+                hf[dst..dst + inp].copy_from_slice(&rows[src..src + inp]);
+            }
+        }
+    }
+    hf
+}
+
+/// Deterministic random weights as a [`WeightSource`]: every tensor of the configuration's
+/// HF layout drawn from a seeded normal stream (see [`crate::random_tensors`]), so a
+/// `(config, std, seed)` triple names one model on every engine.
+pub struct RandomSource {
+    tensors: HashMap<String, Vec<f32>>,
+}
+
+impl RandomSource {
+    /// The random tensors of `config` (matrices `N(0, std²)`, see [`crate::random_tensors`]).
+    pub fn new(config: &ModelConfig, std: f64, seed: u64) -> Self {
+        let tensors =
+            crate::synthetic::random_tensors(config.tensor_specs(), std, config.n_layers(), seed);
+        RandomSource { tensors: tensors.into_iter().map(|(n, _, d)| (n, d)).collect() }
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn read(&mut self, name: &str, _shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        Ok(self.tensors.remove(name))
+    }
+
+    fn describe(&self) -> String {
+        "random weights".to_string()
+    }
+}
+
+/// Read a required tensor: missing is [`CheckpointError::MissingTensor`] naming the source,
+/// and NaN or ±∞ is refused naming the tensor and index.
+pub(crate) fn required_tensor(
+    source: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let data = source.read(name, shape)?.ok_or_else(|| CheckpointError::MissingTensor {
+        name: name.to_string(),
+        files: source.describe(),
+    })?;
+    check_finite(name, &data)?;
+    Ok(data)
+}
+
+/// An optional tensor (`None` when `wanted` is false or the source lacks it … only when not
+/// wanted: a wanted tensor must exist), finite.
+pub(crate) fn optional_tensor(
+    source: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    wanted: bool,
+) -> Result<Option<Vec<f32>>> {
+    if wanted {
+        required_tensor(source, name, shape).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Refuse NaN or ±∞ in a weight, naming it and the first bad index.
+pub(crate) fn check_finite(name: &str, data: &[f32]) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(CheckpointError::NonFinite {
+            what: format!("weight {name}"),
+            index,
+            value: data[index].into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(n_head, 2, dh/2, in).swapaxes(1, 2).reshape(out, in)
+        let (n_head, dh, inp) = (2, 4, 3);
+        let out = n_head * dh;
+        let hf: Vec<f32> = (0..out * inp).map(|x| x as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for j in 0..2 {
+                for i in 0..dh / 2 {
+                    let src = (h * dh + j * (dh / 2) + i) * inp;
+                    let dst = (h * dh + 2 * i + j) * inp;
+                    gguf[dst..dst + inp].copy_from_slice(&hf[src..src + inp]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, n_head, out, inp), hf);
+    }
+
+    #[test]
+    fn architectures_by_model_type() {
+        for a in Architecture::ALL {
+            assert_eq!(Architecture::from_model_type(a.model_type()).unwrap(), a);
+        }
+        let e = Architecture::from_model_type("mamba").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "model architecture \"mamba\" is not supported: supported are gpt2, llama, mistral, qwen2"
+        );
+    }
+
+    #[test]
+    fn transposed_matrix() {
+        let m = HostMatrix::transposed(2, 3, &[1., 2., 3., 4., 5., 6.]);
+        assert_eq!((m.rows, m.cols), (3, 2));
+        assert_eq!(m.data, vec![1., 4., 2., 5., 3., 6.]);
+    }
+}
