@@ -118,17 +118,17 @@ fn bad_gguf_files_are_named_errors_not_panics() {
     let dir = tempfile_dir();
     let arch = dir.join("falcon.gguf");
     std::fs::write(&arch, tiny_gguf("falcon")).unwrap();
-    let e = read_gguf(&arch).err().expect("unsupported architecture").to_string();
+    let e = read_gguf(&arch).expect_err("unsupported architecture").to_string();
     assert!(e.contains("falcon") && e.contains("llama"), "{e}");
     let garbage = dir.join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
-    let e = read_gguf(&garbage).err().expect("garbage").to_string();
+    let e = read_gguf(&garbage).expect_err("garbage").to_string();
     assert!(e.contains("garbage.gguf") && e.contains("not a readable GGUF"), "{e}");
     // A truncated real file: the header survives, the tensor data does not.
     let real = std::fs::read(fetch()).unwrap();
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, &real[..4 << 20]).unwrap();
-    let e = read_gguf(&truncated).err().expect("truncated").to_string();
+    let e = read_gguf(&truncated).expect_err("truncated").to_string();
     assert!(e.contains("truncated.gguf"), "{e}");
     assert!(!e.contains('\n'), "{e}");
 }

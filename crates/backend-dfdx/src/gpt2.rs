@@ -168,8 +168,6 @@ impl SplitContext for Gpt2Context {
     }
 }
 
-/// Produces the `f32` data of a weight from its canonical name and expected shape.
-
 /// Turn a panic inside dfdx (a kernel failure; dfdx's infallible ops unwrap their errors) into a
 /// one-line backend error.
 pub(crate) fn guarded<R>(f: impl FnOnce() -> Result<R, FsError>) -> Result<R, FsError> {

@@ -182,7 +182,7 @@ fn gguf_seeds_load() {
 fn gguf_regression_error(name: &str) -> String {
     let root =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fuzz-regressions/gguf");
-    load_gguf(&root.join(name)).err().expect("an error").to_string()
+    load_gguf(&root.join(name)).expect_err("an error").to_string()
 }
 
 /// A key written as "general.alignment" plus NUL padding, with value 0: readers strip trailing

@@ -63,18 +63,7 @@ fn default_true() -> bool {
 impl Gpt2Config {
     /// Read, parse and validate a GPT-2 `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                CheckpointError::NotFound {
-                    what: "config.json".into(),
-                    path: path.to_path_buf(),
-                    fix: "pass the directory that holds the model's config.json".into(),
-                }
-            } else {
-                CheckpointError::io(path, e)
-            }
-        })?;
-        Self::from_json(&text, path)
+        Self::from_json(&crate::arch::read_config_text(path)?, path)
     }
 
     /// Parse and validate the text of a GPT-2 `config.json`; `path` is used only in messages.

@@ -100,9 +100,7 @@ fn bool_field(obj: &Map<String, Value>, field: &str, default: bool) -> bool {
 impl LlamaConfig {
     /// Read, parse and validate a Llama-family `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
-        Self::from_json(&text, path)
+        Self::from_json(&crate::arch::read_config_text(path)?, path)
     }
 
     /// Parse a Llama-family `config.json` (`path` only names the file in messages). RoPE

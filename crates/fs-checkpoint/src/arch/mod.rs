@@ -49,6 +49,22 @@ pub(crate) fn check_size_limits(path: &Path, sizes: &[(&str, usize, usize)]) -> 
     Ok(())
 }
 
+/// The text of a `config.json`: a missing file is [`CheckpointError::NotFound`] saying which
+/// directory to pass, any other failure [`CheckpointError::Io`].
+pub(crate) fn read_config_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            CheckpointError::NotFound {
+                what: "config.json".into(),
+                path: path.to_path_buf(),
+                fix: "pass the directory that holds the model's config.json".into(),
+            }
+        } else {
+            CheckpointError::io(path, e)
+        }
+    })
+}
+
 /// A field that is present and not `null`.
 pub(crate) fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
     obj.get(field).filter(|v| !v.is_null())
@@ -122,17 +138,7 @@ impl ModelConfig {
     /// Read a `config.json`, dispatching on its `model_type` (`gpt2` when absent, as HF's GPT-2
     /// checkpoints predate the field).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                CheckpointError::NotFound {
-                    what: "config.json".into(),
-                    path: path.to_path_buf(),
-                    fix: "pass the directory that holds the model's config.json".into(),
-                }
-            } else {
-                CheckpointError::io(path, e)
-            }
-        })?;
+        let text = read_config_text(path)?;
         let value: Value =
             serde_json::from_str(&text).map_err(|e| CheckpointError::json(path, e.to_string()))?;
         let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("gpt2");
