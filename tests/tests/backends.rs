@@ -218,3 +218,27 @@ fn every_backend_gives_the_same_error_for_the_same_bad_request() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The random model every engine builds (`…Weights::random`) is exactly the model of the
+    /// checkpoint the suite writes for the same `(config, seed)`: the typed host weights read back
+    /// from the safetensors file are equal, tensor by tensor (so the engine tests that use
+    /// either are testing the same model). Engine-free: both sides are `fs-checkpoint`.
+    #[test]
+    fn random_weights_are_the_model_of_the_written_checkpoint(
+        g in gpt2_case(),
+        l in llama_case()
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = g.write(&dir.path().join("gpt2"));
+        let loaded = fs_checkpoint::Gpt2Weights::load(&files).unwrap();
+        let random = fs_checkpoint::Gpt2Weights::random(g.config.clone(), WEIGHT_STD, g.seed).unwrap();
+        prop_assert!(loaded == random, "GPT-2 {:?}", g.config);
+        let files = l.write(&dir.path().join("llama"));
+        let loaded = fs_checkpoint::LlamaWeights::load(&files).unwrap();
+        let random = fs_checkpoint::LlamaWeights::random(l.config.clone(), WEIGHT_STD, l.seed).unwrap();
+        prop_assert!(loaded == random, "Llama {:?}", l.config);
+    }
+}

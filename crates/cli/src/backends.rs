@@ -40,6 +40,15 @@ impl Backend {
         }
     }
 
+    /// Whether this build has the engine.
+    pub fn compiled(self) -> bool {
+        match self {
+            Backend::Candle => cfg!(feature = "candle"),
+            Backend::Burn => cfg!(feature = "burn"),
+            Backend::Dfdx => cfg!(feature = "dfdx"),
+        }
+    }
+
     /// The architecture families (model files) this engine implements.
     pub fn families(self) -> &'static [&'static str] {
         match self {
@@ -222,10 +231,7 @@ pub struct LoadSpec<'a> {
 /// device opens; then the weights are read and uploaded.
 pub fn with_model<J: ModelJob>(spec: &LoadSpec<'_>, g: &Globals, job: J) -> Result<J::Output> {
     let t0 = Instant::now();
-    if !cfg!(feature = "candle") && spec.backend == Backend::Candle
-        || !cfg!(feature = "burn") && spec.backend == Backend::Burn
-        || !cfg!(feature = "dfdx") && spec.backend == Backend::Dfdx
-    {
+    if !spec.backend.compiled() {
         return Err(spec.backend.not_compiled());
     }
     let ckpt = Checkpoint::open(spec.model)?;

@@ -314,9 +314,13 @@ impl<R: Read> HeaderReader<R> {
                         ))
                     }
                 }
-                // Count the elements up front, so the limit holds before the vector grows.
-                self.count_values(len, key)?;
-                self.values -= len;
+                // The limit must hold before the vector is allocated (each element then counts
+                // itself as it is read).
+                if self.values.saturating_add(len) > MAX_METADATA_VALUES {
+                    return bad(format!(
+                        "metadata {key:?} brings the metadata to over {MAX_METADATA_VALUES} values"
+                    ));
+                }
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     items.push(self.value(elem_type, key, depth + 1)?);
