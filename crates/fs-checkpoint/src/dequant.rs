@@ -273,8 +273,8 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()
         GgmlType::Q4_1 => q4_1(bytes, out),
         GgmlType::Q5_0 => q5_0(bytes, out),
         GgmlType::Q5_1 => q5_1(bytes, out),
-        GgmlType::Q8_0 => q8_0(bytes, out),
-        GgmlType::Q8_1 => q8_1(bytes, out),
+        GgmlType::Q8_0 => q8::<Q8_0_BYTES, 2>(bytes, out),
+        GgmlType::Q8_1 => q8::<Q8_1_BYTES, 4>(bytes, out),
         GgmlType::Q2K => q2k(bytes, out),
         GgmlType::Q3K => q3k(bytes, out),
         GgmlType::Q4K => q4k(bytes, out),
@@ -431,24 +431,15 @@ fn q5_1(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-fn q8_0(bytes: &[u8], out: &mut [f32]) {
-    let (blocks, _) = bytes.as_chunks::<Q8_0_BYTES>();
+/// Q8_0 (`OFFSET` 2) and Q8_1 (`OFFSET` 4: the f16 `s` at bytes 2..4 is a precomputed sum used
+/// by dot products only): `y = d · q` with `d` the f16 at bytes 0..2 and `q` the i8 quants that
+/// follow.
+fn q8<const BYTES: usize, const OFFSET: usize>(bytes: &[u8], out: &mut [f32]) {
+    let (blocks, _) = bytes.as_chunks::<BYTES>();
     let (ys, _) = out.as_chunks_mut::<QK>();
     for (b, y) in blocks.iter().zip(ys.iter_mut()) {
         let d = f16_le(b[0], b[1]);
-        for (dst, &q) in y.iter_mut().zip(&b[2..]) {
-            *dst = q as i8 as f32 * d;
-        }
-    }
-}
-
-fn q8_1(bytes: &[u8], out: &mut [f32]) {
-    let (blocks, _) = bytes.as_chunks::<Q8_1_BYTES>();
-    let (ys, _) = out.as_chunks_mut::<QK>();
-    for (b, y) in blocks.iter().zip(ys.iter_mut()) {
-        // `s` (bytes 2..4) is a precomputed sum used by dot products only.
-        let d = f16_le(b[0], b[1]);
-        for (dst, &q) in y.iter_mut().zip(&b[4..]) {
+        for (dst, &q) in y.iter_mut().zip(&b[OFFSET..]) {
             *dst = q as i8 as f32 * d;
         }
     }

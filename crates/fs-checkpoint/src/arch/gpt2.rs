@@ -73,11 +73,7 @@ impl Gpt2Config {
     /// not implement (`scale_attn_weights: false`, `scale_attn_by_inverse_layer_idx: true`,
     /// `add_cross_attention: true`) are refused.
     pub fn from_json(json: &str, path: &Path) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(json).map_err(|e| CheckpointError::json(path, e.to_string()))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| CheckpointError::json(path, "the top level is not a JSON object"))?;
+        let obj = &crate::arch::parse_config_object(json, path)?;
         if let Some(mt) = present(obj, "model_type") {
             if mt.as_str() != Some("gpt2") {
                 return Err(CheckpointError::config(

@@ -107,11 +107,7 @@ impl LlamaConfig {
     /// settings are read from transformers 5.x `rope_parameters` or from the older top-level
     /// `rope_theta` + `rope_scaling`; only the default and `llama3` rope types are supported.
     pub fn from_json(json: &str, path: &Path) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(json).map_err(|e| CheckpointError::json(path, e.to_string()))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| CheckpointError::json(path, "the top level is not a JSON object"))?;
+        let obj = &crate::arch::parse_config_object(json, path)?;
         let model_type =
             present(obj, "model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
         if !LLAMA_MODEL_TYPES.contains(&model_type.as_str()) {

@@ -65,6 +65,15 @@ pub(crate) fn read_config_text(path: &Path) -> Result<String> {
     })
 }
 
+/// Parse the text of a `config.json` whose top level must be a JSON object (`path` only names
+/// the file in messages).
+pub(crate) fn parse_config_object(json: &str, path: &Path) -> Result<Map<String, Value>> {
+    match serde_json::from_str(json).map_err(|e| CheckpointError::json(path, e.to_string()))? {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(CheckpointError::json(path, "the top level is not a JSON object")),
+    }
+}
+
 /// A field that is present and not `null`.
 pub(crate) fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
     obj.get(field).filter(|v| !v.is_null())
