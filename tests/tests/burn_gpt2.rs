@@ -1,5 +1,6 @@
-//! Burn-specific GPT-2 checks: batching invariance, typed errors. The oracle fixtures, the contract and the agreement with the other engines run
-//! for every backend in `tests/backends.rs`.
+//! Burn-specific GPT-2 checks: batching invariance, typed errors. The oracle fixtures, the
+//! contract and the agreement with the other engines run for every backend in
+//! `tests/backends.rs`.
 #![cfg(feature = "burn")]
 
 use backend_burn::{device, Device, Error, Gpt2};

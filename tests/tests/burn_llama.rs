@@ -1,13 +1,11 @@
-//! Burn-specific Llama checks: batching invariance. (That random weights are the model of the
-//! written checkpoint is engine-free now: `fs-checkpoint`'s typed weights are compared directly.) The oracle fixtures, the contract and the agreement with the other engines run for
-//! every backend in `tests/backends.rs`.
+//! Burn-specific Llama checks: batching invariance. The oracle fixtures, the contract and the
+//! agreement with the other engines run for every backend in `tests/backends.rs`; that random
+//! weights are the model of the written checkpoint is checked engine-free there too.
 #![cfg(feature = "burn")]
 
 use backend_burn::{device, Device, Llama};
 use fs_estimators::SplitModel;
 use fs_suite::fixtures::{dir, Reference};
-use fs_suite::random_models::{llama_case, WEIGHT_STD};
-use proptest::prelude::*;
 
 fn cpu() -> Device {
     device("cpu").expect("the cpu device")

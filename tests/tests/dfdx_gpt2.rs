@@ -1,5 +1,6 @@
-//! dfdx-specific GPT-2 checks: batching invariance, `extend` reusing the prefix, typed errors. The oracle fixtures, the contract and the agreement
-//! with the other engines run for every backend in `tests/backends.rs`.
+//! dfdx-specific GPT-2 checks: batching invariance, `extend` reusing the prefix, typed errors.
+//! The oracle fixtures, the contract and the agreement with the other engines run for every
+//! backend in `tests/backends.rs`.
 #![cfg(feature = "dfdx")]
 
 use backend_dfdx::{device, Device, Error, Gpt2};
