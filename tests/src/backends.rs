@@ -89,6 +89,7 @@ impl std::fmt::Debug for Backend {
 }
 
 /// Box a loaded model as a [`Probe`].
+#[cfg(any(feature = "candle", feature = "burn", feature = "dfdx"))]
 fn boxed<M: Probe + 'static, E: std::fmt::Display>(
     model: Result<M, E>,
 ) -> Result<Box<dyn Probe>, String> {
