@@ -81,11 +81,8 @@ impl Tolerances {
     /// difference never exceeded 0.48× the floor alone; the floor is 6.8e-5·‖J‖ at the median
     /// (1.2e-4 at p90, 3.5e-2 for saturated single-unit models, where CI's failing case sat at
     /// 3.9e-2 against the former flat 2e-2). The rest as [`Tolerances::F32`].
-    pub const F32_ROUNDED_ONCE: Tolerances = Tolerances {
-        jacobian: 1e-4,
-        logit_roundoff: 5.960464477539063e-8,
-        ..Tolerances::F32
-    };
+    pub const F32_ROUNDED_ONCE: Tolerances =
+        Tolerances { jacobian: 1e-4, logit_roundoff: 5.960464477539063e-8, ..Tolerances::F32 };
 }
 
 fn err(msg: impl Into<String>) -> String {

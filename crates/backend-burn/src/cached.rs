@@ -7,16 +7,14 @@
 
 use crate::ops::softmax_last_dim;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    FsError, Matrix, MatrixRef, ModelDims, SplitContext,
+    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext,
 };
 
 /// Default bytes of activations one readout-Jacobian backward pass may keep alive.
 pub(crate) const DEFAULT_ACTIVATION_BUDGET: usize = 512 << 20;
-
-/// Masked attention logit: finite, so that `masked − max` never produces NaN.
-pub(crate) const MASKED: f32 = -1e30;
 
 /// Read a tensor back to the host as `f32` (a failed read-back becomes [`FsError::Backend`]).
 pub(crate) fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, FsError> {
@@ -111,18 +109,11 @@ pub(crate) trait CachedUpper {
     fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3>;
 }
 
-/// Additive mask `(P, 1, 1, t_max)` letting the rows at `positions[p]` see cached positions
-/// `< positions[p]` (`0` allowed, [`MASKED`] elsewhere); `None` when no row has any context.
+/// [`fs_traits::engine::context_mask`] as a `(P, 1, 1, t_max)` tensor; `None` when no row has
+/// any context.
 pub(crate) fn context_mask(positions: &[usize], device: &Device) -> Option<(Tensor<4>, usize)> {
-    let t_max = positions.iter().copied().max().unwrap_or(0);
-    if t_max == 0 {
-        return None;
-    }
-    let m: Vec<f32> = positions
-        .iter()
-        .flat_map(|&t| (0..t_max).map(move |j| if j < t { 0.0 } else { MASKED }))
-        .collect();
-    Some((tensor(m, [positions.len(), 1, 1, t_max], device), t_max))
+    fs_traits::engine::context_mask(positions)
+        .map(|(m, t_max)| (tensor(m, [positions.len(), 1, 1, t_max], device), t_max))
 }
 
 /// Attention of single rows against the cache: `q`, `k_self`, `v_self` are `(P, H, R, d_head)`;
@@ -162,29 +153,9 @@ pub(crate) fn attend_cached(
 /// Causal self-attention over a whole sequence: `q`, `k`, `v` `(H, T, d_head)`.
 pub(crate) fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, scale: f64) -> Tensor<3> {
     let [_, t_len, _] = q.dims();
-    let causal: Vec<f32> =
-        (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
-    let causal = tensor(causal, [1, t_len, t_len], &q.device());
+    let causal = tensor(fs_traits::engine::causal_mask(t_len), [1, t_len, t_len], &q.device());
     let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale).add(causal);
     softmax_last_dim(scores).matmul(v)
-}
-
-/// How to split the readout Jacobians of `n_blocks` upper blocks into backward passes:
-/// `(positions per pass, rows per pass)`. Several positions share a pass when all `d` rows of one
-/// fit the budget; otherwise one position's rows are split over several passes.
-pub(crate) fn readout_batching(
-    d: usize,
-    bytes_per_row_block: usize,
-    n_blocks: usize,
-    budget: usize,
-) -> (usize, usize) {
-    let per_row = (bytes_per_row_block * n_blocks.max(1)).max(1);
-    let rows = (budget / per_row).max(1);
-    if rows >= d {
-        ((rows / d).clamp(1, 64), d)
-    } else {
-        (1, rows)
-    }
 }
 
 /// `r` copies of each `h_{positions[p]}` as a leaf `(P, r, d)` on the autodiff view of the
@@ -205,10 +176,6 @@ fn replicated_leaf<M: CachedUpper>(
     }
     let grad_device = m.device().clone().autodiff();
     Ok(tensor(data, [positions.len(), r, d], &grad_device).require_grad())
-}
-
-fn check_positions(ctx: &CachedContext, positions: &[usize]) -> Result<(), FsError> {
-    positions.iter().try_for_each(|&t| check_position(t, ctx.tokens.len()))
 }
 
 /// The gradient of the leaf `h` after `loss.backward()`, on the host.
@@ -266,7 +233,7 @@ pub(crate) fn logits<M: CachedUpper>(
     ctx: &CachedContext,
     positions: &[usize],
 ) -> Result<Matrix<f32>, FsError> {
-    check_positions(ctx, positions)?;
+    check_positions(positions, ctx.tokens.len())?;
     let v = m.model_dims().vocab_size;
     if positions.is_empty() {
         return Ok(Matrix::zeros(0, v));
@@ -292,15 +259,10 @@ pub(crate) fn score_gradients<M: CachedUpper>(
     if tokens.is_empty() {
         return Ok(Matrix::zeros(0, d));
     }
-    let z = logits(m, ctx, &[position])?;
-    check_finite("logits", z.as_slice())?;
-    let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-    let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
-    let total: f64 = e.iter().sum();
+    let p = softmax(logits(m, ctx, &[position])?.as_slice())?;
     let w_u = m.lm_head_host();
     let mut mean = vec![0f64; d];
-    for (ey, w) in e.iter().zip(w_u.chunks_exact(d)) {
-        let p = ey / total;
+    for (&p, w) in p.iter().zip(w_u.chunks_exact(d)) {
         for (mi, &wi) in mean.iter_mut().zip(w) {
             *mi += p * wi as f64;
         }
@@ -347,15 +309,12 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
     ctx: &CachedContext,
     positions: &[usize],
 ) -> Result<Vec<Matrix<f32>>, FsError> {
-    check_positions(ctx, positions)?;
+    check_positions(positions, ctx.tokens.len())?;
     let dims = m.model_dims();
     let d = dims.d_model;
-    let (per_pass, rows_per_pass) = readout_batching(
-        d,
-        m.bytes_per_row_per_block(),
-        dims.n_layers - ctx.layer,
-        m.activation_budget(),
-    );
+    // A backward pass keeps every upper block's activations alive for each row.
+    let bytes_per_row = m.bytes_per_row_per_block() * (dims.n_layers - ctx.layer).max(1);
+    let (per_pass, rows_per_pass) = readout_batching(d, bytes_per_row, m.activation_budget());
     let mut out = Vec::with_capacity(positions.len());
     for chunk in positions.chunks(per_pass) {
         let mut buffers = vec![Vec::with_capacity(d * d); chunk.len()];

@@ -69,9 +69,9 @@ pub enum Error {
 }
 
 /// An error's message on one line (burn's execution errors span several lines: `…\nCaused by:\n
-/// reason`); the lines are joined with spaces.
+/// reason`): [`fs_traits::engine::one_line`].
 pub(crate) fn one_line(e: &impl std::fmt::Display) -> String {
-    e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    fs_traits::engine::one_line(&e.to_string())
 }
 
 /// Parse a device name: `cpu` (burn's flex backend), `wgpu` / `wgpu:N` (the `N`-th discrete GPU
@@ -81,28 +81,12 @@ pub(crate) fn one_line(e: &impl std::fmt::Display) -> String {
 /// [`Error::Device`] here rather than a panic at the first tensor operation. A GPU name in a
 /// build without its feature is an [`Error::Device`] naming the feature.
 pub fn device(name: &str) -> Result<Device, Error> {
+    use fs_traits::engine::DeviceName;
     let name = name.trim();
-    if name == "cpu" {
-        return Ok(Device::flex());
-    }
-    let bad = || Error::Device {
-        device: name.into(),
-        reason: "expected cpu, wgpu, wgpu:N, cuda or cuda:N".into(),
-    };
-    let (kind, rest) = if let Some(rest) = name.strip_prefix("wgpu") {
-        ("wgpu", rest)
-    } else if let Some(rest) = name.strip_prefix("cuda") {
-        ("cuda", rest)
-    } else {
-        return Err(bad());
-    };
-    let ordinal = match rest {
-        "" => None,
-        r => Some(r.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()).ok_or_else(bad)?),
-    };
-    match kind {
-        "wgpu" => wgpu_device(name, ordinal),
-        _ => cuda_device(name, ordinal),
+    match DeviceName::parse(name).map_err(|reason| Error::Device { device: name.into(), reason })? {
+        DeviceName::Cpu => Ok(Device::flex()),
+        DeviceName::Wgpu(ordinal) => wgpu_device(name, ordinal),
+        DeviceName::Cuda(ordinal) => cuda_device(name, ordinal),
     }
 }
 

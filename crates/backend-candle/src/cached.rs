@@ -7,21 +7,19 @@
 
 use crate::ops::softmax_last_dim;
 use candle_core::{Device, Tensor, Var, D};
+use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    FsError, Matrix, MatrixRef, ModelDims, SplitContext,
+    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext,
 };
 
 /// Convert a candle error into the seam's error type.
 pub(crate) fn be(e: candle_core::Error) -> FsError {
-    FsError::Backend(format!("candle: {}", crate::first_line(&e)))
+    FsError::Backend(format!("candle: {}", first_line(&e.to_string())))
 }
 
 /// Default bytes of activations one readout-Jacobian backward pass may keep alive.
 pub(crate) const DEFAULT_ACTIVATION_BUDGET: usize = 512 << 20;
-
-/// Masked attention logit: finite, so that `masked − max` never produces NaN.
-pub(crate) const MASKED: f32 = -1e30;
 
 /// The result of a lower pass: layer-`k` activations, the key/value cache of blocks `≥ k`, and
 /// the final-norm output of every position (for the unperturbed logits).
@@ -110,21 +108,15 @@ pub(crate) trait CachedUpper {
     ) -> candle_core::Result<crate::jvp::Dual>;
 }
 
-/// Additive mask `(P, 1, 1, t_max)` letting the rows at `positions[p]` see cached positions
-/// `< positions[p]`; `None` when no row has any context.
+/// [`fs_traits::engine::context_mask`] as a `(P, 1, 1, t_max)` tensor; `None` when no row has
+/// any context.
 pub(crate) fn context_mask(
     positions: &[usize],
     device: &Device,
 ) -> candle_core::Result<Option<(Tensor, usize)>> {
-    let t_max = positions.iter().copied().max().unwrap_or(0);
-    if t_max == 0 {
-        return Ok(None);
-    }
-    let m: Vec<f32> = positions
-        .iter()
-        .flat_map(|&t| (0..t_max).map(move |j| if j < t { 0.0 } else { MASKED }))
-        .collect();
-    Ok(Some((Tensor::from_vec(m, (positions.len(), 1, 1, t_max), device)?, t_max)))
+    fs_traits::engine::context_mask(positions)
+        .map(|(m, t_max)| Ok((Tensor::from_vec(m, (positions.len(), 1, 1, t_max), device)?, t_max)))
+        .transpose()
 }
 
 /// Attention of single rows against the cache: `q`, `k_self`, `v_self` are `(P, H, R, d_head)`;
@@ -162,24 +154,10 @@ pub(crate) fn causal_attention(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let t_len = q.dim(1)?;
-    let causal: Vec<f32> =
-        (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect();
-    let causal = Tensor::from_vec(causal, (1, t_len, t_len), q.device())?;
+    let causal =
+        Tensor::from_vec(fs_traits::engine::causal_mask(t_len), (1, t_len, t_len), q.device())?;
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&causal)?;
     softmax_last_dim(&scores)?.matmul(v)
-}
-
-/// How to split the readout Jacobians into forward-mode passes: `(positions per pass, tangent
-/// rows per pass)`. A pass keeps about `bytes_per_row` bytes alive per tangent row (one layer's
-/// tangents at a time, whatever the number of blocks); several positions share a pass when all
-/// `d` rows of one fit the budget, otherwise one position's rows are split over several passes.
-pub(crate) fn readout_batching(d: usize, bytes_per_row: usize, budget: usize) -> (usize, usize) {
-    let rows = (budget / bytes_per_row.max(1)).max(1);
-    if rows >= d {
-        ((rows / d).clamp(1, 64), d)
-    } else {
-        (1, rows)
-    }
 }
 
 fn replicated<M: CachedUpper>(
@@ -192,10 +170,6 @@ fn replicated<M: CachedUpper>(
     let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
     let rows = ctx.hidden.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
     rows.unsqueeze(1)?.broadcast_as((positions.len(), r, d))?.contiguous()
-}
-
-fn check_positions(ctx: &CachedContext, positions: &[usize]) -> Result<(), FsError> {
-    positions.iter().try_for_each(|&t| check_position(t, ctx.tokens.len()))
 }
 
 /// `SplitModel::lower_layers`.
@@ -243,7 +217,7 @@ pub(crate) fn logits<M: CachedUpper>(
     ctx: &CachedContext,
     positions: &[usize],
 ) -> Result<Matrix<f32>, FsError> {
-    check_positions(ctx, positions)?;
+    check_positions(positions, ctx.tokens.len())?;
     let v = m.model_dims().vocab_size;
     if positions.is_empty() {
         return Ok(Matrix::zeros(0, v));
@@ -273,11 +247,7 @@ pub(crate) fn score_gradients<M: CachedUpper>(
         return Ok(Matrix::zeros(0, dims.d_model));
     }
     let z = logits(m, ctx, &[position])?;
-    check_finite("logits", z.as_slice())?;
-    let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-    let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
-    let total: f64 = e.iter().sum();
-    let p: Vec<f32> = e.iter().map(|x| (x / total) as f32).collect();
+    let p: Vec<f32> = softmax(z.as_slice())?.into_iter().map(|x| x as f32).collect();
     let data = (|| {
         let p = Tensor::from_vec(p, (1, dims.vocab_size), m.device())?;
         let mean = p.matmul(m.lm_head())?;
@@ -319,7 +289,7 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
     ctx: &CachedContext,
     positions: &[usize],
 ) -> Result<Vec<Matrix<f32>>, FsError> {
-    check_positions(ctx, positions)?;
+    check_positions(positions, ctx.tokens.len())?;
     let dims = m.model_dims();
     let (d, du) = (dims.d_model, dims.readout_dim);
     let (per_pass, cols_per_pass) =

@@ -29,9 +29,9 @@
 //! Every rule is checked against finite differences through the models' readout Jacobians (the
 //! `SplitModel` contract in `tests/`).
 
-use crate::cached::MASKED;
 use crate::ops::{gelu_new, layer_norm, linear, softmax_last_dim};
 use candle_core::{Result, Tensor, D};
+use fs_traits::engine::MASKED;
 
 /// Primal rows `x` `(P, 1, …)` and tangent rows `dx` `(P, R, …)`.
 pub(crate) struct Dual {
@@ -99,7 +99,7 @@ impl Dual {
 /// Attention of single rows against the cache, differentiated: `q`, `k`, `v` have primal
 /// `(P, H, 1, d_head)` and tangents `(P, H, R, d_head)`; `keys`/`values` are the cache
 /// `(H, T, d_head)`; `mask` lets the rows at `positions[p]` see cached positions `< positions[p]`
-/// (see [`crate::cached::context_mask`]). Returns primal and tangents of the attention output.
+/// (see [`fs_traits::engine::context_mask`]). Returns primal and tangents of the attention output.
 pub(crate) fn attend_cached_jvp(
     q: &Dual,
     k: &Dual,

@@ -33,7 +33,7 @@ pub enum Error {
     Model(#[from] fs_traits::FsError),
     /// An error inside candle (its first line; candle appends a backtrace when
     /// `RUST_BACKTRACE` is set).
-    #[error("candle: {}", first_line(.0))]
+    #[error("candle: {}", fs_traits::engine::first_line(&.0.to_string()))]
     Candle(#[from] candle_core::Error),
     /// A device that cannot be used.
     #[error("device {device:?} is not available: {reason}")]
@@ -45,30 +45,19 @@ pub enum Error {
     },
 }
 
-/// The first line of an error's message (candle appends a multi-line backtrace when
-/// `RUST_BACKTRACE` is set; users get one line).
-pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
-    e.to_string().lines().next().unwrap_or_default().trim_end().to_string()
-}
-
-/// Parse a device name: `cpu`, or `cuda` / `cuda:N` (needs the `cuda` feature).
+/// Open a device by name ([`fs_traits::engine::DeviceName`]): `cpu`, or `cuda` / `cuda:N`
+/// (needs the `cuda` feature); candle has no wgpu device.
 pub fn device(name: &str) -> Result<Device, Error> {
+    use fs_traits::engine::DeviceName;
     let name = name.trim();
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = match name.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => {
-            rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| {
-                Error::Device { device: name.into(), reason: "expected cpu, cuda or cuda:N".into() }
-            })?
-        }
-        None => {
-            return Err(Error::Device {
-                device: name.into(),
-                reason: "expected cpu, cuda or cuda:N".into(),
-            })
+    let unavailable = |reason: String| Error::Device { device: name.into(), reason };
+    let ordinal = match DeviceName::parse(name).map_err(unavailable)? {
+        DeviceName::Cpu => return Ok(Device::Cpu),
+        DeviceName::Cuda(ordinal) => ordinal.unwrap_or(0),
+        DeviceName::Wgpu(_) => {
+            return Err(unavailable(
+                "candle has no wgpu device: use cpu or cuda:N, or --backend burn for wgpu".into(),
+            ))
         }
     };
     if cfg!(feature = "cuda") {

@@ -39,16 +39,14 @@ use dfdx::prelude::{
     Rank0, ReshapeTo, SumTo, Tape, TensorFromVec, Trace, TryMatMul, WithEmptyTape,
 };
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
+use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
+    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
 };
 
 use crate::ops::{gelu_new, layer_norm, linear, Batch, Engine, Mat, Vector};
 use crate::{Device, Error};
-
-/// Masked attention logit: finite, so that `masked − max` never produces NaN.
-const MASKED: f32 = -1e30;
 
 /// Default bytes of activations and gradients one backward pass may keep alive.
 const DEFAULT_ACTIVATION_BUDGET: usize = 1 << 30;
@@ -235,14 +233,7 @@ impl Gpt2 {
         let d = self.cfg.n_embd;
         match self.batching {
             Batching::Positions(p) => (p, d),
-            Batching::Budget(bytes) => {
-                let rows = (bytes / self.bytes_per_row(layer, t_ctx).max(1)).max(1);
-                if rows >= d {
-                    ((rows / d).clamp(1, 64), d)
-                } else {
-                    (1, rows)
-                }
-            }
+            Batching::Budget(bytes) => readout_batching(d, self.bytes_per_row(layer, t_ctx), bytes),
         }
     }
 
@@ -257,11 +248,7 @@ impl Gpt2 {
     /// `p = softmax(z)` at `position` (f64 sums, rounded to f32).
     fn probabilities(&self, ctx: &Gpt2Context, position: usize) -> Result<Vec<f32>, FsError> {
         let z = self.logits(ctx, &[position])?;
-        check_finite("logits", z.as_slice())?;
-        let max = z.as_slice().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-        let e: Vec<f64> = z.as_slice().iter().map(|&x| (x as f64 - max).exp()).collect();
-        let total: f64 = e.iter().sum();
-        Ok(e.iter().map(|x| (x / total) as f32).collect())
+        Ok(softmax(z.as_slice())?.into_iter().map(|p| p as f32).collect())
     }
 }
 
@@ -338,10 +325,7 @@ impl<D: Engine> Net<D> {
     /// Additive mask `(n, T_ctx)`: row `r` (at position `row_pos[r]`) sees cached positions
     /// `j < row_pos[r]`.
     fn mask(&self, row_pos: &[usize], t_ctx: usize) -> Mat<D> {
-        let m: Vec<f32> = row_pos
-            .iter()
-            .flat_map(|&t| (0..t_ctx).map(move |j| if j < t { 0.0 } else { MASKED }))
-            .collect();
+        let m = fs_traits::engine::prefix_mask(row_pos, t_ctx);
         self.dev.tensor_from_vec(m, (row_pos.len(), t_ctx))
     }
 
@@ -525,10 +509,6 @@ impl<D: Engine> Net<D> {
 }
 
 impl Gpt2 {
-    fn check_positions(ctx: &Gpt2Context, positions: &[usize]) -> Result<(), FsError> {
-        positions.iter().try_for_each(|&t| check_position(t, ctx.cache.tokens.len()))
-    }
-
     /// Copies of `h_t` for each `(position, copies)`, with each row's position.
     fn replicate(&self, ctx: &Gpt2Context, groups: &[(usize, usize)]) -> (Vec<f32>, Vec<usize>) {
         let d = self.cfg.n_embd;
@@ -599,7 +579,7 @@ impl SplitModel for Gpt2 {
     }
 
     fn logits(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<Matrix<f32>, FsError> {
-        Self::check_positions(ctx, positions)?;
+        check_positions(positions, ctx.cache.tokens.len())?;
         let (d, v) = (self.cfg.n_embd, self.cfg.vocab_size);
         if positions.is_empty() {
             return Ok(Matrix::zeros(0, v));
@@ -668,7 +648,7 @@ impl SplitModel for Gpt2 {
         ctx: &Gpt2Context,
         positions: &[usize],
     ) -> Result<Vec<Matrix<f32>>, FsError> {
-        Self::check_positions(ctx, positions)?;
+        check_positions(positions, ctx.cache.tokens.len())?;
         let d = self.cfg.n_embd;
         let (per_pass, rows_per_pass) = self.readout_batching(ctx.layer, ctx.cache.tokens.len());
         let mut out = Vec::with_capacity(positions.len());

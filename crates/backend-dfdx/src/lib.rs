@@ -60,22 +60,19 @@ pub enum Error {
     },
 }
 
-/// Parse a device name: `cpu`, or `cuda` / `cuda:N` (needs the `cuda` feature).
+/// Open a device by name ([`fs_traits::engine::DeviceName`]): `cpu`, or `cuda` / `cuda:N`
+/// (needs the `cuda` feature); dfdx has no wgpu device.
 pub fn device(name: &str) -> Result<Device, Error> {
+    use fs_traits::engine::DeviceName;
     let name = name.trim();
-    if name == "cpu" {
-        return Ok(Device::Cpu(dfdx::tensor::Cpu::default()));
+    let unavailable = |reason: String| Error::Device { device: name.into(), reason };
+    match DeviceName::parse(name).map_err(unavailable)? {
+        DeviceName::Cpu => Ok(Device::Cpu(dfdx::tensor::Cpu::default())),
+        DeviceName::Cuda(ordinal) => cuda_device(name, ordinal.unwrap_or(0)),
+        DeviceName::Wgpu(_) => Err(unavailable(
+            "dfdx has no wgpu device: use cpu or cuda:N, or --backend burn for wgpu".into(),
+        )),
     }
-    let bad =
-        || Error::Device { device: name.into(), reason: "expected cpu, cuda or cuda:N".into() };
-    let ordinal = match name.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => {
-            rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()).ok_or_else(bad)?
-        }
-        None => return Err(bad()),
-    };
-    cuda_device(name, ordinal)
 }
 
 /// The attained f32 GEMM rate of dfdx on this machine for `(m × k) · (k × n)`, in GFLOP/s
@@ -147,7 +144,8 @@ mod tests {
         assert!(matches!(device(" cpu "), Ok(Device::Cpu(_))));
         let e = device("tpu").unwrap_err();
         assert!(matches!(e, Error::Device { .. }));
-        assert!(e.to_string().contains("expected cpu, cuda or cuda:N"), "{e}");
+        assert!(e.to_string().contains("expected cpu, cuda, cuda:N"), "{e}");
+        assert!(device("wgpu").unwrap_err().to_string().contains("--backend burn"));
         assert!(device("cuda:x").is_err());
         let r = matmul_gflops(64, 48, 32, 3, &device("cpu").unwrap()).unwrap();
         assert!(r.is_finite() && r > 0.0, "{r}");

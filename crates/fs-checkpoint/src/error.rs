@@ -1,5 +1,6 @@
 //! The error type of checkpoint loading.
 
+use fs_traits::engine::one_line;
 use std::path::{Path, PathBuf};
 
 /// `Result` with [`CheckpointError`].
@@ -167,15 +168,6 @@ fn at(path: &Path) -> String {
         String::new()
     } else {
         format!(" at {}", path.display())
-    }
-}
-
-/// Collapses line breaks (from library messages) so every error prints on one line.
-pub(crate) fn one_line(s: &str) -> String {
-    if s.contains(['\n', '\r']) {
-        s.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
-    } else {
-        s.to_string()
     }
 }
 

@@ -9,25 +9,7 @@ use rand_chacha::ChaCha8Rng;
 /// over 50k tokens drifts by ~3e-5; anything near 1e-3 is a bug upstream, not round-off).
 pub const PROBABILITY_SUM_TOLERANCE: f64 = 1e-3;
 
-/// `p = softmax(z)` computed in `f64`: `p_y = exp(z_y − max z) / Σ_y' exp(z_y' − max z)`.
-///
-/// Errors with [`FsError::NonFinite`] if any logit is NaN or ±inf, and on an empty vector.
-pub fn softmax<S: Scalar>(logits: &[S]) -> Result<Vec<f64>> {
-    softmax_scaled(logits, 1.0)
-}
-
-/// `softmax(z / temperature)` in `f64`.
-fn softmax_scaled<S: Scalar>(logits: &[S], temperature: f64) -> Result<Vec<f64>> {
-    if logits.is_empty() {
-        return Err(FsError::invalid("logits", "[]", "at least one logit"));
-    }
-    fs_traits::check_finite("logits", logits)?;
-    let max = logits.iter().map(|z| z.as_f64()).fold(f64::NEG_INFINITY, f64::max);
-    let mut p: Vec<f64> = logits.iter().map(|z| ((z.as_f64() - max) / temperature).exp()).collect();
-    let sum: f64 = p.iter().sum();
-    p.iter_mut().for_each(|x| *x /= sum);
-    Ok(p)
-}
+pub use fs_traits::softmax;
 
 /// Validate a probability vector given by the caller and return it renormalised in `f64`.
 ///
@@ -113,7 +95,7 @@ impl SamplingOptions {
 /// Ties at the nucleus boundary are broken by token id (lower id kept first).
 pub fn sampling_distribution<S: Scalar>(logits: &[S], opts: &SamplingOptions) -> Result<Vec<f64>> {
     opts.validate()?;
-    let mut q = softmax_scaled(logits, opts.temperature)?;
+    let mut q = fs_traits::tempered_softmax(logits, opts.temperature)?;
     if opts.top_p < 1.0 {
         let mut order: Vec<usize> = (0..q.len()).collect();
         order.sort_by(|&a, &b| q[b].total_cmp(&q[a]).then(a.cmp(&b)));
@@ -177,17 +159,6 @@ pub fn sample_tokens(q: &[f64], n: usize, seed: u64, stream: u64) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn softmax_is_shift_invariant_and_stable() {
-        let p = softmax(&[1000.0f32, 1001.0, 999.0]).unwrap();
-        let q = softmax(&[0.0f64, 1.0, -1.0]).unwrap();
-        for (a, b) in p.iter().zip(&q) {
-            assert!((a - b).abs() < 1e-12);
-        }
-        assert!(softmax(&[f32::NAN, 0.0]).is_err());
-        assert!(softmax::<f32>(&[]).is_err());
-    }
 
     #[test]
     fn probability_validation() {

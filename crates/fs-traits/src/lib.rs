@@ -30,10 +30,12 @@
 
 #![warn(missing_docs)]
 
+pub mod engine;
 mod error;
 mod matrix;
 mod scalar;
 
+pub use engine::{softmax, tempered_softmax};
 pub use error::{FsError, Result};
 pub use matrix::{Matrix, MatrixRef};
 pub use scalar::Scalar;
