@@ -1,14 +1,14 @@
 //! The backends under test, behind one object-safe face.
 //!
 //! [`SplitModel`] has associated types, so models of different engines cannot share a `Vec`.
-//! [`Probe`] erases them: every `SplitModel` with an [`Element`] scalar is a `Probe`, and a
+//! [`Probe`] erases them: every `SplitModel` is a `Probe`, and a
 //! [`Backend`] is a name plus loaders from checkpoint files to boxed probes. Tests are written
 //! once against [`compiled_backends`] (the engines this build of `fs-suite` was compiled with, by
 //! its `candle` / `burn` / `dfdx` features) and instantiated per backend by
 //! [`backend_suite!`](crate::backend_suite), as candle instantiates its tests per device.
 
 use fs_checkpoint::ModelFiles;
-use fs_estimators::{exact_fisher, Element, ExactOptions, Matrix, Scalar, SplitModel};
+use fs_estimators::{exact_fisher, ExactOptions, Matrix, Scalar, SplitModel};
 use fs_traits::ModelDims;
 
 use crate::Tolerances;
@@ -30,10 +30,7 @@ pub trait Probe {
     fn lower_error(&self, tokens: &[u32], layer: usize) -> Result<(), String>;
 }
 
-impl<M: SplitModel> Probe for M
-where
-    M::Scalar: Element,
-{
+impl<M: SplitModel> Probe for M {
     fn dims(&self) -> ModelDims {
         SplitModel::dims(self)
     }

@@ -9,9 +9,7 @@
 //! with GFLOP/s and each engine's GEMM rate.
 use criterion::{criterion_group, criterion_main, Criterion};
 use fs_checkpoint::Gpt2Config;
-use fs_estimators::{
-    exact_fisher, sampled_fisher, Element, ExactOptions, SampledOptions, SplitModel,
-};
+use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
 use std::hint::black_box;
 
 const LAYER: usize = 6;
@@ -31,10 +29,7 @@ fn config() -> Gpt2Config {
     }
 }
 
-fn bench_model<M: SplitModel>(c: &mut Criterion, name: &str, model: &M)
-where
-    M::Scalar: Element,
-{
+fn bench_model<M: SplitModel>(c: &mut Criterion, name: &str, model: &M) {
     let tokens: Vec<u32> = (0..T).map(|i| ((i * 7919 + 13) % 50257) as u32).collect();
     let ctx = model.lower(&tokens, LAYER).expect("lower");
     let mut group = c.benchmark_group(format!("{name}/gpt2-small-L{LAYER}-T{T}"));

@@ -6,7 +6,6 @@
 //! So `A = ∂u/∂h = diag(σ(h)(1 + h(1 − σ(h))))` and `W_U = W`. Score gradients and `extend`
 //! use the trait's defaults.
 use fs_estimators::*;
-use fs_traits::{check_layer, check_len, check_position, check_tokens, ModelDims};
 
 /// `E` (`V × d`) and `W` (`V × d`).
 struct SiluModel(Matrix<f64>, Matrix<f64>);

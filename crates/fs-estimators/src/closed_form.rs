@@ -1,13 +1,11 @@
 //! The closed form `F = ∇ᵀ diag(p) ∇ − (∇ᵀp)(∇ᵀp)ᵀ`, from host arrays or from a model.
 
 use crate::exact::{check_shape, check_unembedding, ExactOptions};
-use crate::gram::GramAccumulator;
+use crate::gram::{matmul_into, GramAccumulator};
 use crate::{
-    normalized_probabilities, softmax, Element, FsError, Matrix, MatrixRef, Result, Scalar,
-    SplitModel, Threads,
+    normalized_probabilities, softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel,
+    Threads,
 };
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef};
 
 /// What the rows of `∇` in [`closed_form_fisher`] are. The formula is the same for both; the kind
 /// says which identity the input must satisfy, and is checked.
@@ -24,15 +22,15 @@ pub enum GradientKind {
 
 /// Streams `Σ_y p_y ∇_y ∇_yᵀ` (symmetric rank-k updates in `S`, `f64` accumulation) and
 /// `v = Σ_y p_y ∇_y` (in `f64`) over vocabulary rows.
-struct ClosedFormAccumulator<S: Element> {
+struct ClosedFormAccumulator<S: Scalar> {
     d: usize,
     chunk_rows: usize,
-    gram: GramAccumulator<S>,
+    gram: GramAccumulator,
     block: Vec<S>,
     v: Vec<f64>,
 }
 
-impl<S: Element> ClosedFormAccumulator<S> {
+impl<S: Scalar> ClosedFormAccumulator<S> {
     fn new(d: usize, chunk_rows: usize, threads: Threads) -> Self {
         ClosedFormAccumulator {
             d,
@@ -100,7 +98,7 @@ impl<S: Element> ClosedFormAccumulator<S> {
 /// any framework, it returns `Jᵀ(diag p − p pᵀ)J`. With [`GradientKind::Logits`] and a peaked
 /// `p` the two terms cancel and digits are lost; the centered
 /// [`exact_fisher_from_parts`](crate::exact_fisher_from_parts) does not have that problem.
-pub fn closed_form_fisher<S: Element>(
+pub fn closed_form_fisher<S: Scalar>(
     grad: MatrixRef<'_, S>,
     p: &[S],
     kind: GradientKind,
@@ -128,10 +126,7 @@ pub fn closed_form_fisher_at<M: SplitModel>(
     positions: &[usize],
     kind: GradientKind,
     opts: &ExactOptions,
-) -> Result<Vec<Matrix<f64>>>
-where
-    M::Scalar: Element,
-{
+) -> Result<Vec<Matrix<f64>>> {
     if positions.is_empty() {
         return Ok(Vec::new());
     }
@@ -149,7 +144,6 @@ where
         check_shape("readout Jacobian A", a.shape(), (du, d))?;
         fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
         let p = softmax(logits.row(i))?;
-        let a_mat = MatRef::from_row_major_slice(a.as_slice(), du, d);
         // r = mᵀA = pᵀJ, subtracted from every row for the log-prob Jacobian.
         let r: Vec<f64> = match kind {
             GradientKind::Logits => vec![0.0; d],
@@ -164,27 +158,16 @@ where
             }
         };
         let mut acc = ClosedFormAccumulator::<M::Scalar>::new(d, chunk, opts.threads);
-        let mut j_chunk = Mat::<M::Scalar>::zeros(chunk.min(v), d);
+        let mut j_chunk = vec![M::Scalar::default(); chunk.min(v) * d];
         let mut row = vec![M::Scalar::default(); d];
         for start in (0..v).step_by(chunk) {
             let rows = chunk.min(v - start);
-            let w_chunk = MatRef::from_row_major_slice(
-                &w_u.as_slice()[start * du..(start + rows) * du],
-                rows,
-                du,
-            );
-            let mut dst = j_chunk.as_mut().subrows_mut(0, rows);
-            matmul(
-                dst.as_mut(),
-                Accum::Replace,
-                w_chunk,
-                a_mat,
-                <M::Scalar as num_traits::One>::one(),
-                opts.threads.par(),
-            );
-            for y in 0..rows {
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = M::Scalar::round_from_f64(j_chunk[(y, j)].as_f64() - r[j]);
+            let j_rows = &mut j_chunk[..rows * d];
+            let w_chunk = &w_u.as_slice()[start * du..(start + rows) * du];
+            matmul_into(j_rows, w_chunk, a.as_slice(), (rows, du, d), opts.threads);
+            for (y, j_row) in j_rows.chunks_exact(d).enumerate() {
+                for ((x, &jy), rj) in row.iter_mut().zip(j_row).zip(&r) {
+                    *x = M::Scalar::round_from_f64(jy.as_f64() - rj);
                 }
                 acc.push_row(&row, p[start + y]);
             }

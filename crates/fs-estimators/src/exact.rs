@@ -1,7 +1,7 @@
 //! The exact full-vocabulary Fisher `F = Σ_y p_y g_y g_yᵀ = Aᵀ G A`.
 
 use crate::gram::{centered_output_gram, sandwich, DEFAULT_VOCAB_CHUNK};
-use crate::{softmax, Element, FsError, Matrix, MatrixRef, Result, SplitModel, Threads};
+use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Threads};
 
 /// Tuning knobs of the exact estimator. The defaults are right for CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +28,7 @@ impl Default for ExactOptions {
 /// with `a` = the readout Jacobian `A = ∂u/∂h` (`d_u × d`), `w_u` = the unembedding `W_U`
 /// (`V × d_u`, row `y` = `w_y`) and `p` the next-token probabilities (length `V`, validated and
 /// renormalised in `f64`). Equal to `Jᵀ(diag p − p pᵀ)J` with `J = W_U A`, without forming `J`.
-pub fn exact_fisher_from_parts<S: Element>(
+pub fn exact_fisher_from_parts<S: Scalar>(
     a: MatrixRef<'_, S>,
     w_u: MatrixRef<'_, S>,
     p: &[f64],
@@ -61,10 +61,7 @@ pub fn exact_fisher<M: SplitModel>(
     ctx: &M::Context,
     positions: &[usize],
     opts: &ExactOptions,
-) -> Result<Vec<Matrix<f64>>>
-where
-    M::Scalar: Element,
-{
+) -> Result<Vec<Matrix<f64>>> {
     Ok(exact_fisher_with_jacobians(model, ctx, positions, opts)?
         .into_iter()
         .map(|e| e.fisher)
@@ -90,10 +87,7 @@ pub fn exact_fisher_with_jacobians<M: SplitModel>(
     ctx: &M::Context,
     positions: &[usize],
     opts: &ExactOptions,
-) -> Result<Vec<FisherWithJacobian<M::Scalar>>>
-where
-    M::Scalar: Element,
-{
+) -> Result<Vec<FisherWithJacobian<M::Scalar>>> {
     if positions.is_empty() {
         return Ok(Vec::new());
     }

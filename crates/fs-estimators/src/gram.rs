@@ -1,50 +1,54 @@
 //! Weighted Gram matrices and sandwiches: the dense kernels under every estimator.
 
-use crate::{
-    probs::normalized_probabilities, Element, FsError, Matrix, MatrixRef, Result, Threads,
-};
+use crate::{probs::normalized_probabilities, FsError, Matrix, MatrixRef, Result, Scalar, Threads};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
-use faer::{Accum, Mat, MatRef};
+use faer::{Accum, Mat, MatMut, MatRef};
+use fs_traits::{TypedSlice, TypedSliceMut};
 use rayon::prelude::*;
+
+/// The scalars faer multiplies: the kernels below are written once for both of
+/// [`Scalar`]'s types and reached through [`Scalar::typed`], so callers name only `Scalar`.
+trait Element: Scalar + faer::traits::RealField {}
+impl<T: Scalar + faer::traits::RealField> Element for T {}
 
 /// Accumulates `Σ_chunks XᵀX` for row blocks `X` (`n × dim`, scalar `S`): each block's lower
 /// triangle is one symmetric rank-`n` update (faer's triangular matmul, half the flops of a full
-/// product) computed in `S`, then added into an `f64` accumulator.
-pub(crate) struct GramAccumulator<S: Element> {
+/// product) computed in the blocks' own scalar type, then added into an `f64` accumulator.
+pub(crate) struct GramAccumulator {
     dim: usize,
     acc: Vec<f64>,
-    block: Mat<S>,
+    block_f32: Option<Mat<f32>>,
+    block_f64: Option<Mat<f64>>,
     threads: Threads,
 }
 
-impl<S: Element> GramAccumulator<S> {
+impl GramAccumulator {
     pub(crate) fn new(dim: usize, threads: Threads) -> Self {
-        GramAccumulator { dim, acc: vec![0.0; dim * dim], block: Mat::zeros(dim, dim), threads }
+        GramAccumulator {
+            dim,
+            acc: vec![0.0; dim * dim],
+            block_f32: None,
+            block_f64: None,
+            threads,
+        }
     }
 
     /// Add `XᵀX` for a row-major block `x` with `dim` columns.
-    pub(crate) fn add_rows(&mut self, x: &[S]) {
+    pub(crate) fn add_rows<S: Scalar>(&mut self, x: &[S]) {
         let n = x.len() / self.dim.max(1);
         if n == 0 || self.dim == 0 {
             return;
         }
-        let x = MatRef::from_row_major_slice(x, n, self.dim);
-        triangular_matmul(
-            self.block.as_mut(),
-            BlockStructure::TriangularLower,
-            Accum::Replace,
-            x.transpose(),
-            BlockStructure::Rectangular,
-            x,
-            BlockStructure::Rectangular,
-            <S as num_traits::One>::one(),
-            self.threads.par(),
-        );
-        for j in 0..self.dim {
-            let col = self.block.col(j);
-            for i in j..self.dim {
-                self.acc[i * self.dim + j] += col[i].as_f64();
+        let dim = self.dim;
+        match S::typed(x) {
+            TypedSlice::F32(x) => {
+                let block = self.block_f32.get_or_insert_with(|| Mat::zeros(dim, dim));
+                lower_gram_into(block, x, n, self.threads, &mut self.acc);
+            }
+            TypedSlice::F64(x) => {
+                let block = self.block_f64.get_or_insert_with(|| Mat::zeros(dim, dim));
+                lower_gram_into(block, x, n, self.threads, &mut self.acc);
             }
         }
     }
@@ -52,6 +56,69 @@ impl<S: Element> GramAccumulator<S> {
     /// The accumulated sum as a full symmetric matrix.
     pub(crate) fn finish(self) -> Matrix<f64> {
         symmetric_from_lower(self.dim, self.acc)
+    }
+}
+
+/// `acc += lower(XᵀX)` for the row-major `n × dim` block `x`, through `block` (`dim × dim`,
+/// scratch) in `E`.
+fn lower_gram_into<E: Element>(
+    block: &mut Mat<E>,
+    x: &[E],
+    n: usize,
+    threads: Threads,
+    acc: &mut [f64],
+) {
+    let dim = block.nrows();
+    let x = MatRef::from_row_major_slice(x, n, dim);
+    triangular_matmul(
+        block.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        E::one(),
+        threads.par(),
+    );
+    for j in 0..dim {
+        let col = block.col(j);
+        for i in j..dim {
+            acc[i * dim + j] += col[i].as_f64();
+        }
+    }
+}
+
+/// `out = w · a` for row-major `w` (`rows × inner`), `a` (`inner × cols`) and `out`
+/// (`rows × cols`), in the scalar's own precision (faer's GEMM).
+pub(crate) fn matmul_into<S: Scalar>(
+    out: &mut [S],
+    w: &[S],
+    a: &[S],
+    (rows, inner, cols): (usize, usize, usize),
+    threads: Threads,
+) {
+    fn typed<E: Element>(
+        out: &mut [E],
+        w: &[E],
+        a: &[E],
+        (m, k, n): (usize, usize, usize),
+        threads: Threads,
+    ) {
+        let w = MatRef::from_row_major_slice(w, m, k);
+        let a = MatRef::from_row_major_slice(a, k, n);
+        let out = MatMut::from_row_major_slice_mut(out, m, n);
+        matmul(out, Accum::Replace, w, a, E::one(), threads.par());
+    }
+    let shape = (rows, inner, cols);
+    match (S::typed_mut(out), S::typed(w), S::typed(a)) {
+        (TypedSliceMut::F32(o), TypedSlice::F32(w), TypedSlice::F32(a)) => {
+            typed(o, w, a, shape, threads)
+        }
+        (TypedSliceMut::F64(o), TypedSlice::F64(w), TypedSlice::F64(a)) => {
+            typed(o, w, a, shape, threads)
+        }
+        _ => unreachable!("the three slices share one scalar type"),
     }
 }
 
@@ -82,7 +149,7 @@ pub const DEFAULT_VOCAB_CHUNK: usize = 2048;
 /// symmetric rank-`chunk_rows` updates run in `S` over vocabulary chunks and are accumulated in
 /// `f64`. Rows with `p_y = 0` are skipped. `p` must be a probability vector (validated, then
 /// renormalised in `f64`). Returns the full symmetric `d_u × d_u` matrix.
-pub fn centered_output_gram<S: Element>(
+pub fn centered_output_gram<S: Scalar>(
     w_u: MatrixRef<'_, S>,
     p: &[f64],
     chunk_rows: usize,
@@ -122,7 +189,7 @@ pub fn centered_output_gram<S: Element>(
     // Centered, scaled rows √p_y (w_y − m) of the tokens with p_y > 0, built chunk by chunk (rows
     // in parallel) and added as symmetric rank-k updates.
     let support: Vec<usize> = (0..v).filter(|&y| p[y] > 0.0).collect();
-    let mut acc = GramAccumulator::<S>::new(du, threads);
+    let mut acc = GramAccumulator::new(du, threads);
     let mut block: Vec<S> = vec![S::zero(); chunk_rows.min(support.len()) * du];
     for ys in support.chunks(chunk_rows) {
         let block = &mut block[..ys.len() * du];
@@ -145,7 +212,7 @@ pub fn centered_output_gram<S: Element>(
 /// The sandwich `F = Aᵀ G A` for `A` (`d_u × d`, scalar `S`) and symmetric `G` (`d_u × d_u`,
 /// `f64`), computed in `f64` (`2 d_u² d + d_u d²` flops; the upper triangle is mirrored from the
 /// lower one, so the result is exactly symmetric).
-pub fn sandwich<S: Element>(
+pub fn sandwich<S: Scalar>(
     a: MatrixRef<'_, S>,
     g: &Matrix<f64>,
     threads: Threads,
@@ -186,14 +253,14 @@ pub fn sandwich<S: Element>(
 /// The empirical second moment `(1/n) Σ_i g_i g_iᵀ` of the rows `g_i` of `scores` (`n × d`),
 /// in `f64`. This is the sampled Fisher estimate when the rows are score gradients `∇_h log p_y`
 /// at tokens `y ~ p`.
-pub fn outer_product_mean<S: Element>(scores: MatrixRef<'_, S>) -> Result<Matrix<f64>> {
+pub fn outer_product_mean<S: Scalar>(scores: MatrixRef<'_, S>) -> Result<Matrix<f64>> {
     let (n, d) = scores.shape();
     if n == 0 {
         return Err(FsError::invalid("number of score rows", 0, "at least 1"));
     }
     fs_traits::check_finite("score gradients", scores.as_slice())?;
     let rows: Vec<f64> = scores.as_slice().iter().map(|v| v.as_f64()).collect();
-    let mut acc = GramAccumulator::<f64>::new(d, Threads(1));
+    let mut acc = GramAccumulator::new(d, Threads(1));
     acc.add_rows(&rows);
     let mut out = acc.finish();
     let inv = 1.0 / n as f64;

@@ -34,8 +34,10 @@
 //! its digits as `max p → 1` (see the `peaked` tests).
 //!
 //! No tensor framework is in this crate's dependency tree: link it into your own model by
-//! implementing [`fs_traits::SplitModel`] (see `examples/custom_model.rs`), or call
-//! [`closed_form_fisher`] / [`exact_fisher_from_parts`] on plain arrays.
+//! implementing [`SplitModel`] (everything an implementer needs is re-exported here; see
+//! `examples/custom_model.rs`), check the implementation with `testing::check_split_model`
+//! (feature `testing`), or call [`closed_form_fisher`] / [`exact_fisher_from_parts`] on plain
+//! arrays. Every function is generic over [`Scalar`] (`f32` or `f64`) alone.
 
 #![warn(missing_docs)]
 
@@ -49,6 +51,8 @@ mod probs;
 mod readouts;
 mod sampled;
 mod spectrum;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use accumulate::{CompensatedSum, FisherAccumulator};
 pub use closed_form::{closed_form_fisher, closed_form_fisher_at, GradientKind};
@@ -56,7 +60,12 @@ pub use exact::{
     exact_fisher, exact_fisher_from_parts, exact_fisher_with_jacobians, ExactOptions,
     FisherWithJacobian,
 };
-pub use fs_traits::{FsError, Matrix, MatrixRef, Result, Scalar, SplitContext, SplitModel};
+// What an implementer of `SplitModel` needs, so that one dependency is enough.
+pub use fs_traits::{
+    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
+    FsError, Matrix, MatrixRef, ModelDims, Result, Scalar, SplitContext, SplitModel, TypedSlice,
+    TypedSliceMut,
+};
 pub use gram::{centered_output_gram, outer_product_mean, relative_frobenius, sandwich};
 pub use predictive::{predictive_fisher, PredictiveFisher, PredictiveOptions};
 pub use probs::{
@@ -70,10 +79,11 @@ pub use readouts::{
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
 pub use spectrum::{spectrum, Spectrum};
 
-/// A scalar the estimators can run their matrix products in: [`Scalar`] (`f32` or `f64`) that
-/// faer also knows. Blanket-implemented; nothing to implement.
-pub trait Element: Scalar + faer::traits::RealField {}
-impl<T: Scalar + faer::traits::RealField> Element for T {}
+/// Former bound of the estimators' generic functions; every [`Scalar`] now qualifies (the
+/// estimators dispatch to their `f32` / `f64` kernels inside). Kept only until the last callers
+/// drop it.
+pub trait Element: Scalar {}
+impl<T: Scalar> Element for T {}
 
 /// How many threads the dense products may use: `0` = all of rayon's global pool, `1` =
 /// sequential, `n` = at most `n`.

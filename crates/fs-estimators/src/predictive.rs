@@ -3,8 +3,8 @@
 
 use crate::exact::check_shape;
 use crate::{
-    exact_fisher, sample_tokens, sampling_distribution, Element, ExactOptions, FsError, Matrix,
-    Result, SamplingOptions, SplitContext, SplitModel,
+    exact_fisher, sample_tokens, sampling_distribution, ExactOptions, FsError, Matrix, Result,
+    SamplingOptions, SplitContext, SplitModel,
 };
 use std::collections::BTreeMap;
 
@@ -60,10 +60,7 @@ pub fn predictive_fisher<M: SplitModel>(
     ctx: &M::Context,
     position: usize,
     opts: &PredictiveOptions,
-) -> Result<PredictiveFisher>
-where
-    M::Scalar: Element,
-{
+) -> Result<PredictiveFisher> {
     if opts.draws == 0 {
         return Err(FsError::invalid("draws", 0, "at least 1 sampled next token"));
     }

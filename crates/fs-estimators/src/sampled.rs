@@ -2,7 +2,7 @@
 
 use crate::exact::check_shape;
 use crate::{
-    outer_product_mean, sample_tokens, sampling_distribution, Element, FsError, Matrix, Result,
+    outer_product_mean, sample_tokens, sampling_distribution, FsError, Matrix, Result,
     SamplingOptions, SplitModel,
 };
 
@@ -48,10 +48,7 @@ pub fn sampled_fisher<M: SplitModel>(
     ctx: &M::Context,
     positions: &[usize],
     opts: &SampledOptions,
-) -> Result<Vec<SampledFisher>>
-where
-    M::Scalar: Element,
-{
+) -> Result<Vec<SampledFisher>> {
     if opts.samples == 0 {
         return Err(FsError::invalid("samples", 0, "at least 1 draw per position"));
     }

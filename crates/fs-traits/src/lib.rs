@@ -38,7 +38,7 @@ mod scalar;
 pub use engine::{softmax, tempered_softmax};
 pub use error::{FsError, Result};
 pub use matrix::{Matrix, MatrixRef};
-pub use scalar::Scalar;
+pub use scalar::{Scalar, TypedSlice, TypedSliceMut};
 
 /// The sizes of a split model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,6 +21,30 @@ pub trait Scalar:
     fn as_f64(self) -> f64;
     /// Narrow from `f64` (round to nearest).
     fn round_from_f64(v: f64) -> Self;
+    /// The slice at its concrete type: code generic over `Scalar` dispatches on it to a kernel
+    /// written for `f32` and `f64` (the estimators' matrix products), so no numerical library's
+    /// trait bound appears in a caller's signature.
+    fn typed(values: &[Self]) -> TypedSlice<'_>;
+    /// [`Scalar::typed`] for a mutable slice.
+    fn typed_mut(values: &mut [Self]) -> TypedSliceMut<'_>;
+}
+
+/// A slice of a [`Scalar`] at its concrete type.
+#[derive(Debug)]
+pub enum TypedSlice<'a> {
+    /// `f32` values.
+    F32(&'a [f32]),
+    /// `f64` values.
+    F64(&'a [f64]),
+}
+
+/// A mutable slice of a [`Scalar`] at its concrete type.
+#[derive(Debug)]
+pub enum TypedSliceMut<'a> {
+    /// `f32` values.
+    F32(&'a mut [f32]),
+    /// `f64` values.
+    F64(&'a mut [f64]),
 }
 
 impl Scalar for f32 {
@@ -33,6 +57,12 @@ impl Scalar for f32 {
     fn round_from_f64(v: f64) -> Self {
         v as f32
     }
+    fn typed(values: &[Self]) -> TypedSlice<'_> {
+        TypedSlice::F32(values)
+    }
+    fn typed_mut(values: &mut [Self]) -> TypedSliceMut<'_> {
+        TypedSliceMut::F32(values)
+    }
 }
 
 impl Scalar for f64 {
@@ -44,6 +74,12 @@ impl Scalar for f64 {
     #[inline]
     fn round_from_f64(v: f64) -> Self {
         v
+    }
+    fn typed(values: &[Self]) -> TypedSlice<'_> {
+        TypedSlice::F64(values)
+    }
+    fn typed_mut(values: &mut [Self]) -> TypedSliceMut<'_> {
+        TypedSliceMut::F64(values)
     }
 }
 
