@@ -8,14 +8,13 @@
 //! `[L, d, d]` (its accumulated rounding errors: the sum is `fisher_sum + fisher_sum_lo`),
 //! `fisher_mean` f64 `[L, d, d]` (the mean, for readers), `entropy_sum` f64 `[L, 2]`
 //! (hi, lo) and `sequences` i64 `[S]` (the document indices included); its header metadata
-//! records the settings a merge must agree on (`settings`: model weights' sha256, d, layers,
-//! estimator, position selection) and the shard.
+//! ([`crate::results::MeanHeader`]) records the settings a merge must agree on (`settings`:
+//! model weights' sha256, d, layers, estimator, position selection) and the shard.
 
 use crate::output::{write_atomic, OwnedTensor};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::results::{finite, json_text, MeanHeader, MeanSettings, MeanSummaryRow};
+use anyhow::{anyhow, Context, Result};
 use fs_estimators::{spectrum, CompensatedSum, FisherAccumulator};
-use serde_json::json;
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The accumulator file of a results directory.
@@ -63,15 +62,15 @@ pub struct MeanState {
     pub layers: Vec<(usize, FisherAccumulator)>,
     /// Document indices included.
     pub sequences: Vec<usize>,
-    /// What a merge must agree on (JSON).
-    pub settings: serde_json::Value,
+    /// What a merge must agree on.
+    pub settings: MeanSettings,
     /// `i/N`, `merged` or `all`.
     pub shard: String,
 }
 
 impl MeanState {
     /// Empty accumulators for `layers`, `d × d`.
-    pub fn new(layers: &[usize], d: usize, settings: serde_json::Value, shard: String) -> Self {
+    pub fn new(layers: &[usize], d: usize, settings: MeanSettings, shard: String) -> Self {
         MeanState {
             layers: layers.iter().map(|&l| (l, FisherAccumulator::new(d))).collect(),
             sequences: Vec::new(),
@@ -130,13 +129,9 @@ impl MeanState {
                 ),
             ),
         ];
-        let meta: HashMap<String, String> = [
-            ("format".to_string(), "fisher-stein mean accumulator v1".to_string()),
-            ("settings".to_string(), self.settings.to_string()),
-            ("shard".to_string(), self.shard.clone()),
-        ]
-        .into_iter()
-        .collect();
+        let meta = MeanHeader { settings: self.settings.clone(), shard: self.shard.clone() }
+            .to_metadata()
+            .context("serialising the mean accumulator's header")?;
         let bytes = crate::output::safetensors_bytes(&tensors, Some(meta))
             .context("serialising the mean accumulator")?;
         write_atomic(&dir.join(MEAN_FILE), &bytes)
@@ -159,15 +154,9 @@ impl MeanState {
         };
         let (_, header) =
             safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some("fisher-stein mean accumulator v1") {
-            return Err(bad("no fisher-stein accumulator header".into()));
-        }
-        let settings: serde_json::Value = serde_json::from_str(
-            meta.get("settings").ok_or_else(|| bad("no settings in the header".into()))?,
-        )
-        .map_err(|e| bad(format!("settings: {e}")))?;
-        let shard = meta.get("shard").cloned().unwrap_or_default();
+        let MeanHeader { settings, shard } =
+            MeanHeader::from_metadata(&header.metadata().clone().unwrap_or_default())
+                .map_err(bad)?;
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let get = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
             let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
@@ -227,18 +216,22 @@ impl MeanState {
     }
 
     /// Per layer: the spectrum summary of the mean Fisher (and the full eigenvalues, for plots).
-    pub fn summary(&self) -> Result<Vec<(serde_json::Value, Vec<f64>)>> {
+    pub fn summary(&self) -> Result<Vec<(MeanSummaryRow, Vec<f64>)>> {
         self.layers
             .iter()
             .filter_map(|(layer, acc)| acc.mean().map(|m| (layer, acc, m)))
-            .map(|(layer, acc, m)| {
+            .map(|(&layer, acc, m)| {
                 let s = spectrum(&m, None)?;
                 Ok((
-                    json!({
-                        "layer": layer, "count": acc.count(), "mean_entropy": acc.mean_entropy(),
-                        "trace": s.trace, "top_eigenvalues": &s.eigenvalues[..s.eigenvalues.len().min(5)],
-                        "effective_rank": s.effective_rank, "participation_ratio": s.participation_ratio,
-                    }),
+                    MeanSummaryRow {
+                        layer,
+                        count: acc.count(),
+                        mean_entropy: acc.mean_entropy(),
+                        trace: s.trace,
+                        top_eigenvalues: s.eigenvalues[..s.eigenvalues.len().min(5)].to_vec(),
+                        effective_rank: s.effective_rank,
+                        participation_ratio: s.participation_ratio,
+                    },
                     s.eigenvalues,
                 ))
             })
@@ -247,49 +240,59 @@ impl MeanState {
 }
 
 /// Print the per-layer summary of the mean Fisher.
-pub fn print_mean_summary(rows: &[serde_json::Value]) {
+///
+/// Numbers print as metadata.json holds them (a non-finite value as NaN, and left out of the
+/// eigenvalue list).
+pub fn print_mean_summary(rows: &[MeanSummaryRow]) {
     println!("mean Fisher per layer:");
     println!("layer  matrices  mean entropy  trace       top eigenvalues                      eff. rank  part. ratio");
+    let num = |x: f64| finite(x).unwrap_or(f64::NAN);
     for r in rows {
-        let top = r["top_eigenvalues"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .take(3)
-                    .filter_map(|x| x.as_f64())
-                    .map(|x| format!("{x:.3e}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default();
+        let top = r
+            .top_eigenvalues
+            .iter()
+            .take(3)
+            .filter_map(|&x| finite(x))
+            .map(|x| format!("{x:.3e}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
             "{:>5}  {:>8}  {:>12.4}  {:>10.4e}  [{top:<33}]  {:>9.2}  {:>11.2}",
-            r["layer"].as_u64().unwrap_or(0),
-            r["count"].as_u64().unwrap_or(0),
-            r["mean_entropy"].as_f64().unwrap_or(f64::NAN),
-            r["trace"].as_f64().unwrap_or(f64::NAN),
-            r["effective_rank"].as_f64().unwrap_or(f64::NAN),
-            r["participation_ratio"].as_f64().unwrap_or(f64::NAN),
+            r.layer,
+            r.count,
+            r.mean_entropy.and_then(finite).unwrap_or(f64::NAN),
+            num(r.trace),
+            num(r.effective_rank),
+            num(r.participation_ratio),
         );
     }
 }
 
 /// Check two accumulators' settings for a merge; the error names the first difference.
 pub fn check_compatible(a: &MeanState, b: &MeanState, a_name: &str, b_name: &str) -> Result<()> {
-    for key in ["weights_sha256", "d_model", "layers", "estimator", "selection"] {
-        if a.settings[key] != b.settings[key] {
-            let what = match key {
-                "weights_sha256" => "model weights",
-                "d_model" => "model width d",
-                "layers" => "layers",
-                "estimator" => "estimator settings",
-                _ => "position selection",
-            };
-            bail!(
-                "cannot merge {b_name} into {a_name}: they differ in {what} ({} vs {}): merge only shards of one run",
-                a.settings[key], b.settings[key]
-            );
-        }
+    let (x, y) = (&a.settings, &b.settings);
+    // What differs, and both values as JSON.
+    let differ = |what: &str, a: String, b: String| {
+        anyhow!("cannot merge {b_name} into {a_name}: they differ in {what} ({a} vs {b}): merge only shards of one run")
+    };
+    if x.weights_sha256 != y.weights_sha256 {
+        return Err(differ(
+            "model weights",
+            json_text(&x.weights_sha256),
+            json_text(&y.weights_sha256),
+        ));
+    }
+    if x.d_model != y.d_model {
+        return Err(differ("model width d", json_text(&x.d_model), json_text(&y.d_model)));
+    }
+    if x.layers != y.layers {
+        return Err(differ("layers", json_text(&x.layers), json_text(&y.layers)));
+    }
+    if x.estimator != y.estimator {
+        return Err(differ("estimator settings", json_text(&x.estimator), json_text(&y.estimator)));
+    }
+    if x.selection != y.selection {
+        return Err(differ("position selection", json_text(&x.selection), json_text(&y.selection)));
     }
     Ok(())
 }
@@ -315,45 +318,21 @@ pub fn select_shard(
     })
 }
 
-/// The accumulators of a `compute --mean` run: fresh, or, with `--resume`, the checkpoint in
-/// the results directory (whose sequences are then skipped). `None` without `--mean`.
+/// The accumulators of a `compute --mean` run: with `--resume`, the checkpoint in the results
+/// directory `dir` (whose sequences are then skipped), else fresh ones for `layers` (`d × d`)
+/// with the run's `settings` (called only then: they hash the weights) and its `shard`.
 pub fn start_mean(
-    args: &crate::compute::ComputeArgs,
-    estimator: serde_json::Value,
-    files: &fs_checkpoint::ModelFiles,
+    dir: &Path,
+    resuming: bool,
     layers: &[usize],
     d: usize,
-    resuming: bool,
-) -> Result<Option<MeanState>> {
-    if !args.readouts.accumulate() {
-        return Ok(None);
-    }
-    let path = args.output.join(MEAN_FILE);
+    shard: Option<ShardSpec>,
+    settings: impl FnOnce() -> Result<MeanSettings>,
+) -> Result<MeanState> {
+    let path = dir.join(MEAN_FILE);
     if resuming && path.is_file() {
-        return MeanState::read(&path).map(Some);
+        return MeanState::read(&path);
     }
-    let hashes = files
-        .weights
-        .iter()
-        .map(|p| fs_checkpoint::sha256_file(p).map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    let input = match (&args.input, &args.text, &args.tokens) {
-        (Some(p), _, _) => json!({"file": p}),
-        (None, Some(t), _) => json!({"text": t}),
-        (None, None, t) => json!({"tokens": t}),
-    };
-    let settings = json!({
-        "model": args.model,
-        "weights_sha256": hashes,
-        "d_model": d,
-        "layers": layers,
-        "estimator": estimator,
-        "selection": {
-            "positions": format!("{:?}", args.positions), "position_skip": args.position_skip,
-            "max_positions": args.max_positions, "max_seq_len": args.max_seq_len,
-        },
-        "input": input,
-    });
-    let shard = args.readouts.shard.map_or("all".to_string(), |s| s.to_string());
-    Ok(Some(MeanState::new(layers, d, settings, shard)))
+    let shard = shard.map_or("all".to_string(), |s| s.to_string());
+    Ok(MeanState::new(layers, d, settings()?, shard))
 }

@@ -14,12 +14,16 @@
 //! sweep (`--layers`) adds a per-layer table, a `--mean` run the spectrum of the mean Fisher.
 
 use crate::backends::{with_model, Backend, LoadSpec, Loaded, ModelJob};
-use crate::npz::read_npz;
+use crate::dataset::{print_mean_summary, MeanState, MEAN_FILE};
+use crate::readouts::{print_layer_summary, token_text};
+use crate::results::{
+    finite, read_results, results_files, Array, MeanSummaryRow, MetadataView, PositionSummary,
+    TokenEffect,
+};
 use crate::Globals;
 use anyhow::{bail, Context, Result};
 use fs_estimators::{spectrum, Matrix, SplitModel};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `fisher-stein inspect`.
 #[derive(Debug, clap::Args)]
@@ -42,67 +46,6 @@ pub struct InspectArgs {
     /// Its device: `cpu`, `cuda:N` (candle, dfdx with `cuda`), `wgpu` (burn with `wgpu`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-}
-
-pub type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
-
-/// Read every array of a results file (safetensors or npz) as `f64`.
-pub fn read_results(path: &Path) -> Result<Arrays> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    read_results_bytes(path, &bytes)
-}
-
-/// [`read_results`] on the file's bytes: `path` chooses the format (`.npz`, else safetensors)
-/// and names the file in messages.
-pub fn read_results_bytes(path: &Path, bytes: &[u8]) -> Result<Arrays> {
-    let bad = |e: String| {
-        anyhow::anyhow!(
-            "{} is not a valid results file ({e}): re-run compute to regenerate it",
-            path.display()
-        )
-    };
-    let mut out = HashMap::new();
-    if path.extension().is_some_and(|e| e == "npz") {
-        for (name, a) in read_npz(bytes).map_err(|e| bad(format!("{e:#}")))? {
-            out.insert(name, (a.shape, a.data));
-        }
-    } else {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        for (name, t) in st.tensors() {
-            let v: Vec<f64> = match t.dtype() {
-                safetensors::Dtype::F32 => t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                safetensors::Dtype::F64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::I64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                d => return Err(bad(format!("tensor {name} has unexpected dtype {d:?}"))),
-            };
-            out.insert(name, (t.shape().to_vec(), v));
-        }
-    }
-    for required in ["fisher", "layer", "positions", "token_ids"] {
-        if !out.contains_key(required) {
-            return Err(bad(format!("tensor `{required}` is missing")));
-        }
-    }
-    let (fs, f) = &out["fisher"];
-    if fs.len() != 3 || fs[1] != fs[2] || f.len() != fs.iter().product::<usize>() {
-        return Err(bad(format!("`fisher` has shape {fs:?}, expected [N, d, d]")));
-    }
-    if out["layer"].1.len() != fs[0] || out["positions"].1.len() != fs[0] {
-        return Err(bad("`layer` / `positions` do not have one entry per matrix".into()));
-    }
-    Ok(out)
 }
 
 /// Decodes directions with a loaded model.
@@ -142,7 +85,7 @@ impl<M: SplitModel> DirectionDecoder for ModelDecoder<M> {
         )?)
     }
     fn decode(&self, id: u32) -> String {
-        crate::readouts::token_text(self.tokenizer.as_ref(), id)
+        token_text(self.tokenizer.as_ref(), id)
     }
 }
 
@@ -165,12 +108,16 @@ impl ModelJob for DecoderJob {
 
 fn load_decoder(args: &InspectArgs, g: &Globals) -> Result<Box<dyn DirectionDecoder>> {
     let meta_path = args.dir.join("metadata.json");
-    let meta: serde_json::Value = serde_json::from_slice(
+    let meta = MetadataView::from_json(
         &std::fs::read(&meta_path)
             .with_context(|| format!("cannot read {}", meta_path.display()))?,
     )
     .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
-    let spec = meta["model"]["spec"].as_str().context("metadata.json names no model")?;
+    let spec = meta
+        .model
+        .as_ref()
+        .and_then(|m| m.spec.as_deref())
+        .context("metadata.json names no model")?;
     let load = LoadSpec { model: spec, backend: args.backend, device: &args.device, batch: None };
     let decoder = with_model(&load, g, DecoderJob)?;
     g.log(&format!("loaded {spec} on {} to decode directions", args.backend.name()));
@@ -178,36 +125,29 @@ fn load_decoder(args: &InspectArgs, g: &Globals) -> Result<Box<dyn DirectionDeco
 }
 
 /// Print stored read-outs (`compute --directions K`) of one summary entry.
-fn print_stored_directions(summary: &serde_json::Value, top_k: usize, n: usize) {
-    for d in summary["directions"].as_array().into_iter().flatten().take(top_k) {
-        let toks = |key: &str| {
-            d[key]
-                .as_array()
-                .into_iter()
-                .flatten()
+fn print_stored_directions(summary: &PositionSummary, top_k: usize, n: usize) {
+    // Numbers as metadata.json holds them: a non-finite value reads as NaN (a `dp` as 0).
+    let num = |x: f64| finite(x).unwrap_or(f64::NAN);
+    for d in summary.directions.iter().flatten().take(top_k) {
+        let toks = |v: &[TokenEffect]| {
+            v.iter()
                 .take(n)
-                .map(|t| {
-                    format!(
-                        "{} ({:+.3})",
-                        t["token"].as_str().unwrap_or("?"),
-                        t["dp"].as_f64().unwrap_or(0.0)
-                    )
-                })
+                .map(|t| format!("{} ({:+.3})", t.token, finite(t.dp).unwrap_or(0.0)))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
         println!(
             "  v{} (λ = {:.4e}, hᵀv = {:.4})  KL(p‖p(h+εv)) {:.4e} vs ½ε²vᵀFv {:.4e} (ratio {:.3}, ε {:.3e})",
-            d["k"],
-            d["eigenvalue"].as_f64().unwrap_or(f64::NAN),
-            d["projection"].as_f64().unwrap_or(f64::NAN),
-            d["kl"].as_f64().unwrap_or(f64::NAN),
-            d["kl_quadratic"].as_f64().unwrap_or(f64::NAN),
-            d["kl_ratio"].as_f64().unwrap_or(f64::NAN),
-            d["epsilon"].as_f64().unwrap_or(f64::NAN),
+            d.k,
+            num(d.eigenvalue),
+            num(d.projection),
+            num(d.kl),
+            num(d.kl_quadratic),
+            num(d.kl_ratio),
+            num(d.epsilon),
         );
-        println!("    +v pushes up: {}", toks("up"));
-        println!("    −v pushes up: {}", toks("down"));
+        println!("    +v pushes up: {}", toks(&d.up));
+        println!("    −v pushes up: {}", toks(&d.down));
     }
 }
 
@@ -219,27 +159,26 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
             args.dir.display()
         );
     }
-    let has_mean = args.dir.join(crate::dataset::MEAN_FILE).is_file();
-    let meta: serde_json::Value = std::fs::read(args.dir.join("metadata.json"))
+    let has_mean = args.dir.join(MEAN_FILE).is_file();
+    let meta = std::fs::read(args.dir.join("metadata.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let summaries: Vec<serde_json::Value> = meta["summary"].as_array().cloned().unwrap_or_default();
+        .and_then(|b| MetadataView::from_json(&b).ok())
+        .unwrap_or_default();
     let stored = |seq: usize, layer: usize, position: usize| {
-        summaries.iter().find(|s| {
-            s["sequence"].as_u64() == Some(seq as u64)
-                && s["layer"].as_u64() == Some(layer as u64)
-                && s["position"].as_u64() == Some(position as u64)
-                && s["directions"].is_array()
+        meta.summary.iter().find(|s| {
+            s.sequence == seq
+                && s.layer == layer
+                && s.position == position
+                && s.directions.is_some()
         })
     };
-    let files = match crate::compute::results_files(&args.dir) {
+    let files = match results_files(&args.dir) {
         Ok(f) => f,
         Err(_) if has_mean => Vec::new(),
         Err(e) => return Err(e),
     };
     let results = files.iter().map(|f| read_results(f)).collect::<Result<Vec<_>>>()?;
-    let all_stored = results.iter().all(|r| r.contains_key("direction_kl"));
+    let all_stored = results.iter().all(|r| r.has_directions());
     let decoder = if args.no_model || args.top_k == 0 || files.is_empty() || all_stored {
         None
     } else {
@@ -252,20 +191,17 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
         }
     };
     for (file, r) in files.iter().zip(&results) {
-        let (fs, f) = &r["fisher"];
-        let (n, d) = (fs[0], fs[1]);
-        let tokens: Vec<u32> = r["token_ids"].1.iter().map(|&x| x as u32).collect();
-        let seq = r.get("sequence").and_then(|s| s.1.first().copied()).unwrap_or(0.0) as usize;
+        let (n, d) = (r.n(), r.d());
+        let tokens = r.token_ids();
+        let seq = r.sequence();
         let name = file.file_name().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default();
         for i in 0..n {
-            let layer = r["layer"].1[i] as usize;
-            let position = r["positions"].1[i] as usize;
-            let m = Matrix::from_vec(d, d, f[i * d * d..(i + 1) * d * d].to_vec())?;
+            let layer = r.layer(i);
+            let position = r.position(i);
+            let m = Matrix::from_vec(d, d, r.matrix(i).to_vec())?;
             let s = spectrum(&m, Some(args.top_k.max(5).min(d)))?;
-            let entropy = r
-                .get("probs_entropy")
-                .map(|e| format!("{:.4}", e.1[i]))
-                .unwrap_or_else(|| "n/a".into());
+            let entropy =
+                r.entropy().map(|e| format!("{:.4}", e.data[i])).unwrap_or_else(|| "n/a".into());
             println!(
                 "{name}  seq {seq}  layer {layer}  position {position}  token {}",
                 tokens.get(position).map_or("?".into(), |t| t.to_string())
@@ -313,7 +249,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
                 println!("    −v pushes up: {}", fmt(e.pushed_down(args.tokens_per_direction)));
             }
         }
-        if let Some((ps, p)) = r.get("projections") {
+        if let Some(Array { shape: ps, data: p }) = r.projections() {
             let k = ps.get(1).copied().unwrap_or(0);
             println!("{name}  projections hᵀv_i on the top eigenvectors of each position's F:");
             let header: Vec<String> =
@@ -321,29 +257,19 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
             println!("  layer  position  {}", header.join(" "));
             for i in 0..ps[0] {
                 let row: Vec<String> = (0..k).map(|c| format!("{:>10.4}", p[i * k + c])).collect();
-                println!(
-                    "  {:>5}  {:>8}  {}",
-                    r["layer"].1[i] as usize,
-                    r["positions"].1[i] as usize,
-                    row.join(" ")
-                );
+                println!("  {:>5}  {:>8}  {}", r.layer(i), r.position(i), row.join(" "));
             }
         }
     }
-    if let Some(rows) = meta["layer_summary"].as_array().filter(|a| a.len() > 1) {
+    if meta.layer_summary.len() > 1 {
         println!("layer sweep:");
-        crate::readouts::print_layer_summary(rows);
+        print_layer_summary(&meta.layer_summary);
     }
     if has_mean {
-        let state = crate::dataset::MeanState::read(&args.dir.join(crate::dataset::MEAN_FILE))?;
-        let rows: Vec<serde_json::Value> = state.summary()?.into_iter().map(|(r, _)| r).collect();
-        println!(
-            "{} ({} sequence(s), shard {}):",
-            crate::dataset::MEAN_FILE,
-            state.sequences.len(),
-            state.shard
-        );
-        crate::dataset::print_mean_summary(&rows);
+        let state = MeanState::read(&args.dir.join(MEAN_FILE))?;
+        let rows: Vec<MeanSummaryRow> = state.summary()?.into_iter().map(|(r, _)| r).collect();
+        println!("{MEAN_FILE} ({} sequence(s), shard {}):", state.sequences.len(), state.shard);
+        print_mean_summary(&rows);
     }
     Ok(())
 }

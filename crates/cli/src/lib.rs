@@ -1,7 +1,17 @@
 //! `fisher-stein` as a library: the modules of the command-line tool (`src/main.rs` is a thin
 //! binary over them). Exposed so that the fuzz targets (`fuzz/`) can call the results readers
-//! ([`inspect::read_results_bytes`], [`npz::read_npz`], [`dataset::MeanState::from_bytes`]);
+//! ([`results::read_results_bytes`], [`npz::read_npz`], [`dataset::MeanState::from_bytes`]);
 //! not a stable API.
+//!
+//! The modules depend on each other in one direction only (no cycles):
+//!
+//! * the jobs, one per subcommand: [`compute`], [`inspect`], [`report`], [`merge`], [`info`],
+//!   [`bench`];
+//! * what they share: [`backends`] (the engine registry), [`dataset`] (mean accumulators,
+//!   `--shard`), [`readouts`] (direction read-outs, the layer sweep), [`plots`];
+//! * at the bottom: [`results`] (every results format as serde types, and the results-file
+//!   reader), [`output`] (atomic writes, locks, safetensors), [`npz`], [`inputs`],
+//!   [`positions`].
 
 pub mod backends;
 pub mod bench;
@@ -17,6 +27,7 @@ pub mod plots;
 pub mod positions;
 pub mod readouts;
 pub mod report;
+pub mod results;
 
 /// Options every subcommand shares.
 pub struct Globals {

@@ -9,9 +9,12 @@
 
 use crate::dataset::{check_compatible, print_mean_summary, MeanState, MEAN_FILE};
 use crate::output::{check_output_dir, create_results_dir, lock_output, write_atomic, ExistingDir};
+use crate::readouts::layer_summary;
+use crate::results::{
+    json_text, pretty_json, MeanSummaryRow, MergeMetadata, MergedInput, MetadataView, TOOL, VERSION,
+};
 use crate::Globals;
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -58,7 +61,8 @@ pub fn run(args: MergeArgs, g: &Globals) -> Result<()> {
         }
         let name = input.display().to_string();
         let state = MeanState::read(&path)?;
-        let source = state.settings["input"].to_string();
+        // Documents of distinct inputs may share an index.
+        let source = json_text(&state.settings.input);
         for &s in &state.sequences {
             if let Some(other) = seen.insert((source.clone(), s), name.clone()) {
                 bail!("document {s} is in both {other} and {name}: each document may be merged once (shards of one run, or distinct inputs)");
@@ -70,11 +74,14 @@ pub fn run(args: MergeArgs, g: &Globals) -> Result<()> {
             state.layers.len(),
             state.shard
         ));
-        shards
-            .push(json!({"path": path, "shard": state.shard, "sequences": state.sequences.len()}));
+        shards.push(MergedInput {
+            path: path.clone(),
+            shard: state.shard.clone(),
+            sequences: state.sequences.len(),
+        });
         if let Some(s) = dir.as_ref().map(|d| d.join("metadata.json")).filter(|p| p.is_file()) {
-            if let Ok(m) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(&s)?) {
-                summaries.extend(m["summary"].as_array().cloned().unwrap_or_default());
+            if let Ok(m) = MetadataView::from_json(&std::fs::read(&s)?) {
+                summaries.extend(m.summary);
             }
         }
         match merged.as_mut() {
@@ -96,24 +103,22 @@ pub fn run(args: MergeArgs, g: &Globals) -> Result<()> {
     m.shard = format!("merged from {} input(s)", args.inputs.len());
     create_results_dir(&args.output, args.force)?;
     m.write(&args.output)?;
-    let mean_summary = m.summary()?;
-    let rows: Vec<serde_json::Value> = mean_summary.iter().map(|(r, _)| r.clone()).collect();
-    let layer_summary = crate::readouts::layer_summary(&summaries);
-    let metadata = json!({
-        "tool": "fisher-stein",
-        "version": env!("CARGO_PKG_VERSION"),
-        "merged_from": shards,
-        "settings": m.settings,
-        "layers": m.layers.iter().map(|(l, _)| l).collect::<Vec<_>>(),
-        "d_model": m.dim(),
-        "n_sequences": m.sequences.len(),
-        "mean_summary": rows,
-        "layer_summary": layer_summary,
-        "summary": summaries,
-    });
-    write_atomic(&args.output.join("metadata.json"), &serde_json::to_vec_pretty(&metadata)?)?;
+    let rows: Vec<MeanSummaryRow> = m.summary()?.into_iter().map(|(r, _)| r).collect();
+    let metadata = MergeMetadata {
+        tool: TOOL.into(),
+        version: VERSION.into(),
+        merged_from: shards,
+        settings: m.settings.clone(),
+        layers: m.layers.iter().map(|(l, _)| *l).collect(),
+        d_model: m.dim(),
+        n_sequences: m.sequences.len(),
+        mean_summary: rows,
+        layer_summary: layer_summary(&summaries),
+        summary: summaries,
+    };
+    write_atomic(&args.output.join("metadata.json"), &pretty_json(&metadata)?)?;
     if !g.quiet {
-        print_mean_summary(&rows);
+        print_mean_summary(&metadata.mean_summary);
         eprintln!(
             "merged {} input(s), {} document(s), into {}",
             args.inputs.len(),

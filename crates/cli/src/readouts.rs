@@ -5,64 +5,12 @@
 //! decoded tables in metadata.json (read by `inspect` and `report`).
 
 use crate::output::OwnedTensor;
-use anyhow::{bail, Result};
+use crate::results::{finite, DirectionSummary, LayerSummaryRow, PositionSummary, TokenEffect};
+use anyhow::Result;
 use fs_estimators::{
     direction_effects, direction_effects_from_jacobian, project, spectrum, DirectionOptions,
     Matrix, Scalar, SplitModel,
 };
-use serde_json::json;
-
-/// The interpretability flags of `compute`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ReadoutArgs {
-    /// Decode the top K eigenvectors of every matrix: tokens ±v push up, vᵀFv, the KL check
-    /// KL(p‖p(h+εv)) vs ½ε²vᵀFv, and the projections hᵀv (stores the top K eigenpairs too).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub directions: usize,
-    /// Tokens listed per direction and sign with --directions.
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    pub direction_tokens: usize,
-    /// Also accumulate the mean Fisher per layer over every analysed position and sequence
-    /// (streamed, f64 compensated sums + counts) into mean.safetensors.
-    #[arg(long)]
-    pub mean: bool,
-    /// Like --mean, but write no per-sequence matrices (only mean.safetensors and metadata.json).
-    #[arg(long)]
-    pub mean_only: bool,
-    /// Process only shard i of N of the documents (document j belongs to shard j mod N), for
-    /// array jobs; combine the shards' mean.safetensors with `fisher-stein merge`.
-    #[arg(long, value_name = "i/N")]
-    pub shard: Option<crate::dataset::ShardSpec>,
-}
-
-impl ReadoutArgs {
-    /// `--mean` or `--mean-only`.
-    pub fn accumulate(&self) -> bool {
-        self.mean || self.mean_only
-    }
-
-    /// Checks that need no model.
-    pub fn validate(&self, estimator: &str) -> Result<()> {
-        if self.directions > 0 && estimator == "predictive" {
-            bail!("--directions with --estimator predictive: the predictive average is a Fisher at position t+1 over sampled tokens, so its eigenvectors do not act on h_k[t]; use exact, closed-form or sampled");
-        }
-        if self.directions > 0 && self.direction_tokens == 0 {
-            bail!("--direction-tokens 0 lists no tokens: give at least 1");
-        }
-        Ok(())
-    }
-
-    /// The settings recorded in run.json (and checked by --resume).
-    pub fn settings_json(&self) -> serde_json::Value {
-        json!({
-            "directions": self.directions,
-            "direction_tokens": self.direction_tokens,
-            "mean": self.accumulate(),
-            "mean_only": self.mean_only,
-            "shard": self.shard.map(|s| s.to_string()),
-        })
-    }
-}
 
 /// One direction's read-out, ready to store.
 #[derive(Clone, Debug)]
@@ -94,8 +42,9 @@ pub struct Readout {
     pub directions: Vec<DirectionRow>,
 }
 
-/// Compute the read-out of the matrix `fisher` of `model` at `position` of `ctx`. `jacobian`:
-/// the readout Jacobian `A_t` of this position when the estimator already computed it
+/// Compute the read-out of the matrix `fisher` of `model` at `position` of `ctx`: its top
+/// `directions` eigenvectors, with `tokens` tokens per direction and sign. `jacobian`: the
+/// readout Jacobian `A_t` of this position when the estimator already computed it
 /// (`J v = W_U A_t v` then costs no second Jacobian), else `None`.
 pub fn readout<M: SplitModel>(
     model: &M,
@@ -103,10 +52,11 @@ pub fn readout<M: SplitModel>(
     position: usize,
     fisher: &Matrix<f64>,
     jacobian: Option<&Matrix<M::Scalar>>,
-    args: &ReadoutArgs,
+    directions: usize,
+    tokens: usize,
 ) -> Result<Readout> {
     let d = fisher.rows();
-    let k = args.directions.min(d);
+    let k = directions.min(d);
     let s = spectrum(fisher, Some(k))?;
     let h = model.activation(ctx, position)?;
     let projections = project(&h, &s.eigenvectors)?;
@@ -117,7 +67,7 @@ pub fn readout<M: SplitModel>(
         }
         None => direction_effects(model, ctx, position, &s.eigenvectors, &opts)?,
     };
-    let n = args.direction_tokens;
+    let n = tokens;
     let directions = effects
         .iter()
         .enumerate()
@@ -190,24 +140,29 @@ fn padded(v: &[(u32, f64, f64)], n: usize) -> impl Iterator<Item = (i64, f64)> +
     (0..n).map(move |i| v.get(i).map_or((-1, 0.0), |t| (t.0 as i64, t.1)))
 }
 
-/// The read-out as JSON for metadata.json, tokens decoded with `decode`.
-pub fn readout_json(r: &Readout, decode: &dyn Fn(u32) -> String) -> serde_json::Value {
+/// The read-out as metadata.json records it, tokens decoded with `decode`.
+pub fn readout_summary(r: &Readout, decode: &dyn Fn(u32) -> String) -> Vec<DirectionSummary> {
     let toks = |v: &[(u32, f64, f64)]| {
         v.iter()
-            .map(|&(y, dp, dz)| json!({"id": y, "token": decode(y), "dp": dp, "dlogit": dz}))
+            .map(|&(y, dp, dz)| TokenEffect { id: y, token: decode(y), dp, dlogit: dz })
             .collect::<Vec<_>>()
     };
-    json!(r
-        .directions
+    r.directions
         .iter()
         .enumerate()
-        .map(|(i, d)| json!({
-            "k": i + 1, "eigenvalue": d.eigenvalue, "vFv": d.fisher_quadratic,
-            "epsilon": d.epsilon, "kl": d.kl, "kl_quadratic": d.kl_quadratic,
-            "kl_ratio": d.kl / d.kl_quadratic, "projection": d.projection,
-            "up": toks(&d.up), "down": toks(&d.down),
-        }))
-        .collect::<Vec<_>>())
+        .map(|(i, d)| DirectionSummary {
+            k: i + 1,
+            eigenvalue: d.eigenvalue,
+            fisher_quadratic: d.fisher_quadratic,
+            epsilon: d.epsilon,
+            kl: d.kl,
+            kl_quadratic: d.kl_quadratic,
+            kl_ratio: d.kl / d.kl_quadratic,
+            projection: d.projection,
+            up: toks(&d.up),
+            down: toks(&d.down),
+        })
+        .collect()
 }
 
 /// A token's text for tables: the tokenizer's decoding, quoted (`"␣Paris"`), or `#id`.
@@ -221,61 +176,60 @@ pub fn token_text(tokenizer: Option<&fs_checkpoint::tokenizers::Tokenizer>, id: 
 }
 
 /// The layer sweep: per layer, means over the analysed positions of the summaries `compute`
-/// writes (entropy, trace, top eigenvalues, effective rank, participation ratio).
-pub fn layer_summary(summaries: &[serde_json::Value]) -> Vec<serde_json::Value> {
-    let mut layers: Vec<u64> = summaries.iter().filter_map(|s| s["layer"].as_u64()).collect();
+/// writes (entropy, trace, top eigenvalues, effective rank, participation ratio). A value
+/// metadata.json cannot hold (NaN, infinity: written as `null`) is left out of the sums.
+pub fn layer_summary(summaries: &[PositionSummary]) -> Vec<LayerSummaryRow> {
+    let mut layers: Vec<usize> = summaries.iter().map(|s| s.layer).collect();
     layers.sort_unstable();
     layers.dedup();
     layers
         .into_iter()
         .map(|layer| {
-            let rows: Vec<&serde_json::Value> =
-                summaries.iter().filter(|s| s["layer"].as_u64() == Some(layer)).collect();
+            let rows: Vec<&PositionSummary> =
+                summaries.iter().filter(|s| s.layer == layer).collect();
             let n = rows.len() as f64;
-            let mean = |key: &str| rows.iter().filter_map(|r| r[key].as_f64()).sum::<f64>() / n;
-            let top_len = rows
-                .iter()
-                .filter_map(|r| r["top_eigenvalues"].as_array().map(|a| a.len()))
-                .min()
-                .unwrap_or(0);
+            let mean = |f: fn(&PositionSummary) -> f64| {
+                rows.iter().filter_map(|r| finite(f(r))).sum::<f64>() / n
+            };
+            let top_len = rows.iter().map(|r| r.top_eigenvalues.len()).min().unwrap_or(0);
             let top: Vec<f64> = (0..top_len)
-                .map(|i| {
-                    rows.iter().filter_map(|r| r["top_eigenvalues"][i].as_f64()).sum::<f64>() / n
-                })
+                .map(|i| rows.iter().filter_map(|r| finite(r.top_eigenvalues[i])).sum::<f64>() / n)
                 .collect();
-            json!({
-                "layer": layer, "positions": rows.len(), "mean_entropy": mean("entropy"),
-                "mean_trace": mean("trace"), "mean_top_eigenvalues": top,
-                "mean_effective_rank": mean("effective_rank"),
-                "mean_participation_ratio": mean("participation_ratio"),
-            })
+            LayerSummaryRow {
+                layer,
+                positions: rows.len(),
+                mean_entropy: mean(|r| r.entropy),
+                mean_trace: mean(|r| r.trace),
+                mean_top_eigenvalues: top,
+                mean_effective_rank: mean(|r| r.effective_rank),
+                mean_participation_ratio: mean(|r| r.participation_ratio),
+            }
         })
         .collect()
 }
 
-/// Print the layer sweep as a table.
-pub fn print_layer_summary(rows: &[serde_json::Value]) {
+/// Print the layer sweep as a table (numbers as metadata.json holds them: a non-finite value as
+/// NaN, and left out of the eigenvalue list).
+pub fn print_layer_summary(rows: &[LayerSummaryRow]) {
     println!("layer  positions  mean entropy  mean trace  mean top eigenvalues                 eff. rank  part. ratio");
+    let num = |x: f64| finite(x).unwrap_or(f64::NAN);
     for r in rows {
-        let top = r["mean_top_eigenvalues"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .take(3)
-                    .filter_map(|x| x.as_f64())
-                    .map(|x| format!("{x:.3e}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default();
+        let top = r
+            .mean_top_eigenvalues
+            .iter()
+            .take(3)
+            .filter_map(|&x| finite(x))
+            .map(|x| format!("{x:.3e}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
             "{:>5}  {:>9}  {:>12.4}  {:>10.4e}  [{top:<33}]  {:>9.2}  {:>11.2}",
-            r["layer"].as_u64().unwrap_or(0),
-            r["positions"].as_u64().unwrap_or(0),
-            r["mean_entropy"].as_f64().unwrap_or(f64::NAN),
-            r["mean_trace"].as_f64().unwrap_or(f64::NAN),
-            r["mean_effective_rank"].as_f64().unwrap_or(f64::NAN),
-            r["mean_participation_ratio"].as_f64().unwrap_or(f64::NAN),
+            r.layer,
+            r.positions,
+            num(r.mean_entropy),
+            num(r.mean_trace),
+            num(r.mean_effective_rank),
+            num(r.mean_participation_ratio),
         );
     }
 }

@@ -7,10 +7,14 @@
 use crate::dataset::{MeanState, MEAN_FILE};
 use crate::output::write_atomic;
 use crate::plots::{self, Plot, RankRow};
+use crate::readouts::layer_summary;
+use crate::results::{
+    finite, json_text, read_results, results_files, LayerSummaryRow, MetadataView, PositionSummary,
+    TokenEffect,
+};
 use crate::Globals;
 use anyhow::{bail, Context, Result};
 use fs_estimators::{spectrum, FisherAccumulator, Matrix};
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,16 +38,18 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn num(v: &Value, digits: usize) -> String {
-    match v.as_f64() {
+/// A number for a table; "–" for one metadata.json cannot hold (NaN, infinity: `null`).
+fn num(x: f64, digits: usize) -> String {
+    match finite(x) {
         Some(x) if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) => format!("{x:.digits$e}"),
         Some(x) => format!("{x:.digits$}"),
         None => "–".into(),
     }
 }
 
-fn sci(v: &Value) -> String {
-    v.as_f64().map_or("–".into(), |x| format!("{x:.3e}"))
+/// [`num`] in scientific notation.
+fn sci(x: f64) -> String {
+    finite(x).map_or("–".into(), |x| format!("{x:.3e}"))
 }
 
 /// Per-layer eigenvalues, effective ranks of the mean Fisher, and what the spectra are of.
@@ -57,22 +63,19 @@ fn layer_spectra(dir: &Path, has_mean: bool) -> Result<LayerSpectra> {
     if has_mean {
         let state = MeanState::read(&dir.join(MEAN_FILE))?;
         for (row, eig) in state.summary()? {
-            let layer = row["layer"].as_u64().unwrap_or(0) as usize;
-            eff.insert(layer, row["effective_rank"].as_f64().unwrap_or(f64::NAN));
-            out.push((layer, eig));
+            eff.insert(row.layer, finite(row.effective_rank).unwrap_or(f64::NAN));
+            out.push((row.layer, eig));
         }
         return Ok((out, eff, "the mean Fisher (mean.safetensors)".into()));
     }
-    let files = crate::compute::results_files(dir)?;
+    let files = results_files(dir)?;
     let mut accs: BTreeMap<usize, FisherAccumulator> = BTreeMap::new();
     for f in &files {
-        let r = crate::inspect::read_results(f)?;
-        let (fs, data) = &r["fisher"];
-        let (n, d) = (fs[0], fs[1]);
-        for i in 0..n {
-            let layer = r["layer"].1[i] as usize;
-            let m = Matrix::from_vec(d, d, data[i * d * d..(i + 1) * d * d].to_vec())?;
-            accs.entry(layer).or_insert_with(|| FisherAccumulator::new(d)).add(&m, 0.0)?;
+        let r = read_results(f)?;
+        let d = r.d();
+        for i in 0..r.n() {
+            let m = Matrix::from_vec(d, d, r.matrix(i).to_vec())?;
+            accs.entry(r.layer(i)).or_insert_with(|| FisherAccumulator::new(d)).add(&m, 0.0)?;
         }
     }
     for (layer, acc) in accs {
@@ -97,7 +100,7 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
         );
     }
     let meta_path = dir.join("metadata.json");
-    let meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).with_context(|| {
+    let meta = MetadataView::from_json(&std::fs::read(&meta_path).with_context(|| {
         format!(
             "cannot read {}: point report at a finished compute or merge directory",
             meta_path.display()
@@ -106,13 +109,12 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
     .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
     let has_mean = dir.join(MEAN_FILE).is_file();
     let (spectra, mean_eff, spectra_what) = layer_spectra(dir, has_mean)?;
-    let summary: Vec<Value> = meta["summary"].as_array().cloned().unwrap_or_default();
-    let layer_summary: Vec<Value> = match meta["layer_summary"].as_array() {
-        Some(a) if !a.is_empty() => a.clone(),
-        _ => crate::readouts::layer_summary(&summary),
+    let summary = &meta.summary;
+    let layer_summary = match &meta.layer_summary {
+        rows if !rows.is_empty() => rows.clone(),
+        _ => layer_summary(summary),
     };
-    let layers: Vec<usize> =
-        layer_summary.iter().filter_map(|r| r["layer"].as_u64()).map(|l| l as usize).collect();
+    let layers: Vec<usize> = layer_summary.iter().map(|r| r.layer).collect();
 
     let mut plot_list: Vec<Plot> = Vec::new();
     if !spectra.is_empty() {
@@ -120,14 +122,11 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
     }
     let mut rank_rows: Vec<RankRow> = layer_summary
         .iter()
-        .map(|r| {
-            let layer = r["layer"].as_u64().unwrap_or(0) as usize;
-            RankRow {
-                layer,
-                effective_rank: r["mean_effective_rank"].as_f64().unwrap_or(f64::NAN),
-                participation_ratio: r["mean_participation_ratio"].as_f64().unwrap_or(f64::NAN),
-                mean_fisher_effective_rank: mean_eff.get(&layer).copied(),
-            }
+        .map(|r| RankRow {
+            layer: r.layer,
+            effective_rank: finite(r.mean_effective_rank).unwrap_or(f64::NAN),
+            participation_ratio: finite(r.mean_participation_ratio).unwrap_or(f64::NAN),
+            mean_fisher_effective_rank: mean_eff.get(&r.layer).copied(),
         })
         .collect();
     if rank_rows.is_empty() {
@@ -147,9 +146,7 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
     }
     let points: Vec<(usize, f64, f64)> = summary
         .iter()
-        .filter_map(|s| {
-            Some((s["layer"].as_u64()? as usize, s["entropy"].as_f64()?, s["trace"].as_f64()?))
-        })
+        .filter_map(|s| Some((s.layer, finite(s.entropy)?, finite(s.trace)?)))
         .collect();
     if !points.is_empty() {
         plot_list.push(plots::entropy_trace(&points, &layers)?);
@@ -162,7 +159,7 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
         write_atomic(&plot_dir.join(format!("{}.png", p.name)), &p.png)?;
     }
 
-    let html = page(&meta, &summary, &layer_summary, &plot_list, args.max_positions);
+    let html = page(&meta, summary, &layer_summary, &plot_list, args.max_positions);
     let out = args.output.clone().unwrap_or_else(|| dir.join("report.html"));
     write_atomic(&out, html.as_bytes())?;
     g.log(&format!("{} plots written to {}", plot_list.len(), plot_dir.display()));
@@ -185,15 +182,14 @@ figure{margin:1em 0}figure svg{max-width:100%;height:auto;border:1px solid #eee}
 .up{color:#0a6b2c}.down{color:#a0182b}.muted{color:#777}";
 
 fn page(
-    meta: &Value,
-    summary: &[Value],
-    layer_summary: &[Value],
+    meta: &MetadataView,
+    summary: &[PositionSummary],
+    layer_summary: &[LayerSummaryRow],
     plots: &[Plot],
     max_positions: usize,
 ) -> String {
     let mut h = String::new();
-    let model =
-        meta["model"]["spec"].as_str().or(meta["settings"]["model"].as_str()).unwrap_or("?");
+    let model = meta.model_spec().unwrap_or("?");
     let _ = write!(
         h,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fisher-stein report: {}</title><style>{STYLE}</style></head><body>\n",
@@ -210,61 +206,51 @@ fn page(
         format!(
             "<code>{}</code> ({})",
             esc(model),
-            esc(meta["model"]["architecture"].as_str().unwrap_or("?"))
+            esc(meta.model.as_ref().and_then(|m| m.architecture.as_deref()).unwrap_or("?"))
         ),
     );
-    row("layers", esc(&meta["layers"].to_string()));
-    row("d", meta["d_model"].to_string());
-    row("sequences", meta["n_sequences"].to_string());
-    let est = if meta["estimator"].is_null() {
-        &meta["settings"]["estimator"]
-    } else {
-        &meta["estimator"]
-    };
-    row("estimator", format!("<code>{}</code>", esc(&est.to_string())));
-    if let Some(t) = meta["text"].as_str() {
+    // Values as their JSON (`null` when missing).
+    row("layers", esc(&json_text(&meta.layers)));
+    row("d", json_text(&meta.d_model));
+    row("sequences", json_text(&meta.n_sequences));
+    row("estimator", format!("<code>{}</code>", esc(&json_text(&meta.estimator()))));
+    if let Some(t) = &meta.text {
         row("text", esc(t));
     }
-    if let Some(m) = meta["merged_from"].as_array() {
+    if let Some(m) = &meta.merged_from {
         row("merged from", format!("{} accumulator(s)", m.len()));
     }
     row(
         "backend",
         format!(
             "{} on {}",
-            esc(meta["backend"].as_str().unwrap_or("–")),
-            esc(meta["device"].as_str().unwrap_or("–"))
+            esc(meta.backend.as_deref().unwrap_or("–")),
+            esc(meta.device.as_deref().unwrap_or("–"))
         ),
     );
-    row("tool", format!("fisher-stein {}", esc(meta["version"].as_str().unwrap_or("?"))));
+    row("tool", format!("fisher-stein {}", esc(meta.version.as_deref().unwrap_or("?"))));
     h.push_str("</table>\n");
 
     if !layer_summary.is_empty() {
         h.push_str("<h2>Layer sweep</h2><p>Means over the analysed positions of each layer.</p><table><tr><th>layer</th><th>positions</th><th>mean entropy</th><th>mean tr F</th><th class=\"l\">mean top eigenvalues</th><th>mean eff. rank</th><th>mean part. ratio</th></tr>");
         for r in layer_summary {
-            let top = r["mean_top_eigenvalues"]
-                .as_array()
-                .map(|a| a.iter().map(sci).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default();
+            let top = r.mean_top_eigenvalues.iter().map(|&x| sci(x)).collect::<Vec<_>>().join(", ");
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{top}</td><td>{}</td><td>{}</td></tr>",
-                r["layer"], r["positions"], num(&r["mean_entropy"], 4), sci(&r["mean_trace"]), num(&r["mean_effective_rank"], 2), num(&r["mean_participation_ratio"], 2)
+                r.layer, r.positions, num(r.mean_entropy, 4), sci(r.mean_trace), num(r.mean_effective_rank, 2), num(r.mean_participation_ratio, 2)
             );
         }
         h.push_str("</table>\n");
     }
-    if let Some(rows) = meta["mean_summary"].as_array().filter(|a| !a.is_empty()) {
+    if let Some(rows) = meta.mean_summary.as_ref().filter(|a| !a.is_empty()) {
         h.push_str("<h2>Dataset mean</h2><p>Spectrum of the mean Fisher F̄ = (1/n) Σ F over every analysed position and sequence (compensated f64 sums).</p><table><tr><th>layer</th><th>matrices</th><th>mean entropy</th><th>tr F̄</th><th class=\"l\">top eigenvalues</th><th>eff. rank</th><th>part. ratio</th></tr>");
         for r in rows {
-            let top = r["top_eigenvalues"]
-                .as_array()
-                .map(|a| a.iter().map(sci).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default();
+            let top = r.top_eigenvalues.iter().map(|&x| sci(x)).collect::<Vec<_>>().join(", ");
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{top}</td><td>{}</td><td>{}</td></tr>",
-                r["layer"], r["count"], num(&r["mean_entropy"], 4), sci(&r["trace"]), num(&r["effective_rank"], 2), num(&r["participation_ratio"], 2)
+                r.layer, r.count, num(r.mean_entropy.unwrap_or(f64::NAN), 4), sci(r.trace), num(r.effective_rank, 2), num(r.participation_ratio, 2)
             );
         }
         h.push_str("</table>\n");
@@ -282,21 +268,21 @@ fn page(
     if summary.is_empty() {
         h.push_str("<p class=\"muted\">No per-position summaries in this directory.</p>");
     }
-    let with_dirs = summary.iter().any(|s| s["directions"].is_array());
+    let with_dirs = summary.iter().any(|s| s.directions.is_some());
+    let token = |s: &PositionSummary| {
+        s.token.as_deref().map(esc).unwrap_or_else(|| format!("#{}", s.token_id))
+    };
     if !with_dirs && !summary.is_empty() {
         h.push_str("<p class=\"muted\">Directions were not decoded: run <code>compute --directions K</code> to add the tokens the top eigenvectors push up and down, the KL check and the projections.</p>");
     }
     h.push_str("<table><tr><th>seq</th><th>layer</th><th>position</th><th class=\"l\">token</th><th>entropy</th><th>tr F</th><th class=\"l\">top eigenvalues</th><th>eff. rank</th><th>part. ratio</th></tr>");
     for s in summary {
-        let top = s["top_eigenvalues"]
-            .as_array()
-            .map(|a| a.iter().take(3).map(sci).collect::<Vec<_>>().join(", "))
-            .unwrap_or_default();
-        let tok = s["token"].as_str().map(esc).unwrap_or_else(|| format!("#{}", s["token_id"]));
+        let top = s.top_eigenvalues.iter().take(3).map(|&x| sci(x)).collect::<Vec<_>>().join(", ");
+        let tok = token(s);
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{tok}</td><td>{}</td><td>{}</td><td class=\"l\">{top}</td><td>{}</td><td>{}</td></tr>",
-            s["sequence"], s["layer"], s["position"], num(&s["entropy"], 4), sci(&s["trace"]), num(&s["effective_rank"], 2), num(&s["participation_ratio"], 2)
+            s.sequence, s.layer, s.position, num(s.entropy, 4), sci(s.trace), num(s.effective_rank, 2), num(s.participation_ratio, 2)
         );
     }
     h.push_str("</table>\n");
@@ -306,46 +292,44 @@ fn page(
         h.push_str("<h2>Projections</h2><p>Coordinates hᵀv<sub>i</sub> of the activation on the top eigenvectors of its own Fisher matrix.</p><table><tr><th>seq</th><th>layer</th><th>position</th><th class=\"l\">token</th>");
         let k = summary
             .iter()
-            .filter_map(|s| s["directions"].as_array().map(|a| a.len()))
+            .filter_map(|s| s.directions.as_ref().map(|a| a.len()))
             .max()
             .unwrap_or(0);
         for i in 1..=k {
             let _ = write!(h, "<th>hᵀv{i}</th>");
         }
         h.push_str("</tr>");
-        for s in summary.iter().filter(|s| s["directions"].is_array()) {
-            let tok = s["token"].as_str().map(esc).unwrap_or_else(|| format!("#{}", s["token_id"]));
+        for s in summary.iter().filter(|s| s.directions.is_some()) {
+            let tok = token(s);
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{tok}</td>",
-                s["sequence"], s["layer"], s["position"]
+                s.sequence, s.layer, s.position
             );
-            for d in s["directions"].as_array().into_iter().flatten() {
-                let _ = write!(h, "<td>{}</td>", num(&d["projection"], 4));
+            for d in s.directions.iter().flatten() {
+                let _ = write!(h, "<td>{}</td>", num(d.projection, 4));
             }
             h.push_str("</tr>");
         }
         h.push_str("</table>\n");
 
         h.push_str("<h2>Decoded directions</h2><p>For each top eigenvector v: the exact logit change Jv = W<sub>U</sub>Av ranked by the probability change ∂p<sub>y</sub>/∂ε = p<sub>y</sub>((Jv)<sub>y</sub> − pᵀJv) (number in brackets); the second-order check KL(p ‖ p(h+εv)) ≈ ½ε²vᵀFv measured at a small ε.</p>\n");
-        for s in summary.iter().filter(|s| s["directions"].is_array()).take(max_positions) {
-            let tok = s["token"].as_str().map(esc).unwrap_or_else(|| format!("#{}", s["token_id"]));
+        for s in summary.iter().filter(|s| s.directions.is_some()).take(max_positions) {
+            let tok = token(s);
             let _ = write!(
                 h,
                 "<h3>seq {} · layer {} · position {} · token {tok}</h3><table><tr><th>v</th><th>λ</th><th>vᵀFv</th><th>ε</th><th>KL measured</th><th>½ε²vᵀFv</th><th>ratio</th><th>hᵀv</th><th class=\"l\">+v pushes up</th><th class=\"l\">−v pushes up</th></tr>",
-                s["sequence"], s["layer"], s["position"]
+                s.sequence, s.layer, s.position
             );
-            for d in s["directions"].as_array().into_iter().flatten() {
-                let toks = |key: &str, class: &str| {
-                    d[key]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+            for d in s.directions.iter().flatten() {
+                let toks = |tokens: &[TokenEffect], class: &str| {
+                    tokens
+                        .iter()
                         .map(|t| {
                             format!(
                                 "<span class=\"{class}\">{}</span> ({:+.3})",
-                                esc(t["token"].as_str().unwrap_or("?")),
-                                t["dp"].as_f64().unwrap_or(0.0)
+                                esc(&t.token),
+                                finite(t.dp).unwrap_or(0.0)
                             )
                         })
                         .collect::<Vec<_>>()
@@ -354,12 +338,12 @@ fn page(
                 let _ = write!(
                     h,
                     "<tr><td>v{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td></tr>",
-                    d["k"], sci(&d["eigenvalue"]), sci(&d["vFv"]), sci(&d["epsilon"]), sci(&d["kl"]), sci(&d["kl_quadratic"]), num(&d["kl_ratio"], 3), num(&d["projection"], 3), toks("up", "up"), toks("down", "down")
+                    d.k, sci(d.eigenvalue), sci(d.fisher_quadratic), sci(d.epsilon), sci(d.kl), sci(d.kl_quadratic), num(d.kl_ratio, 3), num(d.projection, 3), toks(&d.up, "up"), toks(&d.down, "down")
                 );
             }
             h.push_str("</table>\n");
         }
-        let n = summary.iter().filter(|s| s["directions"].is_array()).count();
+        let n = summary.iter().filter(|s| s.directions.is_some()).count();
         if n > max_positions {
             let _ = write!(h, "<p class=\"muted\">{} more positions not shown (--max-positions {max_positions}); all are in metadata.json.</p>", n - max_positions);
         }

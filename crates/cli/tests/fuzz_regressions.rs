@@ -3,8 +3,8 @@
 //! readers of `inspect` / `report` / `merge`: each must give `Ok` or an `Err`, never a panic.
 
 use fisher_stein::dataset::MeanState;
-use fisher_stein::inspect::read_results_bytes;
 use fisher_stein::npz::read_npz;
+use fisher_stein::results::read_results_bytes;
 use std::path::{Path, PathBuf};
 
 fn inputs() -> Vec<PathBuf> {

@@ -1,0 +1,283 @@
+//! The arguments of `compute` (clap) and the checks that need no model; what they record in
+//! run.json and metadata.json.
+
+use crate::backends::Backend;
+use crate::dataset::ShardSpec;
+use crate::positions::PositionSpec;
+use crate::results::{EstimatorSettings, ReadoutSettings};
+use anyhow::{bail, Result};
+use fs_estimators::SamplingOptions;
+use std::path::PathBuf;
+
+/// Which estimator `compute` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Estimator {
+    /// Full-vocabulary Fisher `AᵀGA` (centered `G`, vocabulary streamed).
+    Exact,
+    /// `(1/S) Σ_s g_{y_s} g_{y_s}ᵀ`, `y_s ~ p` (unbiased at temperature 1, top-p 1).
+    Sampled,
+    /// `Jᵀdiag(p)J − (Jᵀp)(Jᵀp)ᵀ` with `J = W_U A`, streamed (an independent check of exact).
+    ClosedForm,
+    /// The original script's default: mean exact F over N sampled next input tokens, each at
+    /// position t+1.
+    Predictive,
+}
+
+impl Estimator {
+    /// The name recorded in metadata.json and used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Estimator::Exact => "exact",
+            Estimator::Sampled => "sampled",
+            Estimator::ClosedForm => "closed-form",
+            Estimator::Predictive => "predictive",
+        }
+    }
+}
+
+/// Results file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `.safetensors` (default).
+    Safetensors,
+    /// `.npz` (uncompressed; `numpy.load`).
+    Npz,
+}
+
+impl Format {
+    /// The results files' extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Npz => "npz",
+        }
+    }
+}
+
+/// Arguments of `fisher-stein compute`.
+#[derive(Debug, clap::Args)]
+pub struct ComputeArgs {
+    /// Model: a directory with config.json + safetensors, or a hub id in the local HF cache.
+    #[arg(long, alias = "model_name", value_name = "PATH_OR_ID")]
+    pub model: String,
+    /// Split layer k: 0 = embeddings, n_layer = last block before the final norm.
+    #[arg(
+        long,
+        alias = "layer_idx",
+        value_name = "K",
+        conflicts_with = "layers",
+        required_unless_present = "layers"
+    )]
+    pub layer: Option<usize>,
+    /// Several split layers sharing one forward pass: K,K,... or all.
+    #[arg(long, value_name = "K,K|all")]
+    pub layers: Option<String>,
+    /// Token ids, comma-separated (e.g. 15496,995).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["text", "input"])]
+    pub tokens: Option<Vec<u32>>,
+    /// Text, tokenised with the model's tokenizer (tokenizer.json or vocab.json + merges.txt).
+    #[arg(long, conflicts_with = "input")]
+    pub text: Option<String>,
+    /// File of documents: plain text, one per line, or JSONL with a "text" field.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Analyse at most N documents of --input.
+    #[arg(long, alias = "num_sequences", value_name = "N")]
+    pub num_sequences: Option<usize>,
+    /// Skip the first I documents of --input (their indices are kept in the output names).
+    #[arg(long, alias = "start_sequence_idx", default_value_t = 0, value_name = "I")]
+    pub start_sequence: usize,
+    /// Truncate every document to at most N tokens (with a warning).
+    #[arg(long, alias = "max_seq_len", value_name = "N")]
+    pub max_seq_len: Option<usize>,
+    /// Positions: all, last, or a list/range such as 0,3,10..12 (negative = from the end).
+    #[arg(long, default_value = "last")]
+    pub positions: PositionSpec,
+    /// Keep every k-th of the selected positions, starting with the k-th (1 = all).
+    #[arg(long, alias = "position_skip", default_value_t = 1, value_name = "K")]
+    pub position_skip: usize,
+    /// Keep at most M positions per sequence (the first M after --position-skip).
+    #[arg(long, alias = "max_positions", value_name = "M")]
+    pub max_positions: Option<usize>,
+    /// Estimator.
+    #[arg(long, value_enum, default_value = "exact")]
+    pub estimator: Estimator,
+    /// Draws per position: sampled estimator (default 10) or predictive average (default 50).
+    #[arg(long, alias = "num_samples", alias = "num-samples", value_name = "S")]
+    pub samples: Option<usize>,
+    /// Seed of every random draw (position t uses stream t); recorded in metadata.json.
+    #[arg(long, alias = "random_seed", default_value_t = 0)]
+    pub seed: u64,
+    /// Sampling temperature for sampled / predictive draws. Any value other than 1 makes the
+    /// sampled estimator BIASED (it no longer estimates F).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Nucleus mass in (0, 1] for sampled / predictive draws. Below 1 the sampled estimator is
+    /// BIASED (it no longer estimates F).
+    #[arg(long, alias = "top_p", default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Positions per batched backward pass of the readout Jacobian (default: fits ~1 GiB).
+    #[arg(long, alias = "batch_size", value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Also store the full eigendecomposition (eigenvalues [N, d], eigenvectors [N, d, d]).
+    #[arg(long, conflicts_with = "eig_top")]
+    pub eig: bool,
+    /// Also store the top K eigenpairs (eigenvalues [N, K], eigenvectors [N, d, K]).
+    #[arg(long, value_name = "K")]
+    pub eig_top: Option<usize>,
+    /// Results file format.
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: Format,
+    /// Results directory.
+    #[arg(long, alias = "output_dir", value_name = "DIR")]
+    pub output: PathBuf,
+    /// Replace a non-empty output directory.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Continue the run in a non-empty output directory, skipping finished sequences.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop at the first position whose computation meets a NaN or infinity (in activations,
+    /// logits, probabilities or the result) instead of recording it as failed and going on.
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// With --mean: checkpoint the accumulator (what --resume continues from) at most every
+    /// SECONDS (0 = after every sequence); it is always written at the end.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub checkpoint_secs: f64,
+    /// Device: cpu, or cuda:N (needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Autodiff engine: candle (default), burn or dfdx (each needs its Cargo feature;
+    /// `--features all-backends` builds all three).
+    #[arg(long, value_enum, default_value = "candle")]
+    pub backend: Backend,
+    /// Interpretability read-outs and dataset means (--directions, --mean, --shard).
+    #[command(flatten)]
+    pub readouts: ReadoutArgs,
+}
+
+/// The interpretability flags of `compute`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReadoutArgs {
+    /// Decode the top K eigenvectors of every matrix: tokens ±v push up, vᵀFv, the KL check
+    /// KL(p‖p(h+εv)) vs ½ε²vᵀFv, and the projections hᵀv (stores the top K eigenpairs too).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub directions: usize,
+    /// Tokens listed per direction and sign with --directions.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub direction_tokens: usize,
+    /// Also accumulate the mean Fisher per layer over every analysed position and sequence
+    /// (streamed, f64 compensated sums + counts) into mean.safetensors.
+    #[arg(long)]
+    pub mean: bool,
+    /// Like --mean, but write no per-sequence matrices (only mean.safetensors and metadata.json).
+    #[arg(long)]
+    pub mean_only: bool,
+    /// Process only shard i of N of the documents (document j belongs to shard j mod N), for
+    /// array jobs; combine the shards' mean.safetensors with `fisher-stein merge`.
+    #[arg(long, value_name = "i/N")]
+    pub shard: Option<ShardSpec>,
+}
+
+impl ComputeArgs {
+    /// Draws per position (`--samples`, or the estimator's default).
+    pub fn samples(&self) -> usize {
+        self.samples.unwrap_or(match self.estimator {
+            Estimator::Predictive => 50,
+            _ => 10,
+        })
+    }
+
+    /// `--temperature` and `--top-p`.
+    pub fn sampling(&self) -> SamplingOptions {
+        SamplingOptions { temperature: self.temperature, top_p: self.top_p }
+    }
+
+    /// Checks that need no model.
+    pub fn validate(&self) -> Result<()> {
+        if matches!(self.estimator, Estimator::Sampled | Estimator::Predictive) {
+            if self.samples() == 0 {
+                bail!(
+                    "--samples 0: the {} estimator needs at least 1 draw per position",
+                    self.estimator.name()
+                );
+            }
+            self.sampling().validate()?;
+        }
+        if self.position_skip == 0 {
+            bail!("--position-skip 0: use 1 to keep every position, k to keep every k-th");
+        }
+        if self.max_positions == Some(0) {
+            bail!("--max-positions 0 selects nothing: give at least 1");
+        }
+        if self.max_seq_len == Some(0) {
+            bail!("--max-seq-len 0 leaves no tokens: give at least 1");
+        }
+        if self.batch_size == Some(0) {
+            bail!("--batch-size 0: give at least 1 position per batch");
+        }
+        if !(self.checkpoint_secs >= 0.0 && self.checkpoint_secs.is_finite()) {
+            bail!(
+                "--checkpoint-secs {}: give a finite number of seconds ≥ 0",
+                self.checkpoint_secs
+            );
+        }
+        if self.eig_top == Some(0) {
+            bail!("--eig-top 0 keeps no eigenpairs: give at least 1, or drop the flag");
+        }
+        self.readouts.validate(self.estimator)
+    }
+
+    /// The estimator's settings, as recorded in run.json / metadata.json.
+    pub fn estimator_settings(&self) -> EstimatorSettings {
+        let biased = !self.sampling().is_unbiased();
+        match self.estimator {
+            Estimator::Sampled => EstimatorSettings::Sampled {
+                samples: self.samples(),
+                seed: self.seed,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                biased,
+            },
+            Estimator::Predictive => EstimatorSettings::Predictive {
+                draws: self.samples(),
+                seed: self.seed,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                note: "mean exact Fisher at position t+1 over next input tokens drawn at t".into(),
+            },
+            Estimator::Exact => EstimatorSettings::Exact { biased: false },
+            Estimator::ClosedForm => EstimatorSettings::ClosedForm { biased: false },
+        }
+    }
+}
+
+impl ReadoutArgs {
+    /// `--mean` or `--mean-only`.
+    pub fn accumulate(&self) -> bool {
+        self.mean || self.mean_only
+    }
+
+    /// Checks that need no model.
+    pub fn validate(&self, estimator: Estimator) -> Result<()> {
+        if self.directions > 0 && estimator == Estimator::Predictive {
+            bail!("--directions with --estimator predictive: the predictive average is a Fisher at position t+1 over sampled tokens, so its eigenvectors do not act on h_k[t]; use exact, closed-form or sampled");
+        }
+        if self.directions > 0 && self.direction_tokens == 0 {
+            bail!("--direction-tokens 0 lists no tokens: give at least 1");
+        }
+        Ok(())
+    }
+
+    /// The settings recorded in run.json (and checked by --resume) and metadata.json.
+    pub fn settings(&self) -> ReadoutSettings {
+        ReadoutSettings {
+            directions: self.directions,
+            direction_tokens: self.direction_tokens,
+            mean: self.accumulate(),
+            mean_only: self.mean_only,
+            shard: self.shard.map(|s| s.to_string()),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! One sequence's matrices: one lower pass for every layer, then per layer the estimator
+//! (`fs-estimators`) over batches of positions, each matrix with its entropy and, with
+//! `--directions`, its read-out. A batch that meets a NaN or infinity is retried position by
+//! position, so that a bad position fails alone.
+
+use super::args::{ComputeArgs, Estimator};
+use super::failures::{is_numerical, is_numerical_fs};
+use crate::readouts::Readout;
+use anyhow::Result;
+use fs_estimators::{
+    closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
+    sampled_fisher, softmax, Element, ExactOptions, FsError, GradientKind, Matrix,
+    PredictiveOptions, SampledOptions, SplitModel,
+};
+
+/// One computed matrix.
+pub(super) struct Entry {
+    pub layer: usize,
+    pub position: usize,
+    pub fisher: Matrix<f64>,
+    pub entropy: f64,
+    /// The sampled tokens (sampled and predictive estimators).
+    pub draws: Option<Vec<u32>>,
+    /// With `--directions`: what its top eigenvectors do.
+    pub readout: Option<Readout>,
+}
+
+/// One position's estimate: the Fisher matrix, the sampled tokens (sampled and predictive
+/// estimators) and, for the exact estimator with `--directions`, the readout Jacobian `A_t` it
+/// was built from (reused by the read-outs instead of computed twice).
+type Estimate<S> = (Matrix<f64>, Option<Vec<u32>>, Option<Matrix<S>>);
+
+/// Run `--estimator` at `positions` of `ctx`.
+fn estimate<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    positions: &[usize],
+    args: &ComputeArgs,
+) -> Result<Vec<Estimate<M::Scalar>>>
+where
+    M::Scalar: Element,
+{
+    let opts = ExactOptions::default();
+    Ok(match args.estimator {
+        Estimator::Exact if args.readouts.directions > 0 => {
+            exact_fisher_with_jacobians(model, ctx, positions, &opts)?
+                .into_iter()
+                .map(|e| (e.fisher, None, Some(e.jacobian)))
+                .collect()
+        }
+        Estimator::Exact => exact_fisher(model, ctx, positions, &opts)?
+            .into_iter()
+            .map(|f| (f, None, None))
+            .collect(),
+        Estimator::ClosedForm => {
+            closed_form_fisher_at(model, ctx, positions, GradientKind::Logits, &opts)?
+                .into_iter()
+                .map(|f| (f, None, None))
+                .collect()
+        }
+        Estimator::Sampled => {
+            let o = SampledOptions {
+                samples: args.samples(),
+                seed: args.seed,
+                sampling: args.sampling(),
+            };
+            sampled_fisher(model, ctx, positions, &o)?
+                .into_iter()
+                .map(|s| (s.fisher, Some(s.tokens), None))
+                .collect()
+        }
+        Estimator::Predictive => {
+            let o = PredictiveOptions {
+                draws: args.samples(),
+                seed: args.seed,
+                sampling: args.sampling(),
+                exact: opts,
+            };
+            positions
+                .iter()
+                .map(|&t| {
+                    predictive_fisher(model, ctx, t, &o).map(|p| (p.fisher, Some(p.tokens), None))
+                })
+                .collect::<Result<_, FsError>>()?
+        }
+    })
+}
+
+/// Compute the matrices of `tokens` at every position of `positions` and every layer of
+/// `layers`, in layer order: each one goes to `found`; a position that meets a NaN or infinity
+/// goes to `fail(layer, position, error)` instead (which stops the run with `--fail-fast`).
+/// Any other error stops the run. `bar` counts the positions done.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sequence_entries<M: SplitModel>(
+    model: &M,
+    tokens: &[u32],
+    layers: &[usize],
+    positions: &[usize],
+    args: &ComputeArgs,
+    bar: &indicatif::ProgressBar,
+    fail: &mut dyn FnMut(usize, usize, anyhow::Error) -> Result<()>,
+    found: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<()>
+where
+    M::Scalar: Element,
+{
+    let contexts = match model.lower_layers(tokens, layers) {
+        Ok(c) => c,
+        Err(e) if is_numerical_fs(&e) => {
+            // The forward pass itself broke down: every requested position of this
+            // sequence fails.
+            let e = anyhow::Error::from(e);
+            for &layer in layers {
+                for &t in positions {
+                    fail(layer, t, anyhow::anyhow!("{e:#}"))?;
+                }
+            }
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for (ctx, &layer) in contexts.iter().zip(layers) {
+        // Logits of every position at once; position by position when one is not finite.
+        let logits = match model.logits(ctx, positions) {
+            Ok(l) if l.as_slice().iter().all(|&x| fs_traits::Scalar::as_f64(x).is_finite()) => {
+                Some(l)
+            }
+            Ok(_) => None,
+            Err(e) if is_numerical_fs(&e) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let chunk = args.batch_size.unwrap_or(1).max(1);
+        for (c, batch) in positions.chunks(chunk).enumerate() {
+            // A batch that meets a non-finite value is retried position by position, so
+            // that one bad position does not fail its neighbours.
+            let results: Vec<Result<Estimate<M::Scalar>>> = match estimate(model, ctx, batch, args)
+            {
+                Ok(v) => v.into_iter().map(Ok).collect(),
+                Err(e) if is_numerical(&e) && batch.len() > 1 => batch
+                    .iter()
+                    .map(|&t| estimate(model, ctx, &[t], args).map(|mut v| v.remove(0)))
+                    .collect(),
+                Err(e) if is_numerical(&e) => vec![Err(e)],
+                Err(e) => return Err(e),
+            };
+            for (j, (result, &t)) in results.into_iter().zip(batch).enumerate() {
+                let entry = (|| -> Result<Entry> {
+                    let (fisher, draws, jacobian) = result?;
+                    if let Some(bad) = fisher.as_slice().iter().position(|x| !x.is_finite()) {
+                        return Err(FsError::NonFinite {
+                            what: "the Fisher matrix".into(),
+                            index: bad,
+                            value: fisher.as_slice()[bad],
+                        }
+                        .into());
+                    }
+                    let p = match &logits {
+                        Some(l) => softmax(l.row(c * chunk + j))?,
+                        None => softmax(model.logits(ctx, &[t])?.row(0))?,
+                    };
+                    let readout = (args.readouts.directions > 0)
+                        .then(|| {
+                            crate::readouts::readout(
+                                model,
+                                ctx,
+                                t,
+                                &fisher,
+                                jacobian.as_ref(),
+                                args.readouts.directions,
+                                args.readouts.direction_tokens,
+                            )
+                        })
+                        .transpose()?;
+                    Ok(Entry { layer, position: t, fisher, entropy: entropy(&p), draws, readout })
+                })();
+                match entry {
+                    Ok(e) => found(e)?,
+                    Err(e) if is_numerical(&e) => fail(layer, t, e)?,
+                    Err(e) => return Err(e),
+                }
+            }
+            bar.inc(batch.len() as u64);
+        }
+    }
+    Ok(())
+}
