@@ -1,8 +1,8 @@
 //! The backends under test, behind one object-safe face.
 //!
 //! [`SplitModel`] has associated types, so models of different engines cannot share a `Vec`.
-//! [`Probe`] erases them: every `SplitModel` is a `Probe`, and a
-//! [`Backend`] is a name plus loaders from checkpoint files to boxed probes. Tests are written
+//! [`Probe`] erases them: every `SplitModel` is a `Probe`, and [`load`] puts checkpoint files on
+//! an engine through the registry (`fs-engines`, the same path as the CLI). Tests are written
 //! once against [`compiled_backends`] (the engines this build of `fs-suite` was compiled with, by
 //! its `candle` / `burn` / `dfdx` features) and instantiated per backend by
 //! [`backend_suite!`](crate::backend_suite), as candle instantiates its tests per device.
@@ -64,100 +64,35 @@ impl<M: SplitModel> Probe for M {
     }
 }
 
-/// Loads checkpoint files as a model of one architecture on one backend (CPU); the error is the
-/// backend's one-line message.
-pub type Loader = fn(&ModelFiles) -> Result<Box<dyn Probe>, String>;
+/// An engine of the registry ([`fs_engines::Backend`]): the suite runs on the engines this build
+/// of `fs-suite` was compiled with (its `candle` / `burn` / `dfdx` features, forwarded to
+/// `fs-engines`).
+pub use fs_engines::Backend;
 
-/// One engine under test.
-#[derive(Clone, Copy)]
-pub struct Backend {
-    /// `candle`, `burn` or `dfdx`.
-    pub name: &'static str,
-    /// GPT-2 loader.
-    pub gpt2: Loader,
-    /// Llama-family loader, if the backend implements the Llama family.
-    pub llama: Option<Loader>,
-}
+/// The registry's job that keeps the model, type-erased.
+struct KeepProbe;
 
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name)
+impl fs_engines::EngineJob for KeepProbe {
+    type Output = Box<dyn Probe>;
+    fn run<M: SplitModel + 'static>(self, model: M) -> anyhow::Result<Box<dyn Probe>> {
+        Ok(Box::new(model))
     }
 }
 
-/// Box a loaded model as a [`Probe`].
-#[cfg(any(feature = "candle", feature = "burn", feature = "dfdx"))]
-fn boxed<M: Probe + 'static, E: std::fmt::Display>(
-    model: Result<M, E>,
-) -> Result<Box<dyn Probe>, String> {
-    model.map(|m| Box::new(m) as Box<dyn Probe>).map_err(|e| e.to_string())
+/// Load checkpoint `files` on `backend` (CPU) the way the CLI does: engine-free checkpoint,
+/// typed host weights, then the registry uploads them as the engine's model of their
+/// architecture. The error is the one-line message a user would see.
+pub fn load(backend: Backend, files: &ModelFiles) -> Result<Box<dyn Probe>, String> {
+    (|| {
+        let weights = fs_checkpoint::Checkpoint::from_files(files.clone())?.read_weights()?;
+        fs_engines::Engine::open(backend, "cpu")?.run(weights, None, KeepProbe)
+    })()
+    .map_err(|e: anyhow::Error| e.to_string())
 }
 
-/// The candle backend.
-#[cfg(feature = "candle")]
-pub const CANDLE: Backend = Backend {
-    name: "candle",
-    gpt2: |f| {
-        boxed(
-            fs_checkpoint::Gpt2Weights::load(f)
-                .map_err(Into::into)
-                .and_then(|w| backend_candle::Gpt2::new(w, &backend_candle::Device::Cpu)),
-        )
-    },
-    llama: Some(|f| {
-        boxed(
-            fs_checkpoint::LlamaWeights::load(f)
-                .map_err(Into::into)
-                .and_then(|w| backend_candle::Llama::new(w, &backend_candle::Device::Cpu)),
-        )
-    }),
-};
-
-/// The burn backend.
-#[cfg(feature = "burn")]
-pub const BURN: Backend = Backend {
-    name: "burn",
-    gpt2: |f| {
-        boxed(
-            fs_checkpoint::Gpt2Weights::load(f)
-                .map_err(Into::into)
-                .and_then(|w| backend_burn::Gpt2::new(w, &backend_burn::device("cpu").unwrap())),
-        )
-    },
-    llama: Some(|f| {
-        boxed(
-            fs_checkpoint::LlamaWeights::load(f)
-                .map_err(Into::into)
-                .and_then(|w| backend_burn::Llama::new(w, &backend_burn::device("cpu").unwrap())),
-        )
-    }),
-};
-
-/// The dfdx backend (GPT-2 only).
-#[cfg(feature = "dfdx")]
-pub const DFDX: Backend = Backend {
-    name: "dfdx",
-    gpt2: |f| {
-        boxed(
-            fs_checkpoint::Gpt2Weights::load(f)
-                .map_err(Into::into)
-                .and_then(|w| backend_dfdx::Gpt2::new(w, &backend_dfdx::device("cpu").unwrap())),
-        )
-    },
-    llama: None,
-};
-
-/// Every backend this build was compiled with, candle first.
+/// Every engine this build has, candle first.
 pub fn compiled_backends() -> Vec<Backend> {
-    [
-        #[cfg(feature = "candle")]
-        CANDLE,
-        #[cfg(feature = "burn")]
-        BURN,
-        #[cfg(feature = "dfdx")]
-        DFDX,
-    ]
-    .to_vec()
+    Backend::compiled_in()
 }
 
 /// Largest absolute difference of two equally shaped matrices.
@@ -179,32 +114,32 @@ macro_rules! backend_suite {
 
             const BACKEND: Backend = $backend;
 
-            fn load(name: &str, llama: bool) -> Box<dyn Probe> {
+            fn load(name: &str) -> Box<dyn Probe> {
                 let files = fs_checkpoint::resolve_model(dir(name).to_str().unwrap())
                     .expect("resolve fixture");
-                let loader = if llama { BACKEND.llama.expect("backend has Llama") } else { BACKEND.gpt2 };
-                loader(&files).unwrap_or_else(|e| panic!("{}: load {name}: {e}", BACKEND.name))
+                $crate::backends::load(BACKEND, &files)
+                    .unwrap_or_else(|e| panic!("{}: load {name}: {e}", BACKEND.name()))
             }
 
-            fn oracle_and_contract(name: &str, llama: bool) {
-                let model = load(name, llama);
-                let (z, f, s) = model.oracle(name, 1e-4).unwrap_or_else(|e| panic!("{}: {e}", BACKEND.name));
+            fn oracle_and_contract(name: &str) {
+                let model = load(name);
+                let (z, f, s) = model.oracle(name, 1e-4).unwrap_or_else(|e| panic!("{}: {e}", BACKEND.name()));
                 println!(
                     "{} {name}: max |Δlogit| {z:.2e}, max exact-F rel. error {f:.2e}, max sampled-F rel. error {s:.2e}",
-                    BACKEND.name
+                    BACKEND.name()
                 );
                 let r = Reference::load(name);
                 for k in 0..=r.n_layers {
                     model
                         .contract(&r.input_ids, k, Tolerances::F32)
-                        .unwrap_or_else(|e| panic!("{} {name} layer {k}: {e}", BACKEND.name));
+                        .unwrap_or_else(|e| panic!("{} {name} layer {k}: {e}", BACKEND.name()));
                 }
             }
 
             #[test]
             fn gpt2_fixtures_match_the_oracle_and_the_contract() {
                 for name in ["gpt2-tiny-a", "gpt2-tiny-b"] {
-                    oracle_and_contract(name, false);
+                    oracle_and_contract(name);
                 }
             }
 
@@ -225,7 +160,7 @@ macro_rules! backend_suite {
                     ) {
                         let dir = tempfile::tempdir().unwrap();
                         let files = case.write(dir.path());
-                        let model = (BACKEND.gpt2)(&files).map_err(TestCaseError::fail)?;
+                        let model = $crate::backends::load(BACKEND, &files).map_err(TestCaseError::fail)?;
                         model.contract(&case.tokens, case.layer, Tolerances::F32).map_err(TestCaseError::fail)?;
                     }
 
@@ -236,7 +171,7 @@ macro_rules! backend_suite {
 }
 
 /// The Llama-family half of [`backend_suite!`], instantiated only for engines that have the
-/// family (`backend_suite!(candle, CANDLE, llama)`): an engine without it gets no Llama tests at
+/// family (`backend_suite!(candle, Backend::Candle, llama)`): an engine without it gets no Llama tests at
 /// all, rather than tests that return early and count as passes.
 #[macro_export]
 #[doc(hidden)]
@@ -245,7 +180,7 @@ macro_rules! backend_suite_llama {
         #[test]
         fn llama_fixtures_match_the_oracle_and_the_contract() {
             for name in ["llama-tiny-tied", "llama-tiny-untied"] {
-                oracle_and_contract(name, true);
+                oracle_and_contract(name);
             }
         }
 
@@ -261,10 +196,9 @@ macro_rules! backend_suite_llama {
                 fn random_llama_satisfies_the_contract(
                     case in $crate::random_models::llama_case()
                 ) {
-                    let loader = BACKEND.llama.expect("instantiated for engines with the Llama family");
                     let dir = tempfile::tempdir().unwrap();
                     let files = case.write(dir.path());
-                    let model = loader(&files).map_err(TestCaseError::fail)?;
+                    let model = $crate::backends::load(BACKEND, &files).map_err(TestCaseError::fail)?;
                     model.contract(&case.tokens, case.layer, Tolerances::F32).map_err(TestCaseError::fail)?;
                 }
             }

@@ -44,31 +44,28 @@ fn bench_model<M: SplitModel>(c: &mut Criterion, name: &str, model: &M) {
     group.finish();
 }
 
-fn candle(c: &mut Criterion) {
-    let m = fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0)
-        .map_err(Into::into)
-        .and_then(|w| backend_candle::Gpt2::new(w, &backend_candle::Device::Cpu))
-        .unwrap();
-    bench_model(c, "candle", &m);
+/// The registry's job: benchmark the model it was handed.
+struct Bench<'a>(&'a mut Criterion, &'static str);
+
+impl fs_engines::EngineJob for Bench<'_> {
+    type Output = ();
+    fn run<M: SplitModel + 'static>(self, model: M) -> anyhow::Result<()> {
+        bench_model(self.0, self.1, &model);
+        Ok(())
+    }
 }
 
-fn burn(c: &mut Criterion) {
-    let dev = backend_burn::device("cpu").unwrap();
-    let m = fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0)
-        .map_err(Into::into)
-        .and_then(|w| backend_burn::Gpt2::new(w, &dev))
-        .unwrap();
-    bench_model(c, "burn", &m);
+/// Every engine through the registry (`fs-engines`), on the same random weights.
+fn engines(c: &mut Criterion) {
+    for backend in fs_engines::Backend::ALL {
+        let weights = fs_checkpoint::ModelWeights::Gpt2(
+            fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0).expect("random weights"),
+        );
+        fs_engines::Engine::open(backend, "cpu")
+            .and_then(|engine| engine.run(weights, None, Bench(c, backend.name())))
+            .unwrap_or_else(|e| panic!("{}: {e}", backend.name()));
+    }
 }
 
-fn dfdx(c: &mut Criterion) {
-    let dev = backend_dfdx::device("cpu").unwrap();
-    let m = fs_checkpoint::Gpt2Weights::random(config(), 0.02, 0)
-        .map_err(Into::into)
-        .and_then(|w| backend_dfdx::Gpt2::new(w, &dev))
-        .unwrap();
-    bench_model(c, "dfdx", &m);
-}
-
-criterion_group!(benches, candle, burn, dfdx);
+criterion_group!(benches, engines);
 criterion_main!(benches);
