@@ -113,4 +113,87 @@ mod tests {
         assert_eq!(finite(f64::INFINITY), None);
         assert_eq!(finite(1.5), Some(1.5));
     }
+
+    /// A summary with a non-finite number is written with `null`, read back as NaN and written
+    /// again with the same bytes (what `--resume` and `merge` do with it).
+    #[test]
+    fn summaries_round_trip_with_null_for_nan() {
+        let s = PositionSummary {
+            sequence: 1,
+            layer: 2,
+            position: 3,
+            token_id: 4,
+            entropy: 0.5,
+            trace: f64::NAN,
+            top_eigenvalues: vec![2.0, f64::INFINITY],
+            effective_rank: 1.0,
+            participation_ratio: 1.0,
+            clamped_negative_eigenvalues: 0,
+            token: None,
+            directions: None,
+        };
+        let state = SequenceState { summaries: vec![s], failed: Vec::new() };
+        let bytes = compact_json(&state).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains(r#""top_eigenvalues":[2.0,null],"trace":null"#), "{text}");
+        assert!(!text.contains("directions") && !text.contains("\"token\""), "{text}");
+        let back = SequenceState::from_bytes(std::path::Path::new("s.json"), &bytes).unwrap();
+        assert!(back.summaries[0].trace.is_nan());
+        assert_eq!(compact_json(&back).unwrap(), bytes);
+        let e = SequenceState::from_bytes(std::path::Path::new("s.json"), br#"{"summaries": []}"#)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "s.json is corrupt: re-run with --force to start over");
+    }
+
+    /// What `inspect` and `report` read: any JSON; a field of another type is left out.
+    #[test]
+    fn metadata_view_is_tolerant() {
+        assert!(MetadataView::from_json(b"{").is_err());
+        assert_eq!(MetadataView::from_json(b"[1, 2]").unwrap(), MetadataView::default());
+        let v = MetadataView::from_json(
+            br#"{"model": {"spec": "m"}, "layers": "all", "d_model": 8, "summary": 3,
+                 "settings": {"model": "n", "estimator": {"name": "exact", "biased": false}}}"#,
+        )
+        .unwrap();
+        assert_eq!((v.model_spec(), v.layers.as_ref(), v.d_model), (Some("m"), None, Some(8)));
+        assert!(v.summary.is_empty());
+        assert_eq!(v.estimator(), Some(&EstimatorSettings::Exact { biased: false }));
+    }
+
+    /// The mean accumulator's header: written and read back; settings written by hand (the fuzz
+    /// seeds) read with defaults.
+    #[test]
+    fn mean_header_round_trip_and_partial_settings() {
+        let h = MeanHeader {
+            settings: MeanSettings {
+                model: "m".into(),
+                d_model: 3,
+                estimator: Some(EstimatorSettings::Sampled {
+                    samples: 4,
+                    seed: 7,
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    biased: true,
+                }),
+                input: Some(MeanInput::Tokens(None)),
+                ..Default::default()
+            },
+            shard: "0/2".into(),
+        };
+        let meta = h.to_metadata().unwrap();
+        assert!(meta.values().any(|v| v.contains(r#""input":{"tokens":null}"#)), "{meta:?}");
+        assert_eq!(MeanHeader::from_metadata(&meta).unwrap(), h);
+        let mut meta = meta;
+        meta.insert(
+            "settings".into(),
+            r#"{"weights_sha256": ["00"], "d_model": 3, "estimator": {"kind": "exact"}}"#.into(),
+        );
+        let read = MeanHeader::from_metadata(&meta).unwrap();
+        assert_eq!((read.settings.d_model, read.settings.estimator), (3, None));
+        meta.remove("format");
+        assert_eq!(
+            MeanHeader::from_metadata(&meta).unwrap_err(),
+            "no fisher-stein accumulator header"
+        );
+    }
 }
