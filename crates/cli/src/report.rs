@@ -110,17 +110,17 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
     let has_mean = dir.join(MEAN_FILE).is_file();
     let (spectra, mean_eff, spectra_what) = layer_spectra(dir, has_mean)?;
     let summary = &meta.summary;
-    let layer_summary = match &meta.layer_summary {
+    let sweep = match &meta.layer_summary {
         rows if !rows.is_empty() => rows.clone(),
         _ => layer_summary(summary),
     };
-    let layers: Vec<usize> = layer_summary.iter().map(|r| r.layer).collect();
+    let layers: Vec<usize> = sweep.iter().map(|r| r.layer).collect();
 
     let mut plot_list: Vec<Plot> = Vec::new();
     if !spectra.is_empty() {
         plot_list.push(plots::spectra(&spectra, &spectra_what)?);
     }
-    let mut rank_rows: Vec<RankRow> = layer_summary
+    let mut rank_rows: Vec<RankRow> = sweep
         .iter()
         .map(|r| RankRow {
             layer: r.layer,
@@ -159,7 +159,7 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
         write_atomic(&plot_dir.join(format!("{}.png", p.name)), &p.png)?;
     }
 
-    let html = page(&meta, summary, &layer_summary, &plot_list, args.max_positions);
+    let html = page(&meta, summary, &sweep, &plot_list, args.max_positions);
     let out = args.output.clone().unwrap_or_else(|| dir.join("report.html"));
     write_atomic(&out, html.as_bytes())?;
     g.log(&format!("{} plots written to {}", plot_list.len(), plot_dir.display()));
