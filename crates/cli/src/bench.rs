@@ -29,7 +29,7 @@
 //! "cached context" of a run); `lower` times the forward pass over the whole sequence once (a
 //! one-position-at-a-time run pays it for every position, a run over all positions once).
 
-use crate::backends::{Backend, Engine, Loaded, ModelJob};
+use crate::backends::{Backend, Engine, EngineJob};
 use anyhow::{bail, Result};
 use fs_checkpoint::{Gpt2Config, LlamaConfig};
 use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
@@ -205,21 +205,7 @@ fn run_backend(backend: Backend, shape: &Shape, args: &BenchArgs) -> Result<()> 
         rss()
     );
     let weights = config.random_weights(0.02, 0)?;
-    let loaded = Loaded {
-        files: fs_checkpoint::ModelFiles {
-            config: "<random>".into(),
-            weights: Vec::new(),
-            tokenizer: fs_checkpoint::TokenizerFiles::Missing,
-            origin: fs_checkpoint::ModelOrigin::LocalDir { dir: Default::default() },
-        },
-        tokenizer: None,
-        arch: config.architecture().family(),
-        parameters: weights.parameter_count(),
-        backend,
-        device: args.device.clone(),
-        load_s: 0.0,
-    };
-    engine.run(weights, None, loaded, BenchJob { backend, shape, args })
+    engine.run(weights, None, BenchJob { backend, shape, args })
 }
 
 /// [`time_model`] as a job of the engine registry.
@@ -229,12 +215,9 @@ struct BenchJob<'a> {
     args: &'a BenchArgs,
 }
 
-impl ModelJob for BenchJob<'_> {
+impl EngineJob for BenchJob<'_> {
     type Output = ();
-    fn run<M: SplitModel + 'static>(self, model: M, _loaded: Loaded) -> Result<()>
-    where
-        M::Scalar: fs_estimators::Element,
-    {
+    fn run<M: SplitModel + 'static>(self, model: M) -> Result<()> {
         time_model(&model, self.backend, self.shape, self.args)
     }
 }
@@ -245,10 +228,7 @@ fn time_model<M: SplitModel>(
     backend: Backend,
     shape: &Shape,
     args: &BenchArgs,
-) -> Result<()>
-where
-    M::Scalar: fs_estimators::Element,
-{
+) -> Result<()> {
     let (df, vf, n_layers, lin, q) = shape.flop_terms();
     let vocab = vf as usize;
     let tokens: Vec<u32> = (0..args.seq_len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();

@@ -94,10 +94,7 @@ struct DecoderJob;
 
 impl ModelJob for DecoderJob {
     type Output = Box<dyn DirectionDecoder>;
-    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<Self::Output>
-    where
-        M::Scalar: fs_estimators::Element,
-    {
+    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<Self::Output> {
         let tokenizer = match loaded.tokenizer {
             Some(t) => Some(t),
             None => fs_checkpoint::load_tokenizer(&loaded.files.tokenizer).ok(),

@@ -76,10 +76,7 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
 
 /// `J v` for the top eigenvectors (exact, `W_U A v`) against central differences of the model's
 /// own upper half; returns the worst relative error.
-fn fd_agreement<M: SplitModel>(model: &M, tokens: &[u32], layer: usize) -> f64
-where
-    M::Scalar: fs_estimators::Element,
-{
+fn fd_agreement<M: SplitModel>(model: &M, tokens: &[u32], layer: usize) -> f64 {
     let ctx = model.lower(tokens, layer).unwrap();
     let mut worst = 0.0f64;
     for t in [0, tokens.len() / 2, tokens.len() - 1] {

@@ -79,12 +79,6 @@ pub use readouts::{
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
 pub use spectrum::{spectrum, Spectrum};
 
-/// Former bound of the estimators' generic functions; every [`Scalar`] now qualifies (the
-/// estimators dispatch to their `f32` / `f64` kernels inside). Kept only until the last callers
-/// drop it.
-pub trait Element: Scalar {}
-impl<T: Scalar> Element for T {}
-
 /// How many threads the dense products may use: `0` = all of rayon's global pool, `1` =
 /// sequential, `n` = at most `n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -9,8 +9,8 @@ use crate::readouts::Readout;
 use anyhow::Result;
 use fs_estimators::{
     closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
-    sampled_fisher, softmax, Element, ExactOptions, FsError, GradientKind, Matrix,
-    PredictiveOptions, SampledOptions, SplitModel,
+    sampled_fisher, softmax, ExactOptions, FsError, GradientKind, Matrix, PredictiveOptions,
+    SampledOptions, SplitModel,
 };
 
 /// One computed matrix.
@@ -36,10 +36,7 @@ fn estimate<M: SplitModel>(
     ctx: &M::Context,
     positions: &[usize],
     args: &ComputeArgs,
-) -> Result<Vec<Estimate<M::Scalar>>>
-where
-    M::Scalar: Element,
-{
+) -> Result<Vec<Estimate<M::Scalar>>> {
     let opts = ExactOptions::default();
     Ok(match args.estimator {
         Estimator::Exact if args.readouts.directions > 0 => {
@@ -100,10 +97,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
     bar: &indicatif::ProgressBar,
     fail: &mut dyn FnMut(usize, usize, anyhow::Error) -> Result<()>,
     found: &mut dyn FnMut(Entry) -> Result<()>,
-) -> Result<()>
-where
-    M::Scalar: Element,
-{
+) -> Result<()> {
     let contexts = match model.lower_layers(tokens, layers) {
         Ok(c) => c,
         Err(e) if is_numerical_fs(&e) => {

@@ -18,7 +18,7 @@ use crate::results::{pretty_json, RunSettings, SequenceState, Timings};
 use crate::Globals;
 use anyhow::{bail, Context, Result};
 use fs_checkpoint::ModelFiles;
-use fs_estimators::{Element, SplitModel};
+use fs_estimators::SplitModel;
 use std::time::Instant;
 
 /// Run `compute`.
@@ -58,10 +58,7 @@ struct ComputeJob<'a> {
 
 impl ModelJob for ComputeJob<'_> {
     type Output = ();
-    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<()>
-    where
-        M::Scalar: Element,
-    {
+    fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<()> {
         let model = &model;
         self.g.log(&format!(
             "loaded {} parameters on {} {} in {:.2} s",
@@ -121,10 +118,7 @@ fn run_with<M: SplitModel>(
     args: &ComputeArgs,
     g: &Globals,
     resuming: bool,
-) -> Result<()>
-where
-    M::Scalar: Element,
-{
+) -> Result<()> {
     let t_start = Instant::now();
     let dims = model.dims();
     let plan = Plan::new(args, &dims, run.tokenizer.as_ref(), run.files, g)?;
