@@ -11,10 +11,14 @@
 //! * `extend(ctx, t+1, a)` equals a fresh lower pass over `x_0 … x_t, a` (position `t+1`);
 //! * bad layers, tokens and positions are typed errors, not panics.
 //!
-//! A custom-model author runs it from a test:
+//! A custom-model author runs it from a test (here on one of the analytic models):
 //!
-//! ```ignore
-//! fs_estimators::testing::check_split_model(&model, &tokens, layer, Tolerances::F32)?;
+//! ```
+//! use fs_estimators::analytic::TanhModel;
+//! use fs_estimators::testing::{check_split_model, Tolerances};
+//!
+//! let model = TanhModel::<f64>::random(50, 8, 16, 8, 0.25, 7);
+//! check_split_model(&model, &[1, 2, 3], 0, Tolerances::F64).unwrap();
 //! ```
 //!
 //! The workspace's own suite (`tests/`, crate `fs-suite`) instantiates it for the analytic
