@@ -7,6 +7,7 @@
 
 use crate::ops::softmax_last_dim;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use fs_checkpoint::{HostMatrix, Linear};
 use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
@@ -89,19 +90,102 @@ impl CachedContext {
     }
 }
 
+/// Uploads typed host weights (`fs-checkpoint`) to one device: every model's `new` builds its
+/// tensors with it.
+pub(crate) struct Upload<'a>(pub(crate) &'a Device);
+
+impl Upload<'_> {
+    /// A `rows × cols` matrix.
+    pub(crate) fn matrix(&self, m: HostMatrix) -> Tensor<2> {
+        tensor(m.data, [m.rows, m.cols], self.0)
+    }
+    /// A vector.
+    pub(crate) fn vector(&self, v: Vec<f32>) -> Tensor<1> {
+        let n = v.len();
+        tensor(v, [n], self.0)
+    }
+    /// A linear layer: weight `[in, out]` and its bias, if any.
+    pub(crate) fn linear(&self, l: Linear) -> (Tensor<2>, Option<Tensor<1>>) {
+        (self.matrix(l.weight), l.bias.map(|b| self.vector(b)))
+    }
+}
+
+/// What every cached model reads out with, beside its blocks: the plain (non-autodiff) device,
+/// the dimensions, the unembedding `W_U` (on the device for the passes, on the host for the
+/// estimators' weighted Gram) and the memory budget of the readout-Jacobian passes.
+pub(crate) struct Readout {
+    pub(crate) device: Device,
+    pub(crate) dims: ModelDims,
+    /// `W_U` (`V × d`) on the device: the token embedding when tied.
+    pub(crate) lm_head: Tensor<2>,
+    /// `W_U` on the host, row-major.
+    pub(crate) lm_head_host: Vec<f32>,
+    /// Bytes of activations one readout-Jacobian backward pass may keep alive.
+    pub(crate) activation_budget: usize,
+    /// Approximate autodiff bytes per replicated row per block.
+    pub(crate) bytes_per_row_per_block: usize,
+}
+
+impl Readout {
+    /// Upload the token embedding and build the readout on the plain view of `device`: `W_U`
+    /// is `lm_head` when the checkpoint has one, else the (tied) embedding. Returns the
+    /// embedding too.
+    pub(crate) fn with_embedding(
+        device: &Device,
+        dims: ModelDims,
+        embed: HostMatrix,
+        lm_head: Option<HostMatrix>,
+        bytes_per_row_per_block: usize,
+    ) -> (Tensor<2>, Readout) {
+        let device = device.clone().without_autodiff();
+        let up = Upload(&device);
+        let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
+        let embed = up.matrix(embed);
+        let lm_head = lm_head.map_or_else(|| embed.clone(), |m| up.matrix(m));
+        let readout = Readout {
+            device,
+            dims,
+            lm_head,
+            lm_head_host,
+            activation_budget: DEFAULT_ACTIVATION_BUDGET,
+            bytes_per_row_per_block,
+        };
+        (embed, readout)
+    }
+
+    /// Wait for the uploads to finish (a device error surfaces here, not at the first pass).
+    pub(crate) fn sync(&self) -> Result<(), crate::Error> {
+        self.device.sync().map_err(|e| crate::Error::Burn(crate::one_line(&e)))
+    }
+}
+
 /// A transformer whose upper half can run on single rows against a key/value cache.
 pub(crate) trait CachedUpper {
+    /// The device, dimensions, unembedding and pass budget.
+    fn readout(&self) -> &Readout;
     /// The plain (non-autodiff) device the weights live on.
-    fn device(&self) -> &Device;
-    fn model_dims(&self) -> ModelDims;
+    fn device(&self) -> &Device {
+        &self.readout().device
+    }
+    fn model_dims(&self) -> ModelDims {
+        self.readout().dims
+    }
     /// `W_U` on the device (`V × d`).
-    fn lm_head(&self) -> &Tensor<2>;
+    fn lm_head(&self) -> &Tensor<2> {
+        &self.readout().lm_head
+    }
     /// `W_U` on the host (`V × d`, row-major).
-    fn lm_head_host(&self) -> &[f32];
+    fn lm_head_host(&self) -> &[f32] {
+        &self.readout().lm_head_host
+    }
     /// Bytes of activations one readout-Jacobian pass may keep alive.
-    fn activation_budget(&self) -> usize;
+    fn activation_budget(&self) -> usize {
+        self.readout().activation_budget
+    }
     /// Approximate autodiff bytes per replicated row per block.
-    fn bytes_per_row_per_block(&self) -> usize;
+    fn bytes_per_row_per_block(&self) -> usize {
+        self.readout().bytes_per_row_per_block
+    }
     /// The full causal forward pass (validated tokens), one context per requested layer.
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext>;
     /// The upper half on rows `h` `(P, R, d)`, row `(p, r)` at position `positions[p]`:
@@ -343,6 +427,30 @@ pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
 /// it calls the `pub(crate)` helpers above).
 macro_rules! impl_split_model {
     ($t:ty) => {
+        impl $t {
+            /// The device the model runs on (without autodiff; the gradient passes use its
+            /// autodiff view).
+            pub fn device(&self) -> &$crate::Device {
+                &self.readout.device
+            }
+
+            /// Set the bytes of activations one readout-Jacobian backward pass may keep alive
+            /// (default 512 MiB). More positions (or more of one position's `d` rows) per pass
+            /// give larger GEMMs; fewer keep the peak memory down.
+            pub fn set_activation_budget(&mut self, bytes: usize) {
+                self.readout.activation_budget = bytes.max(1);
+            }
+
+            /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows
+            /// each, through every block), whatever the activation budget.
+            pub fn set_position_batch(&mut self, positions: usize) {
+                let r = &mut self.readout;
+                let per_position =
+                    r.bytes_per_row_per_block * r.dims.n_layers.max(1) * r.dims.d_model;
+                r.activation_budget = per_position.saturating_mul(positions.max(1));
+            }
+        }
+
         impl fs_traits::SplitModel for $t {
             type Scalar = f32;
             type Context = $crate::CachedContext;

@@ -19,12 +19,13 @@
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, indices, tensor, CachedContext, CachedUpper,
+    attend_cached, causal_attention, context_mask, indices, CachedContext, CachedUpper, Readout,
+    Upload,
 };
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
-use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
+use fs_checkpoint::{Gpt2Config, Gpt2Weights, LayerNorm, Linear};
 use fs_traits::ModelDims;
 
 /// A LayerNorm's parameters.
@@ -50,22 +51,12 @@ struct Block {
 /// GPT-2 on burn.
 pub struct Gpt2 {
     cfg: Gpt2Config,
-    /// The plain (non-autodiff) device holding the weights.
-    device: Device,
     wte: Tensor<2>,
     wpe: Tensor<2>,
     blocks: Vec<Block>,
     ln_f: Norm,
-    /// `W_U` (`V × d`) on the device: `wte` when tied.
-    lm_head: Tensor<2>,
-    /// `W_U` on the host, for the estimators' weighted Gram.
-    lm_head_host: Vec<f32>,
-    /// Whether `lm_head` is `wte`.
-    tied: bool,
-    /// Bytes of activations a readout-Jacobian backward pass may keep alive.
-    activation_budget: usize,
-    /// Number of parameters (`lm_head` counted once when tied).
-    parameters: usize,
+    /// Plain device, dimensions, `W_U` (`wte` when tied), pass budget.
+    readout: Readout,
 }
 
 /// The result of [`Gpt2`]'s lower pass.
@@ -76,20 +67,19 @@ impl Gpt2 {
     /// GGUF or random values) to the plain (non-autodiff) view of `device`. `W_U` stays on the
     /// host too, for the estimators' weighted Gram.
     pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
-        let device = device.clone().without_autodiff();
-        let parameters = weights.parameter_count();
         let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
-        let matrix = |m: HostMatrix| tensor(m.data, [m.rows, m.cols], &device);
-        let vector = |v: Vec<f32>| {
-            let n = v.len();
-            tensor(v, [n], &device)
+        let dims = ModelDims {
+            d_model: cfg.n_embd,
+            readout_dim: cfg.n_embd,
+            vocab_size: cfg.vocab_size,
+            n_layers: cfg.n_layer,
+            max_seq_len: Some(cfg.n_positions),
         };
-        let norm = |n: LayerNorm| Norm { weight: vector(n.weight), bias: vector(n.bias) };
-        let linear = |l: Linear| (matrix(l.weight), vector(l.bias.unwrap_or_default()));
-        let lm_head_host = lm_head.as_ref().unwrap_or(&wte).data.clone();
-        let tied = lm_head.is_none();
-        let wte = matrix(wte);
-        let lm_head = lm_head.map_or_else(|| wte.clone(), matrix);
+        let (wte, readout) =
+            Readout::with_embedding(device, dims, wte, lm_head, bytes_per_row_per_block(&cfg));
+        let up = Upload(&readout.device);
+        let norm = |n: LayerNorm| Norm { weight: up.vector(n.weight), bias: up.vector(n.bias) };
+        let linear = |l: Linear| (up.matrix(l.weight), up.vector(l.bias.unwrap_or_default()));
         let blocks = blocks
             .into_iter()
             .map(|b| {
@@ -111,57 +101,14 @@ impl Gpt2 {
                 }
             })
             .collect();
-        let (wpe, ln_f) = (matrix(wpe), norm(ln_f));
-        device.sync().map_err(|e| Error::Burn(crate::one_line(&e)))?;
-        Ok(Gpt2 {
-            activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
-            cfg,
-            device,
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-            lm_head,
-            lm_head_host,
-            tied,
-            parameters,
-        })
+        let (wpe, ln_f) = (up.matrix(wpe), norm(ln_f));
+        readout.sync()?;
+        Ok(Gpt2 { cfg, wte, wpe, blocks, ln_f, readout })
     }
 
     /// The model's configuration.
     pub fn config(&self) -> &Gpt2Config {
         &self.cfg
-    }
-
-    /// The device the model runs on (without autodiff; the gradient passes use its autodiff
-    /// view).
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Whether `lm_head` is the token embedding `wte`.
-    pub fn is_tied(&self) -> bool {
-        self.tied
-    }
-
-    /// Set the bytes of activations one readout-Jacobian backward pass may keep alive (default
-    /// 512 MiB). More positions (or more of one position's `d` rows) per pass give larger GEMMs;
-    /// fewer keep the peak memory down.
-    pub fn set_activation_budget(&mut self, bytes: usize) {
-        self.activation_budget = bytes.max(1);
-    }
-
-    /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows each, so
-    /// `positions · d` replicated rows per pass), whatever the activation budget.
-    pub fn set_position_batch(&mut self, positions: usize) {
-        let per_position =
-            bytes_per_row_per_block(&self.cfg) * self.cfg.n_layer.max(1) * self.cfg.n_embd;
-        self.activation_budget = per_position.saturating_mul(positions.max(1));
-    }
-
-    /// Number of parameters (`lm_head` counted once when tied).
-    pub fn parameter_count(&self) -> usize {
-        self.parameters
     }
 
     fn heads(&self) -> (usize, usize) {
@@ -185,7 +132,7 @@ impl Gpt2 {
         let t_len = tokens.len();
         let (heads, dh) = self.heads();
         let d = self.cfg.n_embd;
-        let ids = indices(tokens.iter().map(|&t| t as usize), &self.device);
+        let ids = indices(tokens.iter().map(|&t| t as usize), &self.readout.device);
         let mut x = self.wte.clone().select(0, ids).add(self.wpe.clone().narrow(0, 0, t_len));
         // hidden[k] for every k; keys/values of every block.
         let mut hidden = vec![x.clone()];
@@ -217,7 +164,7 @@ impl Gpt2 {
         let [p_n, r_n, d] = h.dims();
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.device);
+        let mask = context_mask(positions, &self.readout.device);
         let mut x = h;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
             let a = self.norm(x.clone(), &b.ln_1);
@@ -250,29 +197,8 @@ fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
 }
 
 impl CachedUpper for Gpt2 {
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn model_dims(&self) -> ModelDims {
-        ModelDims {
-            d_model: self.cfg.n_embd,
-            readout_dim: self.cfg.n_embd,
-            vocab_size: self.cfg.vocab_size,
-            n_layers: self.cfg.n_layer,
-            max_seq_len: Some(self.cfg.n_positions),
-        }
-    }
-    fn lm_head(&self) -> &Tensor<2> {
-        &self.lm_head
-    }
-    fn lm_head_host(&self) -> &[f32] {
-        &self.lm_head_host
-    }
-    fn activation_budget(&self) -> usize {
-        self.activation_budget
-    }
-    fn bytes_per_row_per_block(&self) -> usize {
-        bytes_per_row_per_block(&self.cfg)
+    fn readout(&self) -> &Readout {
+        &self.readout
     }
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
         Gpt2::forward_sequence(self, tokens, layers)

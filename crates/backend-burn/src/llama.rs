@@ -17,11 +17,12 @@
 
 use crate::cached::{
     attend_cached, causal_attention, context_mask, indices, tensor, CachedContext, CachedUpper,
+    Readout, Upload,
 };
 use crate::ops::{linear, rms_norm, silu};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
-use fs_checkpoint::{HostMatrix, Linear, LlamaConfig, LlamaWeights};
+use fs_checkpoint::{LlamaConfig, LlamaWeights};
 use fs_traits::ModelDims;
 
 /// One block's parameters; matrices stored `[in, out]` (transposed once from HF's `[out, in]`).
@@ -47,16 +48,12 @@ struct Block {
 /// A Llama-family model on burn.
 pub struct Llama {
     cfg: LlamaConfig,
-    /// The plain (non-autodiff) device holding the weights.
-    device: Device,
     embed: Tensor<2>,
     blocks: Vec<Block>,
     norm: Tensor<1>,
-    lm_head: Tensor<2>,
-    lm_head_host: Vec<f32>,
     inv_freq: Vec<f64>,
-    activation_budget: usize,
-    parameters: usize,
+    /// Plain device, dimensions, `W_U` (`embed` when tied), pass budget.
+    readout: Readout,
 }
 
 impl Llama {
@@ -64,18 +61,21 @@ impl Llama {
     /// GGUF or random values; linear weights already `[in, out]`) to the plain (non-autodiff)
     /// view of `device`. `W_U` stays on the host too, for the estimators' weighted Gram.
     pub fn new(weights: LlamaWeights, device: &Device) -> Result<Self, Error> {
-        let device = device.clone().without_autodiff();
-        let parameters = weights.parameter_count();
         let LlamaWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
-        let matrix = |m: HostMatrix| tensor(m.data, [m.rows, m.cols], &device);
-        let vector = |v: Vec<f32>| {
-            let n = v.len();
-            tensor(v, [n], &device)
+        let dims = ModelDims {
+            d_model: cfg.hidden_size,
+            readout_dim: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+            n_layers: cfg.num_hidden_layers,
+            max_seq_len: Some(cfg.max_position_embeddings),
         };
-        let linear = |l: Linear| (matrix(l.weight), l.bias.map(vector));
-        let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
-        let embed = matrix(embed);
-        let lm_head = lm_head.map_or_else(|| embed.clone(), matrix);
+        // Autodiff bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
+        let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
+        let (embed, readout) =
+            Readout::with_embedding(device, dims, embed, lm_head, bytes_per_row_per_block);
+        let up = Upload(&readout.device);
+        let linear = |l| up.linear(l);
+        let vector = |v| up.vector(v);
         let blocks = blocks
             .into_iter()
             .map(|b| {
@@ -107,48 +107,13 @@ impl Llama {
             })
             .collect();
         let norm = vector(norm);
-        device.sync().map_err(|e| Error::Burn(crate::one_line(&e)))?;
-        Ok(Llama {
-            inv_freq: cfg.inv_freq(),
-            norm,
-            cfg,
-            device,
-            embed,
-            blocks,
-            lm_head,
-            lm_head_host,
-            activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
-            parameters,
-        })
+        readout.sync()?;
+        Ok(Llama { inv_freq: cfg.inv_freq(), norm, cfg, embed, blocks, readout })
     }
 
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
-    }
-
-    /// The device the model runs on (without autodiff; the gradient passes use its autodiff
-    /// view).
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Bytes of activations one readout-Jacobian backward pass may keep alive (default 512 MiB).
-    pub fn set_activation_budget(&mut self, bytes: usize) {
-        self.activation_budget = bytes.max(1);
-    }
-
-    /// Force `positions` positions per readout-Jacobian backward pass (all `d` rows each).
-    pub fn set_position_batch(&mut self, positions: usize) {
-        let per_position = CachedUpper::bytes_per_row_per_block(self)
-            * self.cfg.num_hidden_layers.max(1)
-            * self.cfg.hidden_size;
-        self.activation_budget = per_position.saturating_mul(positions.max(1));
-    }
-
-    /// Number of parameters (`lm_head` counted once when tied).
-    pub fn parameter_count(&self) -> usize {
-        self.parameters
     }
 
     /// `cos` and `sin` of the rotary angles `t·θ_i` for `positions`, each `(len, head_dim)` (the
@@ -167,7 +132,7 @@ impl Llama {
             }
         }
         let shape = [positions.len(), 2 * half];
-        (tensor(cos, shape, &self.device), tensor(sin, shape, &self.device))
+        (tensor(cos, shape, &self.readout.device), tensor(sin, shape, &self.readout.device))
     }
 
     /// `x·cos + rotate_half(x)·sin` on the last dimension, `rotate_half(x) = [−x₂, x₁]`
@@ -219,7 +184,7 @@ impl Llama {
         let positions: Vec<usize> = (0..t_len).collect();
         let (cos, sin) = self.rope_tables(&positions);
         let (cos, sin): (Tensor<3>, Tensor<3>) = (cos.unsqueeze(), sin.unsqueeze());
-        let ids = indices(tokens.iter().map(|&t| t as usize), &self.device);
+        let ids = indices(tokens.iter().map(|&t| t as usize), &self.readout.device);
         let mut x = self.embed.clone().select(0, ids);
         let mut hidden = vec![x.clone()];
         let (mut keys, mut values) = (Vec::new(), Vec::new());
@@ -250,7 +215,7 @@ impl Llama {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.device);
+        let mask = context_mask(positions, &self.readout.device);
         let (cos, sin) = self.rope_tables(positions);
         let (cos, sin): (Tensor<4>, Tensor<4>) =
             (cos.reshape([p_n, 1, 1, dh]), sin.reshape([p_n, 1, 1, dh]));
@@ -275,29 +240,8 @@ impl Llama {
 }
 
 impl CachedUpper for Llama {
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn model_dims(&self) -> ModelDims {
-        ModelDims {
-            d_model: self.cfg.hidden_size,
-            readout_dim: self.cfg.hidden_size,
-            vocab_size: self.cfg.vocab_size,
-            n_layers: self.cfg.num_hidden_layers,
-            max_seq_len: Some(self.cfg.max_position_embeddings),
-        }
-    }
-    fn lm_head(&self) -> &Tensor<2> {
-        &self.lm_head
-    }
-    fn lm_head_host(&self) -> &[f32] {
-        &self.lm_head_host
-    }
-    fn activation_budget(&self) -> usize {
-        self.activation_budget
-    }
-    fn bytes_per_row_per_block(&self) -> usize {
-        4 * (16 * self.cfg.hidden_size + 5 * self.cfg.intermediate_size)
+    fn readout(&self) -> &Readout {
+        &self.readout
     }
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
         Llama::forward_sequence(self, tokens, layers)

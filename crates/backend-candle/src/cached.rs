@@ -7,6 +7,7 @@
 
 use crate::ops::softmax_last_dim;
 use candle_core::{Device, Tensor, Var, D};
+use fs_checkpoint::{HostMatrix, Linear};
 use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
@@ -71,19 +72,98 @@ impl CachedContext {
     }
 }
 
+/// Uploads typed host weights (`fs-checkpoint`) to one device: every model's `new` builds its
+/// tensors with it.
+pub(crate) struct Upload<'a>(pub(crate) &'a Device);
+
+impl Upload<'_> {
+    /// A `rows × cols` matrix.
+    pub(crate) fn matrix(&self, m: HostMatrix) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(m.data, (m.rows, m.cols), self.0)
+    }
+    /// A vector.
+    pub(crate) fn vector(&self, v: Vec<f32>) -> candle_core::Result<Tensor> {
+        let n = v.len();
+        Tensor::from_vec(v, n, self.0)
+    }
+    /// A linear layer: weight `[in, out]` and its bias, if any.
+    pub(crate) fn linear(&self, l: Linear) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        Ok((self.matrix(l.weight)?, l.bias.map(|b| self.vector(b)).transpose()?))
+    }
+}
+
+/// What every cached model reads out with, beside its blocks: the device, the dimensions, the
+/// unembedding `W_U` (on the device for the passes, on the host for the estimators' weighted
+/// Gram) and the memory budget of the readout-Jacobian passes.
+pub(crate) struct Readout {
+    pub(crate) device: Device,
+    pub(crate) dims: ModelDims,
+    /// `W_U` (`V × d`) on the device: the token embedding when tied.
+    pub(crate) lm_head: Tensor,
+    /// `W_U` on the host, row-major.
+    pub(crate) lm_head_host: Vec<f32>,
+    /// Bytes of tangents one readout-Jacobian pass may keep alive.
+    pub(crate) activation_budget: usize,
+    /// Approximate bytes a forward-mode pass keeps alive per tangent row per block (the widest
+    /// layer's tangents and their temporaries).
+    pub(crate) bytes_per_row_per_block: usize,
+}
+
+impl Readout {
+    /// Upload the token embedding and build the readout: `W_U` is `lm_head` when the checkpoint
+    /// has one, else the (tied) embedding. Returns the embedding too.
+    pub(crate) fn with_embedding(
+        device: &Device,
+        dims: ModelDims,
+        embed: HostMatrix,
+        lm_head: Option<HostMatrix>,
+        bytes_per_row_per_block: usize,
+    ) -> candle_core::Result<(Tensor, Readout)> {
+        let up = Upload(device);
+        let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
+        let embed = up.matrix(embed)?;
+        let lm_head = match lm_head {
+            Some(m) => up.matrix(m)?,
+            None => embed.clone(),
+        };
+        let readout = Readout {
+            device: device.clone(),
+            dims,
+            lm_head,
+            lm_head_host,
+            activation_budget: DEFAULT_ACTIVATION_BUDGET,
+            bytes_per_row_per_block,
+        };
+        Ok((embed, readout))
+    }
+}
+
 /// A transformer whose upper half can run on single rows against a key/value cache.
 pub(crate) trait CachedUpper {
-    fn device(&self) -> &Device;
-    fn model_dims(&self) -> ModelDims;
+    /// The device, dimensions, unembedding and pass budget.
+    fn readout(&self) -> &Readout;
+    fn device(&self) -> &Device {
+        &self.readout().device
+    }
+    fn model_dims(&self) -> ModelDims {
+        self.readout().dims
+    }
     /// `W_U` on the device (`V × d`).
-    fn lm_head(&self) -> &Tensor;
+    fn lm_head(&self) -> &Tensor {
+        &self.readout().lm_head
+    }
     /// `W_U` on the host (`V × d`, row-major).
-    fn lm_head_host(&self) -> &[f32];
+    fn lm_head_host(&self) -> &[f32] {
+        &self.readout().lm_head_host
+    }
     /// Bytes of tangents one readout-Jacobian pass may keep alive.
-    fn activation_budget(&self) -> usize;
-    /// Approximate bytes a forward-mode pass keeps alive per tangent row (the widest layer's
-    /// tangents and their temporaries).
-    fn bytes_per_row_per_block(&self) -> usize;
+    fn activation_budget(&self) -> usize {
+        self.readout().activation_budget
+    }
+    /// Approximate bytes a forward-mode pass keeps alive per tangent row per block.
+    fn bytes_per_row_per_block(&self) -> usize {
+        self.readout().bytes_per_row_per_block
+    }
     /// The full causal forward pass, one context per requested layer.
     fn forward_sequence(
         &self,
@@ -325,6 +405,28 @@ pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
 /// it calls the `pub(crate)` helpers above).
 macro_rules! impl_split_model {
     ($t:ty) => {
+        impl $t {
+            /// The device the model runs on.
+            pub fn device(&self) -> &candle_core::Device {
+                &self.readout.device
+            }
+
+            /// Set the bytes of tangents one readout-Jacobian forward-mode pass may keep alive
+            /// (default 512 MiB). More positions (or more of one position's `d` directions) per
+            /// pass give larger GEMMs; fewer keep the peak memory down.
+            pub fn set_activation_budget(&mut self, bytes: usize) {
+                self.readout.activation_budget = bytes.max(1);
+            }
+
+            /// Force `positions` positions per readout-Jacobian pass (all `d` directions each),
+            /// whatever the activation budget.
+            pub fn set_position_batch(&mut self, positions: usize) {
+                let r = &mut self.readout;
+                let per_position = r.bytes_per_row_per_block * r.dims.d_model;
+                r.activation_budget = per_position.saturating_mul(positions.max(1));
+            }
+        }
+
         impl fs_traits::SplitModel for $t {
             type Scalar = f32;
             type Context = $crate::CachedContext;

@@ -18,12 +18,14 @@
 //! backward pass of `Σ_i ⟨e_i, u_i⟩`; score gradients take `S` copies and one backward pass of
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
-use crate::cached::{attend_cached, causal_attention, context_mask, CachedContext, CachedUpper};
+use crate::cached::{
+    attend_cached, causal_attention, context_mask, CachedContext, CachedUpper, Readout, Upload,
+};
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use candle_core::{Device, Tensor};
-use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
+use fs_checkpoint::{Gpt2Config, Gpt2Weights, LayerNorm, Linear};
 use fs_traits::ModelDims;
 
 /// A LayerNorm's parameters.
@@ -49,17 +51,12 @@ struct Block {
 /// GPT-2 on candle.
 pub struct Gpt2 {
     cfg: Gpt2Config,
-    device: Device,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Norm,
-    /// `W_U` (`V × d`) on the device: `wte` when tied.
-    lm_head: Tensor,
-    /// `W_U` on the host, for the estimators' weighted Gram.
-    lm_head_host: Vec<f32>,
-    /// Bytes of activations a readout-Jacobian backward pass may keep alive.
-    activation_budget: usize,
+    /// Device, dimensions, `W_U` (`wte` when tied), pass budget.
+    readout: Readout,
 }
 
 /// The result of [`Gpt2`]'s lower pass.
@@ -71,23 +68,22 @@ impl Gpt2 {
     /// weighted Gram.
     pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
         let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
-        let matrix = |m: HostMatrix| Tensor::from_vec(m.data, (m.rows, m.cols), device);
-        let vector = |v: Vec<f32>| {
-            let n = v.len();
-            Tensor::from_vec(v, n, device)
-        };
+        let up = Upload(device);
         let norm = |n: LayerNorm| -> candle_core::Result<Norm> {
-            Ok(Norm { weight: vector(n.weight)?, bias: vector(n.bias)? })
+            Ok(Norm { weight: up.vector(n.weight)?, bias: up.vector(n.bias)? })
         };
         let linear = |l: Linear| -> candle_core::Result<(Tensor, Tensor)> {
-            Ok((matrix(l.weight)?, vector(l.bias.unwrap_or_default())?))
+            Ok((up.matrix(l.weight)?, up.vector(l.bias.unwrap_or_default())?))
         };
-        let lm_head_host = lm_head.as_ref().unwrap_or(&wte).data.clone();
-        let wte = matrix(wte)?;
-        let lm_head = match lm_head {
-            Some(m) => matrix(m)?,
-            None => wte.clone(),
+        let dims = ModelDims {
+            d_model: cfg.n_embd,
+            readout_dim: cfg.n_embd,
+            vocab_size: cfg.vocab_size,
+            n_layers: cfg.n_layer,
+            max_seq_len: Some(cfg.n_positions),
         };
+        let (wte, readout) =
+            Readout::with_embedding(device, dims, wte, lm_head, bytes_per_row_per_block(&cfg))?;
         let blocks = blocks
             .into_iter()
             .map(|b| {
@@ -109,41 +105,12 @@ impl Gpt2 {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Gpt2 {
-            activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
-            device: device.clone(),
-            wte,
-            wpe: matrix(wpe)?,
-            blocks,
-            ln_f: norm(ln_f)?,
-            lm_head,
-            lm_head_host,
-            cfg,
-        })
+        Ok(Gpt2 { wte, wpe: up.matrix(wpe)?, blocks, ln_f: norm(ln_f)?, readout, cfg })
     }
 
     /// The model's configuration.
     pub fn config(&self) -> &Gpt2Config {
         &self.cfg
-    }
-
-    /// The device the model runs on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Set the bytes of tangents one readout-Jacobian forward-mode pass may keep alive (default
-    /// 512 MiB). More positions (or more of one position's `d` directions) per pass give larger
-    /// GEMMs; fewer keep the peak memory down.
-    pub fn set_activation_budget(&mut self, bytes: usize) {
-        self.activation_budget = bytes.max(1);
-    }
-
-    /// Force `positions` positions per readout-Jacobian pass (all `d` directions each),
-    /// whatever the activation budget.
-    pub fn set_position_batch(&mut self, positions: usize) {
-        let per_position = bytes_per_row_per_block(&self.cfg) * self.cfg.n_embd;
-        self.activation_budget = per_position.saturating_mul(positions.max(1));
     }
 
     fn heads(&self) -> (usize, usize) {
@@ -170,7 +137,7 @@ impl Gpt2 {
         let t_len = tokens.len();
         let (heads, dh) = self.heads();
         let d = self.cfg.n_embd;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(tokens, &self.readout.device)?;
         let mut x = self.wte.index_select(&ids, 0)?.add(&self.wpe.narrow(0, 0, t_len)?)?;
         // hidden[k] for every k; keys/values of every block.
         let mut hidden = vec![x.clone()];
@@ -207,7 +174,7 @@ impl Gpt2 {
         let (p_n, r_n, d) = h.dims3()?;
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.device)?;
+        let mask = context_mask(positions, &self.readout.device)?;
         let mut x = h.clone();
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
             let a = self.norm(&x, &b.ln_1)?;
@@ -246,7 +213,7 @@ impl Gpt2 {
         let (heads, dh) = self.heads();
         let (p_n, d) = (positions.len(), self.cfg.n_embd);
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.device)?;
+        let mask = context_mask(positions, &self.readout.device)?;
         let eps = self.cfg.layer_norm_epsilon;
         let mut x = h;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
@@ -291,29 +258,8 @@ fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
 }
 
 impl CachedUpper for Gpt2 {
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn model_dims(&self) -> ModelDims {
-        ModelDims {
-            d_model: self.cfg.n_embd,
-            readout_dim: self.cfg.n_embd,
-            vocab_size: self.cfg.vocab_size,
-            n_layers: self.cfg.n_layer,
-            max_seq_len: Some(self.cfg.n_positions),
-        }
-    }
-    fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-    fn lm_head_host(&self) -> &[f32] {
-        &self.lm_head_host
-    }
-    fn activation_budget(&self) -> usize {
-        self.activation_budget
-    }
-    fn bytes_per_row_per_block(&self) -> usize {
-        bytes_per_row_per_block(&self.cfg)
+    fn readout(&self) -> &Readout {
+        &self.readout
     }
     fn forward_sequence(
         &self,

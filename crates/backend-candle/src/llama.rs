@@ -8,12 +8,14 @@
 //! key/value heads repeated to the query heads; a row analysed at position `t` is rotated by
 //! angle `t` (never 0, unlike the original script's KV-cache extension).
 
-use crate::cached::{attend_cached, causal_attention, context_mask, CachedContext, CachedUpper};
+use crate::cached::{
+    attend_cached, causal_attention, context_mask, CachedContext, CachedUpper, Readout, Upload,
+};
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::linear;
 use crate::Error;
 use candle_core::{Device, Tensor, D};
-use fs_checkpoint::{HostMatrix, Linear, LlamaConfig, LlamaWeights};
+use fs_checkpoint::{LlamaConfig, LlamaWeights};
 use fs_traits::ModelDims;
 
 struct Block {
@@ -38,14 +40,12 @@ struct Block {
 /// A Llama-family model on candle.
 pub struct Llama {
     cfg: LlamaConfig,
-    device: Device,
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: Tensor,
-    lm_head_host: Vec<f32>,
     inv_freq: Vec<f64>,
-    activation_budget: usize,
+    /// Device, dimensions, `W_U` (`embed` when tied), pass budget.
+    readout: Readout,
 }
 
 impl Llama {
@@ -54,20 +54,20 @@ impl Llama {
     /// the host too, for the estimators' weighted Gram.
     pub fn new(weights: LlamaWeights, device: &Device) -> Result<Self, Error> {
         let LlamaWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
-        let matrix = |m: HostMatrix| Tensor::from_vec(m.data, (m.rows, m.cols), device);
-        let vector = |v: Vec<f32>| {
-            let n = v.len();
-            Tensor::from_vec(v, n, device)
+        let up = Upload(device);
+        let linear = |l| up.linear(l);
+        let vector = |v| up.vector(v);
+        let dims = ModelDims {
+            d_model: cfg.hidden_size,
+            readout_dim: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+            n_layers: cfg.num_hidden_layers,
+            max_seq_len: Some(cfg.max_position_embeddings),
         };
-        let linear = |l: Linear| -> candle_core::Result<(Tensor, Option<Tensor>)> {
-            Ok((matrix(l.weight)?, l.bias.map(vector).transpose()?))
-        };
-        let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
-        let embed = matrix(embed)?;
-        let lm_head = match lm_head {
-            Some(m) => matrix(m)?,
-            None => embed.clone(),
-        };
+        // Tangent bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
+        let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
+        let (embed, readout) =
+            Readout::with_embedding(device, dims, embed, lm_head, bytes_per_row_per_block)?;
         let blocks = blocks
             .into_iter()
             .map(|b| {
@@ -98,33 +98,12 @@ impl Llama {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Llama {
-            inv_freq: cfg.inv_freq(),
-            norm: vector(norm)?,
-            cfg,
-            device: device.clone(),
-            embed,
-            blocks,
-            lm_head,
-            lm_head_host,
-            activation_budget: crate::cached::DEFAULT_ACTIVATION_BUDGET,
-        })
+        Ok(Llama { inv_freq: cfg.inv_freq(), norm: vector(norm)?, cfg, embed, blocks, readout })
     }
 
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
-    }
-
-    /// Bytes of tangents one readout-Jacobian forward-mode pass may keep alive.
-    pub fn set_activation_budget(&mut self, bytes: usize) {
-        self.activation_budget = bytes.max(1);
-    }
-
-    /// Force `positions` positions per readout-Jacobian pass (all `d` directions each).
-    pub fn set_position_batch(&mut self, positions: usize) {
-        let per_position = CachedUpper::bytes_per_row_per_block(self) * self.cfg.hidden_size;
-        self.activation_budget = per_position.saturating_mul(positions.max(1));
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -149,8 +128,8 @@ impl Llama {
         }
         let shape = (positions.len(), 2 * half);
         Ok((
-            Tensor::from_vec(cos, shape, &self.device)?,
-            Tensor::from_vec(sin, shape, &self.device)?,
+            Tensor::from_vec(cos, shape, &self.readout.device)?,
+            Tensor::from_vec(sin, shape, &self.readout.device)?,
         ))
     }
 
@@ -197,7 +176,7 @@ impl Llama {
         let positions: Vec<usize> = (0..t_len).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
         let (cos, sin) = (cos.unsqueeze(0)?, sin.unsqueeze(0)?);
-        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.readout.device)?, 0)?;
         let mut hidden = vec![x.clone()];
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for b in &self.blocks {
@@ -232,7 +211,7 @@ impl Llama {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.device)?;
+        let mask = context_mask(positions, &self.readout.device)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let (cos, sin) = (cos.reshape((p_n, 1, 1, dh))?, sin.reshape((p_n, 1, 1, dh))?);
         let mut x = hrows.clone();
@@ -269,7 +248,7 @@ impl Llama {
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let scale = 1.0 / (dh as f64).sqrt();
         let eps = self.cfg.rms_norm_eps;
-        let mask = context_mask(positions, &self.device)?;
+        let mask = context_mask(positions, &self.readout.device)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let (cos, sin) = (cos.reshape((p_n, 1, 1, dh))?, sin.reshape((p_n, 1, 1, dh))?);
         let mut x = hrows;
@@ -304,29 +283,8 @@ impl Llama {
 }
 
 impl CachedUpper for Llama {
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn model_dims(&self) -> ModelDims {
-        ModelDims {
-            d_model: self.cfg.hidden_size,
-            readout_dim: self.cfg.hidden_size,
-            vocab_size: self.cfg.vocab_size,
-            n_layers: self.cfg.num_hidden_layers,
-            max_seq_len: Some(self.cfg.max_position_embeddings),
-        }
-    }
-    fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-    fn lm_head_host(&self) -> &[f32] {
-        &self.lm_head_host
-    }
-    fn activation_budget(&self) -> usize {
-        self.activation_budget
-    }
-    fn bytes_per_row_per_block(&self) -> usize {
-        4 * (16 * self.cfg.hidden_size + 5 * self.cfg.intermediate_size)
+    fn readout(&self) -> &Readout {
+        &self.readout
     }
     fn forward_sequence(
         &self,
