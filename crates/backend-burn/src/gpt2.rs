@@ -26,7 +26,6 @@ use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, LayerNorm, Linear};
-use fs_traits::ModelDims;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -68,15 +67,13 @@ impl Gpt2 {
     /// host too, for the estimators' weighted Gram.
     pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
         let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
-        let dims = ModelDims {
-            d_model: cfg.n_embd,
-            readout_dim: cfg.n_embd,
-            vocab_size: cfg.vocab_size,
-            n_layers: cfg.n_layer,
-            max_seq_len: Some(cfg.n_positions),
-        };
-        let (wte, readout) =
-            Readout::with_embedding(device, dims, wte, lm_head, bytes_per_row_per_block(&cfg));
+        let (wte, readout) = Readout::with_embedding(
+            device,
+            cfg.dims(),
+            wte,
+            lm_head,
+            bytes_per_row_per_block(&cfg),
+        );
         let up = Upload(&readout.device);
         let norm = |n: LayerNorm| Norm { weight: up.vector(n.weight), bias: up.vector(n.bias) };
         let linear = |l: Linear| (up.matrix(l.weight), up.vector(l.bias.unwrap_or_default()));

@@ -23,7 +23,6 @@ use crate::ops::{linear, rms_norm, silu};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
 use fs_checkpoint::{LlamaConfig, LlamaWeights};
-use fs_traits::ModelDims;
 
 /// One block's parameters; matrices stored `[in, out]` (transposed once from HF's `[out, in]`).
 struct Block {
@@ -62,17 +61,10 @@ impl Llama {
     /// view of `device`. `W_U` stays on the host too, for the estimators' weighted Gram.
     pub fn new(weights: LlamaWeights, device: &Device) -> Result<Self, Error> {
         let LlamaWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
-        let dims = ModelDims {
-            d_model: cfg.hidden_size,
-            readout_dim: cfg.hidden_size,
-            vocab_size: cfg.vocab_size,
-            n_layers: cfg.num_hidden_layers,
-            max_seq_len: Some(cfg.max_position_embeddings),
-        };
         // Autodiff bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
         let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
         let (embed, readout) =
-            Readout::with_embedding(device, dims, embed, lm_head, bytes_per_row_per_block);
+            Readout::with_embedding(device, cfg.dims(), embed, lm_head, bytes_per_row_per_block);
         let up = Upload(&readout.device);
         let linear = |l| up.linear(l);
         let vector = |v| up.vector(v);

@@ -26,7 +26,6 @@ use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use candle_core::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, LayerNorm, Linear};
-use fs_traits::ModelDims;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -75,15 +74,13 @@ impl Gpt2 {
         let linear = |l: Linear| -> candle_core::Result<(Tensor, Tensor)> {
             Ok((up.matrix(l.weight)?, up.vector(l.bias.unwrap_or_default())?))
         };
-        let dims = ModelDims {
-            d_model: cfg.n_embd,
-            readout_dim: cfg.n_embd,
-            vocab_size: cfg.vocab_size,
-            n_layers: cfg.n_layer,
-            max_seq_len: Some(cfg.n_positions),
-        };
-        let (wte, readout) =
-            Readout::with_embedding(device, dims, wte, lm_head, bytes_per_row_per_block(&cfg))?;
+        let (wte, readout) = Readout::with_embedding(
+            device,
+            cfg.dims(),
+            wte,
+            lm_head,
+            bytes_per_row_per_block(&cfg),
+        )?;
         let blocks = blocks
             .into_iter()
             .map(|b| {

@@ -16,7 +16,6 @@ use crate::ops::linear;
 use crate::Error;
 use candle_core::{Device, Tensor, D};
 use fs_checkpoint::{LlamaConfig, LlamaWeights};
-use fs_traits::ModelDims;
 
 struct Block {
     attn_norm: Tensor,
@@ -57,17 +56,10 @@ impl Llama {
         let up = Upload(device);
         let linear = |l| up.linear(l);
         let vector = |v| up.vector(v);
-        let dims = ModelDims {
-            d_model: cfg.hidden_size,
-            readout_dim: cfg.hidden_size,
-            vocab_size: cfg.vocab_size,
-            n_layers: cfg.num_hidden_layers,
-            max_seq_len: Some(cfg.max_position_embeddings),
-        };
         // Tangent bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
         let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
         let (embed, readout) =
-            Readout::with_embedding(device, dims, embed, lm_head, bytes_per_row_per_block)?;
+            Readout::with_embedding(device, cfg.dims(), embed, lm_head, bytes_per_row_per_block)?;
         let blocks = blocks
             .into_iter()
             .map(|b| {

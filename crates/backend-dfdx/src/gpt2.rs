@@ -530,13 +530,7 @@ impl SplitModel for Gpt2 {
     type Context = Gpt2Context;
 
     fn dims(&self) -> ModelDims {
-        ModelDims {
-            d_model: self.cfg.n_embd,
-            readout_dim: self.cfg.n_embd,
-            vocab_size: self.cfg.vocab_size,
-            n_layers: self.cfg.n_layer,
-            max_seq_len: Some(self.cfg.n_positions),
-        }
+        self.cfg.dims()
     }
 
     fn lower(&self, tokens: &[u32], layer: usize) -> Result<Gpt2Context, FsError> {

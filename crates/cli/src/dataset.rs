@@ -12,7 +12,7 @@
 //! model weights' sha256, d, layers, estimator, position selection) and the shard.
 
 use crate::output::{write_atomic, OwnedTensor};
-use crate::results::{finite, json_text, MeanHeader, MeanSettings, MeanSummaryRow};
+use crate::results::{finite, json_text, top_three, MeanHeader, MeanSettings, MeanSummaryRow};
 use anyhow::{anyhow, Context, Result};
 use fs_estimators::{spectrum, CompensatedSum, FisherAccumulator};
 use std::path::Path;
@@ -248,14 +248,7 @@ pub fn print_mean_summary(rows: &[MeanSummaryRow]) {
     println!("layer  matrices  mean entropy  trace       top eigenvalues                      eff. rank  part. ratio");
     let num = |x: f64| finite(x).unwrap_or(f64::NAN);
     for r in rows {
-        let top = r
-            .top_eigenvalues
-            .iter()
-            .take(3)
-            .filter_map(|&x| finite(x))
-            .map(|x| format!("{x:.3e}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let top = top_three(&r.top_eigenvalues);
         println!(
             "{:>5}  {:>8}  {:>12.4}  {:>10.4e}  [{top:<33}]  {:>9.2}  {:>11.2}",
             r.layer,

@@ -5,7 +5,9 @@
 //! decoded tables in metadata.json (read by `inspect` and `report`).
 
 use crate::output::OwnedTensor;
-use crate::results::{finite, DirectionSummary, LayerSummaryRow, PositionSummary, TokenEffect};
+use crate::results::{
+    finite, top_three, DirectionSummary, LayerSummaryRow, PositionSummary, TokenEffect,
+};
 use anyhow::Result;
 use fs_estimators::{
     direction_effects, direction_effects_from_jacobian, project, spectrum, DirectionOptions,
@@ -214,14 +216,7 @@ pub fn print_layer_summary(rows: &[LayerSummaryRow]) {
     println!("layer  positions  mean entropy  mean trace  mean top eigenvalues                 eff. rank  part. ratio");
     let num = |x: f64| finite(x).unwrap_or(f64::NAN);
     for r in rows {
-        let top = r
-            .mean_top_eigenvalues
-            .iter()
-            .take(3)
-            .filter_map(|&x| finite(x))
-            .map(|x| format!("{x:.3e}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let top = top_three(&r.mean_top_eigenvalues);
         println!(
             "{:>5}  {:>9}  {:>12.4}  {:>10.4e}  [{top:<33}]  {:>9.2}  {:>11.2}",
             r.layer,

@@ -7,7 +7,6 @@ use fs_estimators::{
     direction_effects, exact_fisher, spectrum, DirectionOptions, ExactOptions, Matrix, Scalar,
     SplitModel,
 };
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -38,36 +37,8 @@ fn fails_with(out: &Output, needle: &str) {
     assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
 }
 
-type Arrays = HashMap<String, (Vec<usize>, Vec<f64>)>;
-
-fn read_safetensors(path: &Path) -> Arrays {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let v = match t.dtype() {
-                safetensors::Dtype::F32 => t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                safetensors::Dtype::F64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::I64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                d => panic!("dtype {d:?}"),
-            };
-            (name, (t.shape().to_vec(), v))
-        })
-        .collect()
-}
+mod common;
+use common::{read_safetensors, Arrays};
 
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     let n: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();

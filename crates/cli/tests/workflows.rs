@@ -28,36 +28,8 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-type Arrays = std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>;
-
-fn read_safetensors(path: &Path) -> Arrays {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let v = match t.dtype() {
-                safetensors::Dtype::F32 => t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                safetensors::Dtype::F64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::I64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                d => panic!("dtype {d:?}"),
-            };
-            (name, (t.shape().to_vec(), v))
-        })
-        .collect()
-}
+mod common;
+use common::{read_safetensors, Arrays};
 
 /// Parse an uncompressed npz by hand (independent of the binary's own reader).
 fn read_npz(path: &Path) -> Arrays {

@@ -69,6 +69,13 @@ pub fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
 
+/// The first three finite values of an eigenvalue list, `1.234e-2, …`, for the summary tables
+/// (a non-finite value, read back from `null`, is left out).
+pub fn top_three(values: &[f64]) -> String {
+    let shown = values.iter().take(3).filter_map(|&x| finite(x));
+    shown.map(|x| format!("{x:.3e}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Deserialise a number written by serde_json: `null` (a NaN or an infinity when written) is NaN.
 fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))

@@ -140,6 +140,17 @@ impl Gpt2Config {
         Ok(cfg)
     }
 
+    /// The split model's sizes: `d = d_u = n_embd`, `V`, `n_layer` blocks, `n_positions`.
+    pub fn dims(&self) -> fs_traits::ModelDims {
+        fs_traits::ModelDims {
+            d_model: self.n_embd,
+            readout_dim: self.n_embd,
+            vocab_size: self.vocab_size,
+            n_layers: self.n_layer,
+            max_seq_len: Some(self.n_positions),
+        }
+    }
+
     /// The MLP hidden width: `n_inner`, or 4·`n_embd` when it is unset.
     pub fn inner_dim(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)

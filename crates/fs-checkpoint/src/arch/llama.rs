@@ -258,6 +258,18 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The split model's sizes: `d = d_u = hidden_size`, `V`, `num_hidden_layers` blocks,
+    /// `max_position_embeddings`.
+    pub fn dims(&self) -> fs_traits::ModelDims {
+        fs_traits::ModelDims {
+            d_model: self.hidden_size,
+            readout_dim: self.hidden_size,
+            vocab_size: self.vocab_size,
+            n_layers: self.num_hidden_layers,
+            max_seq_len: Some(self.max_position_embeddings),
+        }
+    }
+
     /// The RoPE inverse frequencies `θ^(−2i/head_dim)`, `i < head_dim/2`, in `f64`, with the
     /// Llama-3 scaling applied when configured (as transformers' `_compute_llama3_parameters`).
     pub fn inv_freq(&self) -> Vec<f64> {
