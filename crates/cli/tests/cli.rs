@@ -13,28 +13,11 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
+mod common;
+
 /// Read an f64 or f32 tensor, or an i64 tensor, from a safetensors file into f64.
 fn read_tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    let v = match t.dtype() {
-        safetensors::Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        safetensors::Dtype::F64 => {
-            t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
-        }
-        safetensors::Dtype::I64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        d => panic!("unexpected dtype {d:?}"),
-    };
-    (t.shape().to_vec(), v)
+    common::read_safetensors(path).remove(name).unwrap_or_else(|| panic!("no tensor {name}"))
 }
 
 fn ids_arg(path: &Path) -> String {
