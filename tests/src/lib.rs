@@ -1,6 +1,6 @@
 //! # fs-suite — the workspace's cross-crate test suite
 //!
-//! The [`SplitModel`](fs_estimators::SplitModel) contract itself lives in
+//! The `SplitModel` contract itself lives in
 //! `fs_estimators::testing` (feature `testing`, re-exported here) so that custom-model authors
 //! can run it too. This crate instantiates it per model and scalar type (`tests/contract.rs`)
 //! and per engine through [`backend_suite!`] over [`backends::compiled_backends`], on the

@@ -4,7 +4,7 @@
 //! * [`gelu_new`] and [`layer_norm`] are compositions of elementary ops, so their gradients are
 //!   the exact derivatives of those ops (dfdx's fused `accurate_gelu` backward is off by a factor
 //!   `1/√2`, DESIGN §7, and GPT-2 uses the tanh form anyway).
-//! * [`Engine::linear`] / [`Engine::const_bmm`] multiply a traced input by a *constant* matrix.
+//! * [`linear`] / [`Engine::const_bmm`] multiply a traced input by a *constant* matrix.
 //!   dfdx's `matmul` backward always forms the gradient of both operands; the Fisher computation
 //!   only ever needs `∂/∂x`, so on the CPU these record a backward op that computes just
 //!   `∂L/∂X = ∂L/∂Y · Wᵀ` (a third of the backward flops and a `W`-sized buffer saved per use).

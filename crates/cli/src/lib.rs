@@ -6,8 +6,8 @@
 //! The modules depend on each other in one direction only (no cycles):
 //!
 //! * the jobs, one per subcommand: [`compute`], [`inspect`], [`report`], [`merge`], [`info`],
-//!   [`bench`];
-//! * what they share: [`backends`] (the engine registry), [`dataset`] (mean accumulators,
+//!   [`bench`](mod@bench);
+//! * what they share: [`backends`] (loading through the registry, `fs-engines`), [`dataset`] (means,
 //!   `--shard`), [`readouts`] (direction read-outs, the layer sweep), [`plots`];
 //! * at the bottom: [`results`] (every results format as serde types, and the results-file
 //!   reader), [`output`] (atomic writes, locks, safetensors), [`npz`], [`inputs`],

@@ -63,7 +63,7 @@ impl CompensatedSum {
 }
 
 /// A streamed, mergeable sum of `d × d` Fisher matrices, with the count and the sum of the
-/// next-token entropies of the positions they came from (see the [module docs](self)).
+/// next-token entropies of the positions they came from (the math is in `accumulate.rs`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FisherAccumulator {
     d: usize,

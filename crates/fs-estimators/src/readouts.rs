@@ -41,7 +41,7 @@ impl Default for DirectionOptions {
     }
 }
 
-/// What one direction `v` does at one position (see the [module docs](self) for the math).
+/// What one direction `v` does at one position (the math is in [`direction_effects`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DirectionEffect {
     /// `J v = W_U A v` (length `V`): the logit change per unit step along `v`.

@@ -404,14 +404,14 @@ pub fn unpermute_rows(rows: &[f32], n_head: usize, out: usize, inp: usize) -> Ve
 }
 
 /// Deterministic random weights as a [`WeightSource`]: every tensor of the configuration's
-/// HF layout drawn from a seeded normal stream (see [`crate::random_tensors`]), so a
+/// HF layout drawn from a seeded normal stream (see [`crate::random_gpt2_weights`]), so a
 /// `(config, std, seed)` triple names one model on every engine.
 pub struct RandomSource {
     tensors: HashMap<String, Vec<f32>>,
 }
 
 impl RandomSource {
-    /// The random tensors of `config` (matrices `N(0, std²)`, see [`crate::random_tensors`]).
+    /// The random tensors of `config` (matrices `N(0, std²)`, see [`crate::random_gpt2_weights`]).
     pub fn new(config: &ModelConfig, std: f64, seed: u64) -> Self {
         let tensors =
             crate::synthetic::random_tensors(config.tensor_specs(), std, config.n_layers(), seed);
