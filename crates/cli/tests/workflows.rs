@@ -332,12 +332,26 @@ fn metadata_results(dir: &Path) -> serde_json::Value {
     meta
 }
 
-/// SIGKILL at several random moments (seeded: set FS_KILL_SEED to replay; the seed is printed),
-/// each run after the first continuing with `--resume` and possibly killed again: the final
-/// per-sequence results, the mean accumulator and run.json equal an uninterrupted run's byte for
-/// byte, and metadata.json equals it except for timings and the resume count.
+/// Spawn `cmd` with `-v` and its stderr piped; return the child and an iterator over the lines
+/// it logs (the test synchronises on these events, never on the clock).
+fn spawn_logged(
+    mut cmd: Command,
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
+    use std::io::BufRead;
+    let mut child = cmd.arg("-v").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    (child, std::io::BufReader::new(stderr).lines())
+}
+
+/// SIGKILL at several moments of a run, each run after the first continuing with `--resume` and
+/// killed again: the final per-sequence results, the mean accumulator and run.json equal an
+/// uninterrupted run's byte for byte, and metadata.json equals it except for timings and the
+/// resume count. The kill moments are events, not times: right after the run logs that it wrote
+/// its `k`-th results file (so the kill lands while it writes that sequence's state file or the
+/// accumulator's checkpoint, or computes the next sequence), with `k` drawn from a seeded stream
+/// (`FS_KILL_SEED` to change it; the seed and every `k` are printed).
 #[test]
-fn resume_after_kills_at_random_moments_gives_identical_results() {
+fn resume_after_kills_at_logged_events_gives_identical_results() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     model_with_tokenizer(&model, 32);
@@ -359,19 +373,10 @@ fn resume_after_kills_at_random_moments_gives_identical_results() {
             .collect()
     };
     let full = tmp.path().join("full");
-    let t0 = std::time::Instant::now();
     ok(&bin().args(args(&full)).output().unwrap());
-    let duration_ms = t0.elapsed().as_millis() as u64;
 
-    let seed: u64 =
-        std::env::var("FS_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-                as u64
-                | 1
-        });
-    println!(
-        "kill seed {seed} (FS_KILL_SEED={seed} replays it); uninterrupted run {duration_ms} ms"
-    );
+    let seed: u64 = std::env::var("FS_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(29);
+    println!("kill seed {seed} (FS_KILL_SEED={seed} replays it)");
     let mut state = seed;
     let mut next = move || {
         state ^= state << 13;
@@ -380,43 +385,38 @@ fn resume_after_kills_at_random_moments_gives_identical_results() {
         state
     };
     let killed = tmp.path().join("killed");
-    // A chain of runs, each but the first a --resume of the one before, each killed at a random
-    // moment. A run that finishes before its kill point restarts the chain from scratch, until
-    // one chain has 4 kills.
-    let mut kills = 0;
-    for attempt in 0..40 {
+    // A chain of 4 runs, each but the first a --resume of the one before, each killed right
+    // after it logs its k-th written results file, k in 1..=4 (24 documents: the chain writes at
+    // most 16, so every kill lands before the run could finish).
+    for kill in 1..=4 {
         let mut cmd = bin();
         cmd.args(args(&killed));
-        if kills > 0 {
+        if kill > 1 {
             cmd.arg("--resume");
         }
-        let mut child = cmd.spawn().unwrap();
-        // A resumed run has less left to do: later kill points come earlier.
-        let at = duration_ms * (2 + next() % 49) / 100 / (1 + kills);
-        std::thread::sleep(std::time::Duration::from_millis(at));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            kills += 1;
-            println!("attempt {attempt}: SIGKILL at {at} ms (kill {kills} of the chain)");
-        } else {
-            println!("attempt {attempt}: finished before {at} ms; the chain restarts");
-            kills = 0;
-            std::fs::remove_dir_all(&killed).unwrap();
-        }
-        // Only complete files are ever visible: every results file in the directory parses.
-        if killed.exists() {
-            for name in result_files(&killed) {
-                if name.ends_with(".safetensors") {
-                    read_safetensors(&killed.join(name));
+        let (mut child, lines) = spawn_logged(cmd);
+        let k = 1 + ((next() >> 32) % 4) as usize;
+        let mut written = 0;
+        for line in lines {
+            let line = line.unwrap();
+            if line.contains(": wrote fisher_seq_") {
+                written += 1;
+                if written == k {
+                    break;
                 }
             }
         }
-        if kills == 4 {
-            break;
+        assert_eq!(written, k, "run {kill} ended before writing {k} results files (seed {seed})");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        println!("run {kill}: SIGKILL right after its results file number {k}");
+        // Only complete files are ever visible: every results file in the directory parses.
+        for name in result_files(&killed) {
+            if name.ends_with(".safetensors") {
+                read_safetensors(&killed.join(name));
+            }
         }
     }
-    assert_eq!(kills, 4, "no chain of 4 kills in 40 attempts (seed {seed})");
     // Without --resume (or --force) a started directory is refused; with it the run completes.
     if killed.join("run.json").exists() {
         let refused = bin().args(args(&killed)).output().unwrap();
@@ -480,12 +480,17 @@ fn a_second_run_on_the_same_output_is_refused_by_the_lock() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut first = bin().args(&args).spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    while !out.join("fisher_seq_000000.safetensors").exists() && t0.elapsed().as_secs() < 120 {
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (mut first, mut lines) = spawn_logged({
+        let mut c = bin();
+        c.args(&args);
+        c
+    });
+    // Wait for the event "first results file written", then stop the first run (SIGSTOP: it
+    // keeps its lock and cannot finish while the second runs are tried, however slow they are).
+    let wrote = lines.by_ref().map(|l| l.unwrap()).find(|l| l.contains(": wrote fisher_seq_"));
+    assert!(wrote.is_some(), "the first run ended before writing a results file");
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(first.id() as libc::pid_t, libc::SIGSTOP) }, 0);
     let before = std::fs::read(out.join("fisher_seq_000000.safetensors")).unwrap();
     for extra in [&[][..], &["--resume"][..], &["--force"][..]] {
         let second = bin().args(&args).args(extra).output().unwrap();
@@ -500,13 +505,23 @@ fn a_second_run_on_the_same_output_is_refused_by_the_lock() {
     }
     assert!(first.try_wait().unwrap().is_none(), "the first run was disturbed");
     assert_eq!(std::fs::read(out.join("fisher_seq_000000.safetensors")).unwrap(), before);
-    first.kill().unwrap();
+    first.kill().unwrap(); // SIGKILL ends a stopped process too
     first.wait().unwrap();
-    // The killed run's lock died with it: --resume takes it (and is killed in turn here, to keep
-    // the test short; resuming to the end is the test above).
-    let mut resumed = bin().args(&args).arg("--resume").spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert!(resumed.try_wait().unwrap().is_none(), "--resume after a kill did not start");
+    drop(lines);
+    // The killed run's lock died with it: --resume takes it — the event is its log line that the
+    // model resolved, which comes after the lock (and it is killed in turn here, to keep the test
+    // short; resuming to the end is the test above).
+    let (mut resumed, lines) = spawn_logged({
+        let mut c = bin();
+        c.args(&args).arg("--resume");
+        c
+    });
+    let log: Vec<String> =
+        lines.map(|l| l.unwrap()).take_while(|l| !l.contains("resolved")).collect();
+    assert!(
+        resumed.try_wait().unwrap().is_none(),
+        "--resume after a kill did not take the lock: {log:?}"
+    );
     resumed.kill().unwrap();
     resumed.wait().unwrap();
 }
