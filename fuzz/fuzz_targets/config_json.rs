@@ -1,8 +1,8 @@
 //! `config.json` parsing: `Gpt2Config::from_json` + `validate` + `inner_dim`, and
-//! `LlamaConfig::from_json` + `inv_freq` (the RoPE table every backend builds from it).
+//! `DecoderConfig::from_json` + `inv_freq` (the RoPE table every backend builds from it).
 #![no_main]
 
-use fs_checkpoint::{Gpt2Config, LlamaConfig};
+use fs_checkpoint::{Gpt2Config, DecoderConfig};
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         cfg.validate(path).expect("from_json validates");
         let _ = cfg.inner_dim();
     }
-    if let Ok(cfg) = LlamaConfig::from_json(text, path) {
+    if let Ok(cfg) = DecoderConfig::from_json(text, path) {
         let _ = cfg.inv_freq();
     }
 });

@@ -1,11 +1,11 @@
 //! Random tiny models for property tests: proptest strategies over configurations (layers 1–3,
 //! heads 1–4 with grouped-query attention for Llama, d 8–64, vocab 5–300, T 1–16), weights from
-//! [`fs_checkpoint::random_gpt2_weights`] / [`fs_checkpoint::random_llama_weights`] and a
+//! [`fs_checkpoint::random_gpt2_weights`] / [`fs_checkpoint::random_decoder_weights`] and a
 //! checkpoint directory every backend loads identically.
 
 use std::path::Path;
 
-use fs_checkpoint::{Gpt2Config, Llama3RopeScaling, LlamaConfig, ModelFiles};
+use fs_checkpoint::{DecoderConfig, Gpt2Config, Llama3RopeScaling, ModelFiles};
 use proptest::prelude::*;
 
 /// Standard deviation of the random weight matrices: large enough that next-token distributions
@@ -33,10 +33,10 @@ impl Case<Gpt2Config> {
     }
 }
 
-impl Case<LlamaConfig> {
+impl Case<DecoderConfig> {
     /// Write the model to `dir` (config.json + model.safetensors).
     pub fn write(&self, dir: &Path) -> ModelFiles {
-        let w = fs_checkpoint::random_llama_weights(&self.config, WEIGHT_STD, self.seed);
+        let w = fs_checkpoint::random_decoder_weights(&self.config, WEIGHT_STD, self.seed);
         fs_checkpoint::write_checkpoint(dir, &self.config.to_json(), &w).expect("write checkpoint")
     }
 }
@@ -76,7 +76,7 @@ pub fn gpt2_case() -> impl Strategy<Value = Case<Gpt2Config>> {
 /// Random tiny Llama-family cases: grouped-query attention (key/value heads dividing the query
 /// heads), `llama` / `mistral` / `qwen2` bias conventions, tied or untied heads, optional
 /// Llama-3 RoPE scaling.
-pub fn llama_case() -> impl Strategy<Value = Case<LlamaConfig>> {
+pub fn llama_case() -> impl Strategy<Value = Case<DecoderConfig>> {
     (
         (1usize..=3, 1usize..=4, 1usize..=8, 5usize..=300, 8usize..=96),
         (0usize..3, any::<bool>(), any::<bool>(), any::<bool>(), any::<u32>()),
@@ -90,7 +90,7 @@ pub fn llama_case() -> impl Strategy<Value = Case<LlamaConfig>> {
                 let kv = divisors[r as usize % divisors.len()];
                 let model_type = ["llama", "mistral", "qwen2"][ty].to_string();
                 let qwen = model_type == "qwen2";
-                let config = LlamaConfig {
+                let config = DecoderConfig {
                     model_type,
                     vocab_size: vocab,
                     hidden_size: heads * head_dim,
@@ -137,7 +137,7 @@ mod tests {
             );
             assert!((8..=64).contains(&g.config.n_embd) && g.layer <= g.config.n_layer);
             let l = llama_case().new_tree(&mut runner).unwrap().current();
-            let back = LlamaConfig::from_json(&l.config.to_json().to_string(), path).unwrap();
+            let back = DecoderConfig::from_json(&l.config.to_json().to_string(), path).unwrap();
             assert_eq!(back, l.config);
             assert!((8..=64).contains(&l.config.hidden_size), "{:?}", l.config);
             assert_eq!(l.config.num_attention_heads % l.config.num_key_value_heads, 0);

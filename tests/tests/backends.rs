@@ -11,7 +11,7 @@
 //! size ~10 (see `tools/README.md`), so 1e-4 leaves an order of magnitude of margin while a
 //! wrong layer norm, mask or RoPE angle gives errors of order 1e-1 and more.
 
-use fs_checkpoint::{Gpt2Config, LlamaConfig, ModelFiles};
+use fs_checkpoint::{DecoderConfig, Gpt2Config, ModelFiles};
 use fs_estimators::relative_frobenius;
 use fs_suite::backends::{compiled_backends, load, max_abs_diff, Probe};
 use fs_suite::random_models::{gpt2_case, llama_case, Case, WEIGHT_STD};
@@ -98,11 +98,11 @@ fn gpt2_config() -> Gpt2Config {
     }
 }
 
-fn llama_config() -> LlamaConfig {
+fn llama_config() -> DecoderConfig {
     let json = r#"{"model_type": "llama", "vocab_size": 19, "hidden_size": 16,
         "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 8}"#;
-    LlamaConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
+    DecoderConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
 }
 
 /// A bad checkpoint: a name, and how to damage a good one in `dir`.
@@ -185,7 +185,7 @@ fn every_bad_checkpoint_is_refused_with_one_line_on_every_engine() {
     // A Llama checkpoint missing a layer's weights.
     let dir = tempfile::tempdir().unwrap();
     let cfg = llama_config();
-    let mut w = fs_checkpoint::random_llama_weights(&cfg, WEIGHT_STD, 4);
+    let mut w = fs_checkpoint::random_decoder_weights(&cfg, WEIGHT_STD, 4);
     w.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight");
     let files = fs_checkpoint::write_checkpoint(dir.path(), &cfg.to_json(), &w).unwrap();
     let results = compiled_backends()
@@ -237,8 +237,8 @@ proptest! {
         let random = fs_checkpoint::Gpt2Weights::random(g.config.clone(), WEIGHT_STD, g.seed).unwrap();
         prop_assert!(loaded == random, "GPT-2 {:?}", g.config);
         let files = l.write(&dir.path().join("llama"));
-        let loaded = fs_checkpoint::LlamaWeights::load(&files).unwrap();
-        let random = fs_checkpoint::LlamaWeights::random(l.config.clone(), WEIGHT_STD, l.seed).unwrap();
+        let loaded = fs_checkpoint::DecoderWeights::load(&files).unwrap();
+        let random = fs_checkpoint::DecoderWeights::random(l.config.clone(), WEIGHT_STD, l.seed).unwrap();
         prop_assert!(loaded == random, "Llama {:?}", l.config);
     }
 }

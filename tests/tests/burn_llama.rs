@@ -3,7 +3,7 @@
 //! weights are the model of the written checkpoint is checked engine-free there too.
 #![cfg(feature = "burn")]
 
-use backend_burn::{device, Device, Llama};
+use backend_burn::{device, Decoder, Device};
 use fs_estimators::SplitModel;
 use fs_suite::fixtures::{dir, Reference};
 
@@ -15,9 +15,9 @@ fn cpu() -> Device {
 fn batching_positions_does_not_change_the_result() {
     let name = "llama-tiny-untied";
     let files = fs_checkpoint::resolve_model(dir(name).to_str().unwrap()).unwrap();
-    let mut model = fs_checkpoint::LlamaWeights::load(&files)
+    let mut model = fs_checkpoint::DecoderWeights::load(&files)
         .map_err(Into::into)
-        .and_then(|w| Llama::new(w, &cpu()))
+        .and_then(|w| Decoder::new(w, &cpu()))
         .unwrap();
     let r = Reference::load(name);
     let ctx = model.lower(&r.input_ids, 1).unwrap();

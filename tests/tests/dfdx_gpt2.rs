@@ -122,8 +122,8 @@ fn bad_weights_configs_and_devices_are_typed_errors() {
         "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 8}"#;
     let lcfg =
-        fs_checkpoint::LlamaConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
-    let lw = fs_checkpoint::random_llama_weights(&lcfg, WEIGHT_STD, 1);
+        fs_checkpoint::DecoderConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
+    let lw = fs_checkpoint::random_decoder_weights(&lcfg, WEIGHT_STD, 1);
     let ltmp = tempfile::tempdir().unwrap();
     let lfiles = fs_checkpoint::write_checkpoint(ltmp.path(), &lcfg.to_json(), &lw).unwrap();
     let e = fs_checkpoint::Gpt2Weights::load(&lfiles)

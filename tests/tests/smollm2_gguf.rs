@@ -8,18 +8,18 @@
 //! still ranks " Paris" first, at p ≈ 0.72 or 0.57, hence the tight band.
 #![cfg(feature = "candle")]
 
-use backend_candle::{Device, Llama};
+use backend_candle::{Decoder, Device};
 use fs_checkpoint::{
-    tokenizers::Tokenizer, Checkpoint, CheckpointError, LlamaWeights, ModelWeights,
+    tokenizers::Tokenizer, Checkpoint, CheckpointError, DecoderWeights, ModelWeights,
 };
 use fs_estimators::{exact_fisher, softmax, spectrum, ExactOptions, SplitModel};
 use std::path::{Path, PathBuf};
 
 /// The engine-free half of loading a GGUF file: typed weights and the tokenizer from its
 /// metadata.
-fn read_gguf(path: &Path) -> Result<(LlamaWeights, Tokenizer), CheckpointError> {
+fn read_gguf(path: &Path) -> Result<(DecoderWeights, Tokenizer), CheckpointError> {
     let ckpt = Checkpoint::open_gguf(path)?;
-    let ModelWeights::Llama(weights) = ckpt.read_weights()? else {
+    let ModelWeights::Decoder(weights) = ckpt.read_weights()? else {
         unreachable!("GGUF files are Llama-family models")
     };
     Ok((weights, ckpt.embedded_tokenizer()?.expect("GGUF files carry a tokenizer")))
@@ -43,7 +43,7 @@ fn fetch() -> PathBuf {
 fn smollm2_gguf_predicts_paris_with_the_reference_probability() {
     let path = fetch();
     let (weights, tokenizer) = read_gguf(&path).expect("read GGUF");
-    let model = Llama::new(weights, &Device::Cpu).expect("upload to candle");
+    let model = Decoder::new(weights, &Device::Cpu).expect("upload to candle");
     let ids = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
     assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
     let dims = model.dims();
@@ -146,8 +146,8 @@ fn tempfile_dir() -> PathBuf {
 fn burn_reads_the_gguf_and_agrees_with_candle() {
     let (weights, tokenizer) = read_gguf(&fetch()).expect("read GGUF");
     let ids = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
-    let candle = Llama::new(weights.clone(), &Device::Cpu).unwrap();
-    let burn = backend_burn::Llama::new(weights, &backend_burn::device("cpu").unwrap()).unwrap();
+    let candle = Decoder::new(weights.clone(), &Device::Cpu).unwrap();
+    let burn = backend_burn::Decoder::new(weights, &backend_burn::device("cpu").unwrap()).unwrap();
     let ctx = candle.lower(&ids, 15).unwrap();
     let fc = exact_fisher(&candle, &ctx, &[4], &ExactOptions::default()).unwrap().remove(0);
     let ctx = burn.lower(&ids, 15).unwrap();

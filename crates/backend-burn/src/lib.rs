@@ -1,8 +1,8 @@
 //! # backend-burn
 //!
 //! [`fs_traits::SplitModel`] implementations on [burn](https://burn.dev) 0.22: [`Gpt2`] (HF
-//! `GPT2LMHeadModel` semantics) and [`Llama`] (the Llama family: Llama, Mistral, Qwen2,
-//! SmolLM). The public face mirrors `backend-candle` (`Gpt2`, `Llama`, [`Device`], [`device`],
+//! `GPT2LMHeadModel` semantics) and [`Decoder`] (the Decoder family: Decoder, Mistral, Qwen2,
+//! SmolLM). The public face mirrors `backend-candle` (`Gpt2`, `Decoder`, [`Device`], [`device`],
 //! [`Error`]) so the CLI and the shared test suite can swap engines.
 //!
 //! ## Engine
@@ -35,14 +35,14 @@
 #![warn(missing_docs)]
 
 mod cached;
+mod decoder;
 mod gpt2;
-mod llama;
 pub mod ops;
 
 pub use burn::tensor::Device;
 pub use cached::CachedContext;
+pub use decoder::Decoder;
 pub use gpt2::{Gpt2, Gpt2Context};
-pub use llama::Llama;
 
 /// Errors of loading a model on burn (the same variants as `backend_candle::Error` where they
 /// apply, so the same bad input gives the same kind of error on every backend).

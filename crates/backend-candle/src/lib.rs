@@ -1,25 +1,25 @@
 //! # backend-candle
 //!
 //! [`fs_traits::SplitModel`] implementations on [candle](https://github.com/huggingface/candle):
-//! [`Gpt2`] (HF `GPT2LMHeadModel` semantics) and [`Llama`] (the Llama family). CPU by default;
+//! [`Gpt2`] (HF `GPT2LMHeadModel` semantics) and [`Decoder`] (the Decoder family). CPU by default;
 //! the `cuda` feature adds CUDA devices (`cuda:N`).
 //!
 //! A model is built from the typed host weights `fs-checkpoint` reads from any source
-//! (safetensors, GGUF, random): [`Gpt2::new`], [`Llama::new`]. This crate holds only what candle
+//! (safetensors, GGUF, random): [`Gpt2::new`], [`Decoder::new`]. This crate holds only what candle
 //! forces it to hold: the tensors and the forward / forward-mode passes (`docs/ARCHITECTURE.md`).
 
 #![warn(missing_docs)]
 
 mod cached;
+mod decoder;
 mod gpt2;
 mod jvp;
-mod llama;
 pub mod ops;
 
 pub use cached::CachedContext;
 pub use candle_core::Device;
+pub use decoder::Decoder;
 pub use gpt2::{Gpt2, Gpt2Context};
-pub use llama::Llama;
 
 /// Errors of loading a model on candle.
 #[derive(Debug, thiserror::Error)]

@@ -31,7 +31,7 @@
 
 use crate::backends::{Backend, Engine, EngineJob};
 use anyhow::{bail, Result};
-use fs_checkpoint::{Gpt2Config, LlamaConfig};
+use fs_checkpoint::{DecoderConfig, Gpt2Config};
 use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
 use std::time::Instant;
 
@@ -94,7 +94,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// A model shape with random weights.
 enum Shape {
     Gpt2(Gpt2Config),
-    Llama(LlamaConfig),
+    Llama(DecoderConfig),
 }
 
 impl Shape {
@@ -123,7 +123,7 @@ impl Shape {
                     "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
                     "max_position_embeddings": seq_len.max(8192), "tie_word_embeddings": true,
                 });
-                Shape::Llama(LlamaConfig::from_json(&json.to_string(), "smollm2-135m".as_ref())?)
+                Shape::Llama(DecoderConfig::from_json(&json.to_string(), "smollm2-135m".as_ref())?)
             }
             other => bail!(
                 "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m or tiny"
@@ -135,7 +135,7 @@ impl Shape {
     fn config(&self) -> fs_checkpoint::ModelConfig {
         match self {
             Shape::Gpt2(c) => fs_checkpoint::ModelConfig::Gpt2(c.clone()),
-            Shape::Llama(c) => fs_checkpoint::ModelConfig::Llama(c.clone()),
+            Shape::Llama(c) => fs_checkpoint::ModelConfig::Decoder(c.clone()),
         }
     }
 

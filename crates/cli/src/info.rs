@@ -51,7 +51,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 if c.tie_word_embeddings { "tied to wte" } else { "untied" }
             );
         }
-        ModelConfig::Llama(c) => {
+        ModelConfig::Decoder(c) => {
             println!(
                 "architecture  {} (RMSNorm, RoPE θ = {}{}, SwiGLU)",
                 c.model_type,

@@ -2,7 +2,7 @@
 //! finite differences of the model, the KL check, projections, the layer sweep, dataset means
 //! merged from shards, and the HTML report.
 
-use backend_candle::{Device, Gpt2, Llama};
+use backend_candle::{Decoder, Device, Gpt2};
 use fs_estimators::{
     direction_effects, exact_fisher, spectrum, DirectionOptions, ExactOptions, Matrix, Scalar,
     SplitModel,
@@ -111,9 +111,9 @@ fn direction_effects_match_finite_differences_of_the_model() {
     }
     let files =
         fs_checkpoint::resolve_model(fixture("llama-tiny-untied").to_str().unwrap()).unwrap();
-    let model = fs_checkpoint::LlamaWeights::load(&files)
+    let model = fs_checkpoint::DecoderWeights::load(&files)
         .map_err(Into::into)
-        .and_then(|w| Llama::new(w, &Device::Cpu))
+        .and_then(|w| Decoder::new(w, &Device::Cpu))
         .unwrap();
     for layer in [0, 1] {
         let err = fd_agreement(&model, &tokens, layer);

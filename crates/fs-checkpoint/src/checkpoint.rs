@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::arch::llama::LlamaConfig;
+use crate::arch::decoder::DecoderConfig;
 use crate::arch::{GgufSource, ModelConfig, ModelWeights};
 use crate::error::{CheckpointError, Result};
 use crate::gguf::{GgufFile, GgufValue};
@@ -61,7 +61,7 @@ impl Checkpoint {
     /// Open a GGUF file: header, metadata → configuration (the architecture decides how).
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let config = ModelConfig::Llama(LlamaConfig::from_gguf(&file)?);
+        let config = ModelConfig::Decoder(DecoderConfig::from_gguf(&file)?);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let files = ModelFiles {
             config: path.to_path_buf(),
@@ -86,7 +86,7 @@ impl Checkpoint {
                 self.config.read_weights(&mut store)
             }
             CheckpointFormat::Gguf(file) => {
-                let ModelConfig::Llama(cfg) = &self.config else {
+                let ModelConfig::Decoder(cfg) = &self.config else {
                     unreachable!("GGUF files open as Llama-family models only")
                 };
                 let mut source = GgufSource::new(file, |hf| cfg.gguf_tensor_name(hf));

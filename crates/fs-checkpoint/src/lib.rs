@@ -9,10 +9,10 @@
 //!   Hugging Face cache offline ([`default_hub_cache`]); [`Checkpoint::open`] also takes a
 //!   `.gguf` file;
 //! * **the architecture** — [`Architecture`] (gpt2, llama, mistral, qwen2) and its
-//!   configuration [`ModelConfig`] from `config.json` ([`Gpt2Config`], [`LlamaConfig`]) or GGUF
-//!   metadata ([`LlamaConfig::from_gguf`]), validated with one-line errors;
+//!   configuration [`ModelConfig`] from `config.json` ([`Gpt2Config`], [`DecoderConfig`]) or GGUF
+//!   metadata ([`DecoderConfig::from_gguf`]), validated with one-line errors;
 //! * **the weights** — per architecture one typed, shape-checked, finite set of host weights
-//!   ([`Gpt2Weights`], [`LlamaWeights`]; linear weights `[in, out]`) read from any
+//!   ([`Gpt2Weights`], [`DecoderWeights`]; linear weights `[in, out]`) read from any
 //!   [`WeightSource`]: safetensors ([`WeightStore`]: headers validated against the real file
 //!   size before anything is allocated; F32, F16, BF16, F64), GGUF ([`GgufFile`] +
 //!   [`GgufSource`]: header validated the same way, llama.cpp names mapped to HF names, q/k
@@ -34,7 +34,7 @@
 //! let ckpt = Checkpoint::open("openai-community/gpt2")?;
 //! match ckpt.read_weights()? {
 //!     ModelWeights::Gpt2(w) => println!("wte is {:?}", w.wte.shape()),
-//!     ModelWeights::Llama(w) => println!("{} blocks", w.blocks.len()),
+//!     ModelWeights::Decoder(w) => println!("{} blocks", w.blocks.len()),
 //! }
 //! # Ok::<(), fs_checkpoint::CheckpointError>(())
 //! ```
@@ -52,10 +52,11 @@ mod synthetic;
 mod tokenizer;
 mod weights;
 
-pub use arch::gpt2::{Gpt2Block, Gpt2Config, Gpt2Weights, LayerNorm, GPT2_ACTIVATIONS};
-pub use arch::llama::{
-    Llama3RopeScaling, LlamaBlock, LlamaConfig, LlamaWeights, GGUF_ARCHITECTURES, LLAMA_MODEL_TYPES,
+pub use arch::decoder::{
+    DecoderBlock, DecoderConfig, DecoderWeights, Llama3RopeScaling, DECODER_MODEL_TYPES,
+    GGUF_ARCHITECTURES,
 };
+pub use arch::gpt2::{Gpt2Block, Gpt2Config, Gpt2Weights, LayerNorm, GPT2_ACTIVATIONS};
 pub use arch::{
     unpermute_rows, Architecture, GgufNameMap, GgufSource, GgufTensorName, HostMatrix, Linear,
     ModelConfig, ModelWeights, RandomSource, WeightSource, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
@@ -68,7 +69,7 @@ pub use hash::sha256_file;
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
-pub use synthetic::{random_gpt2_weights, random_llama_weights, write_checkpoint, NamedTensor};
+pub use synthetic::{random_decoder_weights, random_gpt2_weights, write_checkpoint, NamedTensor};
 pub use tokenizer::{load_tokenizer, tokenizer_from_gguf_bpe};
 pub use weights::{HostTensor, WeightStore, MAX_HEADER_BYTES};
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::error::{CheckpointError, Result};
-use crate::{Gpt2Config, LlamaConfig, ModelFiles, ModelOrigin, TokenizerFiles};
+use crate::{DecoderConfig, Gpt2Config, ModelFiles, ModelOrigin, TokenizerFiles};
 
 /// One named host tensor (f32, row-major) in HF layout.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -85,8 +85,8 @@ pub fn random_gpt2_weights(cfg: &Gpt2Config, std: f64, seed: u64) -> Vec<NamedTe
 }
 
 /// Deterministic random weights for a Llama-family configuration (names from
-/// [`LlamaConfig::tensor_specs`]).
-pub fn random_llama_weights(cfg: &LlamaConfig, std: f64, seed: u64) -> Vec<NamedTensor> {
+/// [`DecoderConfig::tensor_specs`]).
+pub fn random_decoder_weights(cfg: &DecoderConfig, std: f64, seed: u64) -> Vec<NamedTensor> {
     random_tensors(cfg.tensor_specs(), std, cfg.num_hidden_layers, seed)
 }
 
@@ -191,8 +191,8 @@ mod tests {
                     "original_max_position_embeddings": 16});
             }
             let path = Path::new("config.json");
-            let cfg = LlamaConfig::from_json(&json.to_string(), path).unwrap();
-            let back = LlamaConfig::from_json(&cfg.to_json().to_string(), path).unwrap();
+            let cfg = DecoderConfig::from_json(&json.to_string(), path).unwrap();
+            let back = DecoderConfig::from_json(&cfg.to_json().to_string(), path).unwrap();
             assert_eq!(back, cfg, "{model_type}");
             let names: Vec<String> = cfg.tensor_specs().into_iter().map(|s| s.0).collect();
             assert_eq!(names.contains(&"lm_head.weight".to_string()), !tied);
@@ -219,12 +219,12 @@ mod tests {
         let json = json!({"model_type": "qwen2", "vocab_size": 13, "hidden_size": 8,
             "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "tie_word_embeddings": false});
-        let cfg = LlamaConfig::from_json(&json.to_string(), Path::new("config.json")).unwrap();
+        let cfg = DecoderConfig::from_json(&json.to_string(), Path::new("config.json")).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let tensors = random_llama_weights(&cfg, 0.3, 9);
+        let tensors = random_decoder_weights(&cfg, 0.3, 9);
         let files = write_checkpoint(dir.path(), &cfg.to_json(), &tensors).unwrap();
-        let loaded = crate::LlamaWeights::load(&files).unwrap();
-        assert_eq!(loaded, crate::LlamaWeights::random(cfg, 0.3, 9).unwrap());
+        let loaded = crate::DecoderWeights::load(&files).unwrap();
+        assert_eq!(loaded, crate::DecoderWeights::random(cfg, 0.3, 9).unwrap());
         let n: usize = tensors.iter().map(|t| t.2.len()).sum();
         assert_eq!(loaded.parameter_count(), n);
         // HF stores q_proj as [out, in]; the typed weights hold [in, out].

@@ -3,7 +3,7 @@
 //! tokenizer}/*` and `fuzz/seeds/<target>/*`. Every file must give `Ok` or an `Err` whose
 //! message is one line — never a panic or an allocation the file cannot back.
 
-use fs_checkpoint::{load_tokenizer, resolve_model_in, Gpt2Config, LlamaConfig, TokenizerFiles};
+use fs_checkpoint::{load_tokenizer, resolve_model_in, DecoderConfig, Gpt2Config, TokenizerFiles};
 use fs_checkpoint::{CheckpointError, WeightStore};
 use std::path::{Path, PathBuf};
 
@@ -76,7 +76,7 @@ fn config_json() {
             cfg.validate(path).unwrap();
             let _ = cfg.inner_dim();
         }
-        if let Some(cfg) = one_line(&input, LlamaConfig::from_json(text, path)) {
+        if let Some(cfg) = one_line(&input, DecoderConfig::from_json(text, path)) {
             let _ = cfg.inv_freq();
         }
     }
@@ -121,10 +121,10 @@ fn sizes_beyond_the_limits_are_config_errors() {
         ))
         .unwrap();
     let path = Path::new("config.json");
-    let e = LlamaConfig::from_json(&text, path).expect_err("an error").to_string();
+    let e = DecoderConfig::from_json(&text, path).expect_err("an error").to_string();
     assert!(e.contains("`head_dim` is 80000000000000000, over the 16777216"), "{e}");
     let at_limit = text.replace("80000000000000000", &fs_checkpoint::MAX_CONFIG_WIDTH.to_string());
-    assert!(LlamaConfig::from_json(&at_limit, path).is_ok());
+    assert!(DecoderConfig::from_json(&at_limit, path).is_ok());
     let gpt2 = |n_layer: usize| {
         format!(
             r#"{{"model_type": "gpt2", "vocab_size": 10, "n_positions": 8, "n_embd": 8, "n_layer": {n_layer}, "n_head": 2}}"#

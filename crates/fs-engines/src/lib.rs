@@ -189,11 +189,13 @@ impl Engine {
             #[cfg(feature = "candle")]
             (Engine::Candle(d), ModelWeights::Gpt2(w)) => run!(backend_candle::Gpt2::new(w, d)?),
             #[cfg(feature = "candle")]
-            (Engine::Candle(d), ModelWeights::Llama(w)) => run!(backend_candle::Llama::new(w, d)?),
+            (Engine::Candle(d), ModelWeights::Decoder(w)) => {
+                run!(backend_candle::Decoder::new(w, d)?)
+            }
             #[cfg(feature = "burn")]
             (Engine::Burn(d), ModelWeights::Gpt2(w)) => run!(backend_burn::Gpt2::new(w, d)?),
             #[cfg(feature = "burn")]
-            (Engine::Burn(d), ModelWeights::Llama(w)) => run!(backend_burn::Llama::new(w, d)?),
+            (Engine::Burn(d), ModelWeights::Decoder(w)) => run!(backend_burn::Decoder::new(w, d)?),
             #[cfg(feature = "dfdx")]
             (Engine::Dfdx(d), ModelWeights::Gpt2(w)) => run!(backend_dfdx::Gpt2::new(w, d)?),
             #[allow(unreachable_patterns)]

@@ -9,8 +9,8 @@
 //! un-permuted), or deterministic random values ([`RandomSource`]) — and are laid out as the
 //! engines consume them: row-major f32, linear weights `[in, out]` so that `y = x·W + b`.
 
+pub mod decoder;
 pub mod gpt2;
-pub mod llama;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,8 +20,8 @@ use serde_json::{Map, Value};
 use crate::error::{CheckpointError, Result};
 use crate::gguf::GgufFile;
 use crate::weights::WeightStore;
+use decoder::{DecoderConfig, DecoderWeights};
 use gpt2::{Gpt2Config, Gpt2Weights};
-use llama::{LlamaConfig, LlamaWeights};
 
 /// The largest width a `config.json` may declare (vocabulary, hidden, intermediate, heads, head
 /// dimension): 2²⁴ = 16,777,216, 64× the largest vocabulary and 300× the largest hidden size of
@@ -140,7 +140,7 @@ pub enum ModelConfig {
     /// GPT-2.
     Gpt2(Gpt2Config),
     /// The Llama family (Llama, Mistral, Qwen2).
-    Llama(LlamaConfig),
+    Decoder(DecoderConfig),
 }
 
 impl ModelConfig {
@@ -153,7 +153,7 @@ impl ModelConfig {
         let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("gpt2");
         Ok(match Architecture::from_model_type(model_type)? {
             Architecture::Gpt2 => ModelConfig::Gpt2(Gpt2Config::from_json(&text, path)?),
-            _ => ModelConfig::Llama(LlamaConfig::from_json(&text, path)?),
+            _ => ModelConfig::Decoder(DecoderConfig::from_json(&text, path)?),
         })
     }
 
@@ -161,7 +161,7 @@ impl ModelConfig {
     pub fn architecture(&self) -> Architecture {
         match self {
             ModelConfig::Gpt2(_) => Architecture::Gpt2,
-            ModelConfig::Llama(c) => {
+            ModelConfig::Decoder(c) => {
                 Architecture::from_model_type(&c.model_type).unwrap_or(Architecture::Llama)
             }
         }
@@ -171,7 +171,7 @@ impl ModelConfig {
     pub fn n_layers(&self) -> usize {
         match self {
             ModelConfig::Gpt2(c) => c.n_layer,
-            ModelConfig::Llama(c) => c.num_hidden_layers,
+            ModelConfig::Decoder(c) => c.num_hidden_layers,
         }
     }
 
@@ -179,7 +179,7 @@ impl ModelConfig {
     pub fn d_model(&self) -> usize {
         match self {
             ModelConfig::Gpt2(c) => c.n_embd,
-            ModelConfig::Llama(c) => c.hidden_size,
+            ModelConfig::Decoder(c) => c.hidden_size,
         }
     }
 
@@ -187,7 +187,7 @@ impl ModelConfig {
     pub fn vocab_size(&self) -> usize {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
-            ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Decoder(c) => c.vocab_size,
         }
     }
 
@@ -196,7 +196,7 @@ impl ModelConfig {
     pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
         match self {
             ModelConfig::Gpt2(c) => c.tensor_specs(),
-            ModelConfig::Llama(c) => c.tensor_specs(),
+            ModelConfig::Decoder(c) => c.tensor_specs(),
         }
     }
 
@@ -204,7 +204,7 @@ impl ModelConfig {
     pub fn to_json(&self) -> Value {
         match self {
             ModelConfig::Gpt2(c) => c.to_json(),
-            ModelConfig::Llama(c) => c.to_json(),
+            ModelConfig::Decoder(c) => c.to_json(),
         }
     }
 
@@ -212,7 +212,9 @@ impl ModelConfig {
     pub fn read_weights(&self, source: &mut dyn WeightSource) -> Result<ModelWeights> {
         Ok(match self {
             ModelConfig::Gpt2(c) => ModelWeights::Gpt2(Gpt2Weights::read(c.clone(), source)?),
-            ModelConfig::Llama(c) => ModelWeights::Llama(LlamaWeights::read(c.clone(), source)?),
+            ModelConfig::Decoder(c) => {
+                ModelWeights::Decoder(DecoderWeights::read(c.clone(), source)?)
+            }
         })
     }
 
@@ -228,7 +230,7 @@ pub enum ModelWeights {
     /// GPT-2.
     Gpt2(Gpt2Weights),
     /// The Llama family.
-    Llama(LlamaWeights),
+    Decoder(DecoderWeights),
 }
 
 impl ModelWeights {
@@ -236,7 +238,7 @@ impl ModelWeights {
     pub fn config(&self) -> ModelConfig {
         match self {
             ModelWeights::Gpt2(w) => ModelConfig::Gpt2(w.config.clone()),
-            ModelWeights::Llama(w) => ModelConfig::Llama(w.config.clone()),
+            ModelWeights::Decoder(w) => ModelConfig::Decoder(w.config.clone()),
         }
     }
 
@@ -244,7 +246,7 @@ impl ModelWeights {
     pub fn parameter_count(&self) -> usize {
         match self {
             ModelWeights::Gpt2(w) => w.parameter_count(),
-            ModelWeights::Llama(w) => w.parameter_count(),
+            ModelWeights::Decoder(w) => w.parameter_count(),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! The Llama family (Llama, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM` semantics) as a
+//! The Decoder family (Decoder, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM` semantics) as a
 //! [`SplitModel`](fs_traits::SplitModel) on burn: RMSNorm, RoPE with `rotate_half` (θ and
-//! Llama-3 scaling from the config, [`LlamaConfig::inv_freq`]), grouped-query attention, SwiGLU,
+//! Decoder-3 scaling from the config, [`DecoderConfig::inv_freq`]), grouped-query attention, SwiGLU,
 //! tied or untied `lm_head`, optional q/k/v/o and MLP biases.
 //!
 //! ```text
@@ -22,7 +22,7 @@ use crate::cached::{
 use crate::ops::{linear, rms_norm, silu};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
-use fs_checkpoint::{LlamaConfig, LlamaWeights};
+use fs_checkpoint::{DecoderConfig, DecoderWeights};
 
 /// One block's parameters; matrices stored `[in, out]` (transposed once from HF's `[out, in]`).
 struct Block {
@@ -44,9 +44,9 @@ struct Block {
     down_b: Option<Tensor<1>>,
 }
 
-/// A Llama-family model on burn.
-pub struct Llama {
-    cfg: LlamaConfig,
+/// A Decoder-family model on burn.
+pub struct Decoder {
+    cfg: DecoderConfig,
     embed: Tensor<2>,
     blocks: Vec<Block>,
     norm: Tensor<1>,
@@ -55,12 +55,12 @@ pub struct Llama {
     readout: Readout,
 }
 
-impl Llama {
-    /// Upload typed host weights ([`LlamaWeights`], read by `fs-checkpoint` from safetensors,
+impl Decoder {
+    /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
     /// GGUF or random values; linear weights already `[in, out]`) to the plain (non-autodiff)
     /// view of `device`. `W_U` stays on the host too, for the estimators' weighted Gram.
-    pub fn new(weights: LlamaWeights, device: &Device) -> Result<Self, Error> {
-        let LlamaWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
+    pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
+        let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
         // Autodiff bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
         let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
         let (embed, readout) =
@@ -100,11 +100,11 @@ impl Llama {
             .collect();
         let norm = vector(norm);
         readout.sync()?;
-        Ok(Llama { inv_freq: cfg.inv_freq(), norm, cfg, embed, blocks, readout })
+        Ok(Decoder { inv_freq: cfg.inv_freq(), norm, cfg, embed, blocks, readout })
     }
 
     /// The model's configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &DecoderConfig {
         &self.cfg
     }
 
@@ -231,16 +231,16 @@ impl Llama {
     }
 }
 
-impl CachedUpper for Llama {
+impl CachedUpper for Decoder {
     fn readout(&self) -> &Readout {
         &self.readout
     }
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
-        Llama::forward_sequence(self, tokens, layers)
+        Decoder::forward_sequence(self, tokens, layers)
     }
     fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
-        Llama::upper(self, ctx, positions, h)
+        Decoder::upper(self, ctx, positions, h)
     }
 }
 
-crate::cached::impl_split_model!(Llama);
+crate::cached::impl_split_model!(Decoder);

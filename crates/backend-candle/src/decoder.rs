@@ -1,6 +1,6 @@
-//! The Llama family (Llama, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM` semantics) as a
+//! The Decoder family (Decoder, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM` semantics) as a
 //! [`SplitModel`](fs_traits::SplitModel) on candle: RMSNorm, RoPE with `rotate_half` (θ and
-//! Llama-3 scaling from the config), grouped-query attention, SwiGLU, tied or untied `lm_head`,
+//! Decoder-3 scaling from the config), grouped-query attention, SwiGLU, tied or untied `lm_head`,
 //! optional q/k/v(/o) biases.
 //!
 //! Split layer `k`: `0` = token embedding, `i` = output of block `i − 1`, `n_layer` = last
@@ -15,7 +15,7 @@ use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::linear;
 use crate::Error;
 use candle_core::{Device, Tensor, D};
-use fs_checkpoint::{LlamaConfig, LlamaWeights};
+use fs_checkpoint::{DecoderConfig, DecoderWeights};
 
 struct Block {
     attn_norm: Tensor,
@@ -36,9 +36,9 @@ struct Block {
     down_b: Option<Tensor>,
 }
 
-/// A Llama-family model on candle.
-pub struct Llama {
-    cfg: LlamaConfig,
+/// A Decoder-family model on candle.
+pub struct Decoder {
+    cfg: DecoderConfig,
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
@@ -47,12 +47,12 @@ pub struct Llama {
     readout: Readout,
 }
 
-impl Llama {
-    /// Upload typed host weights ([`LlamaWeights`], read by `fs-checkpoint` from safetensors,
+impl Decoder {
+    /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
     /// GGUF or random values; linear weights already `[in, out]`) to `device`. `W_U` stays on
     /// the host too, for the estimators' weighted Gram.
-    pub fn new(weights: LlamaWeights, device: &Device) -> Result<Self, Error> {
-        let LlamaWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
+    pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
+        let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
         let up = Upload(device);
         let linear = |l| up.linear(l);
         let vector = |v| up.vector(v);
@@ -90,11 +90,11 @@ impl Llama {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Llama { inv_freq: cfg.inv_freq(), norm: vector(norm)?, cfg, embed, blocks, readout })
+        Ok(Decoder { inv_freq: cfg.inv_freq(), norm: vector(norm)?, cfg, embed, blocks, readout })
     }
 
     /// The model's configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &DecoderConfig {
         &self.cfg
     }
 
@@ -226,7 +226,7 @@ impl Llama {
         self.rms_norm(&x, &self.norm)
     }
 
-    /// [`Llama::upper`] differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
+    /// [`Decoder::upper`] differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
     /// tangents `(P, R, d)` in, `u = norm(x_L)` and `u̇` out. RoPE and the key/value head
     /// repetition are linear, so they act on the tangents as on the primal.
     fn upper_jvp(
@@ -274,7 +274,7 @@ impl Llama {
     }
 }
 
-impl CachedUpper for Llama {
+impl CachedUpper for Decoder {
     fn readout(&self) -> &Readout {
         &self.readout
     }
@@ -283,7 +283,7 @@ impl CachedUpper for Llama {
         tokens: &[u32],
         layers: &[usize],
     ) -> candle_core::Result<Vec<CachedContext>> {
-        Llama::forward_sequence(self, tokens, layers)
+        Decoder::forward_sequence(self, tokens, layers)
     }
     fn upper(
         &self,
@@ -291,7 +291,7 @@ impl CachedUpper for Llama {
         positions: &[usize],
         h: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        Llama::upper(self, ctx, positions, h)
+        Decoder::upper(self, ctx, positions, h)
     }
     fn upper_jvp(
         &self,
@@ -299,8 +299,8 @@ impl CachedUpper for Llama {
         positions: &[usize],
         h: Dual,
     ) -> candle_core::Result<Dual> {
-        Llama::upper_jvp(self, ctx, positions, h)
+        Decoder::upper_jvp(self, ctx, positions, h)
     }
 }
 
-crate::cached::impl_split_model!(Llama);
+crate::cached::impl_split_model!(Decoder);

@@ -1,6 +1,6 @@
 //! The Llama family (Llama, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM`): RMSNorm, RoPE,
 //! grouped-query attention, SwiGLU. The `config.json` and the GGUF metadata, the tensor layout
-//! (HF and llama.cpp names), and the typed host weights every engine uploads ([`LlamaWeights`]).
+//! (HF and llama.cpp names), and the typed host weights every engine uploads ([`DecoderWeights`]).
 
 use crate::arch::{
     optional_tensor, present, required_tensor, GgufTensorName, HostMatrix, Linear, WeightSource,
@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use std::path::Path;
 
 /// The `model_type`s read as Llama-family models.
-pub const LLAMA_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+pub const DECODER_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
 /// Llama-3-style RoPE frequency scaling (`rope_type: "llama3"`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,7 +29,7 @@ pub struct Llama3RopeScaling {
 
 /// A Llama-family configuration.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
+pub struct DecoderConfig {
     /// `llama`, `mistral` or `qwen2`.
     pub model_type: String,
     /// `V`.
@@ -97,7 +97,7 @@ fn bool_field(obj: &Map<String, Value>, field: &str, default: bool) -> bool {
     present(obj, field).and_then(Value::as_bool).unwrap_or(default)
 }
 
-impl LlamaConfig {
+impl DecoderConfig {
     /// Read, parse and validate a Llama-family `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         Self::from_json(&crate::arch::read_config_text(path)?, path)
@@ -110,10 +110,10 @@ impl LlamaConfig {
         let obj = &crate::arch::parse_config_object(json, path)?;
         let model_type =
             present(obj, "model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
-        if !LLAMA_MODEL_TYPES.contains(&model_type.as_str()) {
+        if !DECODER_MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(CheckpointError::Unsupported {
                 what: format!("model_type {model_type:?} in {}", path.display()),
-                supported: LLAMA_MODEL_TYPES.join(", "),
+                supported: DECODER_MODEL_TYPES.join(", "),
             });
         }
         if let Some(act) = present(obj, "hidden_act").and_then(Value::as_str) {
@@ -194,7 +194,7 @@ impl LlamaConfig {
         };
         let qwen = model_type == "qwen2";
         let attention_bias = bool_field(obj, "attention_bias", false);
-        let cfg = LlamaConfig {
+        let cfg = DecoderConfig {
             vocab_size: required(obj, "vocab_size", path)?,
             hidden_size,
             intermediate_size: required(obj, "intermediate_size", path)?,
@@ -220,7 +220,7 @@ impl LlamaConfig {
     /// Check the sizes every backend allocates from before it compares a tensor with the
     /// checkpoint: each width at most [`MAX_CONFIG_WIDTH`](crate::MAX_CONFIG_WIDTH), layers at
     /// most [`MAX_CONFIG_LAYERS`](crate::MAX_CONFIG_LAYERS), and the products `heads × head_dim`,
-    /// `vocab × hidden`, `intermediate × hidden` representable. [`LlamaConfig::from_json`] runs
+    /// `vocab × hidden`, `intermediate × hidden` representable. [`DecoderConfig::from_json`] runs
     /// it; a loader that builds the config from other metadata (GGUF) must run it too. `path`
     /// names the file in the one-line error.
     pub fn check_sizes(&self, path: &Path) -> Result<()> {
@@ -298,7 +298,7 @@ impl LlamaConfig {
     }
 }
 
-impl LlamaConfig {
+impl DecoderConfig {
     /// HF tensor names and shapes of a Llama-family checkpoint (linear weights `[out, in]`), in
     /// load order, including the optional biases and `lm_head.weight` this config asks for.
     pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
@@ -340,7 +340,7 @@ impl LlamaConfig {
     }
 
     /// The HF `config.json` of this configuration (transformers 4.x style top-level
-    /// `rope_theta` + `rope_scaling`, which [`LlamaConfig::from_json`] also reads).
+    /// `rope_theta` + `rope_scaling`, which [`DecoderConfig::from_json`] also reads).
     pub fn to_json(&self) -> Value {
         let rope_scaling = self.rope_scaling.map(|s| {
             json!({
@@ -380,7 +380,7 @@ impl LlamaConfig {
 /// One Llama-family block: `x ← x + attn(RMSNorm(x))`, `x ← x + mlp(RMSNorm(x))`, linear
 /// weights transposed once from HF's `[out, in]` to `[in, out]`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaBlock {
+pub struct DecoderBlock {
     /// RMSNorm weight before attention (`input_layernorm`).
     pub attn_norm: Vec<f32>,
     /// `q_proj`: `d → heads·head_dim` (bias when `qkv_bias`).
@@ -403,24 +403,24 @@ pub struct LlamaBlock {
 
 /// The host weights of a Llama-family model, shape-checked against its config and finite.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaWeights {
+pub struct DecoderWeights {
     /// The configuration they were read for.
-    pub config: LlamaConfig,
+    pub config: DecoderConfig,
     /// Token embedding `embed_tokens`, `V × d`.
     pub embed: HostMatrix,
     /// The blocks, in order.
-    pub blocks: Vec<LlamaBlock>,
+    pub blocks: Vec<DecoderBlock>,
     /// The final RMSNorm weight.
     pub norm: Vec<f32>,
     /// An untied unembedding `lm_head`, `V × d`; `None` when tied to `embed`.
     pub lm_head: Option<HostMatrix>,
 }
 
-impl LlamaWeights {
+impl DecoderWeights {
     /// Read every tensor of `config` from `source` by HF name (`model.embed_tokens.weight`,
     /// `model.layers.{i}.…`, `model.norm.weight`, `lm_head.weight` when untied, the biases the
     /// config asks for), each checked against the shape the config implies and for NaN/±∞.
-    pub fn read(config: LlamaConfig, source: &mut dyn WeightSource) -> Result<Self> {
+    pub fn read(config: DecoderConfig, source: &mut dyn WeightSource) -> Result<Self> {
         config.check_sizes(Path::new("<config>"))?;
         let (d, v, inner) = (config.hidden_size, config.vocab_size, config.intermediate_size);
         let (q_out, kv_out) = (
@@ -446,7 +446,7 @@ impl LlamaWeights {
             let gate = linear("mlp.gate_proj", inner, d, config.mlp_bias)?;
             let up = linear("mlp.up_proj", inner, d, config.mlp_bias)?;
             let down = linear("mlp.down_proj", d, inner, config.mlp_bias)?;
-            blocks.push(LlamaBlock {
+            blocks.push(DecoderBlock {
                 attn_norm: required_tensor(source, &p("input_layernorm.weight"), &[d])?,
                 q,
                 k,
@@ -464,20 +464,20 @@ impl LlamaWeights {
         } else {
             Some(HostMatrix::new(v, d, required_tensor(source, "lm_head.weight", &[v, d])?))
         };
-        Ok(LlamaWeights { config, embed, blocks, norm, lm_head })
+        Ok(DecoderWeights { config, embed, blocks, norm, lm_head })
     }
 
     /// Read a Llama-family checkpoint directory's `config.json` and safetensors.
     pub fn load(files: &crate::ModelFiles) -> Result<Self> {
-        let config = LlamaConfig::from_file(&files.config)?;
+        let config = DecoderConfig::from_file(&files.config)?;
         Self::read(config, &mut crate::WeightStore::open(&files.weights)?)
     }
 
     /// The deterministic random weights of `(config, std, seed)` ([`crate::RandomSource`]):
     /// the same model on every engine.
-    pub fn random(config: LlamaConfig, std: f64, seed: u64) -> Result<Self> {
+    pub fn random(config: DecoderConfig, std: f64, seed: u64) -> Result<Self> {
         let source =
-            &mut crate::RandomSource::new(&crate::ModelConfig::Llama(config.clone()), std, seed);
+            &mut crate::RandomSource::new(&crate::ModelConfig::Decoder(config.clone()), std, seed);
         Self::read(config, source)
     }
 
@@ -510,7 +510,7 @@ impl LlamaWeights {
 /// The GGUF architectures read as Llama-family models.
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama"];
 
-impl LlamaConfig {
+impl DecoderConfig {
     /// The configuration of a llama.cpp `llama` GGUF file from its metadata
     /// (`llama.embedding_length`, `llama.block_count`, `llama.attention.head_count[_kv]`,
     /// `llama.rope.*`, …; the vocabulary size from `tokenizer.ggml.tokens`; tied when there is
@@ -556,7 +556,7 @@ impl LlamaConfig {
             .ok_or_else(|| CheckpointError::gguf(path, "lacks tokenizer.ggml.tokens"))?;
         let d = get_u("llama.embedding_length")?;
         let heads = get_u("llama.attention.head_count")?;
-        let cfg = LlamaConfig {
+        let cfg = DecoderConfig {
             model_type: "llama".into(),
             vocab_size,
             hidden_size: d,
@@ -657,27 +657,27 @@ mod tests {
             "rms_norm_eps": 1e-6, "attention_bias": true, "tie_word_embeddings": false, "hidden_act": "silu",
             "rope_parameters": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
               "original_max_position_embeddings": 256, "rope_theta": 500000.0, "rope_type": "llama3"}}"#;
-        let c = LlamaConfig::from_json(v5, p).unwrap();
+        let c = DecoderConfig::from_json(v5, p).unwrap();
         assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (2, 8, 500000.0));
         assert!(c.qkv_bias && c.o_bias && !c.tie_word_embeddings);
         assert!(c.rope_scaling.is_some());
         let v4 = r#"{"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 1000000.0}"#;
-        let c = LlamaConfig::from_json(v4, p).unwrap();
+        let c = DecoderConfig::from_json(v4, p).unwrap();
         assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (2, 4, 1e6));
         assert!(c.qkv_bias && !c.o_bias && c.rope_scaling.is_none());
         let bad = v4.replace(
             "\"rope_theta\": 1000000.0",
             "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0}",
         );
-        assert!(LlamaConfig::from_json(&bad, p).unwrap_err().to_string().contains("llama3"));
+        assert!(DecoderConfig::from_json(&bad, p).unwrap_err().to_string().contains("llama3"));
         let bad = v4.replace("qwen2", "gpt2");
-        assert!(LlamaConfig::from_json(&bad, p).is_err());
+        assert!(DecoderConfig::from_json(&bad, p).is_err());
     }
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let c = LlamaConfig {
+        let c = DecoderConfig {
             model_type: "llama".into(),
             vocab_size: 1,
             hidden_size: 8,
