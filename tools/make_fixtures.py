@@ -3,38 +3,51 @@
 
 Run from the repository root:  /root/.venvs/fisher-stein-ref/bin/python tools/make_fixtures.py
 Writes tests/fixtures/NAME/{config.json, model.safetensors, reference.safetensors} for every
-fixture below and tests/fixtures/VERSIONS.json. Everything is seeded; reruns give identical
-bytes (VERSIONS.json carries a date and therefore differs).
+fixture below (plus model.gguf for the families llama.cpp converts, see write_gguf) and
+tests/fixtures/VERSIONS.json. Everything is seeded; reruns give identical bytes (VERSIONS.json
+carries a date and therefore differs).
+Options: --only NAME[,NAME..] (those fixtures only, VERSIONS.json untouched);
+         --probe (build and print the statistics only: no Fisher loop, nothing written).
+
+Families: GPT-2, Llama, Gemma-2, Gemma-3 (text), Qwen3, GPT-NeoX (parallel and sequential
+residual), Phi-3, OLMo-2, Mistral; each through transformers' own classes, eager attention.
 
 Conventions (L = number of blocks, T = sequence length, V = vocab, d = hidden size):
   * Split layer k = 0..L. The layer-k activation H_k [T, d] is the residual stream:
-      k = 0: embedding output (GPT-2: wte[x] + wpe[pos]; Llama: embed_tokens[x]);
+      k = 0: embedding output (GPT-2: wte[x] + wpe[pos]; Gemma: embed_tokens[x] * sqrt(d);
+             all others: the embedding row);
       k = i: output of block i-1;   k = L: output of the last block, BEFORE the final norm.
     (transformers 5.x output_hidden_states[L] is norm_f(H_L); hidden states here come from
     forward hooks on the embedding / block modules instead.)
-  * logits Z [T, V]: plain forward of the saved f32 weights cast to float64 (model.double()).
+  * logits Z [T, V]: plain forward of the saved f32 weights cast to float64 (model.double()),
+    including Gemma-2's final logit soft-capping.
+  * positions = all of 0..T-1.
   * p = softmax(Z[t]).  J = dZ[t]/dh [V, d], h = H_k[t], every other row of H_k held fixed
     (a forward hook on the layer-k module substitutes h into row t; the FULL model runs over the
     full sequence, no KV cache).  Obtained with torch.autograd.functional.jacobian.
-  * fisher[k, i]  = F = J^T (diag p - p p^T) J   at t = positions[i]
+  * fisher[k, t]  = F = J^T (diag p - p p^T) J
     (computed as B^T B with B = diag(sqrt p) (J - 1 m^T), m = J^T p; asserted equal to the
     two-term form, then symmetrised exactly).
   * score g_y = d log p_y / dh = J^T (e_y - p).
-  * sample_tokens[i, s] = y_s ~ p(. | positions[i]), i.i.d., torch.multinomial with replacement
-    on the float64 probs, torch.Generator seeded with the fixture's sample seed; the same tokens
-    are used at every layer.
-  * sampled_fisher[k, i] = (1/S) sum_s g_{y_s} g_{y_s}^T, g from an independent backward of
+  * sample_tokens[t, s] = y_s ~ p(. | t), i.i.d., torch.multinomial with replacement on the
+    float64 probs, torch.Generator seeded with the fixture's sample seed; the same tokens are
+    used at every layer.
+  * sampled_fisher[k, t] = (1/S) sum_s g_{y_s} g_{y_s}^T, g from an independent backward of
     log_softmax(Z[t])[y_s] (asserted equal to J^T (e_y - p)), S = 16, then symmetrised.
-  * Float64 caveat: stock transformers Llama code computes RMSNorm, RoPE cos/sin and the eager
-    attention softmax in float32 even for a float64 model.  This script patches those three
-    spots (class/module level) so the reference is float64 throughout; RoPE inverse
-    frequencies (default and "llama3") are recomputed in float64 from config.json.
+  * Float64 caveat: stock transformers code computes RMSNorm (all variants incl. Gemma's
+    x*(1+w)), RoPE cos/sin and the eager attention softmax in float32 even for a float64 model
+    (and Gemma's sqrt(d) embedding scale is a float32 buffer).  This script patches those spots
+    (class/module level) so that float64 inputs are computed in float64 and float32 inputs take
+    the stock code path; RoPE inverse frequencies (default, linear, llama3; partial rotary) are
+    recomputed in float64 from config.json.
   * Weights (ours, not transformers' init): every matrix / embedding ~ N(0, std^2) with
     std = initializer_range of the fixture, except the projections that write into the
-    residual stream (GPT-2 attn/mlp c_proj, Llama o_proj/down_proj): N(0, std^2 / fan_in);
-    every norm weight 1 + 0.3 N(0,1); every bias 0.1 N(0,1). Parameters are visited in
+    residual stream (GPT-2 attn/mlp c_proj, o_proj/down_proj, GPT-NeoX attention.dense /
+    mlp.dense_4h_to_h): N(0, std^2 / fan_in); every norm weight 1 + 0.3 N(0,1) (Gemma RMSNorm,
+    which computes x*(1+w): w = 0.3 N(0,1)); every bias 0.1 N(0,1). Parameters are visited in
     named_parameters() order (tied weights once) with one seeded torch.Generator.
 """
+import argparse
 import datetime
 import json
 import math
@@ -50,25 +63,59 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.models.llama import modeling_llama as ml  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
+    GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.models.gemma2 import modeling_gemma2  # noqa: E402
+from transformers.models.gemma3 import modeling_gemma3  # noqa: E402
+from transformers.models.gpt_neox import modeling_gpt_neox  # noqa: E402
+from transformers.models.llama import modeling_llama  # noqa: E402
+from transformers.models.mistral import modeling_mistral  # noqa: E402
+from transformers.models.olmo2 import modeling_olmo2  # noqa: E402
+from transformers.models.phi3 import modeling_phi3  # noqa: E402
+from transformers.models.qwen3 import modeling_qwen3  # noqa: E402
 
 S = 16
 NORM_W_SCALE, BIAS_SCALE = 0.3, 0.1
-RESIDUAL_OUT = ("attn.c_proj.weight", "mlp.c_proj.weight", "o_proj.weight", "down_proj.weight")
+RESIDUAL_OUT = ("attn.c_proj.weight", "mlp.c_proj.weight", "o_proj.weight", "down_proj.weight",
+                "attention.dense.weight", "mlp.dense_4h_to_h.weight")
+GEMMA = ("gemma2", "gemma3")  # RMSNorm computes x * (1 + w); embedding scaled by sqrt(d)
+# arch -> (config class, model class, modelling module (for the float64 patches), RMSNorm class)
+FAMILIES = {
+    "gpt2": (GPT2Config, GPT2LMHeadModel, None, None),
+    "llama": (LlamaConfig, LlamaForCausalLM, modeling_llama, "LlamaRMSNorm"),
+    "mistral": (MistralConfig, MistralForCausalLM, modeling_mistral, "MistralRMSNorm"),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, modeling_qwen3, "Qwen3RMSNorm"),
+    "phi3": (Phi3Config, Phi3ForCausalLM, modeling_phi3, "Phi3RMSNorm"),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, modeling_olmo2, "Olmo2RMSNorm"),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, modeling_gemma2, "Gemma2RMSNorm"),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, modeling_gemma3, "Gemma3RMSNorm"),
+    "gptneox": (GPTNeoXConfig, GPTNeoXForCausalLM, modeling_gpt_neox, None),  # nn.LayerNorm
+}
+ROTARY = {"llama": "LlamaRotaryEmbedding", "mistral": "MistralRotaryEmbedding", "qwen3": "Qwen3RotaryEmbedding",
+          "phi3": "Phi3RotaryEmbedding", "olmo2": "Olmo2RotaryEmbedding", "gemma2": "Gemma2RotaryEmbedding",
+          "gemma3": "Gemma3RotaryEmbedding", "gptneox": "GPTNeoXRotaryEmbedding"}
+
+
+def _ids(v):  # bos = eos = V-1, no pad (the families' defaults are out of range for tiny vocabularies)
+    return dict(bos_token_id=v - 1, eos_token_id=v - 1, pad_token_id=None)
+
+
 FIXTURES = [
-    dict(name="gpt2-tiny-a", arch="gpt2", T=10, positions=[0, 2, 5, 9], seed=1001,
+    # ---- the original four (seeds/configs unchanged: their checkpoints stay byte-identical)
+    dict(name="gpt2-tiny-a", arch="gpt2", T=10, seed=1001,
          cfg=dict(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=32,
                   layer_norm_epsilon=1e-5, activation_function="gelu_new", initializer_range=0.4)),
-    dict(name="gpt2-tiny-b", arch="gpt2", T=16, positions=[0, 1, 8, 15], seed=1002,
+    dict(name="gpt2-tiny-b", arch="gpt2", T=16, seed=1002,
          cfg=dict(n_layer=3, n_head=4, n_embd=48, vocab_size=256, n_positions=64,
                   layer_norm_epsilon=1e-5, activation_function="gelu_new", initializer_range=0.4)),
-    dict(name="llama-tiny-tied", arch="llama", T=12, positions=[0, 2, 6, 11], seed=1003,
+    dict(name="llama-tiny-tied", arch="llama", T=12, seed=1003,
          cfg=dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   hidden_size=32, intermediate_size=64, vocab_size=97, rope_theta=10000.0,
                   tie_word_embeddings=True, rms_norm_eps=1e-6, max_position_embeddings=64,
                   initializer_range=0.4)),
-    dict(name="llama-tiny-untied", arch="llama", T=16, positions=[0, 1, 8, 15], seed=1004,
+    dict(name="llama-tiny-untied", arch="llama", T=16, seed=1004,
          cfg=dict(num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                   hidden_size=48, intermediate_size=96, vocab_size=211, rope_theta=500000.0,
                   tie_word_embeddings=False, attention_bias=True, max_position_embeddings=2048,
@@ -77,34 +124,144 @@ FIXTURES = [
                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                     high_freq_factor=4.0, original_max_position_embeddings=256),
                   initializer_range=0.3)),
+    # ---- other families
+    dict(name="gemma2-tiny", arch="gemma2", T=12, seed=1005,
+         cfg=dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=64, vocab_size=150, sliding_window=4,
+                  query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                  attn_logit_softcapping=10.0, final_logit_softcapping=10.0, tie_word_embeddings=True,
+                  rms_norm_eps=1e-6, max_position_embeddings=64, rope_theta=10000.0,
+                  initializer_range=0.4, **_ids(150))),
+    dict(name="gemma3-tiny", arch="gemma3", T=14, seed=1006,
+         cfg=dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=64, vocab_size=140, sliding_window=5,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                  query_pre_attn_scalar=20, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                  rms_norm_eps=1e-6, max_position_embeddings=128,
+                  rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
+                                   "sliding_attention": dict(rope_type="default", rope_theta=10000.0)},
+                  initializer_range=0.4, **_ids(140))),
+    dict(name="qwen3-tiny", arch="qwen3", T=12, seed=1007,
+         cfg=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=12, intermediate_size=64, vocab_size=130, tie_word_embeddings=True,
+                  attention_bias=False, rms_norm_eps=1e-6, max_position_embeddings=64,
+                  rope_theta=1000000.0, initializer_range=0.4, **_ids(130))),
+    dict(name="pythia-tiny", arch="gptneox", T=12, seed=1008,
+         cfg=dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=128,
+                  vocab_size=120, rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True,
+                  hidden_act="gelu", attention_bias=True, tie_word_embeddings=False, layer_norm_eps=1e-5,
+                  max_position_embeddings=64, initializer_range=0.4, **_ids(120))),
+    dict(name="gptneox-sequential-tiny", arch="gptneox", T=10, seed=1009,
+         cfg=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=128,
+                  vocab_size=110, rotary_pct=0.5, rotary_emb_base=10000, use_parallel_residual=False,
+                  hidden_act="gelu_new", attention_bias=True, tie_word_embeddings=False,
+                  layer_norm_eps=1e-5, max_position_embeddings=64, initializer_range=0.4, **_ids(110))),
+    dict(name="phi3-tiny", arch="phi3", T=12, seed=1010,
+         cfg=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=125, sliding_window=5, partial_rotary_factor=0.5,
+                  rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                  max_position_embeddings=64, original_max_position_embeddings=64,
+                  initializer_range=0.4, **_ids(125))),
+    dict(name="olmo2-tiny", arch="olmo2", T=12, seed=1011,
+         cfg=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=135, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, max_position_embeddings=64, initializer_range=0.4, **_ids(135))),
+    dict(name="mistral-window-tiny", arch="mistral", T=12, seed=1012,
+         cfg=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=64, vocab_size=115, sliding_window=4,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=64, initializer_range=0.4, **_ids(115))),
 ]
 
 
-# ---------------------------------------------------------------- float64 patches for Llama
-def _rms_norm_forward(self, x):
-    dt = torch.promote_types(x.dtype, torch.float32)  # f32 stays stock, f64 stays f64
-    y = x.to(dt)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-    return self.weight * y.to(x.dtype)
+# ---------------------------------------------------------------- float64 patches
+# Every patched function hands float32 inputs to the stock code unchanged; only float64 inputs take
+# the float64 path below.
+STATS = {}  # filled by the float64 attention while a fixture records its soft-capping statistics
 
 
-def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
-    key, value = ml.repeat_kv(key, module.num_key_value_groups), ml.repeat_kv(value, module.num_key_value_groups)
+def _patch_rmsnorm(cls, gemma):
+    stock = cls.forward
+
+    def forward(self, x):
+        if x.dtype != torch.float64:
+            return stock(self, x)
+        eps = self.eps if gemma else self.variance_epsilon
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return y * (1.0 + self.weight) if gemma else self.weight * y
+
+    cls.forward = forward
+
+
+def _patch_rope(cls):
+    stock = cls.forward
+
+    def forward(self, x, position_ids, *layer_type):
+        if x.dtype != torch.float64:
+            return stock(self, x, position_ids, *layer_type)
+        inv = self.inv_freq_f64[layer_type[0]] if layer_type else self.inv_freq_f64
+        freqs = position_ids[..., None].to(torch.float64) * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()  # attention_scaling is 1 for default / linear / llama3 (asserted)
+
+    cls.forward = forward
+
+
+def _eager_f64(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
+    n_rep = getattr(module, "num_key_value_groups", 1)  # GPT-NeoX: MHA, no attribute
+    if n_rep > 1:  # repeat_kv: query head j uses kv head j // n_rep
+        b, kv, s, dh = key.shape
+        key = key[:, :, None].expand(b, kv, n_rep, s, dh).reshape(b, kv * n_rep, s, dh)
+        value = value[:, :, None].expand(b, kv, n_rep, s, dh).reshape(b, kv * n_rep, s, dh)
+    if scaling is None:
+        scaling = module.head_dim ** -0.5
     w = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        if "attn" in STATS:
+            seen = attention_mask == 0 if attention_mask is not None else torch.ones_like(w, dtype=torch.bool)
+            STATS["attn"] = max(STATS["attn"], float((w.abs() / softcap)[seen.expand_as(w)].max()))
+        w = w / softcap
+        w = torch.tanh(w)
+        w = w * softcap
     if attention_mask is not None:
         w = w + attention_mask
-    w = torch.softmax(w, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    w = torch.softmax(w, dim=-1)
     return torch.matmul(w, value).transpose(1, 2).contiguous(), w
 
 
-def rope_inv_freq_f64(cfg):
-    """RoPE inverse frequencies in float64 from the config (default or llama3 rope_type)."""
-    rp = cfg.rope_parameters
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def _patch_eager(mod):
+    stock = mod.eager_attention_forward
+
+    def eager(module, query, key, value, attention_mask, *args, **kw):
+        if query.dtype != torch.float64:
+            return stock(module, query, key, value, attention_mask, *args, **kw)
+        assert not args, "positional extras"
+        return _eager_f64(module, query, key, value, attention_mask, **kw)
+
+    mod.eager_attention_forward = eager
+
+
+def patch_float64():
+    """For float32 inputs the patched code computes exactly what stock transformers does."""
+    for arch, (_, _, mod, norm) in FAMILIES.items():
+        if mod is None:
+            continue  # GPT-2: eager attention and LayerNorm are float64-clean
+        if norm is not None:
+            _patch_rmsnorm(getattr(mod, norm), arch in GEMMA)
+        _patch_rope(getattr(mod, ROTARY[arch]))
+        _patch_eager(mod)
+
+
+def rope_inv_freq_f64(rp, head_dim):
+    """RoPE inverse frequencies in float64 from one rope_parameters dict (default, linear, llama3)."""
+    dim = int(head_dim * rp.get("partial_rotary_factor", 1.0))
     inv = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if rp.get("rope_type", "default") == "default":
+    kind = rp.get("rope_type", "default")
+    if kind == "default":
         return inv
-    assert rp["rope_type"] == "llama3", rp
+    if kind == "linear":
+        return inv / rp["factor"]
+    assert kind == "llama3", rp
     f, lo, hi, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     out = torch.where(wavelen > old / lo, inv / f, inv)
@@ -113,32 +270,21 @@ def rope_inv_freq_f64(cfg):
     return torch.where(medium, (1 - smooth) * out / f + smooth * out, out)
 
 
-def _rope_forward(self, x, position_ids):
-    if x.dtype != torch.float64:
-        return _STOCK_ROPE(self, x, position_ids)
-    freqs = position_ids[..., None].to(torch.float64) * self.inv_freq_f64
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-
-_STOCK_ROPE = ml.LlamaRotaryEmbedding.forward
-
-
-def patch_llama_float64():
-    """For float32 inputs the patched code computes exactly what stock transformers does."""
-    ml.LlamaRMSNorm.forward = _rms_norm_forward
-    ml.eager_attention_forward = _eager_attention
-    ml.LlamaRotaryEmbedding.forward = _rope_forward
+def head_dim_of(cfg):
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 # ---------------------------------------------------------------- model construction
 def build(spec):
-    if spec["arch"] == "gpt2":
+    arch = spec["arch"]
+    cfg_cls, model_cls = FAMILIES[arch][:2]
+    if arch == "gpt2":
         v = spec["cfg"]["vocab_size"]
-        cfg = GPT2Config(**spec["cfg"], bos_token_id=v - 1, eos_token_id=v - 1)
-        model = GPT2LMHeadModel(cfg)
+        cfg = GPT2Config(**spec["cfg"], bos_token_id=v - 1, eos_token_id=v - 1, attn_implementation="eager")
     else:
-        model = LlamaForCausalLM(LlamaConfig(**spec["cfg"]))
+        cfg = cfg_cls(**spec["cfg"], attn_implementation="eager")
+    model = model_cls(cfg)
+    assert model.config._attn_implementation == "eager"
     gen = torch.Generator().manual_seed(spec["seed"])
     std = spec["cfg"]["initializer_range"]
     with torch.no_grad():
@@ -146,21 +292,58 @@ def build(spec):
             z = torch.randn(prm.shape, generator=gen, dtype=torch.float32)
             if name.endswith("bias"):
                 prm.copy_(BIAS_SCALE * z)
-            elif prm.dim() == 1:  # LayerNorm / RMSNorm weight
-                prm.copy_(1.0 + NORM_W_SCALE * z)
+            elif prm.dim() == 1:  # LayerNorm / RMSNorm weight (Gemma: x * (1 + w), effective weight 1 + w)
+                prm.copy_((0.0 if arch in GEMMA else 1.0) + NORM_W_SCALE * z)
             elif name.endswith(RESIDUAL_OUT):  # writes into the residual stream: keep growth moderate
-                fan_in = prm.shape[0] if isinstance(model, GPT2LMHeadModel) else prm.shape[1]  # Conv1D [in,out]
+                fan_in = prm.shape[0] if arch == "gpt2" else prm.shape[1]  # GPT-2 Conv1D [in, out]
                 prm.copy_(std / math.sqrt(fan_in) * z)
             else:
                 prm.copy_(std * z)
     return model.eval()
 
 
+def base(model):
+    if isinstance(model, GPT2LMHeadModel):
+        return model.transformer
+    if isinstance(model, GPTNeoXForCausalLM):
+        return model.gpt_neox
+    return model.model
+
+
 def layer_modules(model):
     """Modules whose output is the layer-k residual stream, k = 0..L."""
     if isinstance(model, GPT2LMHeadModel):
         return [model.transformer.drop] + list(model.transformer.h)
+    if isinstance(model, GPTNeoXForCausalLM):
+        return [model.gpt_neox.embed_in] + list(model.gpt_neox.layers)
     return [model.model.embed_tokens] + list(model.model.layers)
+
+
+def final_norm(model):
+    if isinstance(model, GPT2LMHeadModel):
+        return model.transformer.ln_f
+    if isinstance(model, GPTNeoXForCausalLM):
+        return model.gpt_neox.final_layer_norm
+    return model.model.norm
+
+
+def upper(model, h):
+    """logits from H_L: lm_head(norm_f(h)), then Gemma-2's final soft-capping (as the model does)."""
+    z = model.lm_head(final_norm(model)(h))
+    c = getattr(model.config, "final_logit_softcapping", None)
+    return z if c is None else torch.tanh(z / c) * c
+
+
+def sliding_layers(model):
+    """Per block: the sliding window W, or None for full causal attention."""
+    cfg, L = model.config, model.config.num_hidden_layers
+    W = getattr(cfg, "sliding_window", None)
+    if isinstance(model, (MistralForCausalLM, Phi3ForCausalLM)):
+        return [W] * L  # one window for every layer (config.sliding_window, None = none)
+    lt = getattr(cfg, "layer_types", None)
+    if lt is None:
+        return [None] * L
+    return [W if t == "sliding_attention" else None for t in lt]
 
 
 def _out(o):
@@ -176,7 +359,7 @@ def capture_hidden(model, ids):
     for k, mod in enumerate(layer_modules(model)):
         hooks.append(mod.register_forward_hook(lambda m, i, o, k=k: store.__setitem__(k, _out(o).detach().clone())))
     with torch.no_grad():
-        out = model(ids[None], output_hidden_states=True)
+        out = model(ids[None], output_hidden_states=True, output_attentions=True)
     for h in hooks:
         h.remove()
     return torch.stack([store[k][0] for k in range(len(store))]), out
@@ -221,49 +404,90 @@ def check_fisher(F):
     return Fs
 
 
+def to_float64(model):
+    """model.double() plus the float64 versions of the float32 constants transformers keeps."""
+    model = model.double()
+    cfg, arch = model.config, None
+    for a, (_, mcls, _, _) in FAMILIES.items():
+        arch = a if isinstance(model, mcls) else arch
+    if arch in GEMMA:  # embed_scale is a float32 buffer holding sqrt(d); .double() keeps its rounding
+        emb = model.model.embed_tokens
+        assert abs(float(emb.embed_scale) - math.sqrt(cfg.hidden_size)) < 1e-6
+        emb.embed_scale = torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float64)
+    if arch in ROTARY:
+        re, hd = base(model).rotary_emb, head_dim_of(cfg)
+        if arch == "gemma3":  # one set of frequencies per layer type
+            re.inv_freq_f64 = {lt: rope_inv_freq_f64(cfg.rope_parameters[lt], hd) for lt in re.layer_types}
+            for lt in re.layer_types:
+                assert getattr(re, f"{lt}_attention_scaling") == 1.0
+                assert rel(getattr(re, f"{lt}_inv_freq").double(), re.inv_freq_f64[lt]) < 1e-6, lt
+        else:
+            re.inv_freq_f64 = rope_inv_freq_f64(cfg.rope_parameters, hd)
+            assert re.attention_scaling == 1.0
+            assert rel(re.inv_freq.double(), re.inv_freq_f64) < 1e-6, (re.inv_freq, re.inv_freq_f64)
+    return model, arch
+
+
 # ---------------------------------------------------------------- one fixture
-def make_fixture(spec, root):
-    name, T, pos = spec["name"], spec["T"], spec["positions"]
+def make_fixture(spec, root, probe=False):
+    name, T = spec["name"], spec["T"]
+    pos = list(range(T))
     out_dir = root / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec["seed"])
     model = build(spec)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "generation_config.json").unlink(missing_ok=True)
+    if not probe:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "generation_config.json").unlink(missing_ok=True)
     cfg = model.config
     V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
     ids = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(spec["seed"] + 100))
 
     with torch.no_grad():
         logits_f32 = model(ids[None]).logits[0].double()  # stock f32 forward, for the record
-    model = model.double()
-    if spec["arch"] == "llama":
-        re = model.model.rotary_emb
-        re.inv_freq_f64 = rope_inv_freq_f64(cfg)
-        assert rel(re.inv_freq.double(), re.inv_freq_f64) < 1e-6, (re.inv_freq, re.inv_freq_f64)
+    model, arch = to_float64(model)
+    STATS.clear()
+    STATS["attn"] = 0.0
     hidden, out = capture_hidden(model, ids)
+    attn_cap = STATS.pop("attn")
     logits = out.logits[0].detach()
     probs = torch.softmax(logits, -1)
     print(f"[{name}] |logits(f64) - logits(stock f32)|_max = {float((logits - logits_f32).abs().max()):.2e}")
 
     # ---- hidden-state conventions
-    if spec["arch"] == "gpt2":
+    if arch == "gpt2":
         tr = model.transformer
-        h0 = tr.wte.weight[ids] + tr.wpe.weight[:T]
-        final_norm, emb_in = tr.ln_f, tr.wte.weight[ids]
+        h0, emb_in = tr.wte.weight[ids] + tr.wpe.weight[:T], tr.wte.weight[ids]
+    elif arch == "gptneox":
+        h0 = emb_in = model.gpt_neox.embed_in.weight[ids]
+    elif arch in GEMMA:
+        h0 = emb_in = model.model.embed_tokens.weight[ids] * math.sqrt(d)
     else:
-        h0, final_norm = model.model.embed_tokens.weight[ids], model.model.norm
-        emb_in = h0
+        h0 = emb_in = model.model.embed_tokens.weight[ids]
     with torch.no_grad():
         assert rel(hidden[0], h0) < 1e-15
-        assert rel(model.lm_head(final_norm(hidden[L])), logits) < 1e-14  # upper part from H_L
+        assert rel(upper(model, hidden[L]), logits) < 1e-14  # upper part from H_L
         assert rel(model(inputs_embeds=emb_in[None]).logits[0], logits) < 1e-14  # from H_0
         hs = out.hidden_states
         for k in range(L):
             assert rel(hs[k][0], hidden[k]) < 1e-15, k
-        last_is_normed = rel(hs[L][0], final_norm(hidden[L])) < 1e-14
+        last_is_normed = rel(hs[L][0], final_norm(model)(hidden[L])) < 1e-14
         print(f"[{name}] output_hidden_states[L] == norm_f(H_L): {last_is_normed}; "
               f"== H_L: {rel(hs[L][0], hidden[L]) < 1e-14}")
+        # attention pattern: query i sees key j iff 0 <= i - j (< W on sliding layers); masked weights are 0
+        windows = sliding_layers(model)
+        ii, jj = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        for layer, (a, W) in enumerate(zip(out.attentions, windows)):
+            seen = (ii - jj >= 0) & ((ii - jj < W) if W is not None else True)
+            assert torch.equal(a[0] != 0, seen.expand_as(a[0])), (name, layer, W)
+        print(f"[{name}] attention windows per block (None = full causal, checked on the weights): {windows}")
+        c_final = getattr(cfg, "final_logit_softcapping", None)
+        if c_final is not None or attn_cap:
+            pre = model.lm_head(final_norm(model)(hidden[L]))
+            print(f"[{name}] soft-capping: max |attention score|/c = {attn_cap:.3f} (c = "
+                  f"{cfg.attn_logit_softcapping}), max |logit|/c = {float(pre.abs().max()) / c_final:.3f} "
+                  f"(c = {c_final})")
+            assert attn_cap > 0.5 and float(pre.abs().max()) / c_final > 0.5, "a soft cap is not clearly active"
 
     print(f"[{name}] rms of H_k, k=0..L: {[f'{x:.3g}' for x in hidden.pow(2).mean((1, 2)).sqrt().tolist()]}")
     ent = -(probs * probs.log()).sum(-1)
@@ -271,6 +495,8 @@ def make_fixture(spec, root):
           f"(log V = {math.log(V):.3f}); max p range {float(probs.max(-1).values.min()):.3f}.."
           f"{float(probs.max(-1).values.max()):.3f}")
     assert 0.1 < float(ent.min()) and float(ent.max()) < 0.95 * math.log(V)
+    if probe:
+        return None
 
     gen = torch.Generator().manual_seed(spec["seed"] + 200)
     samples = torch.stack([torch.multinomial(probs[t], S, replacement=True, generator=gen) for t in pos])
@@ -278,6 +504,7 @@ def make_fixture(spec, root):
     P = len(pos)
     fisher = torch.zeros(L + 1, P, d, d, dtype=torch.float64)
     sampled = torch.zeros_like(fisher)
+    full_checks = {(0, 0), (L, P - 1), (L // 2 + 1, P // 2), (1, P - 1)}
     for k in range(L + 1):
         for i, t in enumerate(pos):
             h0_kt = hidden[k, t].clone()
@@ -291,7 +518,7 @@ def make_fixture(spec, root):
             G_J = torch.stack([J.T @ (torch.nn.functional.one_hot(y, V).double() - p) for y in samples[i]])
             assert rel(G, G_J) < 1e-12, rel(G, G_J)
             sampled[k, i] = check_fisher(G.T @ G / S)
-            if (k, i) in [(0, 0), (L, P - 1), (L // 2 + 1, P // 2)]:  # full score-path check
+            if (k, i) in full_checks:  # full score-path check
                 Gall = torch.stack([score(model, ids, k, t, h0_kt, y) for y in range(V)])
                 F_score = (Gall * p[:, None]).T @ Gall
                 assert rel(F_score, fisher[k, i]) < 1e-11, rel(F_score, fisher[k, i])
@@ -301,44 +528,87 @@ def make_fixture(spec, root):
                                          - logits_with_h(model, ids, k, t, h0_kt - eps * E[j])) / (2 * eps)
                                         for j in range(d)], dim=1)
                 assert rel(J_fd, J) < 1e-7, rel(J_fd, J)
+                print(f"[{name}] (layer {k}, position {t}): |J_fd - J|/|J| = {rel(J_fd, J):.1e}, "
+                      f"|F_score - F|/|F| = {rel(F_score, fisher[k, i]):.1e}")
     norms = fisher.flatten(2).norm(dim=-1)
     for k in range(L + 1):
-        tr = torch.diagonal(fisher[k], dim1=-2, dim2=-1).sum(-1)
-        print(f"[{name}] layer {k}: ||F||_F per position {[f'{x:.3g}' for x in norms[k].tolist()]}, "
-              f"trace {[f'{x:.3g}' for x in tr.tolist()]}, ||F_S||_F "
-              f"{[f'{x:.3g}' for x in sampled[k].flatten(1).norm(dim=-1).tolist()]}")
+        print(f"[{name}] layer {k}: ||F||_F over positions {float(norms[k].min()):.3g}..{float(norms[k].max()):.3g}, "
+              f"||F_S||_F {float(sampled[k].flatten(1).norm(dim=-1).min()):.3g}.."
+              f"{float(sampled[k].flatten(1).norm(dim=-1).max()):.3g}")
 
     ref = dict(input_ids=ids, logits=logits, hidden=hidden, positions=torch.tensor(pos, dtype=torch.int64),
                fisher=fisher, sample_tokens=samples, sampled_fisher=sampled)
     save_file({k: v.detach().contiguous() for k, v in ref.items()}, str(out_dir / "reference.safetensors"))
     with safe_open(str(out_dir / "model.safetensors"), "pt") as f:
         keys = sorted(f.keys())
-    if spec["arch"] == "gpt2":
+    check_keys(arch, model, keys)
+    print(f"[{name}] checkpoint keys: {len(keys)}; non-layer keys: "
+          f"{[k for k in keys if '.h.' not in k and '.layers.' not in k]}; block-0 keys: "
+          f"{[k.split('.0.', 1)[1] for k in keys if '.h.0.' in k or '.layers.0.' in k]}")
+    return dict(arch=arch, model_class=type(model).__name__, config_class=type(cfg).__name__,
+                model_type=cfg.model_type, config_kwargs=spec["cfg"], attn_implementation="eager",
+                seed=spec["seed"], input_ids_seed=spec["seed"] + 100, sample_seed=spec["seed"] + 200,
+                T=T, positions="all (0..T-1)", S=S, initializer_range=spec["cfg"]["initializer_range"])
+
+
+def check_keys(arch, model, keys):
+    cfg = model.config
+    d, H = cfg.hidden_size, cfg.num_attention_heads
+    if arch == "gpt2":
         assert all(k.startswith("transformer.") for k in keys) and "lm_head.weight" not in keys, keys
         assert not any(k.endswith(".attn.bias") or k.endswith("masked_bias") for k in keys)
         assert tuple(model.transformer.h[0].attn.c_attn.weight.shape) == (d, 3 * d)  # Conv1D [in, out]
-    else:
-        assert ("lm_head.weight" in keys) == (not cfg.tie_word_embeddings), keys
-    print(f"[{name}] checkpoint keys: {len(keys)}; non-layer keys: "
-          f"{[k for k in keys if '.h.' not in k and '.layers.' not in k]}")
-    return dict(seed=spec["seed"], input_ids_seed=spec["seed"] + 100, sample_seed=spec["seed"] + 200,
-                T=T, positions=pos, S=S, initializer_range=spec["cfg"]["initializer_range"])
+        return
+    if arch == "gptneox":  # lm_head is renamed back to the hub name embed_out on save
+        assert "embed_out.weight" in keys and "lm_head.weight" not in keys, keys
+        assert "gpt_neox.layers.0.attention.query_key_value.weight" in keys
+        assert not any(k.endswith("attention.bias") or k.endswith("masked_bias") for k in keys)
+        return
+    assert ("lm_head.weight" in keys) == (not cfg.tie_word_embeddings), keys
+    pre = "model.layers.0."
+    if arch == "phi3":
+        kv = cfg.num_key_value_heads
+        assert pre + "self_attn.qkv_proj.weight" in keys and pre + "mlp.gate_up_proj.weight" in keys, keys
+        assert tuple(model.model.layers[0].self_attn.qkv_proj.weight.shape) == ((H + 2 * kv) * d // H, d)
+        assert tuple(model.model.layers[0].mlp.gate_up_proj.weight.shape) == (2 * cfg.intermediate_size, d)
+    if arch in ("qwen3", "olmo2", "gemma3"):
+        assert pre + "self_attn.q_norm.weight" in keys and pre + "self_attn.k_norm.weight" in keys, keys
+    if arch in GEMMA:
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm"):
+            assert f"{pre}{n}.weight" in keys, (n, keys)
+    if arch == "olmo2":
+        assert pre + "input_layernorm.weight" not in keys and pre + "post_feedforward_layernorm.weight" in keys
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None, help="comma-separated fixture names (VERSIONS.json untouched)")
+    ap.add_argument("--probe", action="store_true", help="statistics only, nothing written")
+    args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    patch_llama_float64()
+    patch_float64()
     root = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-    seeds = {spec["name"]: make_fixture(spec, root) for spec in FIXTURES}
+    only = set(args.only.split(",")) if args.only else None
+    specs = [s for s in FIXTURES if only is None or s["name"] in only]
+    assert only is None or len(specs) == len(only), f"unknown fixture in {only}"
+    fixtures = {}
+    for spec in specs:
+        t0 = datetime.datetime.now()
+        fixtures[spec["name"]] = make_fixture(spec, root, probe=args.probe)
+        print(f"[{spec['name']}] {(datetime.datetime.now() - t0).total_seconds():.1f} s")
+    if args.probe or only is not None:
+        return 0
     versions = dict(script="tools/make_fixtures.py", python=platform.python_version(),
                     torch=torch.__version__, transformers=transformers.__version__,
                     safetensors=safetensors.__version__, numpy=np.__version__,
                     norm_weight_scale=NORM_W_SCALE, bias_scale=BIAS_SCALE,
-                    date=datetime.date.today().isoformat(), fixtures=seeds)
+                    date=datetime.date.today().isoformat(), fixtures=fixtures)
     (root / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
-    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-    print(f"total fixture size: {total} bytes")
+    total = sum(f.stat().st_size for s in FIXTURES for f in (root / s["name"]).iterdir() if f.is_file())
+    print(f"total size of the {len(FIXTURES)} fixture directories: {total} bytes")
+    return 0
 
 
 if __name__ == "__main__":
