@@ -189,9 +189,10 @@ macro_rules! backend_suite_llama {
             use proptest::prelude::*;
 
             proptest! {
-                #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+                #![proptest_config(ProptestConfig { cases: 36, ..ProptestConfig::default() })]
 
-                /// Random tiny Llamas (GQA, biases, tied or not) satisfy the contract.
+                /// Random tiny decoders of every family (GQA, biases, tied or not, windows,
+                /// soft-caps, partial rotary, parallel residual) satisfy the contract.
                 #[test]
                 fn random_llama_satisfies_the_contract(
                     case in $crate::random_models::llama_case()

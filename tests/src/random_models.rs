@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use fs_checkpoint::{DecoderConfig, Gpt2Config, Llama3RopeScaling, ModelFiles};
+use fs_checkpoint::{DecoderConfig, Gpt2Config, ModelFiles};
 use proptest::prelude::*;
 
 /// Standard deviation of the random weight matrices: large enough that next-token distributions
@@ -73,49 +73,86 @@ pub fn gpt2_case() -> impl Strategy<Value = Case<Gpt2Config>> {
         .prop_map(|(config, (tokens, layer, seed))| Case { config, seed, tokens, layer })
 }
 
-/// Random tiny Llama-family cases: grouped-query attention (key/value heads dividing the query
-/// heads), `llama` / `mistral` / `qwen2` bias conventions, tied or untied heads, optional
-/// Llama-3 RoPE scaling.
+/// The decoder families [`decoder_case`] draws from, by `model_type`.
+pub const DECODER_FAMILIES: [&str; 9] =
+    ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt_neox"];
+
+/// Random tiny RoPE decoder cases of every family (`config.json` built the way the family writes
+/// it and parsed by `DecoderConfig::from_json`, so each family's defaults apply): grouped-query
+/// attention (key/value heads dividing the query heads; GPT-NeoX full), biases where the family
+/// has the switch, tied or untied heads, Llama-3 or linear RoPE scaling, partial rotary
+/// (GPT-NeoX, Phi-3), parallel or sequential residual (GPT-NeoX), sliding windows of 1–6
+/// positions (shorter than most sequences) and active soft-caps (Gemma-2), Gemma's
+/// `query_pre_attn_scalar`.
 pub fn llama_case() -> impl Strategy<Value = Case<DecoderConfig>> {
     (
         (1usize..=3, 1usize..=4, 1usize..=8, 5usize..=300, 8usize..=96),
-        (0usize..3, any::<bool>(), any::<bool>(), any::<bool>(), any::<u32>()),
+        (0usize..DECODER_FAMILIES.len(), any::<bool>(), any::<bool>(), any::<bool>(), any::<u32>()),
     )
-        .prop_flat_map(
-            |((n_layer, heads, half_head, vocab, inner), (ty, bias, tied, scaled, r))| {
-                // head_dim even, d = heads · head_dim in 8..=64.
-                let head_dim = (2 * half_head).max((8usize).div_ceil(heads).next_multiple_of(2));
-                let head_dim = head_dim.min(64 / heads / 2 * 2);
-                let divisors: Vec<usize> = (1..=heads).filter(|k| heads % k == 0).collect();
-                let kv = divisors[r as usize % divisors.len()];
-                let model_type = ["llama", "mistral", "qwen2"][ty].to_string();
-                let qwen = model_type == "qwen2";
-                let config = DecoderConfig {
-                    model_type,
-                    vocab_size: vocab,
-                    hidden_size: heads * head_dim,
-                    intermediate_size: inner,
-                    num_hidden_layers: n_layer,
-                    num_attention_heads: heads,
-                    num_key_value_heads: kv,
-                    head_dim,
-                    rms_norm_eps: 1e-5,
-                    rope_theta: if r % 2 == 0 { 10_000.0 } else { 500.0 },
-                    rope_scaling: scaled.then_some(Llama3RopeScaling {
-                        factor: 8.0,
-                        low_freq_factor: 1.0,
-                        high_freq_factor: 4.0,
-                        original_max_position_embeddings: 16.0,
-                    }),
-                    max_position_embeddings: 32,
-                    tie_word_embeddings: tied,
-                    qkv_bias: qwen || bias,
-                    o_bias: !qwen && bias,
-                    mlp_bias: false,
-                };
-                (Just(config), tokens_and_layer(vocab, n_layer))
-            },
-        )
+        .prop_flat_map(|((n_layer, heads, half_head, vocab, inner), (ty, bias, tied, flag, r))| {
+            let family = DECODER_FAMILIES[ty];
+            // head_dim even (a multiple of 4 where a half-rotary factor applies), d = heads ·
+            // head_dim in 8..=64.
+            let head_dim = (2 * half_head).max((8usize).div_ceil(heads).next_multiple_of(2));
+            let head_dim = head_dim.min(64 / heads / 2 * 2);
+            let head_dim = if matches!(family, "gpt_neox" | "phi3") {
+                head_dim.next_multiple_of(4).min(64 / heads / 4 * 4).max(4)
+            } else {
+                head_dim
+            };
+            let divisors: Vec<usize> = (1..=heads).filter(|k| heads % k == 0).collect();
+            let kv =
+                if family == "gpt_neox" { heads } else { divisors[r as usize % divisors.len()] };
+            let window = 1 + (r as usize / 7) % 6;
+            let mut json = serde_json::json!({
+                "model_type": family, "vocab_size": vocab, "hidden_size": heads * head_dim,
+                "intermediate_size": inner, "num_hidden_layers": n_layer,
+                "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+                "rms_norm_eps": 1e-5, "layer_norm_eps": 1e-5,
+                "rope_theta": if r % 2 == 0 { 10_000.0 } else { 500.0 },
+                "max_position_embeddings": 32, "tie_word_embeddings": tied,
+                "attention_bias": bias,
+            });
+            match family {
+                "llama" if flag => {
+                    json["rope_scaling"] = serde_json::json!({"rope_type": "llama3",
+                            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 16.0});
+                }
+                "mistral" | "phi3" => {
+                    json["sliding_window"] = serde_json::json!(window);
+                    if family == "phi3" && flag {
+                        json["partial_rotary_factor"] = serde_json::json!(0.5);
+                    }
+                }
+                "gemma2" => {
+                    json["sliding_window"] = serde_json::json!(window);
+                    json["query_pre_attn_scalar"] = serde_json::json!(head_dim as f64 * 1.5);
+                    // Caps near the scores' and logits' scale, so tanh bends them.
+                    json["attn_logit_softcapping"] = serde_json::json!(1.0 + (r % 4) as f64);
+                    json["final_logit_softcapping"] = serde_json::json!(2.0 + (r % 5) as f64);
+                }
+                "gemma3_text" => {
+                    json["sliding_window"] = serde_json::json!(window);
+                    json["sliding_window_pattern"] = serde_json::json!(2);
+                    json["rope_local_base_freq"] = serde_json::json!(100.0);
+                    if flag {
+                        json["rope_scaling"] =
+                            serde_json::json!({"rope_type": "linear", "factor": 4.0});
+                    }
+                }
+                "gpt_neox" => {
+                    json["use_parallel_residual"] = serde_json::json!(flag);
+                    json["rotary_pct"] = serde_json::json!(if r % 3 == 0 { 1.0 } else { 0.5 });
+                    json["hidden_act"] =
+                        serde_json::json!(if r % 2 == 0 { "gelu" } else { "gelu_new" });
+                }
+                _ => {}
+            }
+            let config = DecoderConfig::from_json(&json.to_string(), Path::new("config.json"))
+                .expect("a valid generated config");
+            (Just(config), tokens_and_layer(vocab, n_layer))
+        })
         .prop_map(|(config, (tokens, layer, seed))| Case { config, seed, tokens, layer })
 }
 

@@ -61,7 +61,7 @@ fn pairs_agree(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 27, ..ProptestConfig::default() })]
 
     /// Every pair of backends agrees on random tiny GPT-2s.
     #[test]

@@ -124,6 +124,8 @@ pub(crate) struct Readout {
     pub(crate) activation_budget: usize,
     /// Approximate autodiff bytes per replicated row per block.
     pub(crate) bytes_per_row_per_block: usize,
+    /// The final-logit soft-cap `c` (`z = c·tanh(W_U u / c)`), if the model has one.
+    pub(crate) final_logit_softcap: Option<f64>,
 }
 
 impl Readout {
@@ -149,8 +151,18 @@ impl Readout {
             lm_head_host,
             activation_budget: DEFAULT_ACTIVATION_BUDGET,
             bytes_per_row_per_block,
+            final_logit_softcap: None,
         };
         (embed, readout)
+    }
+
+    /// Logits `z = W_U u` (soft-capped when the model caps) of readout rows `u` `(n, d_u)`.
+    pub(crate) fn logits_of(&self, u: Tensor<2>) -> Tensor<2> {
+        let z = u.matmul(self.lm_head.clone().transpose());
+        match self.final_logit_softcap {
+            None => z,
+            Some(c) => z.div_scalar(c).tanh().mul_scalar(c),
+        }
     }
 
     /// Wait for the uploads to finish (a device error surfaces here, not at the first pass).
@@ -169,10 +181,6 @@ pub(crate) trait CachedUpper {
     }
     fn model_dims(&self) -> ModelDims {
         self.readout().dims
-    }
-    /// `W_U` on the device (`V × d`).
-    fn lm_head(&self) -> &Tensor<2> {
-        &self.readout().lm_head
     }
     /// `W_U` on the host (`V × d`, row-major).
     fn lm_head_host(&self) -> &[f32] {
@@ -193,10 +201,39 @@ pub(crate) trait CachedUpper {
     fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3>;
 }
 
+/// How one attention layer scores: `s = scale · q·k`, then `s ← cap·tanh(s/cap)` when
+/// soft-capped, then the causal mask, narrowed to `i − j < window` for sliding layers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Attention {
+    pub(crate) scale: f64,
+    pub(crate) softcap: Option<f64>,
+    pub(crate) window: Option<usize>,
+}
+
+impl Attention {
+    /// Plain scaled dot-product attention over every earlier position.
+    pub(crate) fn plain(scale: f64) -> Self {
+        Attention { scale, softcap: None, window: None }
+    }
+
+    /// Raw scores `q·k` → scaled and soft-capped scores.
+    pub(crate) fn scores<const D: usize>(&self, raw: Tensor<D>) -> Tensor<D> {
+        let s = raw.mul_scalar(self.scale);
+        match self.softcap {
+            None => s,
+            Some(c) => s.div_scalar(c).tanh().mul_scalar(c),
+        }
+    }
+}
+
 /// [`fs_traits::engine::context_mask`] as a `(P, 1, 1, t_max)` tensor; `None` when no row has
 /// any context.
-pub(crate) fn context_mask(positions: &[usize], device: &Device) -> Option<(Tensor<4>, usize)> {
-    fs_traits::engine::context_mask(positions)
+pub(crate) fn context_mask(
+    positions: &[usize],
+    window: Option<usize>,
+    device: &Device,
+) -> Option<(Tensor<4>, usize)> {
+    fs_traits::engine::context_mask(positions, window)
         .map(|(m, t_max)| (tensor(m, [positions.len(), 1, 1, t_max], device), t_max))
 }
 
@@ -205,7 +242,7 @@ pub(crate) fn context_mask(positions: &[usize], device: &Device) -> Option<(Tens
 /// `mask`) and to its own key/value:
 ///
 /// ```text
-///     s_ctx = q·K_ctxᵀ·scale + mask,   s_self = ⟨q, k_self⟩·scale,
+///     s_ctx = cap(q·K_ctxᵀ·scale) + mask,   s_self = cap(⟨q, k_self⟩·scale),
 ///     out = softmax([s_ctx, s_self]) · [V_ctx; v_self]
 /// ```
 ///
@@ -217,15 +254,15 @@ pub(crate) fn attend_cached(
     keys: &Tensor<3>,
     values: &Tensor<3>,
     mask: Option<&(Tensor<4>, usize)>,
-    scale: f64,
+    attn: &Attention,
 ) -> Tensor<4> {
-    let self_score = q.clone().mul(k_self).sum_dim(3).mul_scalar(scale);
     match mask {
         None => v_self,
         Some((mask, t_max)) => {
+            let self_score = attn.scores(q.clone().mul(k_self).sum_dim(3));
             let k_ctx = keys.clone().narrow(1, 0, *t_max).unsqueeze::<4>();
             let v_ctx = values.clone().narrow(1, 0, *t_max).unsqueeze::<4>();
-            let ctx_scores = q.matmul(k_ctx.swap_dims(2, 3)).mul_scalar(scale).add(mask.clone());
+            let ctx_scores = attn.scores(q.matmul(k_ctx.swap_dims(2, 3))).add(mask.clone());
             let probs = softmax_last_dim(Tensor::cat(vec![ctx_scores, self_score], 3));
             let p_ctx = probs.clone().narrow(3, 0, *t_max);
             let p_self = probs.narrow(3, *t_max, 1);
@@ -235,10 +272,16 @@ pub(crate) fn attend_cached(
 }
 
 /// Causal self-attention over a whole sequence: `q`, `k`, `v` `(H, T, d_head)`.
-pub(crate) fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, scale: f64) -> Tensor<3> {
+pub(crate) fn causal_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    attn: &Attention,
+) -> Tensor<3> {
     let [_, t_len, _] = q.dims();
-    let causal = tensor(fs_traits::engine::causal_mask(t_len), [1, t_len, t_len], &q.device());
-    let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale).add(causal);
+    let causal =
+        tensor(fs_traits::engine::causal_mask(t_len, attn.window), [1, t_len, t_len], &q.device());
+    let scores = attn.scores(q.matmul(k.swap_dims(1, 2))).add(causal);
     softmax_last_dim(scores).matmul(v)
 }
 
@@ -308,7 +351,7 @@ pub(crate) fn upper_logits<M: CachedUpper>(
     check_finite("h", h)?;
     let h = tensor(h.to_vec(), [1, 1, d], m.device());
     let u = m.upper(ctx, &[position], h).reshape([1, d]);
-    read(u.matmul(m.lm_head().clone().transpose()))
+    read(m.readout().logits_of(u))
 }
 
 /// `SplitModel::logits`: the cached final-norm rows times `W_Uᵀ`.
@@ -323,7 +366,7 @@ pub(crate) fn logits<M: CachedUpper>(
         return Ok(Matrix::zeros(0, v));
     }
     let rows = ctx.final_norm.clone().select(0, indices(positions.iter().copied(), m.device()));
-    let data = read(rows.matmul(m.lm_head().clone().transpose()))?;
+    let data = read(m.readout().logits_of(rows))?;
     Matrix::from_vec(positions.len(), v, data)
 }
 
@@ -343,19 +386,25 @@ pub(crate) fn score_gradients<M: CachedUpper>(
     if tokens.is_empty() {
         return Ok(Matrix::zeros(0, d));
     }
-    let p = softmax(logits(m, ctx, &[position])?.as_slice())?;
+    let z = logits(m, ctx, &[position])?;
+    let p = softmax(z.as_slice())?;
+    // With a final soft-cap, ∂z_y/∂u = s_y w_y: the slopes weight every row.
+    let slopes = fs_traits::logit_slopes(m.readout().final_logit_softcap, z.as_slice());
+    let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
     let w_u = m.lm_head_host();
     let mut mean = vec![0f64; d];
-    for (&p, w) in p.iter().zip(w_u.chunks_exact(d)) {
+    for (y, (&p, w)) in p.iter().zip(w_u.chunks_exact(d)).enumerate() {
+        let ps = p * slope(y);
         for (mi, &wi) in mean.iter_mut().zip(w) {
-            *mi += p * wi as f64;
+            *mi += ps * wi as f64;
         }
     }
     let coeff: Vec<f32> = tokens
         .iter()
         .flat_map(|&y| {
+            let sy = slope(y as usize);
             let w = &w_u[y as usize * d..(y as usize + 1) * d];
-            w.iter().zip(&mean).map(|(&wi, mi)| (wi as f64 - mi) as f32).collect::<Vec<_>>()
+            w.iter().zip(&mean).map(|(&wi, mi)| (sy * wi as f64 - mi) as f32).collect::<Vec<_>>()
         })
         .collect();
     let c = tensor(coeff, [1, tokens.len(), d], m.device());
@@ -510,6 +559,9 @@ macro_rules! impl_split_model {
             }
             fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
                 $crate::cached::unembedding(self)
+            }
+            fn final_logit_softcap(&self) -> Option<f64> {
+                $crate::cached::CachedUpper::readout(self).final_logit_softcap
             }
         }
     };

@@ -1,106 +1,145 @@
-//! The Decoder family (Decoder, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM` semantics) as a
-//! [`SplitModel`](fs_traits::SplitModel) on burn: RMSNorm, RoPE with `rotate_half` (θ and
-//! Decoder-3 scaling from the config, [`DecoderConfig::inv_freq`]), grouped-query attention, SwiGLU,
-//! tied or untied `lm_head`, optional q/k/v/o and MLP biases.
+//! The RoPE decoder families (Llama, Mistral, Qwen2/3, Gemma-2/3, OLMo-2, Phi-3, GPT-NeoX; the
+//! block as `fs_checkpoint::DecoderConfig` documents it) as a
+//! [`SplitModel`](fs_traits::SplitModel) on burn (gradients by burn's reverse-mode autodiff).
 //!
 //! ```text
-//!     a = RMSNorm(x) = x / √(mean(x²) + ε) · w
-//!     q, k = RoPE(a·W_q + b_q), RoPE(a·W_k + b_k);   RoPE(x)_t = x·cos(tθ) + rotate_half(x)·sin(tθ)
-//!     x ← x + softmax(q kᵀ / √d_head + causal) v · W_o (+ b_o)
-//!     x ← x + (silu(a·W_gate) ⊙ (a·W_up)) · W_down,   a = RMSNorm(x)
+//!     a = attn_norm(x);   q, k = RoPE(qk_norm(a·W_q + b_q)), RoPE(qk_norm(a·W_k + b_k))
+//!     o = post_attn_norm(softmax(cap(c·q kᵀ) + mask) v · W_o + b_o)
+//!     x ← x + o + post_mlp_norm(mlp(mlp_norm(x)))      (parallel residual, GPT-NeoX)
+//!     x ← x + o;  x ← x + post_mlp_norm(mlp(mlp_norm(x)))   (otherwise)
 //! ```
 //!
-//! Split layer `k`: `0` = token embedding, `i` = output of block `i − 1`, `n_layer` = last
-//! block's output before the final RMSNorm. The context cache stores keys after RoPE, with the
-//! key/value heads repeated to the query heads; a row analysed at position `t` is rotated by
-//! angle `t` (never 0, unlike the original script's KV-cache extension).
+//! RoPE rotates the first `rotary_dim` entries of each head (`rotate_half`; per-layer θ), the
+//! mask is causal and, on sliding layers, hides keys `j` with `i − j ≥ window`.
+//!
+//! Split layer `k`: `0` = token embedding (times `√d` for Gemma), `i` = output of block
+//! `i − 1`, `n_layer` = last block's output before the final norm. The context cache stores
+//! keys after the q/k norm and RoPE, with the key/value heads repeated to the query heads; a
+//! row analysed at position `t` is rotated by angle `t`.
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, indices, tensor, CachedContext, CachedUpper,
-    Readout, Upload,
+    attend_cached, causal_attention, context_mask, indices, tensor, Attention, CachedContext,
+    CachedUpper, Readout, Upload,
 };
-use crate::ops::{linear, rms_norm, silu};
+use crate::ops::{activation, layer_norm, linear, rms_norm};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
-use fs_checkpoint::{DecoderConfig, DecoderWeights};
+use fs_checkpoint::{
+    DecoderConfig, DecoderWeights, LayerAttention, Linear as HostLinear, Norm, NormKind, QkNorm,
+};
 
-/// One block's parameters; matrices stored `[in, out]` (transposed once from HF's `[out, in]`).
-struct Block {
-    attn_norm: Tensor<1>,
-    q_w: Tensor<2>,
-    q_b: Option<Tensor<1>>,
-    k_w: Tensor<2>,
-    k_b: Option<Tensor<1>>,
-    v_w: Tensor<2>,
-    v_b: Option<Tensor<1>>,
-    o_w: Tensor<2>,
-    o_b: Option<Tensor<1>>,
-    mlp_norm: Tensor<1>,
-    gate_w: Tensor<2>,
-    gate_b: Option<Tensor<1>>,
-    up_w: Tensor<2>,
-    up_b: Option<Tensor<1>>,
-    down_w: Tensor<2>,
-    down_b: Option<Tensor<1>>,
+/// A linear layer on the device: `[in, out]` weight and optional bias.
+struct Lin {
+    w: Tensor<2>,
+    b: Option<Tensor<1>>,
 }
 
-/// A Decoder-family model on burn.
+impl Lin {
+    fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+/// A norm on the device.
+struct NormT {
+    w: Tensor<1>,
+    b: Option<Tensor<1>>,
+}
+
+struct Block {
+    attn_norm: Option<NormT>,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    q_norm: Option<Tensor<1>>,
+    k_norm: Option<Tensor<1>>,
+    o: Lin,
+    post_attn_norm: Option<NormT>,
+    mlp_norm: Option<NormT>,
+    gate: Option<Lin>,
+    up: Lin,
+    down: Lin,
+    post_mlp_norm: Option<NormT>,
+    attn: Attention,
+    /// Index into [`Decoder::inv_freq`]: 0 global, 1 sliding.
+    rope: usize,
+}
+
+/// A RoPE decoder model on burn.
 pub struct Decoder {
     cfg: DecoderConfig,
     embed: Tensor<2>,
+    embed_multiplier: Option<f64>,
     blocks: Vec<Block>,
-    norm: Tensor<1>,
-    inv_freq: Vec<f64>,
+    norm: NormT,
+    inv_freq: [Vec<f64>; 2],
     /// Plain device, dimensions, `W_U` (`embed` when tied), pass budget.
     readout: Readout,
 }
 
 impl Decoder {
     /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
-    /// GGUF or random values; linear weights already `[in, out]`) to the plain (non-autodiff)
-    /// view of `device`. `W_U` stays on the host too, for the estimators' weighted Gram.
+    /// GGUF or random values; linear weights already `[in, out]`, fused tensors split, Gemma's
+    /// norms already `1 + w`) to the plain (non-autodiff) view of `device`. `W_U` stays on the
+    /// host too, for the estimators' weighted Gram.
     pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
         let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
         // Autodiff bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
-        let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
-        let (embed, readout) =
+        let q_width = cfg.num_attention_heads * cfg.head_dim;
+        let bytes_per_row_per_block =
+            4 * (12 * cfg.hidden_size + 4 * q_width + 5 * cfg.intermediate_size);
+        let (embed, mut readout) =
             Readout::with_embedding(device, cfg.dims(), embed, lm_head, bytes_per_row_per_block);
+        readout.final_logit_softcap = cfg.final_logit_softcap;
         let up = Upload(&readout.device);
-        let linear = |l| up.linear(l);
-        let vector = |v| up.vector(v);
+        let lin = |l: HostLinear| {
+            let (w, b) = up.linear(l);
+            Lin { w, b }
+        };
+        let norm_t = |n: Norm| NormT { w: up.vector(n.weight), b: n.bias.map(|b| up.vector(b)) };
         let blocks = blocks
             .into_iter()
-            .map(|b| {
-                let (q_w, q_b) = linear(b.q);
-                let (k_w, k_b) = linear(b.k);
-                let (v_w, v_b) = linear(b.v);
-                let (o_w, o_b) = linear(b.o);
-                let (gate_w, gate_b) = linear(b.gate);
-                let (up_w, up_b) = linear(b.up);
-                let (down_w, down_b) = linear(b.down);
+            .enumerate()
+            .map(|(i, b)| {
+                let sliding = cfg.layer_types[i] == LayerAttention::Sliding;
                 Block {
-                    attn_norm: vector(b.attn_norm),
-                    q_w,
-                    q_b,
-                    k_w,
-                    k_b,
-                    v_w,
-                    v_b,
-                    o_w,
-                    o_b,
-                    mlp_norm: vector(b.mlp_norm),
-                    gate_w,
-                    gate_b,
-                    up_w,
-                    up_b,
-                    down_w,
-                    down_b,
+                    attn_norm: b.attn_norm.map(norm_t),
+                    q: lin(b.q),
+                    k: lin(b.k),
+                    v: lin(b.v),
+                    q_norm: b.q_norm.map(|w| up.vector(w)),
+                    k_norm: b.k_norm.map(|w| up.vector(w)),
+                    o: lin(b.o),
+                    post_attn_norm: b.post_attn_norm.map(norm_t),
+                    mlp_norm: b.mlp_norm.map(norm_t),
+                    gate: b.gate.map(lin),
+                    up: lin(b.up),
+                    down: lin(b.down),
+                    post_mlp_norm: b.post_mlp_norm.map(norm_t),
+                    attn: Attention {
+                        scale: cfg.attention_scale(),
+                        softcap: cfg.attn_logit_softcap,
+                        window: cfg.layer_window(i),
+                    },
+                    rope: usize::from(sliding && cfg.sliding_rope.is_some()),
                 }
             })
             .collect();
-        let norm = vector(norm);
+        let norm = norm_t(norm);
         readout.sync()?;
-        Ok(Decoder { inv_freq: cfg.inv_freq(), norm, cfg, embed, blocks, readout })
+        let inv_freq = [
+            cfg.rope.inv_freq(cfg.rotary_dim),
+            cfg.sliding_rope.unwrap_or(cfg.rope).inv_freq(cfg.rotary_dim),
+        ];
+        Ok(Decoder {
+            embed_multiplier: cfg.embedding_multiplier().map(f64::from),
+            inv_freq,
+            norm,
+            cfg,
+            embed,
+            blocks,
+            readout,
+        })
     }
 
     /// The model's configuration.
@@ -108,33 +147,56 @@ impl Decoder {
         &self.cfg
     }
 
-    /// `cos` and `sin` of the rotary angles `t·θ_i` for `positions`, each `(len, head_dim)` (the
-    /// `head_dim/2` frequencies repeated twice, for `rotate_half`), computed in `f64`.
-    fn rope_tables(&self, positions: &[usize]) -> (Tensor<2>, Tensor<2>) {
-        let half = self.cfg.head_dim / 2;
-        let mut cos = Vec::with_capacity(positions.len() * 2 * half);
-        let mut sin = Vec::with_capacity(positions.len() * 2 * half);
+    fn norm<const D: usize>(&self, x: Tensor<D>, n: &NormT) -> Tensor<D> {
+        match (self.cfg.norm, &n.b) {
+            (NormKind::Layer, Some(b)) => layer_norm(x, &n.w, b, self.cfg.norm_eps),
+            _ => rms_norm(x, &n.w, self.cfg.norm_eps),
+        }
+    }
+
+    fn maybe_norm<const D: usize>(&self, x: Tensor<D>, n: &Option<NormT>) -> Tensor<D> {
+        match n {
+            None => x,
+            Some(n) => self.norm(x, n),
+        }
+    }
+
+    /// `cos` and `sin` of the rotary angles for `positions`, each `(len, rotary_dim)` (the
+    /// `rotary_dim/2` frequencies of table `which` repeated twice, for `rotate_half`),
+    /// computed in `f64`.
+    fn rope_tables(&self, positions: &[usize], which: usize) -> (Tensor<2>, Tensor<2>) {
+        let inv_freq = &self.inv_freq[which];
+        let rd = 2 * inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * rd);
+        let mut sin = Vec::with_capacity(positions.len() * rd);
         for &t in positions {
             for _ in 0..2 {
-                for f in &self.inv_freq {
+                for f in inv_freq {
                     let a = t as f64 * f;
                     cos.push(a.cos() as f32);
                     sin.push(a.sin() as f32);
                 }
             }
         }
-        let shape = [positions.len(), 2 * half];
+        let shape = [positions.len(), rd];
         (tensor(cos, shape, &self.readout.device), tensor(sin, shape, &self.readout.device))
     }
 
-    /// `x·cos + rotate_half(x)·sin` on the last dimension, `rotate_half(x) = [−x₂, x₁]`
-    /// (`cos`/`sin` broadcastable to `x`).
+    /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` entries of the last dimension,
+    /// `rotate_half(x) = [−x₂, x₁]`, the rest passed through (`cos`/`sin` broadcastable).
     fn rope<const D: usize>(x: Tensor<D>, cos: &Tensor<D>, sin: &Tensor<D>) -> Tensor<D> {
         let dh = x.dims()[D - 1];
-        let x1 = x.clone().narrow(D - 1, 0, dh / 2);
-        let x2 = x.clone().narrow(D - 1, dh / 2, dh / 2);
+        let rd = cos.dims()[D - 1];
+        let rot = x.clone().narrow(D - 1, 0, rd);
+        let x1 = rot.clone().narrow(D - 1, 0, rd / 2);
+        let x2 = rot.clone().narrow(D - 1, rd / 2, rd / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], D - 1);
-        x.mul(cos.clone()).add(rotated.mul(sin.clone()))
+        let out = rot.mul(cos.clone()).add(rotated.mul(sin.clone()));
+        if rd == dh {
+            out
+        } else {
+            Tensor::cat(vec![out, x.narrow(D - 1, rd, dh - rd)], D - 1)
+        }
     }
 
     /// Repeat key/value heads to the query heads along `head_axis` of a rank-`D` tensor
@@ -160,45 +222,83 @@ impl Decoder {
         x.expand(expanded).reshape(out)
     }
 
-    /// `(silu(a·W_gate) ⊙ (a·W_up)) · W_down`, `a = RMSNorm(x)`.
-    fn mlp<const D: usize>(&self, x: Tensor<D>, b: &Block) -> Tensor<D> {
-        let a = rms_norm(x, &b.mlp_norm, self.cfg.rms_norm_eps);
-        let gate = silu(linear(a.clone(), &b.gate_w, b.gate_b.as_ref()));
-        let up = linear(a, &b.up_w, b.up_b.as_ref());
-        linear(gate.mul(up), &b.down_w, b.down_b.as_ref())
+    /// The q/k RMSNorm (per head: the last axis of `(…, n, head_dim)`; over the projection:
+    /// before the split into heads).
+    fn qk_norm<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        w: &Option<Tensor<1>>,
+        per_head: bool,
+    ) -> Tensor<D> {
+        match w {
+            Some(w) if (self.cfg.qk_norm == Some(QkNorm::PerHead)) == per_head => {
+                rms_norm(x, w, self.cfg.norm_eps)
+            }
+            _ => x,
+        }
+    }
+
+    /// `down(act(gate a) ⊙ up a)` or `down(act(up a))`.
+    fn mlp<const D: usize>(&self, a: Tensor<D>, b: &Block) -> Tensor<D> {
+        let up = b.up.apply(a.clone());
+        let inner = match &b.gate {
+            Some(g) => activation(g.apply(a), self.cfg.activation).mul(up),
+            None => activation(up, self.cfg.activation),
+        };
+        b.down.apply(inner)
+    }
+
+    /// The residual update of block `b` around its attention output `o` (through `W_o`).
+    fn residual<const D: usize>(&self, x: Tensor<D>, o: Tensor<D>, b: &Block) -> Tensor<D> {
+        let o = self.maybe_norm(o, &b.post_attn_norm);
+        if self.cfg.parallel_residual {
+            let m = self.mlp(self.maybe_norm(x.clone(), &b.mlp_norm), b);
+            return x.add(o).add(self.maybe_norm(m, &b.post_mlp_norm));
+        }
+        let x = x.add(o);
+        let m = self.mlp(self.maybe_norm(x.clone(), &b.mlp_norm), b);
+        x.add(self.maybe_norm(m, &b.post_mlp_norm))
     }
 
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
         let t_len = tokens.len();
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let scale = 1.0 / (dh as f64).sqrt();
         let positions: Vec<usize> = (0..t_len).collect();
-        let (cos, sin) = self.rope_tables(&positions);
-        let (cos, sin): (Tensor<3>, Tensor<3>) = (cos.unsqueeze(), sin.unsqueeze());
+        let tables = [self.rope_tables(&positions, 0), self.rope_tables(&positions, 1)];
         let ids = indices(tokens.iter().map(|&t| t as usize), &self.readout.device);
         let mut x = self.embed.clone().select(0, ids);
+        if let Some(m) = self.embed_multiplier {
+            x = x.mul_scalar(m);
+        }
         let mut hidden = vec![x.clone()];
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for b in &self.blocks {
-            let a = rms_norm(x.clone(), &b.attn_norm, self.cfg.rms_norm_eps);
-            let heads = |w: &Tensor<2>, bias: Option<&Tensor<1>>, n: usize| -> Tensor<3> {
-                linear(a.clone(), w, bias).reshape([t_len, n, dh]).swap_dims(0, 1)
+            let (cos, sin): (Tensor<3>, Tensor<3>) =
+                (tables[b.rope].0.clone().unsqueeze(), tables[b.rope].1.clone().unsqueeze());
+            let a = self.maybe_norm(x.clone(), &b.attn_norm);
+            let heads = |l: &Lin, norm: &Option<Tensor<1>>, n: usize, rotate: bool| -> Tensor<3> {
+                let y = self.qk_norm(l.apply(a.clone()), norm, false);
+                let y = self.qk_norm(y.reshape([t_len, n, dh]).swap_dims(0, 1), norm, true);
+                if rotate {
+                    Self::rope(y, &cos, &sin)
+                } else {
+                    y
+                }
             };
-            let q = Self::rope(heads(&b.q_w, b.q_b.as_ref(), h), &cos, &sin);
-            let k = Self::rope(heads(&b.k_w, b.k_b.as_ref(), kv), &cos, &sin);
-            let v = heads(&b.v_w, b.v_b.as_ref(), kv);
+            let q = heads(&b.q, &b.q_norm, h, true);
+            let k = heads(&b.k, &b.k_norm, kv, true);
+            let v = heads(&b.v, &None, kv, false);
             let (k, v) = (self.repeat_kv::<3, 4>(k, 0), self.repeat_kv::<3, 4>(v, 0));
-            let out = causal_attention(q, k.clone(), v.clone(), scale)
+            let out = causal_attention(q, k.clone(), v.clone(), &b.attn)
                 .swap_dims(0, 1)
                 .reshape([t_len, h * dh]);
-            x = x.add(linear(out, &b.o_w, b.o_b.as_ref()));
-            x = x.clone().add(self.mlp(x, b));
+            x = self.residual(x, b.o.apply(out), b);
             keys.push(k);
             values.push(v);
             hidden.push(x.clone());
         }
-        let final_norm = rms_norm(x, &self.norm, self.cfg.rms_norm_eps);
+        let final_norm = self.norm(x, &self.norm);
         CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm)
     }
 
@@ -206,28 +306,35 @@ impl Decoder {
         let [p_n, r_n, _] = hrows.dims();
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.readout.device);
-        let (cos, sin) = self.rope_tables(positions);
-        let (cos, sin): (Tensor<4>, Tensor<4>) =
-            (cos.reshape([p_n, 1, 1, dh]), sin.reshape([p_n, 1, 1, dh]));
+        let rd = self.cfg.rotary_dim;
+        let tables = [self.rope_tables(positions, 0), self.rope_tables(positions, 1)];
         let mut x = hrows;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
-            let a = rms_norm(x.clone(), &b.attn_norm, self.cfg.rms_norm_eps);
-            let heads = |w: &Tensor<2>, bias: Option<&Tensor<1>>, n: usize| -> Tensor<4> {
-                linear(a.clone(), w, bias).reshape([p_n, r_n, n, dh]).swap_dims(1, 2)
+            let mask = context_mask(positions, b.attn.window, &self.readout.device);
+            let (cos, sin): (Tensor<4>, Tensor<4>) = (
+                tables[b.rope].0.clone().reshape([p_n, 1, 1, rd]),
+                tables[b.rope].1.clone().reshape([p_n, 1, 1, rd]),
+            );
+            let a = self.maybe_norm(x.clone(), &b.attn_norm);
+            let heads = |l: &Lin, norm: &Option<Tensor<1>>, n: usize, rotate: bool| -> Tensor<4> {
+                let y = self.qk_norm(l.apply(a.clone()), norm, false);
+                let y = self.qk_norm(y.reshape([p_n, r_n, n, dh]).swap_dims(1, 2), norm, true);
+                if rotate {
+                    Self::rope(y, &cos, &sin)
+                } else {
+                    y
+                }
             };
-            let q = Self::rope(heads(&b.q_w, b.q_b.as_ref(), h), &cos, &sin);
-            let k = Self::rope(heads(&b.k_w, b.k_b.as_ref(), kv), &cos, &sin);
-            let v = heads(&b.v_w, b.v_b.as_ref(), kv);
+            let q = heads(&b.q, &b.q_norm, h, true);
+            let k = heads(&b.k, &b.k_norm, kv, true);
+            let v = heads(&b.v, &None, kv, false);
             let (k, v) = (self.repeat_kv::<4, 5>(k, 1), self.repeat_kv::<4, 5>(v, 1));
             let out =
-                attend_cached(q, k, v, &ctx.keys[idx], &ctx.values[idx], mask.as_ref(), scale);
+                attend_cached(q, k, v, &ctx.keys[idx], &ctx.values[idx], mask.as_ref(), &b.attn);
             let out = out.swap_dims(1, 2).reshape([p_n, r_n, h * dh]);
-            x = x.add(linear(out, &b.o_w, b.o_b.as_ref()));
-            x = x.clone().add(self.mlp(x, b));
+            x = self.residual(x, b.o.apply(out), b);
         }
-        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+        self.norm(x, &self.norm)
     }
 }
 

@@ -19,8 +19,8 @@
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, indices, CachedContext, CachedUpper, Readout,
-    Upload,
+    attend_cached, causal_attention, context_mask, indices, Attention, CachedContext, CachedUpper,
+    Readout, Upload,
 };
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
@@ -142,7 +142,7 @@ impl Gpt2 {
                 qkv.clone().narrow(1, j * d, d).reshape([t_len, heads, dh]).swap_dims(0, 1)
             };
             let (q, k, v) = (split(0), split(1), split(2));
-            let out = causal_attention(q, k.clone(), v.clone(), scale);
+            let out = causal_attention(q, k.clone(), v.clone(), &Attention::plain(scale));
             let out = out.swap_dims(0, 1).reshape([t_len, d]);
             x = x.add(linear(out, &b.proj_w, Some(&b.proj_b)));
             x = x.clone().add(self.mlp(x, b));
@@ -161,7 +161,7 @@ impl Gpt2 {
         let [p_n, r_n, d] = h.dims();
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.readout.device);
+        let mask = context_mask(positions, None, &self.readout.device);
         let mut x = h;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
             let a = self.norm(x.clone(), &b.ln_1);
@@ -177,7 +177,7 @@ impl Gpt2 {
                 &ctx.keys[idx],
                 &ctx.values[idx],
                 mask.as_ref(),
-                scale,
+                &Attention::plain(scale),
             );
             let out = out.swap_dims(1, 2).reshape([p_n, r_n, d]);
             x = x.add(linear(out, &b.proj_w, Some(&b.proj_b)));

@@ -35,6 +35,24 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     burn::tensor::activation::silu(x)
 }
 
+/// The erf GELU `½x(1 + erf(x/√2))` (`hidden_act: "gelu"`), from `erf` (whose autodiff
+/// derivative `2/√π·e^(−x²)` is exact).
+pub fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let phi =
+        x.clone().mul_scalar(std::f64::consts::FRAC_1_SQRT_2).erf().mul_scalar(0.5).add_scalar(0.5);
+    x.mul(phi)
+}
+
+/// An MLP activation: SiLU, the tanh GELU [`gelu_new`] or the erf GELU [`gelu_erf`].
+pub fn activation<const D: usize>(x: Tensor<D>, act: fs_checkpoint::Activation) -> Tensor<D> {
+    use fs_checkpoint::Activation as A;
+    match act {
+        A::Silu => silu(x),
+        A::GeluTanh => gelu_new(x),
+        A::GeluErf => gelu_erf(x),
+    }
+}
+
 /// A rank-1 parameter `[n]` viewed as `[1, …, 1, n]` so that it broadcasts against a rank-`D`
 /// tensor's last dimension.
 pub fn broadcast_last<const D: usize>(p: &Tensor<1>) -> Tensor<D> {

@@ -107,6 +107,19 @@ pub(crate) struct Readout {
     /// Approximate bytes a forward-mode pass keeps alive per tangent row per block (the widest
     /// layer's tangents and their temporaries).
     pub(crate) bytes_per_row_per_block: usize,
+    /// The final-logit soft-cap `c` (`z = c·tanh(W_U u / c)`), if the model has one.
+    pub(crate) final_logit_softcap: Option<f64>,
+}
+
+impl Readout {
+    /// Logits `z = W_U u` (soft-capped when the model caps) of readout rows `u` `(n, d_u)`.
+    pub(crate) fn logits_of(&self, u: &Tensor) -> candle_core::Result<Tensor> {
+        let z = u.matmul(&self.lm_head.t()?)?;
+        match self.final_logit_softcap {
+            None => Ok(z),
+            Some(c) => (z / c)?.tanh()? * c,
+        }
+    }
 }
 
 impl Readout {
@@ -133,6 +146,7 @@ impl Readout {
             lm_head_host,
             activation_budget: DEFAULT_ACTIVATION_BUDGET,
             bytes_per_row_per_block,
+            final_logit_softcap: None,
         };
         Ok((embed, readout))
     }
@@ -188,13 +202,39 @@ pub(crate) trait CachedUpper {
     ) -> candle_core::Result<crate::jvp::Dual>;
 }
 
+/// How one attention layer scores: `s = scale · q·k`, then `s ← cap·tanh(s/cap)` when
+/// soft-capped, then the causal mask, narrowed to `i − j < window` for sliding layers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Attention {
+    pub(crate) scale: f64,
+    pub(crate) softcap: Option<f64>,
+    pub(crate) window: Option<usize>,
+}
+
+impl Attention {
+    /// Plain scaled dot-product attention over every earlier position.
+    pub(crate) fn plain(scale: f64) -> Self {
+        Attention { scale, softcap: None, window: None }
+    }
+
+    /// Raw scores `q·k` → scaled and soft-capped scores.
+    pub(crate) fn scores(&self, raw: &Tensor) -> candle_core::Result<Tensor> {
+        let s = (raw * self.scale)?;
+        match self.softcap {
+            None => Ok(s),
+            Some(c) => (s / c)?.tanh()? * c,
+        }
+    }
+}
+
 /// [`fs_traits::engine::context_mask`] as a `(P, 1, 1, t_max)` tensor; `None` when no row has
 /// any context.
 pub(crate) fn context_mask(
     positions: &[usize],
+    window: Option<usize>,
     device: &Device,
 ) -> candle_core::Result<Option<(Tensor, usize)>> {
-    fs_traits::engine::context_mask(positions)
+    fs_traits::engine::context_mask(positions, window)
         .map(|(m, t_max)| Ok((Tensor::from_vec(m, (positions.len(), 1, 1, t_max), device)?, t_max)))
         .transpose()
 }
@@ -209,15 +249,15 @@ pub(crate) fn attend_cached(
     keys: &Tensor,
     values: &Tensor,
     mask: Option<&(Tensor, usize)>,
-    scale: f64,
+    attn: &Attention,
 ) -> candle_core::Result<Tensor> {
-    let self_score = ((q * k_self)?.sum_keepdim(D::Minus1)? * scale)?;
     match mask {
         None => Ok(v_self.clone()),
         Some((mask, t_max)) => {
+            let self_score = attn.scores(&(q * k_self)?.sum_keepdim(D::Minus1)?)?;
             let k_ctx = keys.narrow(1, 0, *t_max)?.unsqueeze(0)?;
             let v_ctx = values.narrow(1, 0, *t_max)?.unsqueeze(0)?;
-            let ctx_scores = (q.broadcast_matmul(&k_ctx.t()?)? * scale)?.broadcast_add(mask)?;
+            let ctx_scores = attn.scores(&q.broadcast_matmul(&k_ctx.t()?)?)?.broadcast_add(mask)?;
             let probs = softmax_last_dim(&Tensor::cat(&[&ctx_scores, &self_score], 3)?)?;
             let p_ctx = probs.narrow(3, 0, *t_max)?.contiguous()?;
             let p_self = probs.narrow(3, *t_max, 1)?;
@@ -231,12 +271,15 @@ pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
+    attn: &Attention,
 ) -> candle_core::Result<Tensor> {
     let t_len = q.dim(1)?;
-    let causal =
-        Tensor::from_vec(fs_traits::engine::causal_mask(t_len), (1, t_len, t_len), q.device())?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&causal)?;
+    let causal = Tensor::from_vec(
+        fs_traits::engine::causal_mask(t_len, attn.window),
+        (1, t_len, t_len),
+        q.device(),
+    )?;
+    let scores = attn.scores(&q.matmul(&k.t()?)?)?.broadcast_add(&causal)?;
     softmax_last_dim(&scores)?.matmul(v)
 }
 
@@ -286,7 +329,7 @@ pub(crate) fn upper_logits<M: CachedUpper>(
     (|| {
         let h = Tensor::from_slice(h, (1, 1, d), m.device())?;
         let u = m.upper(ctx, &[position], &h)?.reshape((1, d))?;
-        u.matmul(&m.lm_head().t()?)?.flatten_all()?.to_vec1::<f32>()
+        m.readout().logits_of(&u)?.flatten_all()?.to_vec1::<f32>()
     })()
     .map_err(be)
 }
@@ -305,7 +348,7 @@ pub(crate) fn logits<M: CachedUpper>(
     let data = (|| {
         let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
         let rows = ctx.final_norm.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
-        rows.matmul(&m.lm_head().t()?)?.flatten_all()?.to_vec1::<f32>()
+        m.readout().logits_of(&rows)?.flatten_all()?.to_vec1::<f32>()
     })()
     .map_err(be)?;
     Matrix::from_vec(positions.len(), v, data)
@@ -327,12 +370,26 @@ pub(crate) fn score_gradients<M: CachedUpper>(
         return Ok(Matrix::zeros(0, dims.d_model));
     }
     let z = logits(m, ctx, &[position])?;
-    let p: Vec<f32> = softmax(z.as_slice())?.into_iter().map(|x| x as f32).collect();
+    // With a final soft-cap, ∂z_y/∂u = s_y w_y: weight p and the chosen rows by the slopes.
+    let slopes = fs_traits::logit_slopes(m.readout().final_logit_softcap, z.as_slice());
+    let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
+    let p: Vec<f32> = softmax(z.as_slice())?
+        .into_iter()
+        .enumerate()
+        .map(|(y, x)| (x * slope(y)) as f32)
+        .collect();
+    let row_slopes: Vec<f32> = tokens.iter().map(|&y| slope(y as usize) as f32).collect();
     let data = (|| {
         let p = Tensor::from_vec(p, (1, dims.vocab_size), m.device())?;
         let mean = p.matmul(m.lm_head())?;
         let ids = Tensor::new(tokens, m.device())?;
-        let c = m.lm_head().index_select(&ids, 0)?.broadcast_sub(&mean)?.unsqueeze(0)?;
+        let s = Tensor::from_vec(row_slopes, (tokens.len(), 1), m.device())?;
+        let c = m
+            .lm_head()
+            .index_select(&ids, 0)?
+            .broadcast_mul(&s)?
+            .broadcast_sub(&mean)?
+            .unsqueeze(0)?;
         let h = Var::from_tensor(&replicated(m, ctx, &[position], tokens.len())?)?;
         let u = m.upper(ctx, &[position], h.as_tensor())?;
         let grads = (u * c)?.sum_all()?.backward()?;
@@ -486,6 +543,9 @@ macro_rules! impl_split_model {
             }
             fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
                 $crate::cached::unembedding(self)
+            }
+            fn final_logit_softcap(&self) -> Option<f64> {
+                $crate::cached::CachedUpper::readout(self).final_logit_softcap
             }
         }
     };

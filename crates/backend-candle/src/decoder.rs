@@ -1,96 +1,144 @@
-//! The Decoder family (Decoder, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM` semantics) as a
-//! [`SplitModel`](fs_traits::SplitModel) on candle: RMSNorm, RoPE with `rotate_half` (θ and
-//! Decoder-3 scaling from the config), grouped-query attention, SwiGLU, tied or untied `lm_head`,
-//! optional q/k/v(/o) biases.
+//! The RoPE decoder families (Llama, Mistral, Qwen2/3, Gemma-2/3, OLMo-2, Phi-3, GPT-NeoX; the
+//! block as `fs_checkpoint::DecoderConfig` documents it) as a
+//! [`SplitModel`](fs_traits::SplitModel) on candle.
 //!
-//! Split layer `k`: `0` = token embedding, `i` = output of block `i − 1`, `n_layer` = last
-//! block's output before the final RMSNorm. The context cache stores keys after RoPE, with the
-//! key/value heads repeated to the query heads; a row analysed at position `t` is rotated by
-//! angle `t` (never 0, unlike the original script's KV-cache extension).
+//! Split layer `k`: `0` = token embedding (times `√d` for Gemma), `i` = output of block
+//! `i − 1`, `n_layer` = last block's output before the final norm. The context cache stores
+//! keys after the q/k norm and RoPE, with the key/value heads repeated to the query heads; a
+//! row analysed at position `t` is rotated by angle `t` and sees, on sliding-window layers,
+//! only the cached keys `j` with `t − j < window`.
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, CachedContext, CachedUpper, Readout, Upload,
+    attend_cached, causal_attention, context_mask, Attention, CachedContext, CachedUpper, Readout,
+    Upload,
 };
 use crate::jvp::{attend_cached_jvp, Dual};
-use crate::ops::linear;
+use crate::ops::{activation, layer_norm, linear, rms_norm};
 use crate::Error;
 use candle_core::{Device, Tensor, D};
-use fs_checkpoint::{DecoderConfig, DecoderWeights};
+use fs_checkpoint::{
+    Activation, DecoderConfig, DecoderWeights, LayerAttention, Linear as HostLinear, Norm,
+    NormKind, QkNorm,
+};
 
-struct Block {
-    attn_norm: Tensor,
-    q_w: Tensor,
-    q_b: Option<Tensor>,
-    k_w: Tensor,
-    k_b: Option<Tensor>,
-    v_w: Tensor,
-    v_b: Option<Tensor>,
-    o_w: Tensor,
-    o_b: Option<Tensor>,
-    mlp_norm: Tensor,
-    gate_w: Tensor,
-    up_w: Tensor,
-    down_w: Tensor,
-    gate_b: Option<Tensor>,
-    up_b: Option<Tensor>,
-    down_b: Option<Tensor>,
+/// A linear layer on the device: `[in, out]` weight and optional bias.
+struct Lin {
+    w: Tensor,
+    b: Option<Tensor>,
 }
 
-/// A Decoder-family model on candle.
+impl Lin {
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+    fn apply_dual(&self, x: &Dual) -> candle_core::Result<Dual> {
+        x.linear(&self.w, self.b.as_ref())
+    }
+}
+
+/// A norm on the device.
+struct NormT {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+struct Block {
+    attn_norm: Option<NormT>,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    o: Lin,
+    post_attn_norm: Option<NormT>,
+    mlp_norm: Option<NormT>,
+    gate: Option<Lin>,
+    up: Lin,
+    down: Lin,
+    post_mlp_norm: Option<NormT>,
+    /// Scores, cap and window of this layer.
+    attn: Attention,
+    /// Index into [`Decoder::inv_freq`]: 0 global, 1 sliding.
+    rope: usize,
+}
+
+/// A RoPE decoder model on candle.
 pub struct Decoder {
     cfg: DecoderConfig,
     embed: Tensor,
+    embed_multiplier: Option<f64>,
     blocks: Vec<Block>,
-    norm: Tensor,
-    inv_freq: Vec<f64>,
+    norm: NormT,
+    /// RoPE inverse frequencies of full-attention layers, then of sliding ones.
+    inv_freq: [Vec<f64>; 2],
     /// Device, dimensions, `W_U` (`embed` when tied), pass budget.
     readout: Readout,
 }
 
 impl Decoder {
     /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
-    /// GGUF or random values; linear weights already `[in, out]`) to `device`. `W_U` stays on
-    /// the host too, for the estimators' weighted Gram.
+    /// GGUF or random values; linear weights already `[in, out]`, fused tensors split, Gemma's
+    /// norms already `1 + w`) to `device`. `W_U` stays on the host too, for the estimators'
+    /// weighted Gram.
     pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
         let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
         let up = Upload(device);
-        let linear = |l| up.linear(l);
-        let vector = |v| up.vector(v);
+        let lin = |l: HostLinear| -> candle_core::Result<Lin> {
+            let (w, b) = up.linear(l)?;
+            Ok(Lin { w, b })
+        };
+        let norm_t = |n: Norm| -> candle_core::Result<NormT> {
+            Ok(NormT { w: up.vector(n.weight)?, b: n.bias.map(|b| up.vector(b)).transpose()? })
+        };
+        let opt_norm = |n: Option<Norm>| n.map(norm_t).transpose();
         // Tangent bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
-        let bytes_per_row_per_block = 4 * (16 * cfg.hidden_size + 5 * cfg.intermediate_size);
-        let (embed, readout) =
+        let q_width = cfg.num_attention_heads * cfg.head_dim;
+        let bytes_per_row_per_block =
+            4 * (12 * cfg.hidden_size + 4 * q_width + 5 * cfg.intermediate_size);
+        let (embed, mut readout) =
             Readout::with_embedding(device, cfg.dims(), embed, lm_head, bytes_per_row_per_block)?;
+        readout.final_logit_softcap = cfg.final_logit_softcap;
         let blocks = blocks
             .into_iter()
-            .map(|b| {
-                let (q_w, q_b) = linear(b.q)?;
-                let (k_w, k_b) = linear(b.k)?;
-                let (v_w, v_b) = linear(b.v)?;
-                let (o_w, o_b) = linear(b.o)?;
-                let (gate_w, gate_b) = linear(b.gate)?;
-                let (up_w, up_b) = linear(b.up)?;
-                let (down_w, down_b) = linear(b.down)?;
+            .enumerate()
+            .map(|(i, b)| {
+                let sliding = cfg.layer_types[i] == LayerAttention::Sliding;
                 Ok(Block {
-                    attn_norm: vector(b.attn_norm)?,
-                    q_w,
-                    q_b,
-                    k_w,
-                    k_b,
-                    v_w,
-                    v_b,
-                    o_w,
-                    o_b,
-                    mlp_norm: vector(b.mlp_norm)?,
-                    gate_w,
-                    up_w,
-                    down_w,
-                    gate_b,
-                    up_b,
-                    down_b,
+                    attn_norm: opt_norm(b.attn_norm)?,
+                    q: lin(b.q)?,
+                    k: lin(b.k)?,
+                    v: lin(b.v)?,
+                    q_norm: b.q_norm.map(|w| up.vector(w)).transpose()?,
+                    k_norm: b.k_norm.map(|w| up.vector(w)).transpose()?,
+                    o: lin(b.o)?,
+                    post_attn_norm: opt_norm(b.post_attn_norm)?,
+                    mlp_norm: opt_norm(b.mlp_norm)?,
+                    gate: b.gate.map(lin).transpose()?,
+                    up: lin(b.up)?,
+                    down: lin(b.down)?,
+                    post_mlp_norm: opt_norm(b.post_mlp_norm)?,
+                    attn: Attention {
+                        scale: cfg.attention_scale(),
+                        softcap: cfg.attn_logit_softcap,
+                        window: cfg.layer_window(i),
+                    },
+                    rope: usize::from(sliding && cfg.sliding_rope.is_some()),
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Decoder { inv_freq: cfg.inv_freq(), norm: vector(norm)?, cfg, embed, blocks, readout })
+        let inv_freq = [
+            cfg.rope.inv_freq(cfg.rotary_dim),
+            cfg.sliding_rope.unwrap_or(cfg.rope).inv_freq(cfg.rotary_dim),
+        ];
+        Ok(Decoder {
+            embed_multiplier: cfg.embedding_multiplier().map(f64::from),
+            norm: norm_t(norm)?,
+            inv_freq,
+            cfg,
+            embed,
+            blocks,
+            readout,
+        })
     }
 
     /// The model's configuration.
@@ -98,40 +146,76 @@ impl Decoder {
         &self.cfg
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + self.cfg.rms_norm_eps)?.sqrt()?)?.broadcast_mul(w)
+    fn norm(&self, x: &Tensor, n: &NormT) -> candle_core::Result<Tensor> {
+        match (self.cfg.norm, &n.b) {
+            (NormKind::Layer, Some(b)) => layer_norm(x, &n.w, b, self.cfg.norm_eps),
+            _ => rms_norm(x, &n.w, self.cfg.norm_eps),
+        }
     }
 
-    /// `cos` and `sin` of the rotary angles for `positions`, each `(len, head_dim)` (the
-    /// `head_dim/2` frequencies repeated twice, for `rotate_half`).
-    fn rope_tables(&self, positions: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.cfg.head_dim / 2;
-        let mut cos = Vec::with_capacity(positions.len() * 2 * half);
-        let mut sin = Vec::with_capacity(positions.len() * 2 * half);
+    fn norm_dual(&self, x: &Dual, n: &NormT) -> candle_core::Result<Dual> {
+        match (self.cfg.norm, &n.b) {
+            (NormKind::Layer, Some(b)) => x.layer_norm(&n.w, b, self.cfg.norm_eps),
+            _ => x.rms_norm(&n.w, self.cfg.norm_eps),
+        }
+    }
+
+    fn maybe_norm(&self, x: Tensor, n: &Option<NormT>) -> candle_core::Result<Tensor> {
+        n.as_ref().map_or(Ok(x.clone()), |n| self.norm(&x, n))
+    }
+
+    fn maybe_norm_dual(&self, x: Dual, n: &Option<NormT>) -> candle_core::Result<Dual> {
+        match n {
+            None => Ok(x),
+            Some(n) => self.norm_dual(&x, n),
+        }
+    }
+
+    /// `cos` and `sin` of the rotary angles for `positions`, each `(len, rotary_dim)` (the
+    /// `rotary_dim/2` frequencies of table `which` repeated twice, for `rotate_half`).
+    fn rope_tables(
+        &self,
+        positions: &[usize],
+        which: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let inv_freq = &self.inv_freq[which];
+        let rd = 2 * inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * rd);
+        let mut sin = Vec::with_capacity(positions.len() * rd);
         for &t in positions {
             for _ in 0..2 {
-                for f in &self.inv_freq {
+                for f in inv_freq {
                     let a = t as f64 * f;
                     cos.push(a.cos() as f32);
                     sin.push(a.sin() as f32);
                 }
             }
         }
-        let shape = (positions.len(), 2 * half);
+        let shape = (positions.len(), rd);
         Ok((
             Tensor::from_vec(cos, shape, &self.readout.device)?,
             Tensor::from_vec(sin, shape, &self.readout.device)?,
         ))
     }
 
-    /// `x·cos + rotate_half(x)·sin` on the last dimension (`cos`/`sin` broadcastable to `x`).
+    /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` entries of the last dimension,
+    /// the rest passed through (`cos`/`sin` broadcastable to that part).
     fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let dh = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, dh / 2)?;
-        let x2 = x.narrow(D::Minus1, dh / 2, dh / 2)?;
+        let rd = cos.dim(D::Minus1)?;
+        let (rot, pass) = if rd == dh {
+            (x.clone(), None)
+        } else {
+            (x.narrow(D::Minus1, 0, rd)?, Some(x.narrow(D::Minus1, rd, dh - rd)?))
+        };
+        let x1 = rot.narrow(D::Minus1, 0, rd / 2)?;
+        let x2 = rot.narrow(D::Minus1, rd / 2, rd / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+        let out = (rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        match pass {
+            None => Ok(out),
+            Some(p) => Tensor::cat(&[&out, &p], D::Minus1)?.contiguous(),
+        }
     }
 
     /// Repeat key/value heads to the query heads along `head_axis` (`(…, KV, …)` → `(…, H, …)`,
@@ -149,11 +233,80 @@ impl Decoder {
         expanded.broadcast_as(target)?.contiguous()?.reshape(dims)
     }
 
-    fn mlp(&self, x: &Tensor, b: &Block) -> candle_core::Result<Tensor> {
-        let a = self.rms_norm(x, &b.mlp_norm)?;
-        let gate = linear(&a, &b.gate_w, b.gate_b.as_ref())?.silu()?;
-        let up = linear(&a, &b.up_w, b.up_b.as_ref())?;
-        linear(&(gate * up)?, &b.down_w, b.down_b.as_ref())
+    /// The q/k RMSNorm (per head: the last axis of `(…, n, head_dim)`; over the projection:
+    /// before the split into heads).
+    fn qk_norm(
+        &self,
+        x: Tensor,
+        w: &Option<Tensor>,
+        per_head: bool,
+    ) -> candle_core::Result<Tensor> {
+        match w {
+            Some(w) if (self.cfg.qk_norm == Some(QkNorm::PerHead)) == per_head => {
+                rms_norm(&x, w, self.cfg.norm_eps)
+            }
+            _ => Ok(x),
+        }
+    }
+
+    fn qk_norm_dual(
+        &self,
+        x: Dual,
+        w: &Option<Tensor>,
+        per_head: bool,
+    ) -> candle_core::Result<Dual> {
+        match w {
+            Some(w) if (self.cfg.qk_norm == Some(QkNorm::PerHead)) == per_head => {
+                x.rms_norm(w, self.cfg.norm_eps)
+            }
+            _ => Ok(x),
+        }
+    }
+
+    /// `down(act(gate a) ⊙ up a)` or `down(act(up a))`.
+    fn mlp(&self, a: &Tensor, b: &Block) -> candle_core::Result<Tensor> {
+        let up = b.up.apply(a)?;
+        let inner = match &b.gate {
+            Some(g) => (activation(&g.apply(a)?, self.cfg.activation)? * up)?,
+            None => activation(&up, self.cfg.activation)?,
+        };
+        b.down.apply(&inner)
+    }
+
+    fn mlp_dual(&self, a: &Dual, b: &Block) -> candle_core::Result<Dual> {
+        let up = b.up.apply_dual(a)?;
+        let inner = match (&b.gate, self.cfg.activation) {
+            (Some(g), Activation::Silu) => g.apply_dual(a)?.silu_times(&up)?,
+            (Some(g), act) => g.apply_dual(a)?.activation(act)?.mul(&up)?,
+            (None, act) => up.activation(act)?,
+        };
+        b.down.apply_dual(&inner)
+    }
+
+    /// The residual update of block `b` around its attention output `o` (already through
+    /// `W_o`): sequential or parallel, with the post-norms.
+    fn residual(&self, x: Tensor, o: Tensor, b: &Block) -> candle_core::Result<Tensor> {
+        let o = self.maybe_norm(o, &b.post_attn_norm)?;
+        if self.cfg.parallel_residual {
+            let m = self.mlp(&self.maybe_norm(x.clone(), &b.mlp_norm)?, b)?;
+            return (x + o)? + self.maybe_norm(m, &b.post_mlp_norm)?;
+        }
+        let x = (x + o)?;
+        let m = self.mlp(&self.maybe_norm(x.clone(), &b.mlp_norm)?, b)?;
+        x + self.maybe_norm(m, &b.post_mlp_norm)?
+    }
+
+    fn residual_dual(&self, x: Dual, o: Dual, b: &Block) -> candle_core::Result<Dual> {
+        let o = self.maybe_norm_dual(o, &b.post_attn_norm)?;
+        if self.cfg.parallel_residual {
+            let a = self.maybe_norm_dual(Dual { x: x.x.clone(), dx: x.dx.clone() }, &b.mlp_norm)?;
+            let m = self.maybe_norm_dual(self.mlp_dual(&a, b)?, &b.post_mlp_norm)?;
+            return x.add(&o)?.add(&m);
+        }
+        let x = x.add(&o)?;
+        let a = self.maybe_norm_dual(Dual { x: x.x.clone(), dx: x.dx.clone() }, &b.mlp_norm)?;
+        let m = self.maybe_norm_dual(self.mlp_dual(&a, b)?, &b.post_mlp_norm)?;
+        x.add(&m)
     }
 
     fn forward_sequence(
@@ -164,32 +317,40 @@ impl Decoder {
         let t_len = tokens.len();
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let scale = 1.0 / (dh as f64).sqrt();
         let positions: Vec<usize> = (0..t_len).collect();
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let (cos, sin) = (cos.unsqueeze(0)?, sin.unsqueeze(0)?);
+        let tables = [self.rope_tables(&positions, 0)?, self.rope_tables(&positions, 1)?];
         let mut x = self.embed.index_select(&Tensor::new(tokens, &self.readout.device)?, 0)?;
+        if let Some(m) = self.embed_multiplier {
+            x = (x * m)?;
+        }
         let mut hidden = vec![x.clone()];
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for b in &self.blocks {
-            let a = self.rms_norm(&x, &b.attn_norm)?;
-            let heads =
-                |w: &Tensor, bias: Option<&Tensor>, n: usize| -> candle_core::Result<Tensor> {
-                    linear(&a, w, bias)?.reshape((t_len, n, dh))?.transpose(0, 1)?.contiguous()
-                };
-            let q = Self::rope(&heads(&b.q_w, b.q_b.as_ref(), h)?, &cos, &sin)?;
-            let k = Self::rope(&heads(&b.k_w, b.k_b.as_ref(), kv)?, &cos, &sin)?;
-            let v = heads(&b.v_w, b.v_b.as_ref(), kv)?;
+            let a = self.maybe_norm(x.clone(), &b.attn_norm)?;
+            let (cos, sin) = (&tables[b.rope].0.unsqueeze(0)?, &tables[b.rope].1.unsqueeze(0)?);
+            // (T, n·dh) → (n, T, dh), q/k-normed and rotated.
+            let heads = |l: &Lin, norm: &Option<Tensor>, n: usize, rotate: bool| {
+                let y = self.qk_norm(l.apply(&a)?, norm, false)?;
+                let y = y.reshape((t_len, n, dh))?.transpose(0, 1)?.contiguous()?;
+                let y = self.qk_norm(y, norm, true)?;
+                if rotate {
+                    Self::rope(&y, cos, sin)
+                } else {
+                    Ok(y)
+                }
+            };
+            let q = heads(&b.q, &b.q_norm, h, true)?;
+            let k = heads(&b.k, &b.k_norm, kv, true)?;
+            let v = heads(&b.v, &None, kv, false)?;
             let (k, v) = (self.repeat_kv(&k, 0)?, self.repeat_kv(&v, 0)?);
             let out =
-                causal_attention(&q, &k, &v, scale)?.transpose(0, 1)?.reshape((t_len, h * dh))?;
-            x = (x + linear(&out, &b.o_w, b.o_b.as_ref())?)?;
-            x = (&x + self.mlp(&x, b)?)?;
+                causal_attention(&q, &k, &v, &b.attn)?.transpose(0, 1)?.reshape((t_len, h * dh))?;
+            x = self.residual(x, b.o.apply(&out)?, b)?;
             keys.push(k);
             values.push(v);
             hidden.push(x.clone());
         }
-        let final_norm = self.rms_norm(&x, &self.norm)?;
+        let final_norm = self.norm(&x, &self.norm)?;
         Ok(CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm))
     }
 
@@ -202,28 +363,43 @@ impl Decoder {
         let (p_n, r_n, _) = hrows.dims3()?;
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.readout.device)?;
-        let (cos, sin) = self.rope_tables(positions)?;
-        let (cos, sin) = (cos.reshape((p_n, 1, 1, dh))?, sin.reshape((p_n, 1, 1, dh))?);
+        let rd = self.cfg.rotary_dim;
+        let tables = [self.rope_tables(positions, 0)?, self.rope_tables(positions, 1)?];
         let mut x = hrows.clone();
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
-            let a = self.rms_norm(&x, &b.attn_norm)?;
-            let heads =
-                |w: &Tensor, bias: Option<&Tensor>, n: usize| -> candle_core::Result<Tensor> {
-                    linear(&a, w, bias)?.reshape((p_n, r_n, n, dh))?.transpose(1, 2)?.contiguous()
-                };
-            let q = Self::rope(&heads(&b.q_w, b.q_b.as_ref(), h)?, &cos, &sin)?;
-            let k = Self::rope(&heads(&b.k_w, b.k_b.as_ref(), kv)?, &cos, &sin)?;
-            let v = heads(&b.v_w, b.v_b.as_ref(), kv)?;
+            let mask = context_mask(positions, b.attn.window, &self.readout.device)?;
+            let (cos, sin) = (
+                &tables[b.rope].0.reshape((p_n, 1, 1, rd))?,
+                &tables[b.rope].1.reshape((p_n, 1, 1, rd))?,
+            );
+            let a = self.maybe_norm(x.clone(), &b.attn_norm)?;
+            let heads = |l: &Lin, norm: &Option<Tensor>, n: usize, rotate: bool| {
+                let y = self.qk_norm(l.apply(&a)?, norm, false)?;
+                let y = y.reshape((p_n, r_n, n, dh))?.transpose(1, 2)?.contiguous()?;
+                let y = self.qk_norm(y, norm, true)?;
+                if rotate {
+                    Self::rope(&y, cos, sin)
+                } else {
+                    Ok(y)
+                }
+            };
+            let q = heads(&b.q, &b.q_norm, h, true)?;
+            let k = heads(&b.k, &b.k_norm, kv, true)?;
+            let v = heads(&b.v, &None, kv, false)?;
             let (k, v) = (self.repeat_kv(&k, 1)?, self.repeat_kv(&v, 1)?);
-            let out =
-                attend_cached(&q, &k, &v, &ctx.keys[idx], &ctx.values[idx], mask.as_ref(), scale)?;
+            let out = attend_cached(
+                &q,
+                &k,
+                &v,
+                &ctx.keys[idx],
+                &ctx.values[idx],
+                mask.as_ref(),
+                &b.attn,
+            )?;
             let out = out.transpose(1, 2)?.reshape((p_n, r_n, h * dh))?;
-            x = (x + linear(&out, &b.o_w, b.o_b.as_ref())?)?;
-            x = (&x + self.mlp(&x, b)?)?;
+            x = self.residual(x, b.o.apply(&out)?, b)?;
         }
-        self.rms_norm(&x, &self.norm)
+        self.norm(&x, &self.norm)
     }
 
     /// [`Decoder::upper`] differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
@@ -238,22 +414,30 @@ impl Decoder {
         let p_n = positions.len();
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let scale = 1.0 / (dh as f64).sqrt();
-        let eps = self.cfg.rms_norm_eps;
-        let mask = context_mask(positions, &self.readout.device)?;
-        let (cos, sin) = self.rope_tables(positions)?;
-        let (cos, sin) = (cos.reshape((p_n, 1, 1, dh))?, sin.reshape((p_n, 1, 1, dh))?);
+        let rd = self.cfg.rotary_dim;
+        let tables = [self.rope_tables(positions, 0)?, self.rope_tables(positions, 1)?];
         let mut x = hrows;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
-            let a = x.rms_norm(&b.attn_norm, eps)?;
-            let heads = |w: &Tensor, bias: Option<&Tensor>, n: usize| {
-                a.linear(w, bias)?
-                    .map(|t, r| t.reshape((p_n, r, n, dh))?.transpose(1, 2)?.contiguous())
+            let mask = context_mask(positions, b.attn.window, &self.readout.device)?;
+            let (cos, sin) = (
+                &tables[b.rope].0.reshape((p_n, 1, 1, rd))?,
+                &tables[b.rope].1.reshape((p_n, 1, 1, rd))?,
+            );
+            let a =
+                self.maybe_norm_dual(Dual { x: x.x.clone(), dx: x.dx.clone() }, &b.attn_norm)?;
+            let heads = |l: &Lin, norm: &Option<Tensor>, n: usize, rotate: bool| {
+                let y = self.qk_norm_dual(l.apply_dual(&a)?, norm, false)?;
+                let y = y.map(|t, r| t.reshape((p_n, r, n, dh))?.transpose(1, 2)?.contiguous())?;
+                let y = self.qk_norm_dual(y, norm, true)?;
+                if rotate {
+                    y.map(|t, _| Self::rope(t, cos, sin))
+                } else {
+                    Ok(y)
+                }
             };
-            let q = heads(&b.q_w, b.q_b.as_ref(), h)?.map(|t, _| Self::rope(t, &cos, &sin))?;
-            let k = heads(&b.k_w, b.k_b.as_ref(), kv)?
-                .map(|t, _| self.repeat_kv(&Self::rope(t, &cos, &sin)?, 1))?;
-            let v = heads(&b.v_w, b.v_b.as_ref(), kv)?.map(|t, _| self.repeat_kv(t, 1))?;
+            let q = heads(&b.q, &b.q_norm, h, true)?;
+            let k = heads(&b.k, &b.k_norm, kv, true)?.map(|t, _| self.repeat_kv(t, 1))?;
+            let v = heads(&b.v, &None, kv, false)?.map(|t, _| self.repeat_kv(t, 1))?;
             let out = attend_cached_jvp(
                 &q,
                 &k,
@@ -261,16 +445,12 @@ impl Decoder {
                 &ctx.keys[idx],
                 &ctx.values[idx],
                 mask.as_ref(),
-                scale,
+                &b.attn,
             )?;
             let out = out.map(|t, r| t.transpose(1, 2)?.reshape((p_n, r, h * dh)))?;
-            x = x.add(&out.linear(&b.o_w, b.o_b.as_ref())?)?;
-            let a = x.rms_norm(&b.mlp_norm, eps)?;
-            let gate = a.linear(&b.gate_w, b.gate_b.as_ref())?;
-            let up = a.linear(&b.up_w, b.up_b.as_ref())?;
-            x = x.add(&gate.silu_times(&up)?.linear(&b.down_w, b.down_b.as_ref())?)?;
+            x = self.residual_dual(x, b.o.apply_dual(&out)?, b)?;
         }
-        x.rms_norm(&self.norm, eps)
+        self.norm_dual(&x, &self.norm)
     }
 }
 

@@ -19,7 +19,8 @@
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, CachedContext, CachedUpper, Readout, Upload,
+    attend_cached, causal_attention, context_mask, Attention, CachedContext, CachedUpper, Readout,
+    Upload,
 };
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{gelu_new, layer_norm, linear};
@@ -147,7 +148,7 @@ impl Gpt2 {
                 qkv.narrow(1, j * d, d)?.reshape((t_len, heads, dh))?.transpose(0, 1)?.contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let out = causal_attention(&q, &k, &v, scale)?;
+            let out = causal_attention(&q, &k, &v, &Attention::plain(scale))?;
             let out = out.transpose(0, 1)?.reshape((t_len, d))?;
             x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
             x = (&x + self.mlp(&x, b)?)?;
@@ -171,7 +172,7 @@ impl Gpt2 {
         let (p_n, r_n, d) = h.dims3()?;
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.readout.device)?;
+        let mask = context_mask(positions, None, &self.readout.device)?;
         let mut x = h.clone();
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
             let a = self.norm(&x, &b.ln_1)?;
@@ -190,7 +191,7 @@ impl Gpt2 {
                 &ctx.keys[idx],
                 &ctx.values[idx],
                 mask.as_ref(),
-                scale,
+                &Attention::plain(scale),
             )?;
             let out = out.transpose(1, 2)?.reshape((p_n, r_n, d))?;
             x = (x + linear(&out, &b.proj_w, Some(&b.proj_b))?)?;
@@ -210,7 +211,7 @@ impl Gpt2 {
         let (heads, dh) = self.heads();
         let (p_n, d) = (positions.len(), self.cfg.n_embd);
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, &self.readout.device)?;
+        let mask = context_mask(positions, None, &self.readout.device)?;
         let eps = self.cfg.layer_norm_epsilon;
         let mut x = h;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
@@ -233,7 +234,7 @@ impl Gpt2 {
                 &ctx.keys[idx],
                 &ctx.values[idx],
                 mask.as_ref(),
-                scale,
+                &Attention::plain(scale),
             )?;
             let out = out.map(|t, r| t.transpose(1, 2)?.reshape((p_n, r, d)))?;
             x = x.add(&out.linear(&b.proj_w, Some(&b.proj_b))?)?;

@@ -29,6 +29,7 @@
 //! Every rule is checked against finite differences through the models' readout Jacobians (the
 //! `SplitModel` contract in `tests/`).
 
+use crate::cached::Attention;
 use crate::ops::{gelu_new, layer_norm, linear, softmax_last_dim};
 use candle_core::{Result, Tensor, D};
 use fs_traits::engine::MASKED;
@@ -84,6 +85,18 @@ impl Dual {
         Ok(Dual { x: gelu_new(&self.x)?, dx: self.dx.broadcast_mul(&deriv)? })
     }
 
+    /// `x ∘ y` (product rule `ẋ ∘ y + x ∘ ẏ`).
+    pub(crate) fn mul(&self, other: &Dual) -> Result<Dual> {
+        let dx = (self.dx.broadcast_mul(&other.x)? + other.dx.broadcast_mul(&self.x)?)?;
+        Ok(Dual { x: (&self.x * &other.x)?, dx })
+    }
+
+    /// `act(x)`, with `act'(x)` evaluated on the primal rows only.
+    pub(crate) fn activation(&self, act: fs_checkpoint::Activation) -> Result<Dual> {
+        let (y, deriv) = crate::ops::activation_and_derivative(&self.x, act)?;
+        Ok(Dual { x: y, dx: self.dx.broadcast_mul(&deriv)? })
+    }
+
     /// SwiGLU's `silu(self) ∘ up`.
     pub(crate) fn silu_times(&self, up: &Dual) -> Result<Dual> {
         let sig = candle_core::Tensor::ones_like(&self.x)?
@@ -107,7 +120,7 @@ pub(crate) fn attend_cached_jvp(
     keys: &Tensor,
     values: &Tensor,
     mask: Option<&(Tensor, usize)>,
-    scale: f64,
+    attn: &Attention,
 ) -> Result<Dual> {
     let Some((mask, t_max)) = mask else {
         // No context: the row attends only to itself, `o = v`.
@@ -116,18 +129,28 @@ pub(crate) fn attend_cached_jvp(
     let k_ctx = keys.narrow(1, 0, *t_max)?.unsqueeze(0)?;
     let v_ctx = values.narrow(1, 0, *t_max)?.unsqueeze(0)?;
     let k_ctx_t = k_ctx.t()?;
-    // Primal scores and probabilities (one row per position and head).
-    let self_score = ((&q.x * &k.x)?.sum_keepdim(D::Minus1)? * scale)?;
-    let ctx_scores = (q.x.broadcast_matmul(&k_ctx_t)? * scale)?.broadcast_add(mask)?;
-    let probs = softmax_last_dim(&Tensor::cat(&[&ctx_scores, &self_score], 3)?)?;
+    // Raw primal scores (one row per position and head), then scaled and soft-capped ones.
+    let raw = Tensor::cat(
+        &[&q.x.broadcast_matmul(&k_ctx_t)?, &(&q.x * &k.x)?.sum_keepdim(D::Minus1)?],
+        3,
+    )?;
+    let scores = attn.scores(&raw)?;
+    let probs = softmax_last_dim(&Tensor::cat(
+        &[&scores.narrow(3, 0, *t_max)?.broadcast_add(mask)?, &scores.narrow(3, *t_max, 1)?],
+        3,
+    )?)?;
     let p_ctx = probs.narrow(3, 0, *t_max)?.contiguous()?;
     let p_self = probs.narrow(3, *t_max, 1)?;
     let out = (p_ctx.broadcast_matmul(&v_ctx)? + p_self.broadcast_mul(&v.x)?)?;
-    // Tangent scores: ṡ_j = q̇·K_j·c, ṡ_t = (q̇·k + q·k̇)·c.
-    let d_ctx = (q.dx.broadcast_matmul(&k_ctx_t)? * scale)?;
-    let d_self =
-        ((q.dx.broadcast_mul(&k.x)? + k.dx.broadcast_mul(&q.x)?)?.sum_keepdim(D::Minus1)? * scale)?;
-    let ds = Tensor::cat(&[&d_ctx, &d_self], 3)?;
+    // Tangent scores: ṡ_j = q̇·K_j·c, ṡ_t = (q̇·k + q·k̇)·c; through the cap
+    // `s = cap·tanh(s_raw/cap)`: ṡ = (1 − (s/cap)²) ṡ_raw.
+    let d_ctx = q.dx.broadcast_matmul(&k_ctx_t)?;
+    let d_self = (q.dx.broadcast_mul(&k.x)? + k.dx.broadcast_mul(&q.x)?)?.sum_keepdim(D::Minus1)?;
+    let mut ds = (Tensor::cat(&[&d_ctx, &d_self], 3)? * attn.scale)?;
+    if let Some(c) = attn.softcap {
+        let slope = (scores / c)?.sqr()?.affine(-1.0, 1.0)?;
+        ds = ds.broadcast_mul(&slope)?;
+    }
     // ȧ = a ∘ (ṡ − ⟨a, ṡ⟩); masked entries have a = 0 (exp(MASKED − max) underflows).
     const { assert!(MASKED < -1e20) };
     let mean = ds.broadcast_mul(&probs)?.sum_keepdim(D::Minus1)?;

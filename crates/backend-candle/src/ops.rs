@@ -129,6 +129,58 @@ impl candle_core::CustomOp1 for GeluNewDerivative {
     }
 }
 
+/// The erf GELU `½x(1 + erf(x/√2))` from elementary ops (exact gradients).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let phi = (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    x * phi
+}
+
+/// The logistic σ(x) = 1/(1 + e^(−x)) from elementary ops.
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// An MLP activation, differentiable (SiLU `x·σ(x)`, the tanh GELU [`gelu_new`], the erf GELU
+/// [`gelu_erf`]).
+pub fn activation(x: &Tensor, act: fs_checkpoint::Activation) -> Result<Tensor> {
+    use fs_checkpoint::Activation as A;
+    match act {
+        A::Silu => x * sigmoid(x)?,
+        A::GeluTanh => gelu_new(x),
+        A::GeluErf => gelu_erf(x),
+    }
+}
+
+/// An MLP activation and its derivative, elementwise (no gradients): SiLU′ = σ(1 + x(1 − σ)),
+/// tanh-GELU′ as [`gelu_new_derivative`], erf-GELU′ = Φ(x) + x·φ(x).
+pub fn activation_and_derivative(
+    x: &Tensor,
+    act: fs_checkpoint::Activation,
+) -> Result<(Tensor, Tensor)> {
+    use fs_checkpoint::Activation as A;
+    match act {
+        A::Silu => {
+            let sig = sigmoid(x)?;
+            let deriv = (&sig * ((x * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+            Ok(((x * sig)?, deriv))
+        }
+        A::GeluTanh => Ok((gelu_new(x)?, gelu_new_derivative(x)?)),
+        A::GeluErf => {
+            let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+            let pdf = (x.sqr()? * -0.5)?.exp()?
+                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+            let deriv = (&cdf + (x * pdf?)?)?;
+            Ok(((x * cdf)?, deriv))
+        }
+    }
+}
+
+/// RMSNorm over the last dimension: `w ∘ x / √(mean x² + ε)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
 /// LayerNorm over the last dimension: `(x − μ)/√(σ² + ε) · γ + β` with the biased variance, as
 /// `torch.nn.LayerNorm`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {

@@ -325,7 +325,7 @@ impl<D: Engine> Net<D> {
     /// Additive mask `(n, T_ctx)`: row `r` (at position `row_pos[r]`) sees cached positions
     /// `j < row_pos[r]`.
     fn mask(&self, row_pos: &[usize], t_ctx: usize) -> Mat<D> {
-        let m = fs_traits::engine::prefix_mask(row_pos, t_ctx);
+        let m = fs_traits::engine::prefix_mask(row_pos, t_ctx, None);
         self.dev.tensor_from_vec(m, (row_pos.len(), t_ctx))
     }
 

@@ -52,12 +52,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
             );
         }
         ModelConfig::Decoder(c) => {
-            println!(
-                "architecture  {} (RMSNorm, RoPE θ = {}{}, SwiGLU)",
-                c.model_type,
-                c.rope_theta,
-                if c.rope_scaling.is_some() { ", llama3 scaling" } else { "" }
-            );
+            println!("architecture  {} ({})", c.model_type(), describe_decoder(c));
             println!(
                 "layers        {} (split layers 0..={})",
                 c.num_hidden_layers, c.num_hidden_layers
@@ -128,4 +123,64 @@ pub fn run(args: InfoArgs) -> Result<()> {
         TokenizerFiles::Missing => println!("tokenizer     none (use --tokens; --text needs tokenizer.json or vocab.json + merges.txt)"),
     }
     Ok(())
+}
+
+/// One line of what distinguishes a decoder family: norms, residual form, RoPE, attention
+/// extras, MLP.
+fn describe_decoder(c: &fs_checkpoint::DecoderConfig) -> String {
+    use fs_checkpoint::{Activation, LayerAttention, NormKind, QkNorm, RopeScaling};
+    let mut parts = Vec::new();
+    let norm = match (c.norm, c.norm_unit_offset) {
+        (NormKind::Layer, _) => "LayerNorm",
+        (NormKind::Rms, true) => "RMSNorm x·(1+w)",
+        (NormKind::Rms, false) => "RMSNorm",
+    };
+    let placement = match c.architecture {
+        fs_checkpoint::Architecture::Gemma2 | fs_checkpoint::Architecture::Gemma3 => ", sandwich",
+        fs_checkpoint::Architecture::Olmo2 => ", after attention and MLP",
+        _ => "",
+    };
+    parts.push(format!("{norm}{placement}"));
+    if c.parallel_residual {
+        parts.push("parallel residual".into());
+    }
+    let scaling = match c.rope.scaling {
+        None => String::new(),
+        Some(RopeScaling::Linear { factor }) => format!(", linear scaling ×{factor}"),
+        Some(RopeScaling::Llama3(_)) => ", llama3 scaling".into(),
+    };
+    let rotary = if c.rotary_dim < c.head_dim {
+        format!(" on {} of {} dims", c.rotary_dim, c.head_dim)
+    } else {
+        String::new()
+    };
+    parts.push(format!("RoPE θ = {}{scaling}{rotary}", c.rope.theta));
+    if let (Some(r), Some(w)) = (c.sliding_rope, c.sliding_window) {
+        parts.push(format!("local θ = {} on window-{w} layers", r.theta));
+    }
+    let sliding = c.layer_types.iter().filter(|t| **t == LayerAttention::Sliding).count();
+    if let Some(w) = c.sliding_window {
+        parts.push(format!("{sliding} of {} layers sliding-window {w}", c.layer_types.len()));
+    }
+    match c.qk_norm {
+        Some(QkNorm::PerHead) => parts.push("q/k norm per head".into()),
+        Some(QkNorm::Projection) => parts.push("q/k norm".into()),
+        None => {}
+    }
+    if let Some(cap) = c.attn_logit_softcap {
+        parts.push(format!("score soft-cap {cap}"));
+    }
+    if let Some(cap) = c.final_logit_softcap {
+        parts.push(format!("logit soft-cap {cap}"));
+    }
+    if c.scale_embeddings {
+        parts.push("embeddings ×√d".into());
+    }
+    let act = match c.activation {
+        Activation::Silu => "SiLU",
+        Activation::GeluTanh => "tanh-GELU",
+        Activation::GeluErf => "GELU",
+    };
+    parts.push(if c.gated_mlp { format!("gated {act} MLP") } else { format!("{act} MLP") });
+    parts.join(", ")
 }

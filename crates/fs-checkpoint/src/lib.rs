@@ -53,13 +53,15 @@ mod tokenizer;
 mod weights;
 
 pub use arch::decoder::{
-    DecoderBlock, DecoderConfig, DecoderWeights, Llama3RopeScaling, DECODER_MODEL_TYPES,
-    GGUF_ARCHITECTURES,
+    Activation, DecoderBlock, DecoderConfig, DecoderWeights, LayerAttention, Llama3RopeScaling,
+    Norm, NormKind, QkNorm, Rope, RopeScaling, DECODER_MODEL_TYPES,
 };
+pub use arch::decoder_gguf::GGUF_ARCHITECTURES;
 pub use arch::gpt2::{Gpt2Block, Gpt2Config, Gpt2Weights, LayerNorm, GPT2_ACTIVATIONS};
 pub use arch::{
-    unpermute_rows, Architecture, GgufNameMap, GgufSource, GgufTensorName, HostMatrix, Linear,
-    ModelConfig, ModelWeights, RandomSource, WeightSource, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
+    neox_qkv_rows, unpermute_rows, Architecture, GgufLayout, GgufNameMap, GgufSource,
+    GgufTensorName, HostMatrix, Linear, ModelConfig, ModelWeights, RandomSource, WeightSource,
+    MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
 };
 pub use checkpoint::{is_gguf_path, Checkpoint, CheckpointFormat};
 pub use dequant::{dequantize, dequantize_into, GgmlType};

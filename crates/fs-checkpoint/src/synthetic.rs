@@ -42,11 +42,11 @@ impl Normal {
 /// with non-trivial norms: matrices `N(0, std²)`, residual output projections scaled by
 /// `1/√(2·n_layer)`, norm weights `1 + N(0, 0.1²)`, norm biases `N(0, 0.1²)`, other biases
 /// `N(0, 0.02²)`.
-fn init(name: &str, std: f64, n_layer: usize) -> (f64, f64) {
+fn init(name: &str, std: f64, n_layer: usize, norm_weight_mean: f64) -> (f64, f64) {
     let is_norm = name.contains("ln_") || name.contains("norm");
     let proj_scale = 1.0 / (2.0 * n_layer.max(1) as f64).sqrt();
     if is_norm {
-        (if name.ends_with("weight") { 1.0 } else { 0.0 }, 0.1)
+        (if name.ends_with("weight") { norm_weight_mean } else { 0.0 }, 0.1)
     } else if name.ends_with("bias") {
         (0.0, 0.02)
     } else if name.ends_with("c_proj.weight")
@@ -59,17 +59,21 @@ fn init(name: &str, std: f64, n_layer: usize) -> (f64, f64) {
     }
 }
 
+///
+/// Norm weights are drawn around `norm_weight_mean`: 1, or 0 for families whose norms act as
+/// `1 + w` (Gemma), so that every family's norms scale by about 1.
 pub(crate) fn random_tensors(
     specs: Vec<(String, Vec<usize>)>,
     std: f64,
     n_layer: usize,
+    norm_weight_mean: f64,
     seed: u64,
 ) -> Vec<NamedTensor> {
     let mut normal = Normal { state: seed };
     specs
         .into_iter()
         .map(|(name, shape)| {
-            let (mean, s) = init(&name, std, n_layer);
+            let (mean, s) = init(&name, std, n_layer, norm_weight_mean);
             let n: usize = shape.iter().product();
             let data = (0..n).map(|_| (mean + s * normal.sample()) as f32).collect();
             (name, shape, data)
@@ -81,13 +85,14 @@ pub(crate) fn random_tensors(
 /// [`Gpt2Config::tensor_specs`]); `std` is the matrices' standard deviation (GPT-2 uses 0.02;
 /// larger values give less uniform next-token distributions).
 pub fn random_gpt2_weights(cfg: &Gpt2Config, std: f64, seed: u64) -> Vec<NamedTensor> {
-    random_tensors(cfg.tensor_specs(), std, cfg.n_layer, seed)
+    random_tensors(cfg.tensor_specs(), std, cfg.n_layer, 1.0, seed)
 }
 
 /// Deterministic random weights for a Llama-family configuration (names from
 /// [`DecoderConfig::tensor_specs`]).
 pub fn random_decoder_weights(cfg: &DecoderConfig, std: f64, seed: u64) -> Vec<NamedTensor> {
-    random_tensors(cfg.tensor_specs(), std, cfg.num_hidden_layers, seed)
+    let norm_mean = if cfg.norm_unit_offset { 0.0 } else { 1.0 };
+    random_tensors(cfg.tensor_specs(), std, cfg.num_hidden_layers, norm_mean, seed)
 }
 
 /// Write an HF-style model directory: `config.json` and one F32 `model.safetensors` holding
@@ -197,6 +202,7 @@ mod tests {
             let names: Vec<String> = cfg.tensor_specs().into_iter().map(|s| s.0).collect();
             assert_eq!(names.contains(&"lm_head.weight".to_string()), !tied);
             assert_eq!(names.iter().any(|n| n.ends_with("q_proj.bias")), cfg.qkv_bias);
+            assert_eq!(cfg.model_type(), model_type);
             assert_eq!(names.iter().any(|n| n.ends_with("o_proj.bias")), cfg.o_bias);
         }
     }

@@ -144,14 +144,18 @@ pub fn closed_form_fisher_at<M: SplitModel>(
         check_shape("readout Jacobian A", a.shape(), (du, d))?;
         fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
         let p = softmax(logits.row(i))?;
+        // Soft-capped logits: row y of J is s_y w_yᵀ A.
+        let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), logits.row(i));
+        let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
         // r = mᵀA = pᵀJ, subtracted from every row for the log-prob Jacobian.
         let r: Vec<f64> = match kind {
             GradientKind::Logits => vec![0.0; d],
             GradientKind::LogProbs => {
                 let mut m = vec![0.0f64; du];
                 for (y, &py) in p.iter().enumerate() {
+                    let ps = py * slope(y);
                     for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                        *mi += py * w.as_f64();
+                        *mi += ps * w.as_f64();
                     }
                 }
                 (0..d).map(|j| (0..du).map(|k| m[k] * a.get(k, j).as_f64()).sum()).collect()
@@ -166,8 +170,9 @@ pub fn closed_form_fisher_at<M: SplitModel>(
             let w_chunk = &w_u.as_slice()[start * du..(start + rows) * du];
             matmul_into(j_rows, w_chunk, a.as_slice(), (rows, du, d), opts.threads);
             for (y, j_row) in j_rows.chunks_exact(d).enumerate() {
+                let sy = slope(start + y);
                 for ((x, &jy), rj) in row.iter_mut().zip(j_row).zip(&r) {
-                    *x = M::Scalar::round_from_f64(jy.as_f64() - rj);
+                    *x = M::Scalar::round_from_f64(sy * jy.as_f64() - rj);
                 }
                 acc.push_row(&row, p[start + y]);
             }

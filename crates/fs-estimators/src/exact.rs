@@ -1,6 +1,8 @@
 //! The exact full-vocabulary Fisher `F = Σ_y p_y g_y g_yᵀ = Aᵀ G A`.
 
-use crate::gram::{centered_output_gram, sandwich, DEFAULT_VOCAB_CHUNK};
+use crate::gram::{
+    centered_output_gram, centered_output_gram_with_slopes, sandwich, DEFAULT_VOCAB_CHUNK,
+};
 use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Threads};
 
 /// Tuning knobs of the exact estimator. The defaults are right for CPU runs.
@@ -104,7 +106,22 @@ pub fn exact_fisher_with_jacobians<M: SplitModel>(
         .map(|(i, a)| {
             check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
             let p = softmax(logits.row(i))?;
-            let fisher = exact_fisher_from_parts(a.view(), w_u, &p, opts)?;
+            let fisher = match fs_traits::logit_slopes(model.final_logit_softcap(), logits.row(i)) {
+                None => exact_fisher_from_parts(a.view(), w_u, &p, opts)?,
+                Some(slopes) => {
+                    // Soft-capped logits: J = diag(s) W_U A (see SplitModel::final_logit_softcap).
+                    fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
+                    let g = centered_output_gram_with_slopes(
+                        w_u,
+                        &p,
+                        Some(&slopes),
+                        opts.vocab_chunk,
+                        opts.threads,
+                    )?;
+                    fs_traits::check_finite("output Gram G", g.as_slice())?;
+                    sandwich(a.view(), &g, opts.threads)?
+                }
+            };
             Ok(FisherWithJacobian { fisher, jacobian: a })
         })
         .collect()

@@ -155,7 +155,30 @@ pub fn centered_output_gram<S: Scalar>(
     chunk_rows: usize,
     threads: Threads,
 ) -> Result<Matrix<f64>> {
+    centered_output_gram_with_slopes(w_u, p, None, chunk_rows, threads)
+}
+
+/// [`centered_output_gram`] of a model with soft-capped logits `z = c·tanh(W_U u / c)`, whose
+/// logit Jacobian rows are `s_y w_y` (`s_y = 1 − (z_y/c)²`, [`fs_traits::logit_slopes`]):
+///
+/// ```text
+///     G = Σ_y p_y (s_y w_y − m)(s_y w_y − m)ᵀ,    m = Σ_y p_y s_y w_y,
+/// ```
+///
+/// still the centered form (a sum of PSD terms, nothing cancels). `slopes = None` is
+/// [`centered_output_gram`]; otherwise it has one entry per vocabulary row.
+pub fn centered_output_gram_with_slopes<S: Scalar>(
+    w_u: MatrixRef<'_, S>,
+    p: &[f64],
+    slopes: Option<&[f64]>,
+    chunk_rows: usize,
+    threads: Threads,
+) -> Result<Matrix<f64>> {
     let (v, du) = w_u.shape();
+    if let Some(s) = slopes {
+        fs_traits::check_len("soft-cap slopes (one per vocabulary row of W_U)", s.len(), v)?;
+    }
+    let slope = |y: usize| slopes.map_or(1.0, |s| s[y]);
     fs_traits::check_len("probabilities (one per vocabulary row of W_U)", p.len(), v)?;
     let p = normalized_probabilities("probabilities", p)?;
     let chunk_rows = chunk_rows.max(1);
@@ -168,8 +191,9 @@ pub fn centered_output_gram<S: Scalar>(
         let end = (start + M_BLOCK).min(v);
         for (y, &py) in p.iter().enumerate().take(end).skip(start) {
             if py > 0.0 {
+                let ps = py * slope(y);
                 for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                    *mi += py * w.as_f64();
+                    *mi += ps * w.as_f64();
                 }
             }
         }
@@ -194,9 +218,9 @@ pub fn centered_output_gram<S: Scalar>(
     for ys in support.chunks(chunk_rows) {
         let block = &mut block[..ys.len() * du];
         let center = |(out, &y): (&mut [S], &usize)| {
-            let s = p[y].sqrt();
+            let (s, sy) = (p[y].sqrt(), slope(y));
             for ((o, w), mi) in out.iter_mut().zip(w_u.row(y)).zip(&m) {
-                *o = S::round_from_f64(s * (w.as_f64() - mi));
+                *o = S::round_from_f64(s * (sy * w.as_f64() - mi));
             }
         };
         if threads.0 > 1 {

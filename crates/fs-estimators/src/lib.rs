@@ -66,7 +66,10 @@ pub use fs_traits::{
     FsError, Matrix, MatrixRef, ModelDims, Result, Scalar, SplitContext, SplitModel, TypedSlice,
     TypedSliceMut,
 };
-pub use gram::{centered_output_gram, outer_product_mean, relative_frobenius, sandwich};
+pub use gram::{
+    centered_output_gram, centered_output_gram_with_slopes, outer_product_mean, relative_frobenius,
+    sandwich,
+};
 pub use predictive::{predictive_fisher, PredictiveFisher, PredictiveOptions};
 pub use probs::{
     entropy, normalized_probabilities, sample_tokens, sampling_distribution, softmax,

@@ -197,6 +197,7 @@ pub fn direction_effects_from_jacobian<M: SplitModel>(
     crate::exact::check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
     let w_u = model.unembedding();
     crate::exact::check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
+    let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), &z0);
     (0..directions.cols())
         .map(|k| {
             let v: Vec<f64> = (0..directions.rows()).map(|j| directions.get(j, k)).collect();
@@ -208,7 +209,11 @@ pub fn direction_effects_from_jacobian<M: SplitModel>(
                     "a non-zero vector",
                 ));
             }
-            let jv = logit_change_from_parts(a, w_u, &v)?;
+            let mut jv = logit_change_from_parts(a, w_u, &v)?;
+            if let Some(s) = &slopes {
+                // Soft-capped logits: J v = diag(s) W_U A v.
+                jv.iter_mut().zip(s).for_each(|(z, s)| *z *= s);
+            }
             let mean: f64 = p.iter().zip(&jv).map(|(p, z)| p * z).sum();
             let prob_change: Vec<f64> = p.iter().zip(&jv).map(|(p, z)| p * (z - mean)).collect();
             let vfv = fisher_quadratic_form(&p, &jv)?;

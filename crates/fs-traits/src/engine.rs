@@ -11,25 +11,37 @@ use crate::{check_finite, check_position, FsError, Result, Scalar};
 pub const MASKED: f32 = -1e30;
 
 /// The row-major `P × width` additive mask of single query rows against cached keys: row `p`
-/// lets the query at `positions[p]` see the keys `j < positions[p]` (`0`) and hides the rest
-/// ([`MASKED`]). The query's own key is attended separately.
-pub fn prefix_mask(positions: &[usize], width: usize) -> Vec<f32> {
+/// lets the query at `t = positions[p]` see the keys `j < t` (`0`) — with a sliding `window`,
+/// only those with `t − j < window` — and hides the rest ([`MASKED`]). The query's own key is
+/// attended separately (always visible: `t − t = 0 < window`).
+pub fn prefix_mask(positions: &[usize], width: usize, window: Option<usize>) -> Vec<f32> {
+    let visible = |t: usize, j: usize| j < t && window.is_none_or(|w| t - j < w);
     positions
         .iter()
-        .flat_map(|&t| (0..width).map(move |j| if j < t { 0.0 } else { MASKED }))
+        .flat_map(|&t| (0..width).map(move |j| if visible(t, j) { 0.0 } else { MASKED }))
         .collect()
 }
 
 /// [`prefix_mask`] at the narrowest width that holds every row's context,
 /// `t_max = max(positions)`: `(mask, t_max)`, or `None` when no row has any context.
-pub fn context_mask(positions: &[usize]) -> Option<(Vec<f32>, usize)> {
+pub fn context_mask(positions: &[usize], window: Option<usize>) -> Option<(Vec<f32>, usize)> {
     let t_max = positions.iter().copied().max().unwrap_or(0);
-    (t_max > 0).then(|| (prefix_mask(positions, t_max), t_max))
+    (t_max > 0).then(|| (prefix_mask(positions, t_max, window), t_max))
 }
 
-/// The row-major `T × T` causal mask: query `i` sees keys `j ≤ i`.
-pub fn causal_mask(t_len: usize) -> Vec<f32> {
-    (0..t_len * t_len).map(|i| if i % t_len > i / t_len { MASKED } else { 0.0 }).collect()
+/// The row-major `T × T` causal mask: query `i` sees keys `j ≤ i` — with a sliding `window`,
+/// only those with `i − j < window` (transformers' `sliding_window_overlay`).
+pub fn causal_mask(t_len: usize, window: Option<usize>) -> Vec<f32> {
+    (0..t_len * t_len)
+        .map(|n| {
+            let (i, j) = (n / t_len, n % t_len);
+            if j <= i && window.is_none_or(|w| i - j < w) {
+                0.0
+            } else {
+                MASKED
+            }
+        })
+        .collect()
 }
 
 /// How to split the readout Jacobians (`d` tangent or cotangent rows per position) into passes
@@ -140,12 +152,18 @@ mod tests {
 
     #[test]
     fn masks_hide_exactly_the_future() {
-        assert_eq!(causal_mask(2), vec![0.0, MASKED, 0.0, 0.0]);
-        assert_eq!(context_mask(&[0]), None);
-        let (m, t_max) = context_mask(&[2, 1]).unwrap();
+        assert_eq!(causal_mask(2, None), vec![0.0, MASKED, 0.0, 0.0]);
+        assert_eq!(context_mask(&[0], None), None);
+        let (m, t_max) = context_mask(&[2, 1], None).unwrap();
         assert_eq!(t_max, 2);
         assert_eq!(m, vec![0.0, 0.0, 0.0, MASKED]);
-        assert_eq!(prefix_mask(&[1], 3), vec![0.0, MASKED, MASKED]);
+        assert_eq!(prefix_mask(&[1], 3, None), vec![0.0, MASKED, MASKED]);
+        // A window of 2: query i sees keys i − 1 and i only (transformers' i − j < window).
+        let (o, x) = (0.0, MASKED);
+        assert_eq!(causal_mask(3, Some(2)), vec![o, x, x, o, o, x, x, o, o]);
+        assert_eq!(prefix_mask(&[3, 1], 3, Some(2)), vec![x, x, o, o, x, x]);
+        // A window of 1: only the query itself (attended separately from the cached prefix).
+        assert_eq!(context_mask(&[2], Some(1)), Some((vec![x, x], 2)));
         // MASKED survives a score added to it and underflows under exp.
         assert!((MASKED + 1e4).is_finite() && ((MASKED - 10.0) as f64).exp() as f32 == 0.0);
     }

@@ -162,10 +162,12 @@ pub trait SplitModel {
         let w_u = self.unembedding();
         let du = dims.readout_dim;
         check_len("unembedding W_U", w_u.as_slice().len(), dims.vocab_size * du)?;
+        let slopes = logit_slopes(self.final_logit_softcap(), z.row(0));
+        let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
         let mut m = vec![0.0f64; du];
         for (y, ey) in e.iter().enumerate() {
             for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                *mi += ey / total * w.as_f64();
+                *mi += ey / total * slope(y) * w.as_f64();
             }
         }
         let a = self.readout_jacobians(ctx, &[position])?;
@@ -173,8 +175,9 @@ pub trait SplitModel {
         check_len("readout Jacobian A", a.as_slice().len(), du * dims.d_model)?;
         let mut out = Matrix::zeros(tokens.len(), dims.d_model);
         for (i, &y) in tokens.iter().enumerate() {
+            let sy = slope(y as usize);
             let diff: Vec<f64> =
-                w_u.row(y as usize).iter().zip(&m).map(|(w, mi)| w.as_f64() - mi).collect();
+                w_u.row(y as usize).iter().zip(&m).map(|(w, mi)| sy * w.as_f64() - mi).collect();
             for (c, o) in out.row_mut(i).iter_mut().enumerate() {
                 *o = Self::Scalar::round_from_f64(
                     (0..du).map(|k| a.get(k, c).as_f64() * diff[k]).sum(),
@@ -199,6 +202,17 @@ pub trait SplitModel {
     /// so that `z = W_U u + b`. The bias `b` does not enter the Fisher matrix.
     fn unembedding(&self) -> MatrixRef<'_, Self::Scalar>;
 
+    /// The final-logit soft-cap `c` of a model whose logits are `z = c·tanh(W_U u / c)`
+    /// (Gemma-2), `None` (the default) when `z = W_U u + b`.
+    ///
+    /// With a cap, `∂z_y/∂u = s_y w_y` with the slope `s_y = 1 − tanh²(ẑ_y/c) = 1 − (z_y/c)²`,
+    /// computable from the capped logits themselves ([`logit_slopes`]). The estimators then use
+    /// `s_y w_y` wherever they would use `w_y`: `G = Σ_y p_y (s_y w_y − m)(s_y w_y − m)ᵀ` with
+    /// `m = Σ_y p_y s_y w_y`, `g_y = Aᵀ(s_y w_y − m)`.
+    fn final_logit_softcap(&self) -> Option<f64> {
+        None
+    }
+
     /// A context for the sequence `x_0 … x_{prefix_len−1}, token`: keep the first `prefix_len`
     /// positions of `ctx` and append `token` at position `prefix_len`, with its own position
     /// (position id / rotary angle `prefix_len`, never 0). The new position is
@@ -222,6 +236,21 @@ pub trait SplitModel {
         extended.push(token);
         self.lower(&extended, ctx.layer())
     }
+}
+
+/// The soft-cap slopes `s_y = 1 − (z_y/c)²` of capped logits `z = c·tanh(ẑ/c)` (see
+/// [`SplitModel::final_logit_softcap`]), clamped to `[0, 1]` against rounding; `None` without a
+/// cap.
+pub fn logit_slopes<S: Scalar>(softcap: Option<f64>, logits: &[S]) -> Option<Vec<f64>> {
+    softcap.map(|c| {
+        logits
+            .iter()
+            .map(|z| {
+                let t = z.as_f64() / c;
+                (1.0 - t * t).clamp(0.0, 1.0)
+            })
+            .collect()
+    })
 }
 
 /// Check that a vector has the expected length.

@@ -1,17 +1,38 @@
-//! The Llama family (Llama, Mistral, Qwen2, SmolLM; HF `LlamaForCausalLM`): RMSNorm, RoPE,
-//! grouped-query attention, SwiGLU. The `config.json` and the GGUF metadata, the tensor layout
-//! (HF and llama.cpp names), and the typed host weights every engine uploads ([`DecoderWeights`]).
+//! The RoPE decoder families — Llama, Mistral, Qwen2, Qwen3, Gemma-2, Gemma-3, OLMo-2, Phi-3,
+//! GPT-NeoX (Pythia) — as one parameterised architecture: its configuration
+//! ([`DecoderConfig`], parsed from each family's `config.json` in `decoder_json` and from GGUF
+//! metadata in `decoder_gguf`), each family's tensor layout (HF names, fused tensors split
+//! here), and the typed host weights every engine uploads ([`DecoderWeights`]).
+//!
+//! One block, for a residual `x` (every `norm` optional per family; RMSNorm or LayerNorm):
+//!
+//! ```text
+//!     a   = attn_norm(x)
+//!     o   = post_attn_norm( W_o · attention(a) )
+//!     parallel residual (GPT-NeoX):  x ← x + o + post_mlp_norm(mlp(mlp_norm(x)))
+//!     otherwise:                     x ← x + o;  x ← x + post_mlp_norm(mlp(mlp_norm(x)))
+//! ```
+//!
+//! with `attention`: `q = W_q a (+b)` → optional q-norm (over the whole projection for OLMo-2,
+//! per head for Qwen3 / Gemma-3) → RoPE on the first `rotary_dim` dimensions of each head
+//! (`rotate_half` convention, per-layer θ) → scores `c · q·k` (`c = query_pre_attn_scalar^(−½)`
+//! or `head_dim^(−½)`) → optional soft-cap `s ← cap·tanh(s/cap)` → causal mask, and for
+//! sliding-window layers query `i` sees keys `j` with `i − j < window` only → softmax → `Σ a_j v_j`
+//! with key/value heads shared by `heads / kv_heads` query heads. The MLP is gated
+//! (`down(act(gate a) ⊙ up a)`) or plain (`down(act(up a))`), `act` ∈ SiLU, tanh-GELU, erf-GELU.
+//! The readout is `u = final_norm(x_L)`, logits `z = W_U u`, soft-capped `z ← cap·tanh(z/cap)`
+//! for Gemma-2. Gemma's RMSNorm `x·(1 + w)` is folded on load: the weights here are `1 + w`.
 
 use crate::arch::{
-    optional_tensor, present, required_tensor, GgufTensorName, HostMatrix, Linear, WeightSource,
+    optional_tensor, required_tensor, Architecture, GgufTensorName, HostMatrix, Linear,
+    WeightSource,
 };
 use crate::error::{CheckpointError, Result};
-use crate::gguf::{GgufFile, GgufValue};
-use serde_json::{json, Map, Value};
 use std::path::Path;
 
-/// The `model_type`s read as Llama-family models.
-pub const DECODER_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+/// The `model_type`s read as RoPE decoder models.
+pub const DECODER_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt_neox"];
 
 /// Llama-3-style RoPE frequency scaling (`rope_type: "llama3"`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,16 +48,120 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: f64,
 }
 
-/// A Llama-family configuration.
+/// A RoPE frequency scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "llama3"`: low frequencies divided, a smooth band in between.
+    Llama3(Llama3RopeScaling),
+    /// `rope_type: "linear"`: every frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+}
+
+/// The rotary embedding of one kind of layer: base θ and optional scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    /// Base θ: frequency `i` is `θ^(−2i/rotary_dim)`.
+    pub theta: f64,
+    /// Frequency scaling, if any.
+    pub scaling: Option<RopeScaling>,
+}
+
+impl Rope {
+    /// The inverse frequencies `θ^(−2i/rotary_dim)`, `i < rotary_dim/2`, in `f64`, scaled as
+    /// transformers' `_compute_llama3_parameters` / `_compute_linear_scaling_rope_parameters`.
+    pub fn inv_freq(&self, rotary_dim: usize) -> Vec<f64> {
+        let dim = rotary_dim as f64;
+        let base: Vec<f64> =
+            (0..rotary_dim / 2).map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / dim)).collect();
+        match self.scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3(s)) => {
+                let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+                let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / s.factor } else { f };
+                        // Wavelengths are finite and positive: "not < and not >" is a closed
+                        // interval.
+                        if (high_wavelen..=low_wavelen).contains(&wavelen) {
+                            let smooth = (s.original_max_position_embeddings / wavelen
+                                - s.low_freq_factor)
+                                / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 - smooth) * scaled / s.factor + smooth * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The normalisation layers' kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// RMSNorm `w ∘ x / √(mean x² + ε)` (no bias).
+    Rms,
+    /// LayerNorm `w ∘ (x − μ)/√(var x + ε) + b` (biased variance; GPT-NeoX).
+    Layer,
+}
+
+/// The MLP's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·σ(x)` (`silu`).
+    Silu,
+    /// `½x(1 + tanh(√(2/π)(x + 0.044715x³)))` (`gelu_pytorch_tanh`, `gelu_new`).
+    GeluTanh,
+    /// `½x(1 + erf(x/√2))` (`gelu`).
+    GeluErf,
+}
+
+impl Activation {
+    /// The HF name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+            Activation::GeluErf => "gelu",
+        }
+    }
+}
+
+/// Where the q/k RMSNorm acts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    /// On each head's `head_dim` values, one weight shared by the heads (Qwen3, Gemma-3).
+    PerHead,
+    /// On the whole projection (`heads·head_dim` values for q; OLMo-2).
+    Projection,
+}
+
+/// What one attention layer sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerAttention {
+    /// Every earlier position.
+    Full,
+    /// Positions `j` with `i − j < sliding_window` only.
+    Sliding,
+}
+
+/// A RoPE decoder configuration: the sizes, and every switch by which the families differ.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderConfig {
-    /// `llama`, `mistral` or `qwen2`.
-    pub model_type: String,
+    /// The family (`model_type`).
+    pub architecture: Architecture,
     /// `V`.
     pub vocab_size: usize,
     /// `d`.
     pub hidden_size: usize,
-    /// SwiGLU width.
+    /// MLP width.
     pub intermediate_size: usize,
     /// Number of blocks.
     pub num_hidden_layers: usize,
@@ -46,183 +171,111 @@ pub struct DecoderConfig {
     pub num_key_value_heads: usize,
     /// Per-head width (default `hidden_size / num_attention_heads`).
     pub head_dim: usize,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f64,
-    /// RoPE base θ.
-    pub rope_theta: f64,
-    /// Llama-3 frequency scaling, if any.
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// RMSNorm or LayerNorm.
+    pub norm: NormKind,
+    /// The norms' ε.
+    pub norm_eps: f64,
+    /// The checkpoint's norm weights `w` act as `1 + w` (Gemma); folded on load.
+    pub norm_unit_offset: bool,
+    /// `x + attn(ln₁ x) + mlp(ln₂ x)` (GPT-NeoX `use_parallel_residual`).
+    pub parallel_residual: bool,
+    /// q/k RMSNorm, if any.
+    pub qk_norm: Option<QkNorm>,
+    /// Rotated dimensions of each head (even, ≤ `head_dim`; GPT-NeoX `rotary_pct`, Phi-3
+    /// `partial_rotary_factor`).
+    pub rotary_dim: usize,
+    /// RoPE of full-attention layers (and of every layer unless `sliding_rope` is set).
+    pub rope: Rope,
+    /// RoPE of sliding-window layers when it differs (Gemma-3's local θ).
+    pub sliding_rope: Option<Rope>,
+    /// The window of sliding layers.
+    pub sliding_window: Option<usize>,
+    /// Each layer's attention kind (length `num_hidden_layers`).
+    pub layer_types: Vec<LayerAttention>,
+    /// `query_pre_attn_scalar`: scores are scaled by its `−½` power instead of `head_dim`'s.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention-score soft-cap `s ← c·tanh(s/c)` (Gemma-2).
+    pub attn_logit_softcap: Option<f64>,
+    /// Final-logit soft-cap `z ← c·tanh(z/c)` (Gemma-2).
+    pub final_logit_softcap: Option<f64>,
+    /// The embedding output is multiplied by `√hidden_size` (Gemma).
+    pub scale_embeddings: bool,
+    /// The MLP's activation.
+    pub activation: Activation,
+    /// Gated MLP `down(act(gate a) ⊙ up a)`; otherwise `down(act(up a))` (GPT-NeoX).
+    pub gated_mlp: bool,
     /// Longest sequence.
     pub max_position_embeddings: usize,
     /// Whether `lm_head` is the token embedding.
     pub tie_word_embeddings: bool,
-    /// Biases on q, k, v (`attention_bias`, or always for Qwen2).
+    /// Biases on q, k, v.
     pub qkv_bias: bool,
-    /// Bias on o (`attention_bias` for Llama; never for Qwen2).
+    /// Bias on o.
     pub o_bias: bool,
     /// Biases on the MLP projections.
     pub mlp_bias: bool,
 }
 
-fn usize_field(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<Option<usize>> {
-    match present(obj, field) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|&n| n > 0)
-            .map(Some)
-            .ok_or_else(|| {
-                CheckpointError::config(path, field, format!("is {v}, expected a positive integer"))
-            }),
-    }
-}
-
-fn required(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {
-    usize_field(obj, field, path)?.ok_or_else(|| {
-        CheckpointError::config(path, field, "is missing: a Llama-family config.json must set it")
-    })
-}
-
-fn f64_field(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<Option<f64>> {
-    match present(obj, field) {
-        None => Ok(None),
-        Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).map(Some).ok_or_else(|| {
-            CheckpointError::config(path, field, format!("is {v}, expected a positive number"))
-        }),
-    }
-}
-
-fn bool_field(obj: &Map<String, Value>, field: &str, default: bool) -> bool {
-    present(obj, field).and_then(Value::as_bool).unwrap_or(default)
-}
-
 impl DecoderConfig {
-    /// Read, parse and validate a Llama-family `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(&crate::arch::read_config_text(path)?, path)
+    /// A plain Llama-style configuration of `architecture` (RMSNorm, SiLU-gated MLP, full
+    /// rotary, full attention everywhere, no soft-caps, no biases): the base every family's
+    /// parser starts from.
+    #[allow(clippy::too_many_arguments)]
+    pub fn llama_like(
+        architecture: Architecture,
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        DecoderConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            norm: NormKind::Rms,
+            norm_eps: 1e-6,
+            norm_unit_offset: false,
+            parallel_residual: false,
+            qk_norm: None,
+            rotary_dim: head_dim,
+            rope: Rope { theta: 10_000.0, scaling: None },
+            sliding_rope: None,
+            sliding_window: None,
+            layer_types: vec![LayerAttention::Full; num_hidden_layers],
+            query_pre_attn_scalar: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            scale_embeddings: false,
+            activation: Activation::Silu,
+            gated_mlp: true,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+        }
     }
 
-    /// Parse a Llama-family `config.json` (`path` only names the file in messages). RoPE
-    /// settings are read from transformers 5.x `rope_parameters` or from the older top-level
-    /// `rope_theta` + `rope_scaling`; only the default and `llama3` rope types are supported.
-    pub fn from_json(json: &str, path: &Path) -> Result<Self> {
-        let obj = &crate::arch::parse_config_object(json, path)?;
-        let model_type =
-            present(obj, "model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
-        if !DECODER_MODEL_TYPES.contains(&model_type.as_str()) {
-            return Err(CheckpointError::Unsupported {
-                what: format!("model_type {model_type:?} in {}", path.display()),
-                supported: DECODER_MODEL_TYPES.join(", "),
-            });
-        }
-        if let Some(act) = present(obj, "hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(CheckpointError::Unsupported {
-                    what: format!("hidden_act {act:?} in {}", path.display()),
-                    supported: "silu (SwiGLU)".into(),
-                });
-            }
-        }
-        let hidden_size = required(obj, "hidden_size", path)?;
-        let heads = required(obj, "num_attention_heads", path)?;
-        let kv = usize_field(obj, "num_key_value_heads", path)?.unwrap_or(heads);
-        if heads % kv != 0 {
-            return Err(CheckpointError::config(
-                path,
-                "num_key_value_heads",
-                format!("is {kv}, which does not divide num_attention_heads = {heads}"),
-            ));
-        }
-        let head_dim = match usize_field(obj, "head_dim", path)? {
-            Some(h) => h,
-            None if hidden_size % heads == 0 => hidden_size / heads,
-            None => {
-                return Err(CheckpointError::config(
-                    path,
-                    "num_attention_heads",
-                    format!("is {heads}, which does not divide hidden_size = {hidden_size} (and head_dim is not set)"),
-                ))
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(CheckpointError::config(
-                path,
-                "head_dim",
-                format!("is {head_dim}; RoPE needs an even head_dim"),
-            ));
-        }
-        // RoPE: transformers 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`.
-        let rope_obj = present(obj, "rope_parameters")
-            .or_else(|| present(obj, "rope_scaling"))
-            .and_then(Value::as_object);
-        let rope_theta = rope_obj
-            .and_then(|r| f64_field(r, "rope_theta", path).transpose())
-            .transpose()?
-            .or(f64_field(obj, "rope_theta", path)?)
-            .unwrap_or(10_000.0);
-        let rope_type = rope_obj
-            .and_then(|r| present(r, "rope_type").or_else(|| present(r, "type")))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let rope_scaling = match rope_type {
-            "default" => None,
-            "llama3" => {
-                let r = rope_obj.expect("a rope type came from this object");
-                let get = |f: &str| -> Result<f64> {
-                    f64_field(r, f, path)?.ok_or_else(|| {
-                        CheckpointError::config(
-                            path,
-                            f,
-                            "is missing from the llama3 rope parameters",
-                        )
-                    })
-                };
-                Some(Llama3RopeScaling {
-                    factor: get("factor")?,
-                    low_freq_factor: get("low_freq_factor")?,
-                    high_freq_factor: get("high_freq_factor")?,
-                    original_max_position_embeddings: get("original_max_position_embeddings")?,
-                })
-            }
-            other => {
-                return Err(CheckpointError::Unsupported {
-                    what: format!("rope type {other:?} in {}", path.display()),
-                    supported: "default, llama3".into(),
-                })
-            }
-        };
-        let qwen = model_type == "qwen2";
-        let attention_bias = bool_field(obj, "attention_bias", false);
-        let cfg = DecoderConfig {
-            vocab_size: required(obj, "vocab_size", path)?,
-            hidden_size,
-            intermediate_size: required(obj, "intermediate_size", path)?,
-            num_hidden_layers: required(obj, "num_hidden_layers", path)?,
-            num_attention_heads: heads,
-            num_key_value_heads: kv,
-            head_dim,
-            rms_norm_eps: f64_field(obj, "rms_norm_eps", path)?.unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
-            max_position_embeddings: usize_field(obj, "max_position_embeddings", path)?
-                .unwrap_or(2048),
-            tie_word_embeddings: bool_field(obj, "tie_word_embeddings", false),
-            qkv_bias: qwen || attention_bias,
-            o_bias: !qwen && attention_bias,
-            mlp_bias: bool_field(obj, "mlp_bias", false),
-            model_type,
-        };
-        cfg.check_sizes(path)?;
-        Ok(cfg)
+    /// The HF `model_type`.
+    pub fn model_type(&self) -> &'static str {
+        self.architecture.model_type()
     }
 
     /// Check the sizes every backend allocates from before it compares a tensor with the
     /// checkpoint: each width at most [`MAX_CONFIG_WIDTH`](crate::MAX_CONFIG_WIDTH), layers at
-    /// most [`MAX_CONFIG_LAYERS`](crate::MAX_CONFIG_LAYERS), and the products `heads × head_dim`,
-    /// `vocab × hidden`, `intermediate × hidden` representable. [`DecoderConfig::from_json`] runs
-    /// it; a loader that builds the config from other metadata (GGUF) must run it too. `path`
-    /// names the file in the one-line error.
+    /// most [`MAX_CONFIG_LAYERS`](crate::MAX_CONFIG_LAYERS), the products `heads × head_dim`,
+    /// `vocab × hidden`, `intermediate × hidden` representable, and the switches consistent
+    /// (GQA divides, `rotary_dim` even and `≤ head_dim`, one layer type per layer, a window
+    /// for sliding layers, positive caps and scalars). The parsers run it; a loader that builds
+    /// the config from other metadata must run it too. `path` names the file in the error.
     pub fn check_sizes(&self, path: &Path) -> Result<()> {
         use crate::arch::{check_size_limits, MAX_CONFIG_LAYERS as LAYERS, MAX_CONFIG_WIDTH as W};
         check_size_limits(
@@ -237,15 +290,12 @@ impl DecoderConfig {
                 ("head_dim", self.head_dim, W),
             ],
         )?;
-        // The weight shapes the backends build from these sizes must be representable (a
-        // hostile config must not overflow `heads × head_dim` and the like before any tensor is
-        // compared with the checkpoint).
         let limit = isize::MAX as usize / 8;
         for (field, a, b) in [
             ("num_attention_heads", self.num_attention_heads, self.head_dim),
             ("num_key_value_heads", self.num_key_value_heads, self.head_dim),
             ("vocab_size", self.vocab_size, self.hidden_size),
-            ("intermediate_size", self.intermediate_size, self.hidden_size),
+            ("intermediate_size", self.intermediate_size, 2 * self.hidden_size),
         ] {
             if a.checked_mul(b).is_none_or(|n| n > limit) {
                 return Err(CheckpointError::config(
@@ -254,6 +304,72 @@ impl DecoderConfig {
                     format!("is {a}, far too large for the model's other sizes"),
                 ));
             }
+        }
+        let bad = |field: &str, msg: String| Err(CheckpointError::config(path, field, msg));
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return bad(field, "is 0, expected a positive integer".into());
+            }
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "is {}, which does not divide num_attention_heads = {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            );
+        }
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
+            return bad(
+                "head_dim",
+                format!(
+                    "is {} with {} rotary dimensions; RoPE needs an even number of rotary dimensions, at most head_dim",
+                    self.head_dim, self.rotary_dim
+                ),
+            );
+        }
+        if self.layer_types.len() != self.num_hidden_layers {
+            return bad(
+                "layer_types",
+                format!(
+                    "has {} entries for {} layers",
+                    self.layer_types.len(),
+                    self.num_hidden_layers
+                ),
+            );
+        }
+        if self.layer_types.contains(&LayerAttention::Sliding)
+            && self.sliding_window.is_none_or(|w| w == 0)
+        {
+            return bad("sliding_window", "must be a positive integer for sliding layers".into());
+        }
+        for (field, v) in [
+            ("norm_eps", Some(self.norm_eps)),
+            ("rope_theta", Some(self.rope.theta)),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcap),
+            ("final_logit_softcapping", self.final_logit_softcap),
+        ] {
+            if v.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+                return bad(field, format!("is {}, expected a positive number", v.unwrap()));
+            }
+        }
+        if self.architecture == Architecture::GptNeoX
+            && self.num_key_value_heads != self.num_attention_heads
+        {
+            return bad(
+                "num_key_value_heads",
+                "must equal num_attention_heads for GPT-NeoX".into(),
+            );
         }
         Ok(())
     }
@@ -270,204 +386,445 @@ impl DecoderConfig {
         }
     }
 
-    /// The RoPE inverse frequencies `θ^(−2i/head_dim)`, `i < head_dim/2`, in `f64`, with the
-    /// Llama-3 scaling applied when configured (as transformers' `_compute_llama3_parameters`).
-    pub fn inv_freq(&self) -> Vec<f64> {
-        let dh = self.head_dim as f64;
-        let base: Vec<f64> = (0..self.head_dim / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / dh))
-            .collect();
-        let Some(s) = self.rope_scaling else { return base };
-        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
-        base.into_iter()
-            .map(|f| {
-                let wavelen = 2.0 * std::f64::consts::PI / f;
-                let scaled = if wavelen > low_wavelen { f / s.factor } else { f };
-                // Wavelengths are finite and positive, so "not < and not >" is a closed interval.
-                let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
-                if medium {
-                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * scaled / s.factor + smooth * scaled
-                } else {
-                    scaled
-                }
-            })
-            .collect()
+    /// The RoPE of layer `layer` (`sliding_rope` for sliding layers when set).
+    pub fn layer_rope(&self, layer: usize) -> Rope {
+        match (self.layer_types.get(layer), self.sliding_rope) {
+            (Some(LayerAttention::Sliding), Some(r)) => r,
+            _ => self.rope,
+        }
     }
-}
 
-impl DecoderConfig {
-    /// HF tensor names and shapes of a Llama-family checkpoint (linear weights `[out, in]`), in
-    /// load order, including the optional biases and `lm_head.weight` this config asks for.
+    /// The RoPE inverse frequencies of full-attention layers ([`Rope::inv_freq`] over
+    /// `rotary_dim`).
+    pub fn inv_freq(&self) -> Vec<f64> {
+        self.rope.inv_freq(self.rotary_dim)
+    }
+
+    /// The window of layer `layer`: `Some(w)` for a sliding layer.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(LayerAttention::Sliding) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// The attention-score scale `query_pre_attn_scalar^(−½)`, or `head_dim^(−½)`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()
+    }
+
+    /// The embedding multiplier `√hidden_size` rounded to f32 (as transformers' Gemma applies
+    /// it to f32 embeddings), when the family scales its embeddings.
+    pub fn embedding_multiplier(&self) -> Option<f32> {
+        self.scale_embeddings.then(|| (self.hidden_size as f64).sqrt() as f32)
+    }
+
+    /// The layout of block `i`'s tensors in this family's HF checkpoints.
+    pub(crate) fn block_names(&self, i: usize) -> BlockNames {
+        use Architecture as A;
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        let some = |s: &str| Some(p(s));
+        let separate =
+            || Qkv::Separate([p("self_attn.q_proj"), p("self_attn.k_proj"), p("self_attn.v_proj")]);
+        let gated = || Mlp::Gated { gate: p("mlp.gate_proj"), up: p("mlp.up_proj") };
+        match self.architecture {
+            A::GptNeoX => {
+                let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+                BlockNames {
+                    attn_norm: Some(p("input_layernorm")),
+                    post_attn_norm: None,
+                    mlp_norm: Some(p("post_attention_layernorm")),
+                    post_mlp_norm: None,
+                    qkv: Qkv::NeoxInterleaved(p("attention.query_key_value")),
+                    o: p("attention.dense"),
+                    q_norm: None,
+                    k_norm: None,
+                    mlp: Mlp::Plain { up: p("mlp.dense_h_to_4h") },
+                    down: p("mlp.dense_4h_to_h"),
+                }
+            }
+            A::Gemma2 | A::Gemma3 => BlockNames {
+                attn_norm: some("input_layernorm"),
+                post_attn_norm: some("post_attention_layernorm"),
+                mlp_norm: some("pre_feedforward_layernorm"),
+                post_mlp_norm: some("post_feedforward_layernorm"),
+                qkv: separate(),
+                o: p("self_attn.o_proj"),
+                q_norm: self.qk_norm.map(|_| p("self_attn.q_norm")),
+                k_norm: self.qk_norm.map(|_| p("self_attn.k_norm")),
+                mlp: gated(),
+                down: p("mlp.down_proj"),
+            },
+            A::Olmo2 => BlockNames {
+                attn_norm: None,
+                post_attn_norm: some("post_attention_layernorm"),
+                mlp_norm: None,
+                post_mlp_norm: some("post_feedforward_layernorm"),
+                qkv: separate(),
+                o: p("self_attn.o_proj"),
+                q_norm: self.qk_norm.map(|_| p("self_attn.q_norm")),
+                k_norm: self.qk_norm.map(|_| p("self_attn.k_norm")),
+                mlp: gated(),
+                down: p("mlp.down_proj"),
+            },
+            A::Phi3 => BlockNames {
+                attn_norm: some("input_layernorm"),
+                post_attn_norm: None,
+                mlp_norm: some("post_attention_layernorm"),
+                post_mlp_norm: None,
+                qkv: Qkv::Concat(p("self_attn.qkv_proj")),
+                o: p("self_attn.o_proj"),
+                q_norm: None,
+                k_norm: None,
+                mlp: Mlp::GateUpConcat(p("mlp.gate_up_proj")),
+                down: p("mlp.down_proj"),
+            },
+            // Llama, Mistral, Qwen2, Qwen3 (q/k norms when configured).
+            _ => BlockNames {
+                attn_norm: some("input_layernorm"),
+                post_attn_norm: None,
+                mlp_norm: some("post_attention_layernorm"),
+                post_mlp_norm: None,
+                qkv: separate(),
+                o: p("self_attn.o_proj"),
+                q_norm: self.qk_norm.map(|_| p("self_attn.q_norm")),
+                k_norm: self.qk_norm.map(|_| p("self_attn.k_norm")),
+                mlp: gated(),
+                down: p("mlp.down_proj"),
+            },
+        }
+    }
+
+    /// HF names of the token embedding, the final norm and the untied unembedding.
+    pub(crate) fn top_names(&self) -> [&'static str; 3] {
+        match self.architecture {
+            Architecture::GptNeoX => {
+                ["gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", "embed_out.weight"]
+            }
+            _ => ["model.embed_tokens.weight", "model.norm", "lm_head.weight"],
+        }
+    }
+
+    /// Widths of the q/k norm weights: `(q, k)`.
+    fn qk_norm_widths(&self) -> (usize, usize) {
+        match self.qk_norm {
+            Some(QkNorm::Projection) => {
+                (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim)
+            }
+            _ => (self.head_dim, self.head_dim),
+        }
+    }
+
+    /// HF tensor names and shapes of a checkpoint of this configuration (linear weights
+    /// `[out, in]`, fused tensors as the family stores them), in load order, including the
+    /// optional biases and the untied unembedding this config asks for.
     pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
         let (d, v, inner) = (self.hidden_size, self.vocab_size, self.intermediate_size);
         let (q, kv) =
             (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
-        let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        let [embed, final_norm, lm_head] = self.top_names();
+        let mut specs = vec![(embed.to_string(), vec![v, d])];
+        let norm = |specs: &mut Vec<(String, Vec<usize>)>, name: &Option<String>| {
+            if let Some(n) = name {
+                specs.push((format!("{n}.weight"), vec![d]));
+                if self.norm == NormKind::Layer {
+                    specs.push((format!("{n}.bias"), vec![d]));
+                }
+            }
+        };
+        let linear = |specs: &mut Vec<(String, Vec<usize>)>, n: &str, out, inp, bias: bool| {
+            specs.push((format!("{n}.weight"), vec![out, inp]));
+            if bias {
+                specs.push((format!("{n}.bias"), vec![out]));
+            }
+        };
+        let (qn, kn) = self.qk_norm_widths();
         for i in 0..self.num_hidden_layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            specs.push((p("input_layernorm.weight"), vec![d]));
-            for (name, out, inp, bias) in [
-                ("self_attn.q_proj", q, d, self.qkv_bias),
-                ("self_attn.k_proj", kv, d, self.qkv_bias),
-                ("self_attn.v_proj", kv, d, self.qkv_bias),
-                ("self_attn.o_proj", d, q, self.o_bias),
-            ] {
-                specs.push((p(&format!("{name}.weight")), vec![out, inp]));
-                if bias {
-                    specs.push((p(&format!("{name}.bias")), vec![out]));
+            let b = self.block_names(i);
+            norm(&mut specs, &b.attn_norm);
+            match &b.qkv {
+                Qkv::Separate([qp, kp, vp]) => {
+                    linear(&mut specs, qp, q, d, self.qkv_bias);
+                    linear(&mut specs, kp, kv, d, self.qkv_bias);
+                    linear(&mut specs, vp, kv, d, self.qkv_bias);
+                }
+                Qkv::Concat(n) | Qkv::NeoxInterleaved(n) => {
+                    linear(&mut specs, n, q + 2 * kv, d, self.qkv_bias)
                 }
             }
-            specs.push((p("post_attention_layernorm.weight"), vec![d]));
-            for (name, out, inp) in [
-                ("mlp.gate_proj", inner, d),
-                ("mlp.up_proj", inner, d),
-                ("mlp.down_proj", d, inner),
-            ] {
-                specs.push((p(&format!("{name}.weight")), vec![out, inp]));
-                if self.mlp_bias {
-                    specs.push((p(&format!("{name}.bias")), vec![out]));
-                }
+            if let (Some(qname), Some(kname)) = (&b.q_norm, &b.k_norm) {
+                specs.push((format!("{qname}.weight"), vec![qn]));
+                specs.push((format!("{kname}.weight"), vec![kn]));
             }
+            linear(&mut specs, &b.o, d, q, self.o_bias);
+            norm(&mut specs, &b.post_attn_norm);
+            norm(&mut specs, &b.mlp_norm);
+            match &b.mlp {
+                Mlp::Gated { gate, up } => {
+                    linear(&mut specs, gate, inner, d, self.mlp_bias);
+                    linear(&mut specs, up, inner, d, self.mlp_bias);
+                }
+                Mlp::GateUpConcat(n) => linear(&mut specs, n, 2 * inner, d, self.mlp_bias),
+                Mlp::Plain { up } => linear(&mut specs, up, inner, d, self.mlp_bias),
+            }
+            linear(&mut specs, &b.down, d, inner, self.mlp_bias);
+            norm(&mut specs, &b.post_mlp_norm);
         }
-        specs.push(("model.norm.weight".into(), vec![d]));
+        norm(&mut specs, &Some(final_norm.to_string()));
         if !self.tie_word_embeddings {
-            specs.push(("lm_head.weight".into(), vec![v, d]));
+            specs.push((lm_head.into(), vec![v, d]));
         }
         specs
     }
+}
 
-    /// The HF `config.json` of this configuration (transformers 4.x style top-level
-    /// `rope_theta` + `rope_scaling`, which [`DecoderConfig::from_json`] also reads).
-    pub fn to_json(&self) -> Value {
-        let rope_scaling = self.rope_scaling.map(|s| {
-            json!({
-                "rope_type": "llama3",
-                "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor,
-                "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings,
-            })
-        });
-        let mut cfg = json!({
-            "model_type": self.model_type,
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "mlp_bias": self.mlp_bias,
-            "hidden_act": "silu",
-        });
-        // Qwen2 always has q/k/v biases and never an o bias; Llama/Mistral use one switch.
-        if self.model_type != "qwen2" {
-            cfg["attention_bias"] = json!(self.qkv_bias || self.o_bias);
-        }
-        cfg
+/// How a family stores q, k and v.
+pub(crate) enum Qkv {
+    /// Three tensors.
+    Separate([String; 3]),
+    /// One tensor, rows `[q | k | v]` (Phi-3 `qkv_proj`).
+    Concat(String),
+    /// One tensor, rows `[head][q | k | v][head_dim]` (GPT-NeoX `query_key_value`).
+    NeoxInterleaved(String),
+}
+
+/// How a family stores its MLP's input projections.
+pub(crate) enum Mlp {
+    /// `gate_proj` and `up_proj`.
+    Gated { gate: String, up: String },
+    /// One tensor, rows `[gate | up]` (Phi-3 `gate_up_proj`).
+    GateUpConcat(String),
+    /// Only `up` (GPT-NeoX `dense_h_to_4h`).
+    Plain { up: String },
+}
+
+/// The HF names (without `.weight`/`.bias`) of one block's tensors.
+pub(crate) struct BlockNames {
+    pub(crate) attn_norm: Option<String>,
+    pub(crate) post_attn_norm: Option<String>,
+    pub(crate) mlp_norm: Option<String>,
+    pub(crate) post_mlp_norm: Option<String>,
+    pub(crate) qkv: Qkv,
+    pub(crate) o: String,
+    pub(crate) q_norm: Option<String>,
+    pub(crate) k_norm: Option<String>,
+    pub(crate) mlp: Mlp,
+    pub(crate) down: String,
+}
+
+/// A normalisation layer's weights (already `1 + w` for Gemma) and, for LayerNorm, its bias.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Norm {
+    /// The scale, length `d`.
+    pub weight: Vec<f32>,
+    /// The shift (LayerNorm only).
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Norm {
+    fn parameter_count(&self) -> usize {
+        self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)
     }
 }
 
-/// One Llama-family block: `x ← x + attn(RMSNorm(x))`, `x ← x + mlp(RMSNorm(x))`, linear
-/// weights transposed once from HF's `[out, in]` to `[in, out]`.
+/// One decoder block (see the module docs for how the parts compose), linear weights
+/// transposed once from HF's `[out, in]` to `[in, out]`, fused tensors split.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderBlock {
-    /// RMSNorm weight before attention (`input_layernorm`).
-    pub attn_norm: Vec<f32>,
-    /// `q_proj`: `d → heads·head_dim` (bias when `qkv_bias`).
+    /// Norm before attention (`input_layernorm`; none for OLMo-2).
+    pub attn_norm: Option<Norm>,
+    /// `q_proj`: `d → heads·head_dim`.
     pub q: Linear,
     /// `k_proj`: `d → kv_heads·head_dim`.
     pub k: Linear,
     /// `v_proj`: `d → kv_heads·head_dim`.
     pub v: Linear,
-    /// `o_proj`: `heads·head_dim → d` (bias when `o_bias`).
+    /// RMSNorm weight on q (per head: `head_dim`; OLMo-2: `heads·head_dim`).
+    pub q_norm: Option<Vec<f32>>,
+    /// RMSNorm weight on k.
+    pub k_norm: Option<Vec<f32>>,
+    /// `o_proj`: `heads·head_dim → d`.
     pub o: Linear,
-    /// RMSNorm weight before the MLP (`post_attention_layernorm`).
-    pub mlp_norm: Vec<f32>,
-    /// `gate_proj`: `d → intermediate` (SwiGLU gate, through SiLU).
-    pub gate: Linear,
+    /// Norm on the attention output before the residual add (Gemma, OLMo-2).
+    pub post_attn_norm: Option<Norm>,
+    /// Norm before the MLP.
+    pub mlp_norm: Option<Norm>,
+    /// `gate_proj` (gated MLPs).
+    pub gate: Option<Linear>,
     /// `up_proj`: `d → intermediate`.
     pub up: Linear,
     /// `down_proj`: `intermediate → d`.
     pub down: Linear,
+    /// Norm on the MLP output before the residual add (Gemma, OLMo-2).
+    pub post_mlp_norm: Option<Norm>,
 }
 
-/// The host weights of a Llama-family model, shape-checked against its config and finite.
+/// The host weights of a decoder model, shape-checked against its config and finite.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderWeights {
     /// The configuration they were read for.
     pub config: DecoderConfig,
-    /// Token embedding `embed_tokens`, `V × d`.
+    /// Token embedding, `V × d`.
     pub embed: HostMatrix,
     /// The blocks, in order.
     pub blocks: Vec<DecoderBlock>,
-    /// The final RMSNorm weight.
-    pub norm: Vec<f32>,
-    /// An untied unembedding `lm_head`, `V × d`; `None` when tied to `embed`.
+    /// The final norm.
+    pub norm: Norm,
+    /// An untied unembedding, `V × d`; `None` when tied to `embed`.
     pub lm_head: Option<HostMatrix>,
 }
 
+/// Rows `rows` of a row-major `[out, inp]` matrix (or a vector when `inp == 1`).
+fn take_rows(data: &[f32], rows: impl Iterator<Item = usize>, inp: usize) -> Vec<f32> {
+    rows.flat_map(|r| data[r * inp..(r + 1) * inp].iter().copied()).collect()
+}
+
 impl DecoderWeights {
-    /// Read every tensor of `config` from `source` by HF name (`model.embed_tokens.weight`,
-    /// `model.layers.{i}.…`, `model.norm.weight`, `lm_head.weight` when untied, the biases the
-    /// config asks for), each checked against the shape the config implies and for NaN/±∞.
+    /// Read every tensor of `config` from `source` by HF name, each checked against the shape
+    /// the config implies and for NaN/±∞; fused tensors are split (Phi-3 `[q|k|v]`, GPT-NeoX's
+    /// per-head `[q|k|v]`, Phi-3 `[gate|up]`) and Gemma's norm weights become `1 + w`.
     pub fn read(config: DecoderConfig, source: &mut dyn WeightSource) -> Result<Self> {
         config.check_sizes(Path::new("<config>"))?;
         let (d, v, inner) = (config.hidden_size, config.vocab_size, config.intermediate_size);
-        let (q_out, kv_out) = (
-            config.num_attention_heads * config.head_dim,
-            config.num_key_value_heads * config.head_dim,
-        );
-        let embed =
-            HostMatrix::new(v, d, required_tensor(source, "model.embed_tokens.weight", &[v, d])?);
+        let dh = config.head_dim;
+        let (q_out, kv_out) = (config.num_attention_heads * dh, config.num_key_value_heads * dh);
+        let offset = if config.norm_unit_offset { 1.0 } else { 0.0 };
+        let [embed_name, final_norm, lm_head_name] = config.top_names();
+        let embed = HostMatrix::new(v, d, required_tensor(source, embed_name, &[v, d])?);
+        let read_norm = |source: &mut dyn WeightSource, name: &str| -> Result<Norm> {
+            let mut weight = required_tensor(source, &format!("{name}.weight"), &[d])?;
+            weight.iter_mut().for_each(|w| *w += offset);
+            let bias = optional_tensor(
+                source,
+                &format!("{name}.bias"),
+                &[d],
+                config.norm == NormKind::Layer,
+            )?;
+            Ok(Norm { weight, bias })
+        };
+        // A linear layer from HF `[out, inp]` weight rows (and bias entries) `rows`.
+        let linear_of = |w: &[f32], b: Option<&Vec<f32>>, rows: &[usize], inp: usize| Linear {
+            weight: HostMatrix::transposed(
+                rows.len(),
+                inp,
+                &take_rows(w, rows.iter().copied(), inp),
+            ),
+            bias: b.map(|b| take_rows(b, rows.iter().copied(), 1)),
+        };
+        let read_linear =
+            |source: &mut dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool| {
+                let w = required_tensor(source, &format!("{name}.weight"), &[out, inp])?;
+                let b = optional_tensor(source, &format!("{name}.bias"), &[out], bias)?;
+                Ok::<_, CheckpointError>((w, b))
+            };
+        let (qn, kn) = config.qk_norm_widths();
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let w = required_tensor(source, &p(&format!("{name}.weight")), &[out, inp])?;
-                Ok(Linear {
-                    weight: HostMatrix::transposed(out, inp, &w),
-                    bias: optional_tensor(source, &p(&format!("{name}.bias")), &[out], bias)?,
-                })
+            let names = config.block_names(i);
+            let attn_norm = names.attn_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
+            let all = |n: usize| (0..n).collect::<Vec<_>>();
+            let (q, k, vv) = match &names.qkv {
+                Qkv::Separate([qp, kp, vp]) => {
+                    let (qw, qb) = read_linear(source, qp, q_out, d, config.qkv_bias)?;
+                    let (kw, kb) = read_linear(source, kp, kv_out, d, config.qkv_bias)?;
+                    let (vw, vb) = read_linear(source, vp, kv_out, d, config.qkv_bias)?;
+                    (
+                        linear_of(&qw, qb.as_ref(), &all(q_out), d),
+                        linear_of(&kw, kb.as_ref(), &all(kv_out), d),
+                        linear_of(&vw, vb.as_ref(), &all(kv_out), d),
+                    )
+                }
+                Qkv::Concat(n) => {
+                    let (w, b) = read_linear(source, n, q_out + 2 * kv_out, d, config.qkv_bias)?;
+                    let rows = |from: usize, len: usize| (from..from + len).collect::<Vec<_>>();
+                    (
+                        linear_of(&w, b.as_ref(), &rows(0, q_out), d),
+                        linear_of(&w, b.as_ref(), &rows(q_out, kv_out), d),
+                        linear_of(&w, b.as_ref(), &rows(q_out + kv_out, kv_out), d),
+                    )
+                }
+                Qkv::NeoxInterleaved(n) => {
+                    let (w, b) = read_linear(source, n, 3 * q_out, d, config.qkv_bias)?;
+                    // Row (head h, part p, i) of the fused tensor is h·3·dh + p·dh + i.
+                    let part = |p: usize| {
+                        (0..config.num_attention_heads)
+                            .flat_map(|h| (0..dh).map(move |i| h * 3 * dh + p * dh + i))
+                            .collect::<Vec<_>>()
+                    };
+                    (
+                        linear_of(&w, b.as_ref(), &part(0), d),
+                        linear_of(&w, b.as_ref(), &part(1), d),
+                        linear_of(&w, b.as_ref(), &part(2), d),
+                    )
+                }
             };
-            let q = linear("self_attn.q_proj", q_out, d, config.qkv_bias)?;
-            let k = linear("self_attn.k_proj", kv_out, d, config.qkv_bias)?;
-            let v = linear("self_attn.v_proj", kv_out, d, config.qkv_bias)?;
-            let o = linear("self_attn.o_proj", d, q_out, config.o_bias)?;
-            let gate = linear("mlp.gate_proj", inner, d, config.mlp_bias)?;
-            let up = linear("mlp.up_proj", inner, d, config.mlp_bias)?;
-            let down = linear("mlp.down_proj", d, inner, config.mlp_bias)?;
+            let mut qk_norm = |name: &Option<String>, width: usize| {
+                name.as_ref()
+                    .map(|n| {
+                        let mut w = required_tensor(source, &format!("{n}.weight"), &[width])?;
+                        w.iter_mut().for_each(|x| *x += offset);
+                        Ok::<_, CheckpointError>(w)
+                    })
+                    .transpose()
+            };
+            let q_norm = qk_norm(&names.q_norm, qn)?;
+            let k_norm = qk_norm(&names.k_norm, kn)?;
+            let (ow, ob) = read_linear(source, &names.o, d, q_out, config.o_bias)?;
+            let o = linear_of(&ow, ob.as_ref(), &all(d), q_out);
+            let post_attn_norm =
+                names.post_attn_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
+            let mlp_norm = names.mlp_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
+            let (gate, up) = match &names.mlp {
+                Mlp::Gated { gate, up } => {
+                    let (gw, gb) = read_linear(source, gate, inner, d, config.mlp_bias)?;
+                    let (uw, ub) = read_linear(source, up, inner, d, config.mlp_bias)?;
+                    (
+                        Some(linear_of(&gw, gb.as_ref(), &all(inner), d)),
+                        linear_of(&uw, ub.as_ref(), &all(inner), d),
+                    )
+                }
+                Mlp::GateUpConcat(n) => {
+                    let (w, b) = read_linear(source, n, 2 * inner, d, config.mlp_bias)?;
+                    (
+                        Some(linear_of(&w, b.as_ref(), &all(inner), d)),
+                        linear_of(&w, b.as_ref(), &(inner..2 * inner).collect::<Vec<_>>(), d),
+                    )
+                }
+                Mlp::Plain { up } => {
+                    let (uw, ub) = read_linear(source, up, inner, d, config.mlp_bias)?;
+                    (None, linear_of(&uw, ub.as_ref(), &all(inner), d))
+                }
+            };
+            let (dw, db) = read_linear(source, &names.down, d, inner, config.mlp_bias)?;
+            let down = linear_of(&dw, db.as_ref(), &all(d), inner);
+            let post_mlp_norm =
+                names.post_mlp_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
             blocks.push(DecoderBlock {
-                attn_norm: required_tensor(source, &p("input_layernorm.weight"), &[d])?,
+                attn_norm,
                 q,
                 k,
-                v,
+                v: vv,
+                q_norm,
+                k_norm,
                 o,
-                mlp_norm: required_tensor(source, &p("post_attention_layernorm.weight"), &[d])?,
+                post_attn_norm,
+                mlp_norm,
                 gate,
                 up,
                 down,
+                post_mlp_norm,
             });
         }
-        let norm = required_tensor(source, "model.norm.weight", &[d])?;
+        let norm = read_norm(source, final_norm)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(HostMatrix::new(v, d, required_tensor(source, "lm_head.weight", &[v, d])?))
+            Some(HostMatrix::new(v, d, required_tensor(source, lm_head_name, &[v, d])?))
         };
         Ok(DecoderWeights { config, embed, blocks, norm, lm_head })
     }
 
-    /// Read a Llama-family checkpoint directory's `config.json` and safetensors.
+    /// Read a decoder checkpoint directory's `config.json` and safetensors.
     pub fn load(files: &crate::ModelFiles) -> Result<Self> {
         let config = DecoderConfig::from_file(&files.config)?;
         Self::read(config, &mut crate::WeightStore::open(&files.weights)?)
@@ -488,222 +845,34 @@ impl DecoderWeights {
 
     /// Number of parameters (`W_U` counted once when tied).
     pub fn parameter_count(&self) -> usize {
+        let norms = |ns: [&Option<Norm>; 4]| -> usize {
+            ns.iter().map(|n| n.as_ref().map_or(0, Norm::parameter_count)).sum()
+        };
         let blocks: usize = self
             .blocks
             .iter()
             .map(|b| {
-                b.attn_norm.len()
-                    + b.mlp_norm.len()
-                    + [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                norms([&b.attn_norm, &b.post_attn_norm, &b.mlp_norm, &b.post_mlp_norm])
+                    + b.q_norm.as_ref().map_or(0, Vec::len)
+                    + b.k_norm.as_ref().map_or(0, Vec::len)
+                    + [&b.q, &b.k, &b.v, &b.o, &b.up, &b.down]
                         .iter()
                         .map(|l| l.parameter_count())
                         .sum::<usize>()
+                    + b.gate.as_ref().map_or(0, Linear::parameter_count)
             })
             .sum();
         self.embed.data.len()
             + blocks
-            + self.norm.len()
+            + self.norm.parameter_count()
             + self.lm_head.as_ref().map_or(0, |m| m.data.len())
     }
 }
 
-/// The GGUF architectures read as Llama-family models.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama"];
-
 impl DecoderConfig {
-    /// The configuration of a llama.cpp `llama` GGUF file from its metadata
-    /// (`llama.embedding_length`, `llama.block_count`, `llama.attention.head_count[_kv]`,
-    /// `llama.rope.*`, …; the vocabulary size from `tokenizer.ggml.tokens`; tied when there is
-    /// no `output.weight`; q/k/v and o biases when the file holds them).
-    ///
-    /// Errors name the file: another architecture, RoPE scaling (not read from GGUF), a
-    /// missing key, inconsistent attention metadata, sizes over this tool's limits or more
-    /// blocks than the file has tensors.
-    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let path = file.path();
-        let arch = file.architecture();
-        if !GGUF_ARCHITECTURES.contains(&arch) {
-            return Err(CheckpointError::Unsupported {
-                what: format!("GGUF architecture {arch:?} in {}", path.display()),
-                supported: GGUF_ARCHITECTURES.join(", "),
-            });
-        }
-        let get_u = |key: &str| -> Result<usize> {
-            file.get(key)
-                .and_then(GgufValue::as_u64)
-                .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| {
-                    CheckpointError::gguf(
-                        path,
-                        format!("lacks the metadata key {key}: not a llama.cpp llama GGUF"),
-                    )
-                })
-        };
-        let get_f = |key: &str| file.get(key).and_then(GgufValue::as_f64);
-        if let Some(t) = file.get("llama.rope.scaling.type").and_then(GgufValue::as_str) {
-            if t != "none" {
-                return Err(CheckpointError::Unsupported {
-                    what: format!("RoPE scaling {t:?} in the GGUF metadata of {}", path.display()),
-                    supported: "none (Llama-3 scaling is read from HF config.json checkpoints)"
-                        .into(),
-                });
-            }
-        }
-        let vocab_size = file
-            .get("tokenizer.ggml.tokens")
-            .and_then(GgufValue::as_array)
-            .map(<[GgufValue]>::len)
-            .ok_or_else(|| CheckpointError::gguf(path, "lacks tokenizer.ggml.tokens"))?;
-        let d = get_u("llama.embedding_length")?;
-        let heads = get_u("llama.attention.head_count")?;
-        let cfg = DecoderConfig {
-            model_type: "llama".into(),
-            vocab_size,
-            hidden_size: d,
-            intermediate_size: get_u("llama.feed_forward_length")?,
-            num_hidden_layers: get_u("llama.block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: get_u("llama.attention.head_count_kv").unwrap_or(heads),
-            head_dim: get_u("llama.rope.dimension_count").unwrap_or(d / heads.max(1)),
-            rms_norm_eps: get_f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: get_f("llama.rope.freq_base").unwrap_or(10_000.0),
-            rope_scaling: None,
-            max_position_embeddings: get_u("llama.context_length").unwrap_or(2048),
-            tie_word_embeddings: file.tensor("output.weight").is_none(),
-            qkv_bias: file.tensor("blk.0.attn_q.bias").is_some(),
-            o_bias: file.tensor("blk.0.attn_output.bias").is_some(),
-            mlp_bias: false,
-        };
-        if cfg.num_attention_heads == 0
-            || cfg.num_key_value_heads == 0
-            || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads)
-            || !cfg.head_dim.is_multiple_of(2)
-        {
-            return Err(CheckpointError::gguf(
-                path,
-                format!(
-                    "has inconsistent attention metadata (heads {}, kv heads {}, head dim {})",
-                    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-                ),
-            ));
-        }
-        // Sizes the model allocates from before any tensor is read: bounded by the file.
-        let n_tensors = file.tensors().len();
-        if cfg.num_hidden_layers == 0 || cfg.num_hidden_layers > n_tensors {
-            return Err(CheckpointError::gguf(
-                path,
-                format!(
-                    "declares llama.block_count = {} with {n_tensors} tensors in the file: it is corrupt, re-download it",
-                    cfg.num_hidden_layers
-                ),
-            ));
-        }
-        // The same limits as a config.json (the RoPE table alone has head_dim / 2 entries).
-        cfg.check_sizes(path).map_err(|e| match e {
-            CheckpointError::Config { field, message, .. } => CheckpointError::gguf(
-                path,
-                format!(
-                    "has impossible model sizes ({field} {message}): it is corrupt, re-download it"
-                ),
-            ),
-            other => other,
-        })?;
-        Ok(cfg)
-    }
-
-    /// Where the HF tensor `hf` lives in a llama.cpp GGUF file of this configuration, with the
-    /// head count its rows were permuted for (q and k).
+    /// Where the HF tensor `hf` lives in a llama.cpp GGUF file of this configuration (see
+    /// `decoder_gguf`).
     pub fn gguf_tensor_name(&self, hf: &str) -> Option<GgufTensorName> {
-        let (heads, kv_heads) = (self.num_attention_heads, self.num_key_value_heads);
-        let (name, unpermute_heads) = match hf {
-            "model.embed_tokens.weight" => ("token_embd.weight".to_string(), None),
-            "model.norm.weight" => ("output_norm.weight".into(), None),
-            "lm_head.weight" => ("output.weight".into(), None),
-            _ => {
-                let rest = hf.strip_prefix("model.layers.")?;
-                let (i, name) = rest.split_once('.')?;
-                let (g, permute) = match name {
-                    "input_layernorm.weight" => ("attn_norm.weight", None),
-                    "post_attention_layernorm.weight" => ("ffn_norm.weight", None),
-                    "self_attn.q_proj.weight" => ("attn_q.weight", Some(heads)),
-                    "self_attn.k_proj.weight" => ("attn_k.weight", Some(kv_heads)),
-                    "self_attn.v_proj.weight" => ("attn_v.weight", None),
-                    "self_attn.o_proj.weight" => ("attn_output.weight", None),
-                    "self_attn.q_proj.bias" => ("attn_q.bias", None),
-                    "self_attn.k_proj.bias" => ("attn_k.bias", None),
-                    "self_attn.v_proj.bias" => ("attn_v.bias", None),
-                    "self_attn.o_proj.bias" => ("attn_output.bias", None),
-                    "mlp.gate_proj.weight" => ("ffn_gate.weight", None),
-                    "mlp.up_proj.weight" => ("ffn_up.weight", None),
-                    "mlp.down_proj.weight" => ("ffn_down.weight", None),
-                    _ => return None,
-                };
-                (format!("blk.{i}.{g}"), permute)
-            }
-        };
-        Some(GgufTensorName { name, unpermute_heads })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_transformers_5_rope_parameters_and_4_x_fields() {
-        let p = Path::new("config.json");
-        let v5 = r#"{"model_type": "llama", "vocab_size": 211, "hidden_size": 48, "intermediate_size": 96,
-            "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8,
-            "rms_norm_eps": 1e-6, "attention_bias": true, "tie_word_embeddings": false, "hidden_act": "silu",
-            "rope_parameters": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-              "original_max_position_embeddings": 256, "rope_theta": 500000.0, "rope_type": "llama3"}}"#;
-        let c = DecoderConfig::from_json(v5, p).unwrap();
-        assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (2, 8, 500000.0));
-        assert!(c.qkv_bias && c.o_bias && !c.tie_word_embeddings);
-        assert!(c.rope_scaling.is_some());
-        let v4 = r#"{"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 1000000.0}"#;
-        let c = DecoderConfig::from_json(v4, p).unwrap();
-        assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (2, 4, 1e6));
-        assert!(c.qkv_bias && !c.o_bias && c.rope_scaling.is_none());
-        let bad = v4.replace(
-            "\"rope_theta\": 1000000.0",
-            "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0}",
-        );
-        assert!(DecoderConfig::from_json(&bad, p).unwrap_err().to_string().contains("llama3"));
-        let bad = v4.replace("qwen2", "gpt2");
-        assert!(DecoderConfig::from_json(&bad, p).is_err());
-    }
-
-    #[test]
-    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let c = DecoderConfig {
-            model_type: "llama".into(),
-            vocab_size: 1,
-            hidden_size: 8,
-            intermediate_size: 1,
-            num_hidden_layers: 1,
-            num_attention_heads: 1,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            rms_norm_eps: 1e-6,
-            rope_theta: 500000.0,
-            rope_scaling: Some(Llama3RopeScaling {
-                factor: 8.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 256.0,
-            }),
-            max_position_embeddings: 2048,
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-        };
-        let f = c.inv_freq();
-        let base: Vec<f64> = (0..4).map(|i| 1.0 / 500000f64.powf(2.0 * i as f64 / 8.0)).collect();
-        assert_eq!(f[0], base[0]); // wavelength 6.3 < 64: kept
-        assert!((f[3] - base[3] / 8.0).abs() < 1e-18); // wavelength 1.2e5 > 256: divided by 8
-        assert!(f[1] < base[1] && f[1] > base[1] / 8.0 || f[2] < base[2] && f[2] > base[2] / 8.0);
+        crate::arch::decoder_gguf::gguf_tensor_name(self, hf)
     }
 }

@@ -10,6 +10,8 @@
 //! engines consume them: row-major f32, linear weights `[in, out]` so that `y = x·W + b`.
 
 pub mod decoder;
+pub(crate) mod decoder_gguf;
+mod decoder_json;
 pub mod gpt2;
 
 use std::collections::HashMap;
@@ -86,16 +88,40 @@ pub enum Architecture {
     Gpt2,
     /// Llama (`LlamaForCausalLM`; also SmolLM).
     Llama,
-    /// Mistral (read as the Llama family).
+    /// Mistral (Llama with a sliding window).
     Mistral,
-    /// Qwen2 (the Llama family with q/k/v biases).
+    /// Qwen2 (Llama with q/k/v biases).
     Qwen2,
+    /// Qwen3 (per-head q/k RMSNorm, explicit `head_dim`).
+    Qwen3,
+    /// Gemma-2 (sandwich norms, `1 + w` RMSNorm, GeGLU, soft-capped scores and logits,
+    /// alternating sliding-window layers).
+    Gemma2,
+    /// Gemma-3 text models (`gemma3_text`: Gemma-2 without soft-caps, q/k norms, 5 local : 1
+    /// global layers with their own RoPE θ).
+    Gemma3,
+    /// OLMo-2 (norms after attention and MLP, q/k RMSNorm over the whole projection).
+    Olmo2,
+    /// Phi-3 (fused `qkv_proj` and `gate_up_proj`).
+    Phi3,
+    /// GPT-NeoX / Pythia (LayerNorm, parallel residual, partial rotary, fused per-head qkv).
+    GptNeoX,
 }
 
 impl Architecture {
     /// Every architecture, in the order error messages list them.
-    pub const ALL: [Architecture; 4] =
-        [Architecture::Gpt2, Architecture::Llama, Architecture::Mistral, Architecture::Qwen2];
+    pub const ALL: [Architecture; 10] = [
+        Architecture::Gpt2,
+        Architecture::Llama,
+        Architecture::Mistral,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Gemma2,
+        Architecture::Gemma3,
+        Architecture::Olmo2,
+        Architecture::Phi3,
+        Architecture::GptNeoX,
+    ];
 
     /// The HF `model_type`.
     pub fn model_type(self) -> &'static str {
@@ -104,6 +130,12 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3_text",
+            Architecture::Olmo2 => "olmo2",
+            Architecture::Phi3 => "phi3",
+            Architecture::GptNeoX => "gpt_neox",
         }
     }
 
@@ -118,12 +150,11 @@ impl Architecture {
         })
     }
 
-    /// The model file that runs it: `gpt2` or `llama` (Mistral and Qwen2 are Llama-family
-    /// models).
+    /// The model file that runs it: `gpt2`, or `decoder` for every RoPE decoder family.
     pub fn family(self) -> &'static str {
         match self {
             Architecture::Gpt2 => "gpt2",
-            _ => "llama",
+            _ => "decoder",
         }
     }
 }
@@ -151,6 +182,10 @@ impl ModelConfig {
         let value: Value =
             serde_json::from_str(&text).map_err(|e| CheckpointError::json(path, e.to_string()))?;
         let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("gpt2");
+        if model_type == "gemma3" {
+            // The multimodal wrapper: DecoderConfig says which Gemma-3 checkpoints work.
+            return DecoderConfig::from_json(&text, path).map(ModelConfig::Decoder);
+        }
         Ok(match Architecture::from_model_type(model_type)? {
             Architecture::Gpt2 => ModelConfig::Gpt2(Gpt2Config::from_json(&text, path)?),
             _ => ModelConfig::Decoder(DecoderConfig::from_json(&text, path)?),
@@ -161,9 +196,7 @@ impl ModelConfig {
     pub fn architecture(&self) -> Architecture {
         match self {
             ModelConfig::Gpt2(_) => Architecture::Gpt2,
-            ModelConfig::Decoder(c) => {
-                Architecture::from_model_type(&c.model_type).unwrap_or(Architecture::Llama)
-            }
+            ModelConfig::Decoder(c) => c.architecture,
         }
     }
 
@@ -334,14 +367,33 @@ impl WeightSource for WeightStore {
 }
 
 /// Where an HF tensor lives in a llama.cpp GGUF file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GgufTensorName {
     /// The GGUF tensor name (`blk.3.attn_q.weight`).
     pub name: String,
-    /// llama.cpp's converter permuted the rows of this tensor for `heads` heads (q and k of
-    /// RoPE models: the interleaved rotation pairs rows `2i, 2i+1` where HF's `rotate_half`
-    /// pairs `i, i + d_head/2`); undone on read.
-    pub unpermute_heads: Option<usize>,
+    /// How the converter changed the tensor; undone on read.
+    pub layout: GgufLayout,
+}
+
+/// How llama.cpp's converter stores a tensor differently from the HF checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GgufLayout {
+    /// As in the HF checkpoint.
+    Same,
+    /// Rows permuted for this many heads (q and k of `llama` files: the interleaved rotation
+    /// pairs rows `2i, 2i+1` where HF's `rotate_half` pairs `i, i + d_head/2`).
+    UnpermuteRows(usize),
+    /// Every value shifted: the GGUF holds `w − shift`… i.e. the HF value is `gguf + shift`
+    /// (Gemma norms are stored as `1 + w`: shift −1).
+    Shifted(f32),
+    /// GPT-NeoX's fused `query_key_value`, stored `[q | k | v]` where HF interleaves
+    /// `[head][q | k | v][head_dim]`.
+    NeoxQkv {
+        /// Heads.
+        heads: usize,
+        /// Per-head width.
+        head_dim: usize,
+    },
 }
 
 /// A GGUF file as a [`WeightSource`]: HF names are mapped to GGUF names by the architecture's
@@ -375,9 +427,12 @@ impl WeightSource for GgufSource<'_> {
             });
         }
         let data = self.file.read_f32(&target.name)?;
-        Ok(Some(match target.unpermute_heads {
-            Some(heads) => unpermute_rows(&data, heads, shape[0], shape[1]),
-            None => data,
+        let inp = shape.get(1).copied().unwrap_or(1);
+        Ok(Some(match target.layout {
+            GgufLayout::Same => data,
+            GgufLayout::UnpermuteRows(heads) => unpermute_rows(&data, heads, shape[0], inp),
+            GgufLayout::Shifted(shift) => data.into_iter().map(|x| x + shift).collect(),
+            GgufLayout::NeoxQkv { heads, head_dim } => neox_qkv_rows(&data, heads, head_dim, inp),
         }))
     }
 
@@ -405,6 +460,22 @@ pub fn unpermute_rows(rows: &[f32], n_head: usize, out: usize, inp: usize) -> Ve
     hf
 }
 
+/// GPT-NeoX's fused q/k/v from llama.cpp's `[q | k | v]` row order back to HF's per-head
+/// `[head][q | k | v][head_dim]` (`inp` values per row; 1 for the bias).
+pub fn neox_qkv_rows(rows: &[f32], heads: usize, head_dim: usize, inp: usize) -> Vec<f32> {
+    let mut hf = rows.to_vec();
+    for part in 0..3 {
+        for h in 0..heads {
+            for i in 0..head_dim {
+                let src = ((part * heads + h) * head_dim + i) * inp;
+                let dst = ((h * 3 + part) * head_dim + i) * inp;
+                hf[dst..dst + inp].copy_from_slice(&rows[src..src + inp]);
+            }
+        }
+    }
+    hf
+}
+
 /// Deterministic random weights as a [`WeightSource`]: every tensor of the configuration's
 /// HF layout drawn from a seeded normal stream (see [`crate::random_gpt2_weights`]), so a
 /// `(config, std, seed)` triple names one model on every engine.
@@ -415,8 +486,17 @@ pub struct RandomSource {
 impl RandomSource {
     /// The random tensors of `config` (matrices `N(0, std²)`, see [`crate::random_gpt2_weights`]).
     pub fn new(config: &ModelConfig, std: f64, seed: u64) -> Self {
-        let tensors =
-            crate::synthetic::random_tensors(config.tensor_specs(), std, config.n_layers(), seed);
+        let norm_weight_mean = match config {
+            ModelConfig::Decoder(c) if c.norm_unit_offset => 0.0,
+            _ => 1.0,
+        };
+        let tensors = crate::synthetic::random_tensors(
+            config.tensor_specs(),
+            std,
+            config.n_layers(),
+            norm_weight_mean,
+            seed,
+        );
         RandomSource { tensors: tensors.into_iter().map(|(n, _, d)| (n, d)).collect() }
     }
 }
@@ -504,7 +584,7 @@ mod tests {
         let e = Architecture::from_model_type("mamba").unwrap_err().to_string();
         assert_eq!(
             e,
-            "model architecture \"mamba\" is not supported: supported are gpt2, llama, mistral, qwen2"
+            "model architecture \"mamba\" is not supported: supported are gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, olmo2, phi3, gpt_neox"
         );
     }
 
