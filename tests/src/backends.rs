@@ -179,7 +179,31 @@ macro_rules! backend_suite_llama {
     (llama) => {
         #[test]
         fn llama_fixtures_match_the_oracle_and_the_contract() {
-            for name in ["llama-tiny-tied", "llama-tiny-untied"] {
+            for name in ["llama-tiny-tied", "llama-tiny-untied", "mistral-window-tiny"] {
+                oracle_and_contract(name);
+            }
+        }
+
+        /// The transformers oracle of every new decoder family: logits and hidden states at
+        /// every layer and position ≤ 1e-4, exact F ≤ 1e-4 relative at every layer and
+        /// position, and the contract at every layer.
+        #[test]
+        fn gemma_fixtures_match_the_oracle_and_the_contract() {
+            for name in ["gemma2-tiny", "gemma3-tiny"] {
+                oracle_and_contract(name);
+            }
+        }
+
+        #[test]
+        fn qwen3_olmo2_phi3_fixtures_match_the_oracle_and_the_contract() {
+            for name in ["qwen3-tiny", "olmo2-tiny", "phi3-tiny"] {
+                oracle_and_contract(name);
+            }
+        }
+
+        #[test]
+        fn gpt_neox_fixtures_match_the_oracle_and_the_contract() {
+            for name in ["pythia-tiny", "gptneox-sequential-tiny"] {
                 oracle_and_contract(name);
             }
         }
