@@ -103,40 +103,12 @@ impl Checkpoint {
         }
     }
 
-    /// The tokenizer that came inside the weights (GGUF metadata: `tokenizer.ggml.*`, byte-level
-    /// BPE only), if any; `None` for a directory (its tokenizer files are in
+    /// The tokenizer that came inside the weights (GGUF metadata `tokenizer.ggml.*`: byte-level
+    /// BPE or SentencePiece, see [`crate::tokenizer_from_gguf`]; `encode(text, true)` adds BOS
+    /// where the metadata says so), if any; `None` for a directory (its tokenizer files are in
     /// [`ModelFiles::tokenizer`]).
     pub fn embedded_tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
         let Some(file) = self.gguf() else { return Ok(None) };
-        let path = file.path();
-        let strings = |key: &str| -> Result<Vec<String>> {
-            let arr = file
-                .get(key)
-                .and_then(GgufValue::as_array)
-                .ok_or_else(|| CheckpointError::gguf(path, format!("lacks {key}")))?;
-            arr.iter()
-                .map(|v| {
-                    v.as_str().map(str::to_string).ok_or_else(|| {
-                        CheckpointError::gguf(path, format!("{key}: an element is not a string"))
-                    })
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> =
-            match file.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
-                Some(arr) => arr.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
-                None => vec![1; tokens.len()],
-            };
-        let model_kind =
-            file.get("tokenizer.ggml.model").and_then(GgufValue::as_str).unwrap_or_default();
-        if model_kind != "gpt2" {
-            return Err(CheckpointError::Unsupported {
-                what: format!("GGUF tokenizer model {model_kind:?} in {}", path.display()),
-                supported: "gpt2 (byte-level BPE); pass --tokens instead of --text".into(),
-            });
-        }
-        crate::tokenizer_from_gguf_bpe(&tokens, &merges, &types, path).map(Some)
+        crate::tokenizer_from_gguf(file).map(|t| Some(t.tokenizer))
     }
 }

@@ -72,7 +72,10 @@ pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
 pub use synthetic::{random_decoder_weights, random_gpt2_weights, write_checkpoint, NamedTensor};
-pub use tokenizer::{load_tokenizer, tokenizer_from_gguf_bpe};
+pub use tokenizer::{
+    load_tokenizer, tokenizer_from_gguf, tokenizer_from_gguf_bpe, tokenizer_from_gguf_spm,
+    GgufTokenizer, GgufTokenizerKind,
+};
 pub use weights::{HostTensor, WeightStore, MAX_HEADER_BYTES};
 
 /// The tokenizers crate, re-exported so backends name the same `Tokenizer` type.

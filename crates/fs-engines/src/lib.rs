@@ -22,9 +22,9 @@ use fs_traits::SplitModel;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Backend {
-    /// candle (GPT-2, the Llama family; CPU, CUDA with `--features cuda`).
+    /// candle (GPT-2, the RoPE decoder families; CPU, CUDA with `--features cuda`).
     Candle,
-    /// burn (GPT-2, the Llama family; needs `--features burn`).
+    /// burn (GPT-2, the RoPE decoder families; needs `--features burn`).
     Burn,
     /// dfdx (GPT-2; needs `--features dfdx`).
     Dfdx,
@@ -61,7 +61,7 @@ impl Backend {
     /// implements.
     pub fn families(self) -> &'static [&'static str] {
         match self {
-            Backend::Candle | Backend::Burn => &["gpt2", "llama"],
+            Backend::Candle | Backend::Burn => &["gpt2", "decoder"],
             Backend::Dfdx => &["gpt2"],
         }
     }
@@ -78,13 +78,13 @@ impl Backend {
         }
         let others: Vec<&str> =
             Backend::ALL.iter().filter(|b| b.implements(arch.family())).map(|b| b.name()).collect();
-        let family_name = |f: &&str| if *f == "gpt2" { "GPT-2" } else { "the Llama family" };
+        let family_name = |f: &&str| if *f == "gpt2" { "GPT-2" } else { "the RoPE decoders" };
         let has: Vec<&str> = self.families().iter().map(family_name).collect();
         bail!(
-            "--backend {} implements {} only, this is a {}-family model: use --backend {}",
+            "--backend {} implements {} only, this is a {} model: use --backend {}",
             self.name(),
             has.join(" and "),
-            arch.family(),
+            arch.model_type(),
             others.join(" or ")
         )
     }
@@ -228,7 +228,7 @@ mod tests {
         let e = Backend::Dfdx.check_supports(Architecture::Qwen2).unwrap_err().to_string();
         assert_eq!(
             e,
-            "--backend dfdx implements GPT-2 only, this is a llama-family model: use --backend candle or burn"
+            "--backend dfdx implements GPT-2 only, this is a qwen2 model: use --backend candle or burn"
         );
         for b in Backend::ALL {
             assert!(b.check_supports(Architecture::Gpt2).is_ok());

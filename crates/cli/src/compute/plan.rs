@@ -211,8 +211,10 @@ fn documents(
         .skip(start)
         .take(take)
         .map(|(i, text)| {
+            // Special tokens as the tokenizer's own configuration adds them (`add_special_tokens`,
+            // transformers' default): BOS for Gemma and Llama 3, nothing for GPT-2 or SmolLM2.
             let ids = tok
-                .encode(text.as_str(), false)
+                .encode(text.as_str(), true)
                 .map_err(|e| anyhow!("tokenizing document {i} failed: {e}"))?
                 .get_ids()
                 .to_vec();
