@@ -17,6 +17,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+# GGUF copies whose GGUF-only reading (llama.cpp's semantics) differs from the reference (tools/README.md)
+GGUF_DIVERGES = {"gemma2-tiny", "gemma3-tiny", "mistral-window-tiny", "phi3-tiny", "pythia-tiny"}
 _erf = np.vectorize(math.erf)
 
 
@@ -74,6 +76,8 @@ def gpt2(c, w, ids):
 
 def inv_freq(rp, dh):
     """RoPE inverse frequencies of one rope_parameters dict (default / linear / llama3; partial)."""
+    if "inv_freq" in rp:  # an explicit table (llama.cpp's rope_freqs view of a GGUF)
+        return np.asarray(rp["inv_freq"], dtype=np.float64)
     dim = int(dh * rp.get("partial_rotary_factor", 1.0))
     inv = 1.0 / float(rp["rope_theta"]) ** (np.arange(0, dim, 2) / dim)
     kind = rp.get("rope_type", "default")
@@ -235,6 +239,254 @@ def unembedding(c, w):
     return w["model.embed_tokens.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
 
 
+# ---------------------------------------------------------------- model.gguf (llama.cpp convert_hf_to_gguf.py)
+def read_gguf(path):
+    """Minimal GGUF v3 reader: (metadata dict, {name: np.ndarray}) for F32 tensors (ggml dims reversed)."""
+    buf = path.read_bytes()
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = np.frombuffer(buf, dtype=fmt, count=1, offset=pos)[0]
+        pos += np.dtype(fmt).itemsize
+        return v.item()
+
+    def string():
+        nonlocal pos
+        n = take("<u8")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8")
+
+    scalar = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("<u4"), take("<u8")
+            return [value(et) for _ in range(n)]
+        v = take(scalar[t])
+        return bool(v) if t == 7 else v
+
+    assert buf[:4] == b"GGUF"
+    pos = 4
+    version, n_tensors, n_kv = take("<u4"), take("<u8"), take("<u8")
+    assert version == 3
+    meta = {}
+    for _ in range(n_kv):
+        k = string()
+        meta[k] = value(take("<u4"))
+    infos = []
+    for _ in range(n_tensors):
+        name, nd = string(), take("<u4")
+        dims = [take("<u8") for _ in range(nd)]
+        infos.append((name, dims, take("<u4"), take("<u8")))
+    align = meta.get("general.alignment", 32)
+    start = (pos + align - 1) // align * align
+    tensors = {}
+    for name, dims, ttype, off in infos:
+        assert ttype == 0, (name, ttype)  # F32 only in these fixtures
+        n = int(np.prod(dims))
+        tensors[name] = np.frombuffer(buf, dtype="<f4", count=n, offset=start + off).reshape(dims[::-1])
+    return meta, tensors
+
+
+def gguf_name_map(c):
+    """HF key -> (GGUF name, transform) following convert_hf_to_gguf.py."""
+    mt, L = c["model_type"], c["num_hidden_layers"]
+    gemma = mt in ("gemma2", "gemma3_text")
+    plus1 = lambda x: x + np.float32(1)  # noqa: E731  Gemma RMSNorm weights are stored as 1 + w
+    same = lambda x: x  # noqa: E731
+    H, KV = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+
+    def permute(x, heads):  # llama arch only: HF rotate_half rows -> GGML interleaved pairs, per head
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    def neox_qkv(x):  # [heads, 3, head_size] along the output axis -> [q | k | v]
+        return x.reshape(H, 3, -1, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    m = {}
+    if mt == "gpt_neox":
+        m.update({"gpt_neox.embed_in.weight": ("token_embd.weight", same), "embed_out.weight": ("output.weight", same),
+                  "gpt_neox.final_layer_norm.weight": ("output_norm.weight", same),
+                  "gpt_neox.final_layer_norm.bias": ("output_norm.bias", same)})
+        per = {"input_layernorm": ("attn_norm", same), "post_attention_layernorm": ("ffn_norm", same),
+               "attention.query_key_value": ("attn_qkv", neox_qkv), "attention.dense": ("attn_output", same),
+               "mlp.dense_h_to_4h": ("ffn_up", same), "mlp.dense_4h_to_h": ("ffn_down", same)}
+        for i in range(L):
+            for hf, (gg, f) in per.items():
+                for wb in ("weight", "bias"):
+                    m[f"gpt_neox.layers.{i}.{hf}.{wb}"] = (f"blk.{i}.{gg}.{wb}", f)
+        return m
+    norm = plus1 if gemma else same
+    m.update({"model.embed_tokens.weight": ("token_embd.weight", same), "model.norm.weight": ("output_norm.weight", norm),
+              "lm_head.weight": ("output.weight", same)})
+    llama = mt in ("llama", "mistral")
+    per = {"input_layernorm": ("attn_norm", norm),
+           "post_attention_layernorm": ("post_attention_norm" if gemma or mt == "olmo2" else "ffn_norm", norm),
+           "pre_feedforward_layernorm": ("ffn_norm", norm), "post_feedforward_layernorm": ("post_ffw_norm", norm),
+           "self_attn.q_proj": ("attn_q", (lambda x: permute(x, H)) if llama else same),
+           "self_attn.k_proj": ("attn_k", (lambda x: permute(x, KV)) if llama else same),
+           "self_attn.v_proj": ("attn_v", same), "self_attn.o_proj": ("attn_output", same),
+           "self_attn.q_norm": ("attn_q_norm", norm), "self_attn.k_norm": ("attn_k_norm", norm),
+           "self_attn.qkv_proj": ("attn_qkv", same),  # Phi-3: kept fused, [q | k | v]
+           "mlp.gate_proj": ("ffn_gate", same), "mlp.up_proj": ("ffn_up", same),
+           "mlp.gate_up_proj": ("ffn_up", same),  # Phi-3: kept fused, [gate | up]
+           "mlp.down_proj": ("ffn_down", same)}
+    for i in range(L):
+        for hf, (gg, f) in per.items():
+            for wb in ("weight", "bias"):
+                m[f"model.layers.{i}.{hf}.{wb}"] = (f"blk.{i}.{gg}.{wb}", f)
+    return m
+
+
+def check_gguf(fx, c, w32):
+    """Every GGUF tensor is the safetensors tensor under the converter's conventions (bit for bit), and
+    the metadata says what config.json says (where GGUF has a key for it)."""
+    meta, g = read_gguf(fx / "model.gguf")
+    arch = meta["general.architecture"]
+    mt = c["model_type"]
+    assert arch == {"gemma3_text": "gemma3", "gpt_neox": "gptneox", "mistral": "llama"}.get(mt, mt), arch
+    names = gguf_name_map(c)
+    seen = set()
+    for k, x in w32.items():
+        gname, f = names[k]
+        assert np.array_equal(g[gname], f(x)), (fx.name, k, gname)
+        seen.add(gname)
+    extra = set(g) - seen
+    rp = c.get("rope_parameters") or {}
+    if rp.get("rope_type") == "llama3":  # llama.cpp divides inv_freq by rope_freqs (the llama3 factors)
+        assert extra == {"rope_freqs.weight"}, extra
+        dh = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        base_inv = 1.0 / float(rp["rope_theta"]) ** (np.arange(0, dh, 2) / dh)
+        assert np.allclose(base_inv / g["rope_freqs.weight"], inv_freq(rp, dh), rtol=1e-6)
+    else:
+        assert not extra, extra
+    V, L = c["vocab_size"], c["num_hidden_layers"]
+    a = lambda k: meta[f"{arch}.{k}"]  # noqa: E731
+    assert a("block_count") == L and a("embedding_length") == c["hidden_size"]
+    assert a("feed_forward_length") == c["intermediate_size"] and a("attention.head_count") == c["num_attention_heads"]
+    assert a("context_length") == c["max_position_embeddings"]
+    if mt == "gpt_neox":
+        assert "attention.head_count_kv" not in {k.split(".", 1)[1] for k in meta if k.startswith(arch)}
+        assert np.isclose(a("attention.layer_norm_epsilon"), c["layer_norm_eps"], rtol=1e-6)
+        assert a("use_parallel_residual") == c["use_parallel_residual"]
+        hs = c["hidden_size"] // c["num_attention_heads"]
+        assert a("rope.dimension_count") == int(hs * rp["partial_rotary_factor"])
+        assert f"{arch}.rope.freq_base" not in meta  # not written: llama.cpp default 10000
+    else:
+        assert a("attention.head_count_kv") == c["num_key_value_heads"]
+        assert np.isclose(a("attention.layer_norm_rms_epsilon"), c["rms_norm_eps"], rtol=1e-6)
+    if mt == "gemma2":
+        assert a("attn_logit_softcapping") == c["attn_logit_softcapping"]
+        assert a("final_logit_softcapping") == c["final_logit_softcapping"]
+        assert a("attention.sliding_window") == c["sliding_window"] and a("attention.key_length") == c["head_dim"]
+        assert f"{arch}.rope.freq_base" not in meta and rp["rope_theta"] == 10000.0  # llama.cpp default
+    elif mt == "gemma3_text":
+        full, slide = rp["full_attention"], rp["sliding_attention"]
+        assert a("rope.freq_base") == full["rope_theta"] and a("rope.freq_base_swa") == slide["rope_theta"]
+        assert a("rope.scaling.type") == full["rope_type"] == "linear" and a("rope.scaling.factor") == full["factor"]
+        assert a("attention.sliding_window") == c["sliding_window"] and a("attention.key_length") == c["head_dim"]
+        assert f"{arch}.attention.sliding_window_pattern" not in meta  # layer_types not carried (llama.cpp: 6)
+    elif mt in ("llama", "mistral", "qwen3", "olmo2", "phi3"):
+        assert a("rope.freq_base") == rp["rope_theta"]
+        if mt in ("llama", "mistral"):
+            assert a("rope.dimension_count") == c["head_dim"] and a("vocab_size") == V
+            assert f"{arch}.attention.sliding_window" not in meta  # Mistral's window is not carried
+        if mt == "phi3":
+            dh = c["hidden_size"] // c["num_attention_heads"]
+            assert a("rope.dimension_count") == int(rp["partial_rotary_factor"] * c["hidden_size"]) // c["num_attention_heads"]
+            assert a("rope.dimension_count") == int(dh * rp["partial_rotary_factor"])
+            assert a("attention.sliding_window") == c["sliding_window"]
+            assert a("rope.scaling.original_context_length") == c["original_max_position_embeddings"]
+        if mt == "qwen3":
+            assert a("attention.key_length") == c["head_dim"]
+    assert meta["general.file_type"] == 0 if "general.file_type" in meta else True
+    toks = meta["tokenizer.ggml.tokens"]
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2" and len(toks) == V
+    assert toks[-1] == "<|endoftext|>" and meta["tokenizer.ggml.eos_token_id"] == V - 1
+    assert all(m.count(" ") == 1 and m.replace(" ", "") in toks for m in meta["tokenizer.ggml.merges"])
+    return len(g)
+
+
+def llama_cpp_view(meta, g):
+    """(config dict, HF-named float64 weights) as llama.cpp would run the GGUF: hyper-parameters from the
+    GGUF alone plus llama.cpp's defaults and fixed choices at the pinned commit, read from its source
+    (src/models/*.cpp), not by running it: attention scale 1/sqrt(key_length) (Gemma; the 27B exception
+    does not apply); Gemma-2 sliding pattern 2, Gemma-3 pattern 6 unless attention.sliding_window_pattern;
+    Phi-3 SWA disabled; no window for llama; GPT-NeoX GELU = tanh form; rope.freq_base default 10000."""
+    arch = meta["general.architecture"]
+    a = lambda k, dflt=None: meta.get(f"{arch}.{k}", dflt)  # noqa: E731
+    d, H, L = a("embedding_length"), a("attention.head_count"), a("block_count")
+    mt = {"gemma3": "gemma3_text", "gptneox": "gpt_neox"}.get(arch, arch)
+    c = dict(model_type=mt, hidden_size=d, num_attention_heads=H, num_hidden_layers=L,
+             num_key_value_heads=a("attention.head_count_kv", H), intermediate_size=a("feed_forward_length"),
+             max_position_embeddings=a("context_length"), vocab_size=len(meta["tokenizer.ggml.tokens"]),
+             tie_word_embeddings="output.weight" not in g)
+    dh = a("attention.key_length", d // H)
+    theta = a("rope.freq_base", 10000.0)
+    rot = a("rope.dimension_count", dh)
+    if mt == "gpt_neox":
+        c.update(layer_norm_eps=a("attention.layer_norm_epsilon"), hidden_act="gelu_new",
+                 use_parallel_residual=a("use_parallel_residual"),
+                 rope_parameters=dict(rope_theta=theta, partial_rotary_factor=rot / (d // H)))
+    else:
+        c.update(head_dim=dh, rms_norm_eps=a("attention.layer_norm_rms_epsilon"), hidden_act="silu",
+                 rope_parameters=dict(rope_theta=theta, partial_rotary_factor=rot / dh))
+    if mt in ("gemma2", "gemma3_text"):
+        pattern = 2 if mt == "gemma2" else 6
+        c.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=dh,
+                 sliding_window=a("attention.sliding_window"),
+                 layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(L)],
+                 attn_logit_softcapping=a("attn_logit_softcapping"), final_logit_softcapping=a("final_logit_softcapping"))
+        if mt == "gemma3_text":
+            full = dict(rope_theta=theta, rope_type="default")
+            if a("rope.scaling.type") == "linear":
+                full.update(rope_type="linear", factor=a("rope.scaling.factor"))
+            c["rope_parameters"] = dict(full_attention=full,
+                                        sliding_attention=dict(rope_theta=a("rope.freq_base_swa", theta)))
+    if mt == "phi3":
+        c["sliding_window"] = None  # "Phi SWA is currently disabled"
+    # weights back to HF names: undo the converter's transforms
+    H_, KV = c["num_attention_heads"], c["num_key_value_heads"]
+
+    def unpermute(x, heads):
+        return x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    def neox_unqkv(x):
+        return x.reshape(3, H_, -1, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    w = {}
+    for hf, (gname, _) in gguf_name_map(c).items():
+        if gname not in g:
+            continue
+        x = g[gname].astype(np.float64)
+        if mt in ("llama", "mistral") and ".self_attn.q_proj." in hf:
+            x = unpermute(x, H_)
+        elif mt in ("llama", "mistral") and ".self_attn.k_proj." in hf:
+            x = unpermute(x, KV)
+        elif mt == "gpt_neox" and ".query_key_value." in hf:
+            x = neox_unqkv(x)
+        elif mt in ("gemma2", "gemma3_text") and hf.endswith("norm.weight"):
+            x = g[gname] - np.float32(1)  # the forward adds 1 back
+            x = x.astype(np.float64)
+        w[hf] = x
+    if "rope_freqs.weight" in g:  # llama3: llama.cpp divides each inv_freq by its factor
+        c["rope_parameters"]["inv_freq"] = (1.0 / theta ** (np.arange(0, dh, 2) / dh)) / g["rope_freqs.weight"]
+    return c, w
+
+
+def gguf_only_logits(fx):
+    meta, g = read_gguf(fx / "model.gguf")
+    c, w = llama_cpp_view(meta, g)
+    ids = load_file(fx / "reference.safetensors")["input_ids"]
+    hidden = {"gpt_neox": gpt_neox}.get(c["model_type"], decoder)(c, w, ids)
+    nf, wu = final_norm(c, w), unembedding(c, w)
+    pre = np.stack([nf(h)[0] for h in hidden[-1]]) @ wu.T
+    cap = c.get("final_logit_softcapping")
+    return pre if cap is None else cap * np.tanh(pre / cap)
+
+
 def rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
@@ -266,6 +518,9 @@ def check(fx):
         es = max(es, rel(G.T @ G / len(G), r["sampled_fisher"][L, i]))
     errs["fisher[L]"], errs["sampled_fisher[L]"] = ef, es
     assert r["sample_tokens"].dtype == np.int64
+    if (fx / "model.gguf").is_file():
+        errs["gguf tensors"] = check_gguf(fx, c, load_file(fx / "model.safetensors"))
+        errs["gguf-only"] = rel(gguf_only_logits(fx), r["logits"])
     return errs
 
 
@@ -275,7 +530,13 @@ def main():
                       if all((p / f).is_file() for f in ("config.json", "model.safetensors", "reference.safetensors")))
     for fx in fixtures:
         errs = check(fx)
+        n_gguf, gguf_only = errs.pop("gguf tensors", None), errs.pop("gguf-only", None)
         print(f"{fx.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+        if n_gguf:
+            print(f"    model.gguf: {n_gguf} tensors bit-identical under the converter's conventions; forward with "
+                  f"llama.cpp's reading of the GGUF alone: logits rel. error {gguf_only:.1e}"
+                  + ("" if fx.name in GGUF_DIVERGES else " (= reference)"))
+            assert (gguf_only > 1e-6) == (fx.name in GGUF_DIVERGES), (fx.name, gguf_only)
         worst = max(worst, *errs.values())
     assert worst < 1e-11, worst
     print(f"all {len(fixtures)} fixtures agree with the numpy reimplementation (worst relative error {worst:.1e})")

@@ -49,11 +49,16 @@ Conventions (L = number of blocks, T = sequence length, V = vocab, d = hidden si
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -581,13 +586,191 @@ def check_keys(arch, model, keys):
         assert pre + "input_layernorm.weight" not in keys and pre + "post_feedforward_layernorm.weight" in keys
 
 
+# ---------------------------------------------------------------- GGUF copies (llama.cpp's converter)
+# model.gguf is written by llama.cpp's own convert_hf_to_gguf.py (its conversion/ package and its
+# vendored gguf-py), taken from the llama-cpp-python sdist, which vendors llama.cpp as a submodule.
+LLAMA_CPP = dict(package="llama-cpp-python", version="0.3.36",
+                 sdist_sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+                 llama_cpp_commit="0c1e57098bba43ac29e6e3b677cdceebdd22334f")
+GGUF_FIXTURES = ("llama-tiny-tied", "llama-tiny-untied", "gemma2-tiny", "gemma3-tiny", "qwen3-tiny", "pythia-tiny",
+                 "gptneox-sequential-tiny", "phi3-tiny", "olmo2-tiny", "mistral-window-tiny")
+TRANSFORMERS_GGUF = ("llama", "qwen3", "phi3", "gemma2", "gemma3")  # archs transformers 5.24 can load from GGUF
+# Runs in a subprocess (the converter puts its own gguf-py first on sys.path). Three patches, all outside
+# the tensor / hyper-parameter code: the tiny tokenizer's pre-tokenizer hash is not in the converter's
+# table (it is a plain GPT-2 byte-level BPE: "gpt-2"); Gemma-2's converter only knows SentencePiece
+# tokenizers, so it takes the converter's own GPT-2 BPE path; the GPT-NeoX converter reads `rotary_pct`,
+# which transformers 5.x config.json no longer has (it became rope_parameters.partial_rotary_factor).
+_CONVERT_DRIVER = r"""
+import sys
+from pathlib import Path
+llama_cpp, src, out = sys.argv[1:4]
+sys.path.insert(0, llama_cpp)
+import convert_hf_to_gguf as conv
+from conversion import load_all_models
+load_all_models()
+from conversion.base import ModelBase, TextModel
+from conversion.gemma import Gemma2Model
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()
+_stock = ModelBase.load_hparams
+def load_hparams(dir_model, is_mistral_format):
+    h = _stock(dir_model, is_mistral_format)
+    if h.get("model_type") == "gpt_neox" and "rotary_pct" not in h:
+        h["rotary_pct"] = h["rope_parameters"]["partial_rotary_factor"]
+    return h
+ModelBase.load_hparams = staticmethod(load_hparams)
+sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", out]
+conv.main()
+"""
+
+
+def gguf_py_version(llama_cpp):
+    for line in (llama_cpp / "gguf-py" / "pyproject.toml").read_text().splitlines():
+        if line.startswith("version"):
+            return line.split("=")[1].strip().strip('"')
+    return None
+
+
+def cache_dir():
+    return Path(os.environ.get("FISHER_STEIN_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fisher-stein")
+
+
+def default_llama_cpp():
+    return cache_dir() / f"llama_cpp_python-{LLAMA_CPP['version']}" / "vendor" / "llama.cpp"
+
+
+def fetch_llama_cpp():
+    """pip download the pinned llama-cpp-python sdist, check its sha256, extract the converter only."""
+    target = default_llama_cpp()
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP["package"],
+                        f"{LLAMA_CPP['package']}=={LLAMA_CPP['version']}", "-d", tmp], check=True)
+        sdist = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP['version']}.tar.gz"
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        assert digest == LLAMA_CPP["sdist_sha256"], f"sdist sha256 {digest} != {LLAMA_CPP['sdist_sha256']}"
+        prefix = f"llama_cpp_python-{LLAMA_CPP['version']}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tf:
+            members = [m for m in tf.getmembers() if m.name.startswith(
+                tuple(prefix + x for x in ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")))]
+            tf.extractall(cache_dir(), members=members, filter="data")
+    return target
+
+
+def tiny_tokenizer(V):
+    """A consistent byte-level BPE with exactly V tokens: 'Ġ' (byte-level space) and a..z, then the merges
+    'x y' -> 'xy' for x in (Ġ, a..z), y in a..z in that order, and '<|endoftext|>' (special) as id V-1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    base_tokens = ["\u0120"] + letters
+    vocab, merges = {t: i for i, t in enumerate(base_tokens)}, []
+    for a in base_tokens:
+        for b in letters:
+            if len(vocab) < V - 1:
+                vocab[a + b] = len(vocab)
+                merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    assert tok.get_vocab_size() == V and tok.token_to_id("<|endoftext|>") == V - 1
+    return tok
+
+
+def write_gguf(name, root, llama_cpp):
+    """tests/fixtures/NAME/model.gguf: convert_hf_to_gguf.py --outtype f32 on a copy of the fixture's
+    config.json + model.safetensors plus the tiny tokenizer (tokenizer.json, tokenizer_config.json; not
+    committed). The copy's directory carries the fixture's name (the converter derives general.name)."""
+    fx = root / name
+    V = json.loads((fx / "config.json").read_text())["vocab_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / name
+        src.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(fx / f, src / f)
+        tiny_tokenizer(V).save(str(src / "tokenizer.json"))
+        (src / "tokenizer_config.json").write_text(json.dumps(
+            dict(tokenizer_class="GPT2Tokenizer", bos_token="<|endoftext|>", eos_token="<|endoftext|>")))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "-c", _CONVERT_DRIVER, str(llama_cpp), str(src), str(fx / "model.gguf")],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            sys.stderr.write(r.stdout + r.stderr)
+            raise RuntimeError(f"convert_hf_to_gguf.py failed for {name}")
+
+
+def check_gguf(name, root):
+    """The GGUF's weights, read back by transformers' GGUF loader, reproduce the safetensors model."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
+    fx = root / name
+    reader = GGUFReader(str(fx / "model.gguf"))
+    assert all(t.tensor_type.name == "F32" for t in reader.tensors)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    with safe_open(str(fx / "reference.safetensors"), "pt") as f:
+        ids = f.get_tensor("input_ids")
+    cfg = AutoConfig.from_pretrained(fx)
+    ref = AutoModelForCausalLM.from_pretrained(fx, attn_implementation="eager").eval()
+    with torch.no_grad():
+        z_ref = ref(ids[None]).logits[0]
+    if arch not in TRANSFORMERS_GGUF:
+        print(f"[{name}] model.gguf ({arch}, {len(reader.tensors)} tensors): transformers cannot load this "
+              f"architecture from GGUF; check_fixtures.py checks it tensor by tensor")
+        return
+    if isinstance(cfg, MistralConfig):  # a llama GGUF: load as Llama, move the weights into Mistral
+        g = AutoModelForCausalLM.from_pretrained(fx, gguf_file="model.gguf", attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        model.load_state_dict(g.state_dict())
+        with torch.no_grad():
+            z_gguf_cfg = g(ids[None]).logits[0]
+        W = cfg.sliding_window
+        note = (f"GGUF-only config ({type(g).__name__}, no window): max |dz| = "
+                f"{float((z_gguf_cfg[:W] - z_ref[:W]).abs().max()):.1e} at t < {W}, "
+                f"{float((z_gguf_cfg[W:] - z_ref[W:]).abs().max()):.1e} at t >= {W}")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(fx, gguf_file="model.gguf", config=cfg,
+                                                     attn_implementation="eager").eval()
+        try:
+            g = AutoModelForCausalLM.from_pretrained(fx, gguf_file="model.gguf", attn_implementation="eager").eval()
+            with torch.no_grad():
+                note = f"GGUF-only config: max |dz| = {float((g(ids[None]).logits[0] - z_ref).abs().max()):.1e}"
+        except Exception as e:  # noqa: BLE001 - informational only
+            note = f"GGUF-only config does not load ({type(e).__name__})"
+    with torch.no_grad():
+        z = model(ids[None]).logits[0]
+    sd_ref, sd = ref.state_dict(), model.state_dict()
+    assert sd_ref.keys() == sd.keys()
+    dw = max(float((sd_ref[k] - sd[k]).abs().max()) for k in sd_ref)
+    dz = float((z - z_ref).abs().max())
+    assert dw <= 2.4e-7 and dz <= 1e-5, (dw, dz)  # Gemma norms: (1 + w) - 1 rounds in f32
+    how = ("weights from transformers' GGUF loader (as Llama) moved into MistralForCausalLM(config.json)"
+           if isinstance(cfg, MistralConfig) else "transformers' GGUF loader with config=config.json")
+    print(f"[{name}] model.gguf ({arch}, {len(reader.tensors)} tensors), {how}: max |dw| = {dw:.1e}, "
+          f"max |dz| (f32 logits) = {dz:.1e}; {note}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None, help="comma-separated fixture names (VERSIONS.json untouched)")
     ap.add_argument("--probe", action="store_true", help="statistics only, nothing written")
+    ap.add_argument("--llama-cpp", default=None, type=Path,
+                    help="llama.cpp source dir with convert_hf_to_gguf.py (default: the cached sdist, see --fetch-llama-cpp)")
+    ap.add_argument("--fetch-llama-cpp", action="store_true",
+                    help=f"pip download llama-cpp-python=={LLAMA_CPP['version']} (sdist, sha256-checked) into the cache")
+    ap.add_argument("--no-gguf", action="store_true", help="do not (re)write model.gguf")
     args = ap.parse_args()
+    llama_cpp = None
+    if not (args.probe or args.no_gguf):
+        llama_cpp = fetch_llama_cpp() if args.fetch_llama_cpp else (args.llama_cpp or default_llama_cpp())
+        if not (llama_cpp / "convert_hf_to_gguf.py").is_file():
+            print(f"no llama.cpp converter at {llama_cpp}: model.gguf files are left as they are "
+                  f"(use --fetch-llama-cpp or --llama-cpp DIR, or --no-gguf to silence this)")
+            llama_cpp = None
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    transformers.utils.logging.disable_progress_bar()
     patch_float64()
     root = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
     only = set(args.only.split(",")) if args.only else None
@@ -597,14 +780,29 @@ def main():
     for spec in specs:
         t0 = datetime.datetime.now()
         fixtures[spec["name"]] = make_fixture(spec, root, probe=args.probe)
+        if llama_cpp is not None and spec["name"] in GGUF_FIXTURES:
+            write_gguf(spec["name"], root, llama_cpp)
+        if not args.probe and (root / spec["name"] / "model.gguf").is_file():
+            check_gguf(spec["name"], root)
         print(f"[{spec['name']}] {(datetime.datetime.now() - t0).total_seconds():.1f} s")
     if args.probe or only is not None:
         return 0
+    if llama_cpp is not None:
+        gguf = dict(converter="llama.cpp convert_hf_to_gguf.py --outtype f32 (conversion/ package, vendored "
+                              "gguf-py), from the llama-cpp-python sdist",
+                    **LLAMA_CPP, gguf_py_version=gguf_py_version(llama_cpp), fixtures=list(GGUF_FIXTURES),
+                    tokenizer="tiny byte-level BPE (make_fixtures.tiny_tokenizer), pre-tokenizer 'gpt-2'",
+                    patches=["get_vocab_base_pre -> 'gpt-2'", "Gemma2Model.set_vocab -> _set_vocab_gpt2",
+                             "gpt_neox hparams: rotary_pct = rope_parameters.partial_rotary_factor"])
+    else:  # model.gguf files untouched: keep their record
+        old = root / "VERSIONS.json"
+        gguf = json.loads(old.read_text()).get("gguf") if old.is_file() else None
     versions = dict(script="tools/make_fixtures.py", python=platform.python_version(),
                     torch=torch.__version__, transformers=transformers.__version__,
                     safetensors=safetensors.__version__, numpy=np.__version__,
+                    tokenizers=__import__("tokenizers").__version__,
                     norm_weight_scale=NORM_W_SCALE, bias_scale=BIAS_SCALE,
-                    date=datetime.date.today().isoformat(), fixtures=fixtures)
+                    date=datetime.date.today().isoformat(), fixtures=fixtures, gguf=gguf)
     (root / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
     total = sum(f.stat().st_size for s in FIXTURES for f in (root / s["name"]).iterdir() if f.is_file())
     print(f"total size of the {len(FIXTURES)} fixture directories: {total} bytes")
