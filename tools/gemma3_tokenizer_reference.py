@@ -1,6 +1,6 @@
 """Reference token ids for the SentencePiece ("llama") tokenizer of a GGUF file — Gemma-3-270M's
 (tools/fetch_gemma3.sh) — written to tests/fixtures/gemma3-270m-tokenizer.json for the Rust
-tokenizer test (crates/fs-checkpoint/src/tokenizer.rs, `tokenizer_from_gguf`).
+tokenizer test (crates/fs-checkpoint/tests/gguf_tokenizers.rs, `fs_checkpoint::tokenizer_from_gguf`).
 
 Three tokenizers see the same text (a few hundred lines: prose, code, digits, runs of spaces,
 tabs and newlines, HTML, Gemma's control tokens, CJK, Arabic, Devanagari, emoji with ZWJ and
