@@ -66,8 +66,11 @@ fn compute_matches_the_fixture() {
     assert_eq!(tshape, vec![1, 16]);
     let (rshape, reference) = read_tensor(&fx.join("reference.safetensors"), "fisher");
     let (p, d) = (rshape[1], rshape[2]);
-    for i in 0..p {
-        let r = &reference[(layer * p + i) * d * d..(layer * p + i + 1) * d * d];
+    // The fixture holds every position 0..T: the run's i-th matrix is at position pos[i].
+    assert_eq!(p, 16);
+    for i in 0..pos.len() {
+        let t = pos[i] as usize;
+        let r = &reference[(layer * p + t) * d * d..(layer * p + t + 1) * d * d];
         let g = &f[i * d * d..(i + 1) * d * d];
         let num: f64 = g.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
         let den: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();

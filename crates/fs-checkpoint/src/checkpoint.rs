@@ -6,8 +6,8 @@ use std::path::Path;
 
 use crate::arch::decoder::DecoderConfig;
 use crate::arch::{GgufSource, ModelConfig, ModelWeights};
-use crate::error::{CheckpointError, Result};
-use crate::gguf::{GgufFile, GgufValue};
+use crate::error::Result;
+use crate::gguf::GgufFile;
 use crate::resolve::{resolve_model, ModelFiles, ModelOrigin, TokenizerFiles};
 use crate::weights::WeightStore;
 

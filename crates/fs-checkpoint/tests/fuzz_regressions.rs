@@ -199,5 +199,5 @@ fn nul_padded_alignment_key_is_checked() {
 #[test]
 fn huge_rope_dimension_is_refused_before_allocating() {
     let e = gguf_regression_error("rope-dimension-count-4294967294.gguf");
-    assert!(e.contains("head_dim is 4294967294") && e.contains("re-download"), "{e}");
+    assert!(e.contains("4294967294 rotary dimensions") && e.contains("re-download"), "{e}");
 }

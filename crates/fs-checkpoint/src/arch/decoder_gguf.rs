@@ -110,6 +110,17 @@ impl DecoderConfig {
                 })
             }
         };
+        if file.tensor("rope_freqs.weight").is_some() {
+            // llama.cpp's form of Llama-3 RoPE scaling: per-frequency divisors in a tensor.
+            return Err(CheckpointError::Unsupported {
+                what: format!(
+                    "Llama-3 RoPE scaling stored as the tensor rope_freqs.weight in {}",
+                    path.display()
+                ),
+                supported: "GGUF files without it; load the HF checkpoint (config.json) instead"
+                    .into(),
+            });
+        }
         cfg.rope = Rope { theta, scaling };
         cfg.max_position_embeddings = get_u("context_length").unwrap_or(2048);
         cfg.tie_word_embeddings = file.tensor("output.weight").is_none();

@@ -264,8 +264,9 @@ impl DecoderConfig {
                     cfg.attn_logit_softcap = f64_field(obj, "attn_logit_softcapping", path)?;
                     cfg.final_logit_softcap = f64_field(obj, "final_logit_softcapping", path)?;
                 } else {
+                    // transformers' Gemma-3 attention never applies `attn_logit_softcapping`
+                    // (5.24 passes no soft-cap to its attention function); the final cap it does.
                     cfg.qk_norm = Some(QkNorm::PerHead);
-                    cfg.attn_logit_softcap = f64_field(obj, "attn_logit_softcapping", path)?;
                     cfg.final_logit_softcap = f64_field(obj, "final_logit_softcapping", path)?;
                 }
             }
