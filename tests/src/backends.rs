@@ -208,7 +208,7 @@ macro_rules! backend_suite_llama {
             }
         }
 
-        mod random_llama_configs {
+        mod random_decoder_configs {
             use super::*;
             use proptest::prelude::*;
 
@@ -218,8 +218,8 @@ macro_rules! backend_suite_llama {
                 /// Random tiny decoders of every family (GQA, biases, tied or not, windows,
                 /// soft-caps, partial rotary, parallel residual) satisfy the contract.
                 #[test]
-                fn random_llama_satisfies_the_contract(
-                    case in $crate::random_models::llama_case()
+                fn random_decoder_satisfies_the_contract(
+                    case in $crate::random_models::decoder_case()
                 ) {
                     let dir = tempfile::tempdir().unwrap();
                     let files = case.write(dir.path());

@@ -84,7 +84,7 @@ pub const DECODER_FAMILIES: [&str; 9] =
 /// (GPT-NeoX, Phi-3), parallel or sequential residual (GPT-NeoX), sliding windows of 1–6
 /// positions (shorter than most sequences) and active soft-caps (Gemma-2), Gemma's
 /// `query_pre_attn_scalar`.
-pub fn llama_case() -> impl Strategy<Value = Case<DecoderConfig>> {
+pub fn decoder_case() -> impl Strategy<Value = Case<DecoderConfig>> {
     (
         (1usize..=3, 1usize..=4, 1usize..=8, 5usize..=300, 8usize..=96),
         (0usize..DECODER_FAMILIES.len(), any::<bool>(), any::<bool>(), any::<bool>(), any::<u32>()),
@@ -173,7 +173,7 @@ mod tests {
                 g.config
             );
             assert!((8..=64).contains(&g.config.n_embd) && g.layer <= g.config.n_layer);
-            let l = llama_case().new_tree(&mut runner).unwrap().current();
+            let l = decoder_case().new_tree(&mut runner).unwrap().current();
             let back = DecoderConfig::from_json(&l.config.to_json().to_string(), path).unwrap();
             assert_eq!(back, l.config);
             assert!((8..=64).contains(&l.config.hidden_size), "{:?}", l.config);

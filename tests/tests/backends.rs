@@ -14,7 +14,7 @@
 use fs_checkpoint::{DecoderConfig, Gpt2Config, ModelFiles};
 use fs_estimators::relative_frobenius;
 use fs_suite::backends::{compiled_backends, load, max_abs_diff, Probe};
-use fs_suite::random_models::{gpt2_case, llama_case, Case, WEIGHT_STD};
+use fs_suite::random_models::{gpt2_case, decoder_case, Case, WEIGHT_STD};
 use proptest::prelude::*;
 
 #[cfg(feature = "candle")]
@@ -75,7 +75,7 @@ proptest! {
     /// Every pair of Llama-capable backends agrees on random tiny Llamas (GQA, biases, tied or
     /// untied heads, Llama-3 RoPE scaling).
     #[test]
-    fn backends_agree_on_random_llama(case in llama_case(), pos in 0.0f64..1.0) {
+    fn backends_agree_on_random_decoders(case in decoder_case(), pos in 0.0f64..1.0) {
         let dir = tempfile::tempdir().unwrap();
         let models = load_all(&case.write(dir.path()), "llama");
         let position = ((case.tokens.len() as f64 * pos) as usize).min(case.tokens.len() - 1);
@@ -229,7 +229,7 @@ proptest! {
     #[test]
     fn random_weights_are_the_model_of_the_written_checkpoint(
         g in gpt2_case(),
-        l in llama_case()
+        l in decoder_case()
     ) {
         let dir = tempfile::tempdir().unwrap();
         let files = g.write(&dir.path().join("gpt2"));

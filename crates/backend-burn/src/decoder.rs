@@ -238,6 +238,25 @@ impl Decoder {
         }
     }
 
+    /// One projection `l(a)` split into `n` heads: the q/k norm over the projection, `split`
+    /// into the heads-first layout, the per-head q/k norm, then RoPE when `rope` is given.
+    fn heads<const D: usize, const E: usize>(
+        &self,
+        a: &Tensor<D>,
+        l: &Lin,
+        norm: &Option<Tensor<1>>,
+        n: usize,
+        split: impl Fn(Tensor<D>, usize) -> Tensor<E>,
+        rope: Option<(&Tensor<E>, &Tensor<E>)>,
+    ) -> Tensor<E> {
+        let y = self.qk_norm(l.apply(a.clone()), norm, false);
+        let y = self.qk_norm(split(y, n), norm, true);
+        match rope {
+            Some((cos, sin)) => Self::rope(y, cos, sin),
+            None => y,
+        }
+    }
+
     /// `down(act(gate a) ⊙ up a)` or `down(act(up a))`.
     fn mlp<const D: usize>(&self, a: Tensor<D>, b: &Block) -> Tensor<D> {
         let up = b.up.apply(a.clone());
@@ -277,18 +296,12 @@ impl Decoder {
             let (cos, sin): (Tensor<3>, Tensor<3>) =
                 (tables[b.rope].0.clone().unsqueeze(), tables[b.rope].1.clone().unsqueeze());
             let a = self.maybe_norm(x.clone(), &b.attn_norm);
-            let heads = |l: &Lin, norm: &Option<Tensor<1>>, n: usize, rotate: bool| -> Tensor<3> {
-                let y = self.qk_norm(l.apply(a.clone()), norm, false);
-                let y = self.qk_norm(y.reshape([t_len, n, dh]).swap_dims(0, 1), norm, true);
-                if rotate {
-                    Self::rope(y, &cos, &sin)
-                } else {
-                    y
-                }
-            };
-            let q = heads(&b.q, &b.q_norm, h, true);
-            let k = heads(&b.k, &b.k_norm, kv, true);
-            let v = heads(&b.v, &None, kv, false);
+            // (T, n·dh) → (n, T, dh).
+            let split =
+                |y: Tensor<2>, n| -> Tensor<3> { y.reshape([t_len, n, dh]).swap_dims(0, 1) };
+            let q = self.heads(&a, &b.q, &b.q_norm, h, split, Some((&cos, &sin)));
+            let k = self.heads(&a, &b.k, &b.k_norm, kv, split, Some((&cos, &sin)));
+            let v = self.heads(&a, &b.v, &None, kv, split, None);
             let (k, v) = (self.repeat_kv::<3, 4>(k, 0), self.repeat_kv::<3, 4>(v, 0));
             let out = causal_attention(q, k.clone(), v.clone(), &b.attn)
                 .swap_dims(0, 1)
@@ -316,18 +329,12 @@ impl Decoder {
                 tables[b.rope].1.clone().reshape([p_n, 1, 1, rd]),
             );
             let a = self.maybe_norm(x.clone(), &b.attn_norm);
-            let heads = |l: &Lin, norm: &Option<Tensor<1>>, n: usize, rotate: bool| -> Tensor<4> {
-                let y = self.qk_norm(l.apply(a.clone()), norm, false);
-                let y = self.qk_norm(y.reshape([p_n, r_n, n, dh]).swap_dims(1, 2), norm, true);
-                if rotate {
-                    Self::rope(y, &cos, &sin)
-                } else {
-                    y
-                }
-            };
-            let q = heads(&b.q, &b.q_norm, h, true);
-            let k = heads(&b.k, &b.k_norm, kv, true);
-            let v = heads(&b.v, &None, kv, false);
+            // (P, R, n·dh) → (P, n, R, dh).
+            let split =
+                |y: Tensor<3>, n| -> Tensor<4> { y.reshape([p_n, r_n, n, dh]).swap_dims(1, 2) };
+            let q = self.heads(&a, &b.q, &b.q_norm, h, split, Some((&cos, &sin)));
+            let k = self.heads(&a, &b.k, &b.k_norm, kv, split, Some((&cos, &sin)));
+            let v = self.heads(&a, &b.v, &None, kv, split, None);
             let (k, v) = (self.repeat_kv::<4, 5>(k, 1), self.repeat_kv::<4, 5>(v, 1));
             let out =
                 attend_cached(q, k, v, &ctx.keys[idx], &ctx.values[idx], mask.as_ref(), &b.attn);

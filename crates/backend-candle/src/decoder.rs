@@ -263,6 +263,25 @@ impl Decoder {
         }
     }
 
+    /// One projection `l(a)` split into `n` heads: the q/k norm over the projection, `split`
+    /// into the heads-first layout, the per-head q/k norm, then RoPE when `rope` is given.
+    fn heads(
+        &self,
+        a: &Tensor,
+        l: &Lin,
+        norm: &Option<Tensor>,
+        n: usize,
+        split: impl Fn(Tensor, usize) -> candle_core::Result<Tensor>,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.qk_norm(l.apply(a)?, norm, false)?;
+        let y = self.qk_norm(split(y, n)?, norm, true)?;
+        match rope {
+            Some((cos, sin)) => Self::rope(&y, cos, sin),
+            None => Ok(y),
+        }
+    }
+
     /// `down(act(gate a) ⊙ up a)` or `down(act(up a))`.
     fn mlp(&self, a: &Tensor, b: &Block) -> candle_core::Result<Tensor> {
         let up = b.up.apply(a)?;
@@ -328,20 +347,11 @@ impl Decoder {
         for b in &self.blocks {
             let a = self.maybe_norm(x.clone(), &b.attn_norm)?;
             let (cos, sin) = (&tables[b.rope].0.unsqueeze(0)?, &tables[b.rope].1.unsqueeze(0)?);
-            // (T, n·dh) → (n, T, dh), q/k-normed and rotated.
-            let heads = |l: &Lin, norm: &Option<Tensor>, n: usize, rotate: bool| {
-                let y = self.qk_norm(l.apply(&a)?, norm, false)?;
-                let y = y.reshape((t_len, n, dh))?.transpose(0, 1)?.contiguous()?;
-                let y = self.qk_norm(y, norm, true)?;
-                if rotate {
-                    Self::rope(&y, cos, sin)
-                } else {
-                    Ok(y)
-                }
-            };
-            let q = heads(&b.q, &b.q_norm, h, true)?;
-            let k = heads(&b.k, &b.k_norm, kv, true)?;
-            let v = heads(&b.v, &None, kv, false)?;
+            // (T, n·dh) → (n, T, dh).
+            let split = |y: Tensor, n| y.reshape((t_len, n, dh))?.transpose(0, 1)?.contiguous();
+            let q = self.heads(&a, &b.q, &b.q_norm, h, split, Some((cos, sin)))?;
+            let k = self.heads(&a, &b.k, &b.k_norm, kv, split, Some((cos, sin)))?;
+            let v = self.heads(&a, &b.v, &None, kv, split, None)?;
             let (k, v) = (self.repeat_kv(&k, 0)?, self.repeat_kv(&v, 0)?);
             let out =
                 causal_attention(&q, &k, &v, &b.attn)?.transpose(0, 1)?.reshape((t_len, h * dh))?;
@@ -373,19 +383,11 @@ impl Decoder {
                 &tables[b.rope].1.reshape((p_n, 1, 1, rd))?,
             );
             let a = self.maybe_norm(x.clone(), &b.attn_norm)?;
-            let heads = |l: &Lin, norm: &Option<Tensor>, n: usize, rotate: bool| {
-                let y = self.qk_norm(l.apply(&a)?, norm, false)?;
-                let y = y.reshape((p_n, r_n, n, dh))?.transpose(1, 2)?.contiguous()?;
-                let y = self.qk_norm(y, norm, true)?;
-                if rotate {
-                    Self::rope(&y, cos, sin)
-                } else {
-                    Ok(y)
-                }
-            };
-            let q = heads(&b.q, &b.q_norm, h, true)?;
-            let k = heads(&b.k, &b.k_norm, kv, true)?;
-            let v = heads(&b.v, &None, kv, false)?;
+            // (P, R, n·dh) → (P, n, R, dh).
+            let split = |y: Tensor, n| y.reshape((p_n, r_n, n, dh))?.transpose(1, 2)?.contiguous();
+            let q = self.heads(&a, &b.q, &b.q_norm, h, split, Some((cos, sin)))?;
+            let k = self.heads(&a, &b.k, &b.k_norm, kv, split, Some((cos, sin)))?;
+            let v = self.heads(&a, &b.v, &None, kv, split, None)?;
             let (k, v) = (self.repeat_kv(&k, 1)?, self.repeat_kv(&v, 1)?);
             let out = attend_cached(
                 &q,

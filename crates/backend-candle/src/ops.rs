@@ -140,12 +140,12 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
-/// An MLP activation, differentiable (SiLU `x·σ(x)`, the tanh GELU [`gelu_new`], the erf GELU
+/// An MLP activation, differentiable (SiLU `x·σ(x)`, candle's own op with its exact backward; the tanh GELU [`gelu_new`], the erf GELU
 /// [`gelu_erf`]).
 pub fn activation(x: &Tensor, act: fs_checkpoint::Activation) -> Result<Tensor> {
     use fs_checkpoint::Activation as A;
     match act {
-        A::Silu => x * sigmoid(x)?,
+        A::Silu => x.silu(),
         A::GeluTanh => gelu_new(x),
         A::GeluErf => gelu_erf(x),
     }

@@ -167,11 +167,7 @@ impl DecoderConfig {
                     .and_then(|v| v.as_u64().map(|x| x != 0))
                     .unwrap_or(true);
             }
-            A::Phi3 => {
-                if cfg.sliding_window.is_some() {
-                    cfg.layer_types = slides(&|_| true);
-                }
-            }
+            A::Phi3 if cfg.sliding_window.is_some() => cfg.layer_types = slides(&|_| true),
             _ => {}
         }
         if cfg.layer_types.iter().all(|t| *t == LayerAttention::Full) {

@@ -47,12 +47,11 @@ fn bool_field(obj: &Map<String, Value>, field: &str, default: bool) -> bool {
     present(obj, field).and_then(Value::as_bool).unwrap_or(default)
 }
 
-/// One RoPE parameter object (`rope_parameters`, `rope_scaling`, or a per-layer-type entry):
-/// `(θ if given, scaling, partial_rotary_factor if given)`.
-fn parse_rope_object(
-    r: &Map<String, Value>,
-    path: &Path,
-) -> Result<(Option<f64>, Option<RopeScaling>, Option<f64>)> {
+/// What one RoPE parameter object says: `(θ if given, scaling, partial_rotary_factor if given)`.
+type RopeObject = (Option<f64>, Option<RopeScaling>, Option<f64>);
+
+/// One RoPE parameter object (`rope_parameters`, `rope_scaling`, or a per-layer-type entry).
+fn parse_rope_object(r: &Map<String, Value>, path: &Path) -> Result<RopeObject> {
     let theta = f64_field(r, "rope_theta", path)?;
     let partial = f64_field(r, "partial_rotary_factor", path)?;
     let rope_type = present(r, "rope_type").or_else(|| present(r, "type")).and_then(Value::as_str);
@@ -196,13 +195,12 @@ impl DecoderConfig {
             f64_field(obj, "partial_rotary_factor", path)?.or(f64_field(obj, "rotary_pct", path)?);
         let mut partial = top_partial;
         if let Some(types) = per_type {
-            let entry =
-                |key: &str| -> Result<Option<(Option<f64>, Option<RopeScaling>, Option<f64>)>> {
-                    present(types, key)
-                        .and_then(Value::as_object)
-                        .map(|r| parse_rope_object(r, path))
-                        .transpose()
-                };
+            let entry = |key: &str| -> Result<Option<RopeObject>> {
+                present(types, key)
+                    .and_then(Value::as_object)
+                    .map(|r| parse_rope_object(r, path))
+                    .transpose()
+            };
             if let Some((theta, scaling, p)) = entry("full_attention")? {
                 cfg.rope = Rope { theta: theta.unwrap_or(top_theta), scaling };
                 partial = partial.or(p);
@@ -284,26 +282,16 @@ impl DecoderConfig {
         cfg.sliding_window =
             if uses_window { window.or(if gemma { Some(4096) } else { None }) } else { None };
         let explicit = layer_types_field(obj, path)?;
+        let pattern = usize_field(obj, "sliding_window_pattern", path)?.unwrap_or(6);
+        let window_from = usize_field(obj, "max_window_layers", path)?.unwrap_or(0);
         cfg.layer_types = match explicit {
             Some(t) => t,
             None => (0..num_hidden_layers)
                 .map(|i| {
                     let sliding = match arch {
                         A::Gemma2 => i % 2 == 0,
-                        A::Gemma3 => {
-                            let pattern = usize_field(obj, "sliding_window_pattern", path)
-                                .ok()
-                                .flatten()
-                                .unwrap_or(6);
-                            (i + 1) % pattern != 0
-                        }
-                        A::Qwen2 | A::Qwen3 => {
-                            let from = usize_field(obj, "max_window_layers", path)
-                                .ok()
-                                .flatten()
-                                .unwrap_or(0);
-                            cfg.sliding_window.is_some() && i >= from
-                        }
+                        A::Gemma3 => (i + 1) % pattern != 0,
+                        A::Qwen2 | A::Qwen3 => cfg.sliding_window.is_some() && i >= window_from,
                         _ => cfg.sliding_window.is_some(),
                     };
                     if sliding {
