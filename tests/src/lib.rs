@@ -122,7 +122,8 @@ pub mod fixtures {
 
 /// Compare `model` with the oracle fixture `name` at every layer: logits at every position (from
 /// the cached pass and from the single-row upper half) and hidden states ≤ `logit_tol` absolute,
-/// exact F ≤ 1e-4 relative Frobenius at every tested position, closed form vs exact ≤ 5e-5, and
+/// exact F ≤ 1e-4 relative Frobenius at every position the fixture holds (all of them), closed
+/// form vs exact ≤ 5e-5, and
 /// the sampled F of the recorded draws ≤ 1e-4. Returns the largest errors seen
 /// `(logits, exact F, sampled F)`.
 pub fn check_against_oracle<M: SplitModel>(

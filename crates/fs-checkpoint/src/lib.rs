@@ -8,15 +8,16 @@
 //!   sharded with `model.safetensors.index.json`) and the tokenizer files, reading the standard
 //!   Hugging Face cache offline ([`default_hub_cache`]); [`Checkpoint::open`] also takes a
 //!   `.gguf` file;
-//! * **the architecture** — [`Architecture`] (gpt2, llama, mistral, qwen2) and its
+//! * **the architecture** — [`Architecture`] (GPT-2 and the RoPE decoder families: Llama,
+//!   Mistral, Qwen2/3, Gemma-2/3, OLMo-2, Phi-3, GPT-NeoX) and its
 //!   configuration [`ModelConfig`] from `config.json` ([`Gpt2Config`], [`DecoderConfig`]) or GGUF
 //!   metadata ([`DecoderConfig::from_gguf`]), validated with one-line errors;
 //! * **the weights** — per architecture one typed, shape-checked, finite set of host weights
 //!   ([`Gpt2Weights`], [`DecoderWeights`]; linear weights `[in, out]`) read from any
 //!   [`WeightSource`]: safetensors ([`WeightStore`]: headers validated against the real file
 //!   size before anything is allocated; F32, F16, BF16, F64), GGUF ([`GgufFile`] +
-//!   [`GgufSource`]: header validated the same way, llama.cpp names mapped to HF names, q/k
-//!   rows un-permuted, every [`GgmlType`] dequantised by this crate's [`dequantize`]), or
+//!   [`GgufSource`]: header validated the same way, llama.cpp names mapped to HF names, the
+//!   converter's layouts undone ([`GgufLayout`]), every [`GgmlType`] dequantised by this crate's [`dequantize`]), or
 //!   deterministic random values ([`RandomSource`]);
 //! * **the tokenizer** — [`load_tokenizer`] (`tokenizer.json` or GPT-2's `vocab.json` +
 //!   `merges.txt`), or the one in a GGUF file's metadata ([`Checkpoint::embedded_tokenizer`]);

@@ -1,7 +1,8 @@
 //! The architectures fisher-stein reads, each written once: its configuration, its tensor
 //! layout, and one typed, shape-checked, finite set of host weights that every engine uploads.
 //!
-//! An architecture is one module here (`gpt2`, `llama`) plus one model file per engine
+//! An architecture is one module here (`gpt2`; `decoder` with its `decoder_json` and
+//! `decoder_gguf` halves for every RoPE decoder family) plus one model file per engine
 //! (`crates/backend-*/src/<arch>.rs`); see `docs/ARCHITECTURE.md`, "Adding an architecture".
 //!
 //! Weights come from a [`WeightSource`] — a safetensors [`WeightStore`] (one file or shards), a
