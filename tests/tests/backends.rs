@@ -14,7 +14,7 @@
 use fs_checkpoint::{DecoderConfig, Gpt2Config, ModelFiles};
 use fs_estimators::relative_frobenius;
 use fs_suite::backends::{compiled_backends, load, max_abs_diff, Probe};
-use fs_suite::random_models::{gpt2_case, decoder_case, Case, WEIGHT_STD};
+use fs_suite::random_models::{decoder_case, gpt2_case, Case, WEIGHT_STD};
 use proptest::prelude::*;
 
 #[cfg(feature = "candle")]
