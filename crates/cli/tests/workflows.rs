@@ -547,6 +547,13 @@ fn readme_main_command_runs_as_written() {
     let stdout = ok(&out);
     assert!(stdout.contains("eff. rank") && stdout.contains("+v pushes up"), "{stdout}");
     assert!(stdout.contains("\" Paris\""), "the top direction should move \" Paris\": {stdout}");
+    // The output the README shows for it is what the binary prints (lines elided with `…`).
+    let shown = block_after(&readme, "The main job's output", "```text");
+    assert_lines_printed(
+        &shown,
+        &printed(&out, &tmp.path().join("demo")),
+        "the README's main-command output",
+    );
     assert!(tmp.path().join("demo/fisher.safetensors").exists());
     const TEST_COMMAND: &str = "cargo test --locked --features fisher-stein/all-backends";
     assert!(readme.contains(&format!("```sh\n{TEST_COMMAND}\n```")), "README test command");
@@ -555,6 +562,73 @@ fn readme_main_command_runs_as_written() {
         ci.lines().any(|l| l.trim() == TEST_COMMAND),
         ".ci/run must run the README's test command"
     );
+}
+
+/// The lines of the first code block opened by `fence` after the line starting with `marker`.
+fn block_after(text: &str, marker: &str, fence: &str) -> Vec<String> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(marker));
+    assert!(lines.next().is_some(), "README has {marker:?}");
+    lines
+        .skip_while(|l| *l != fence)
+        .skip(1)
+        .take_while(|l| *l != "```")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every line of `shown` (but `…` elisions and blank lines) is a line the command printed
+/// (stdout or stderr). The digits of `inspect`'s KL check (`KL(p‖p(h+εv)) … (ratio …, ε …)`, a
+/// finite f32 perturbation) differ between the release build the README quotes and the test
+/// build, so that segment is compared by presence only; every other character must match.
+fn assert_lines_printed(shown: &[String], printed: &str, what: &str) {
+    fn key(line: &str) -> (&str, bool) {
+        let line = line.trim_end();
+        match line.find("  KL(p‖p(h+εv))") {
+            Some(i) => (&line[..i], true),
+            None => (line, false),
+        }
+    }
+    assert!(!shown.is_empty(), "{what}: empty block");
+    for line in shown.iter().map(|l| l.trim_end()).filter(|l| !l.is_empty() && *l != "…") {
+        assert!(
+            printed.lines().any(|o| key(o) == key(line)),
+            "{what}: the README shows a line the binary does not print:\n{line}\n--- printed:\n{printed}"
+        );
+    }
+}
+
+/// What a command printed, stdout then stderr, with the temporary output directory written as
+/// the README writes it.
+fn printed(out: &Output, tmp_out: &Path) -> String {
+    let text = format!("{}\n{}", ok(out), String::from_utf8_lossy(&out.stderr));
+    text.replace(tmp_out.to_str().unwrap(), "/tmp/fisher-demo")
+}
+
+/// The README's worked example on a repository fixture (`$ fisher-stein …` lines and the
+/// output under each) is what the binary prints: every command runs as written (the output
+/// directory moved to a temporary one) and every shown output line is printed by it.
+#[test]
+fn readme_worked_example_is_what_the_binary_prints() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let block = block_after(&readme, "### Worked example on a repository fixture", "```console");
+    let tmp = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_fisher-stein");
+    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    for line in block {
+        match line.strip_prefix("$ ") {
+            Some(cmd) => runs.push((cmd.to_string(), Vec::new())),
+            None => runs.last_mut().expect("the block starts with a command").1.push(line),
+        }
+    }
+    assert!(runs.len() >= 3, "compute, inspect and info");
+    for (cmd, shown) in runs {
+        let command = cmd
+            .replacen("fisher-stein", binary, 1)
+            .replace("/tmp/fisher-demo", tmp.path().join("demo").to_str().unwrap());
+        let out =
+            Command::new("bash").arg("-c").arg(&command).current_dir(repo()).output().unwrap();
+        assert_lines_printed(&shown, &printed(&out, &tmp.path().join("demo")), &cmd);
+    }
 }
 
 /// Copy a safetensors checkpoint directory, letting `edit` change any f32 tensor's values.
