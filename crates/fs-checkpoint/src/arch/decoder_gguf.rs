@@ -140,7 +140,9 @@ impl DecoderConfig {
                 cfg.scale_embeddings = true;
                 cfg.activation = crate::arch::decoder::Activation::GeluTanh;
                 cfg.query_pre_attn_scalar = Some(head_dim as f64);
-                cfg.attn_logit_softcap = get_f("attn_logit_softcapping");
+                // Gemma-3 never applies a score cap (as in transformers); Gemma-2 reads it.
+                cfg.attn_logit_softcap =
+                    get_f("attn_logit_softcapping").filter(|_| arch == A::Gemma2);
                 cfg.final_logit_softcap = get_f("final_logit_softcapping");
                 if cfg.sliding_window.is_some() {
                     cfg.layer_types = if arch == A::Gemma2 {
