@@ -182,6 +182,22 @@ impl Decoder {
         (tensor(cos, shape, &self.readout.device), tensor(sin, shape, &self.readout.device))
     }
 
+    /// The rotary tables of `positions` for each RoPE the layers use, indexed by
+    /// `Block::rope`: full-attention layers, then sliding ones when their θ differs.
+    fn rope_sets(&self, positions: &[usize]) -> Vec<(Tensor<2>, Tensor<2>)> {
+        let sets = if self.cfg.sliding_rope.is_some() { 2 } else { 1 };
+        (0..sets).map(|which| self.rope_tables(positions, which)).collect()
+    }
+
+    /// The cached-context masks of `positions`, built once per pass: index 0 for full layers,
+    /// 1 for sliding-window layers (every sliding layer has the config's one window).
+    fn context_masks(&self, positions: &[usize]) -> [Option<(Tensor<4>, usize)>; 2] {
+        let device = &self.readout.device;
+        let sliding =
+            self.cfg.sliding_window.and_then(|w| context_mask(positions, Some(w), device));
+        [context_mask(positions, None, device), sliding]
+    }
+
     /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` entries of the last dimension,
     /// `rotate_half(x) = [−x₂, x₁]`, the rest passed through (`cos`/`sin` broadcastable).
     fn rope<const D: usize>(x: Tensor<D>, cos: &Tensor<D>, sin: &Tensor<D>) -> Tensor<D> {
@@ -284,7 +300,7 @@ impl Decoder {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let positions: Vec<usize> = (0..t_len).collect();
-        let tables = [self.rope_tables(&positions, 0), self.rope_tables(&positions, 1)];
+        let tables = self.rope_sets(&positions);
         let ids = indices(tokens.iter().map(|&t| t as usize), &self.readout.device);
         let mut x = self.embed.clone().select(0, ids);
         if let Some(m) = self.embed_multiplier {
@@ -320,10 +336,11 @@ impl Decoder {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let rd = self.cfg.rotary_dim;
-        let tables = [self.rope_tables(positions, 0), self.rope_tables(positions, 1)];
+        let tables = self.rope_sets(positions);
+        let masks = self.context_masks(positions);
         let mut x = hrows;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
-            let mask = context_mask(positions, b.attn.window, &self.readout.device);
+            let mask = &masks[usize::from(b.attn.window.is_some())];
             let (cos, sin): (Tensor<4>, Tensor<4>) = (
                 tables[b.rope].0.clone().reshape([p_n, 1, 1, rd]),
                 tables[b.rope].1.clone().reshape([p_n, 1, 1, rd]),

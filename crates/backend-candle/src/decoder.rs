@@ -198,6 +198,27 @@ impl Decoder {
         ))
     }
 
+    /// The rotary tables of `positions` for each RoPE the layers use, indexed by
+    /// `Block::rope`: full-attention layers, then sliding ones when their θ differs.
+    fn rope_sets(&self, positions: &[usize]) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+        let sets = if self.cfg.sliding_rope.is_some() { 2 } else { 1 };
+        (0..sets).map(|which| self.rope_tables(positions, which)).collect()
+    }
+
+    /// The cached-context masks of `positions`, built once per pass: index 0 for full layers,
+    /// 1 for sliding-window layers (every sliding layer has the config's one window).
+    fn context_masks(
+        &self,
+        positions: &[usize],
+    ) -> candle_core::Result<[Option<(Tensor, usize)>; 2]> {
+        let device = &self.readout.device;
+        let sliding = match self.cfg.sliding_window {
+            Some(w) => context_mask(positions, Some(w), device)?,
+            None => None,
+        };
+        Ok([context_mask(positions, None, device)?, sliding])
+    }
+
     /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` entries of the last dimension,
     /// the rest passed through (`cos`/`sin` broadcastable to that part).
     fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
@@ -337,7 +358,7 @@ impl Decoder {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let positions: Vec<usize> = (0..t_len).collect();
-        let tables = [self.rope_tables(&positions, 0)?, self.rope_tables(&positions, 1)?];
+        let tables = self.rope_sets(&positions)?;
         let mut x = self.embed.index_select(&Tensor::new(tokens, &self.readout.device)?, 0)?;
         if let Some(m) = self.embed_multiplier {
             x = (x * m)?;
@@ -374,10 +395,11 @@ impl Decoder {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let rd = self.cfg.rotary_dim;
-        let tables = [self.rope_tables(positions, 0)?, self.rope_tables(positions, 1)?];
+        let tables = self.rope_sets(positions)?;
+        let masks = self.context_masks(positions)?;
         let mut x = hrows.clone();
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
-            let mask = context_mask(positions, b.attn.window, &self.readout.device)?;
+            let mask = &masks[usize::from(b.attn.window.is_some())];
             let (cos, sin) = (
                 &tables[b.rope].0.reshape((p_n, 1, 1, rd))?,
                 &tables[b.rope].1.reshape((p_n, 1, 1, rd))?,
@@ -417,10 +439,11 @@ impl Decoder {
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let rd = self.cfg.rotary_dim;
-        let tables = [self.rope_tables(positions, 0)?, self.rope_tables(positions, 1)?];
+        let tables = self.rope_sets(positions)?;
+        let masks = self.context_masks(positions)?;
         let mut x = hrows;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
-            let mask = context_mask(positions, b.attn.window, &self.readout.device)?;
+            let mask = &masks[usize::from(b.attn.window.is_some())];
             let (cos, sin) = (
                 &tables[b.rope].0.reshape((p_n, 1, 1, rd))?,
                 &tables[b.rope].1.reshape((p_n, 1, 1, rd))?,

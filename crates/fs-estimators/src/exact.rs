@@ -1,8 +1,6 @@
 //! The exact full-vocabulary Fisher `F = Σ_y p_y g_y g_yᵀ = Aᵀ G A`.
 
-use crate::gram::{
-    centered_output_gram, centered_output_gram_with_slopes, sandwich, DEFAULT_VOCAB_CHUNK,
-};
+use crate::gram::{centered_output_gram_with_slopes, sandwich, DEFAULT_VOCAB_CHUNK};
 use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Threads};
 
 /// Tuning knobs of the exact estimator. The defaults are right for CPU runs.
@@ -36,6 +34,19 @@ pub fn exact_fisher_from_parts<S: Scalar>(
     p: &[f64],
     opts: &ExactOptions,
 ) -> Result<Matrix<f64>> {
+    fisher_from_parts(a, w_u, p, None, opts)
+}
+
+/// [`exact_fisher_from_parts`] with soft-cap slopes: the logit Jacobian is `diag(s) W_U A`
+/// (see [`SplitModel::final_logit_softcap`]), `G` from
+/// [`centered_output_gram_with_slopes`](crate::centered_output_gram_with_slopes).
+fn fisher_from_parts<S: Scalar>(
+    a: MatrixRef<'_, S>,
+    w_u: MatrixRef<'_, S>,
+    p: &[f64],
+    slopes: Option<&[f64]>,
+    opts: &ExactOptions,
+) -> Result<Matrix<f64>> {
     if a.rows() != w_u.cols() {
         return Err(FsError::DimensionMismatch {
             what: "readout Jacobian A rows vs unembedding W_U columns (d_u)".to_string(),
@@ -44,7 +55,7 @@ pub fn exact_fisher_from_parts<S: Scalar>(
         });
     }
     fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
-    let g = centered_output_gram(w_u, p, opts.vocab_chunk, opts.threads)?;
+    let g = centered_output_gram_with_slopes(w_u, p, slopes, opts.vocab_chunk, opts.threads)?;
     fs_traits::check_finite("output Gram G", g.as_slice())?;
     sandwich(a, &g, opts.threads)
 }
@@ -106,22 +117,8 @@ pub fn exact_fisher_with_jacobians<M: SplitModel>(
         .map(|(i, a)| {
             check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
             let p = softmax(logits.row(i))?;
-            let fisher = match fs_traits::logit_slopes(model.final_logit_softcap(), logits.row(i)) {
-                None => exact_fisher_from_parts(a.view(), w_u, &p, opts)?,
-                Some(slopes) => {
-                    // Soft-capped logits: J = diag(s) W_U A (see SplitModel::final_logit_softcap).
-                    fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
-                    let g = centered_output_gram_with_slopes(
-                        w_u,
-                        &p,
-                        Some(&slopes),
-                        opts.vocab_chunk,
-                        opts.threads,
-                    )?;
-                    fs_traits::check_finite("output Gram G", g.as_slice())?;
-                    sandwich(a.view(), &g, opts.threads)?
-                }
-            };
+            let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), logits.row(i));
+            let fisher = fisher_from_parts(a.view(), w_u, &p, slopes.as_deref(), opts)?;
             Ok(FisherWithJacobian { fisher, jacobian: a })
         })
         .collect()
