@@ -183,8 +183,42 @@ pub fn centered_output_gram_with_slopes<S: Scalar>(
     let p = normalized_probabilities("probabilities", p)?;
     let chunk_rows = chunk_rows.max(1);
 
-    // m = Σ_y p_y w_y, in f64: partial sums over fixed row blocks (in parallel), added in block
-    // order, so the result does not depend on the number of threads.
+    let m = weighted_mean_row(w_u, &p, slopes, threads);
+
+    // Centered, scaled rows √p_y (w_y − m) of the tokens with p_y > 0, built chunk by chunk (rows
+    // in parallel) and added as symmetric rank-k updates.
+    let support: Vec<usize> = (0..v).filter(|&y| p[y] > 0.0).collect();
+    let mut acc = GramAccumulator::new(du, threads);
+    let mut block: Vec<S> = vec![S::zero(); chunk_rows.min(support.len()) * du];
+    for ys in support.chunks(chunk_rows) {
+        let block = &mut block[..ys.len() * du];
+        let center = |(out, &y): (&mut [S], &usize)| {
+            let (s, sy) = (p[y].sqrt(), slope(y));
+            for ((o, w), mi) in out.iter_mut().zip(w_u.row(y)).zip(&m) {
+                *o = S::round_from_f64(s * (sy * w.as_f64() - mi));
+            }
+        };
+        if threads.0 > 1 {
+            block.par_chunks_mut(du).zip(ys.par_iter()).for_each(center);
+        } else {
+            block.chunks_mut(du).zip(ys.iter()).for_each(center);
+        }
+        acc.add_rows(block);
+    }
+    Ok(acc.finish())
+}
+
+/// `m = Σ_y p_y s_y w_y` (`s_y = 1` without `slopes`) in `f64`, for a normalised `p`: partial
+/// sums over fixed row blocks (in parallel), added in block order, so the result does not
+/// depend on the number of threads.
+pub(crate) fn weighted_mean_row<S: Scalar>(
+    w_u: MatrixRef<'_, S>,
+    p: &[f64],
+    slopes: Option<&[f64]>,
+    threads: Threads,
+) -> Vec<f64> {
+    let (v, du) = w_u.shape();
+    let slope = |y: usize| slopes.map_or(1.0, |s| s[y]);
     const M_BLOCK: usize = 4096;
     let partial = |start: usize| {
         let mut m = vec![0.0f64; du];
@@ -209,28 +243,7 @@ pub fn centered_output_gram_with_slopes<S: Scalar>(
     for part in partials {
         m.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
-
-    // Centered, scaled rows √p_y (w_y − m) of the tokens with p_y > 0, built chunk by chunk (rows
-    // in parallel) and added as symmetric rank-k updates.
-    let support: Vec<usize> = (0..v).filter(|&y| p[y] > 0.0).collect();
-    let mut acc = GramAccumulator::new(du, threads);
-    let mut block: Vec<S> = vec![S::zero(); chunk_rows.min(support.len()) * du];
-    for ys in support.chunks(chunk_rows) {
-        let block = &mut block[..ys.len() * du];
-        let center = |(out, &y): (&mut [S], &usize)| {
-            let (s, sy) = (p[y].sqrt(), slope(y));
-            for ((o, w), mi) in out.iter_mut().zip(w_u.row(y)).zip(&m) {
-                *o = S::round_from_f64(s * (sy * w.as_f64() - mi));
-            }
-        };
-        if threads.0 > 1 {
-            block.par_chunks_mut(du).zip(ys.par_iter()).for_each(center);
-        } else {
-            block.chunks_mut(du).zip(ys.iter()).for_each(center);
-        }
-        acc.add_rows(block);
-    }
-    Ok(acc.finish())
+    m
 }
 
 /// The sandwich `F = Aᵀ G A` for `A` (`d_u × d`, scalar `S`) and symmetric `G` (`d_u × d_u`,

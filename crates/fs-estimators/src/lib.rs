@@ -16,6 +16,7 @@
 //! | [`sampled_fisher`] | `(1/S) Σ_s g_{y_s} g_{y_s}ᵀ`, `y_s ~ p` | `S` VJPs |
 //! | [`closed_form_fisher`] | `∇ᵀ diag(p) ∇ − (∇ᵀp)(∇ᵀp)ᵀ` on host arrays | one `V × d` weighted Gram |
 //! | [`predictive_fisher`] | `mean_i F(x_{≤t}, a_i)` at position `t+1`, `a_i ~ p(·|x_{≤t})` | `N` exact Fishers |
+//! | [`top_k_fisher`] | top `K` eigenpairs of `F v = Aᵀ G (A v)`, never formed ([`top_eigenpairs`]) | a few `K`-blocks of JVPs + VJPs, `4·V·d_u` per vector |
 //!
 //! and [`spectrum`] for the eigen-analysis (eigenvalues descending, eigenvectors, trace,
 //! effective rank, participation ratio).
@@ -44,6 +45,7 @@
 mod accumulate;
 pub mod analytic;
 mod closed_form;
+mod eigensolver;
 mod exact;
 mod gram;
 mod predictive;
@@ -51,6 +53,7 @@ mod probs;
 mod readouts;
 mod sampled;
 mod spectrum;
+mod topk;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -80,7 +83,9 @@ pub use readouts::{
     logit_change_from_parts, project, DirectionEffect, DirectionOptions,
 };
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
+pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
 pub use spectrum::{spectrum, Spectrum};
+pub use topk::{top_k_fisher, FisherOperator, TopKFisher, TopKOptions, TraceEstimate, TraceMode};
 
 /// How many threads the dense products may use: `0` = all of rayon's global pool, `1` =
 /// sequential, `n` = at most `n`.

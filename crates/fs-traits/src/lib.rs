@@ -24,9 +24,10 @@
 //!
 //! [`SplitModel`] asks a model for exactly the pieces the estimators in `fs-estimators` need:
 //! dimensions, the lower pass, logits at a position (optionally at a perturbed `h`), score
-//! gradients for chosen tokens, the readout Jacobians `A`, the unembedding `W_U`, and a way to
-//! extend a context by one token. It uses plain host arrays ([`Matrix`], [`MatrixRef`]) and no
-//! tensor framework, so any model — candle, burn, dfdx or hand-written — can implement it.
+//! gradients for chosen tokens, the readout Jacobians `A` (whole, or as batched products `A V`
+//! and `Aᵀ W`), the unembedding `W_U`, and a way to extend a context by one token. It uses plain
+//! host arrays ([`Matrix`], [`MatrixRef`]) and no tensor framework, so any model — candle,
+//! burn, dfdx or hand-written — can implement it.
 
 #![warn(missing_docs)]
 
@@ -197,6 +198,59 @@ pub trait SplitModel {
         ctx: &Self::Context,
         positions: &[usize],
     ) -> Result<Vec<Matrix<Self::Scalar>>>;
+
+    /// Jacobian–vector products of the readout at one position: for each row `v_i` of
+    /// `tangents` (`R × d`), the row `A v_i` (`R × d_u`), `A = ∂u/∂h` — the directional
+    /// derivatives of the readout `u` along `v_i`. Linear in each `v_i`.
+    ///
+    /// The default forms `A` with [`readout_jacobians`](Self::readout_jacobians) (cost: `d_u`
+    /// VJPs) and multiplies in `f64`, rounding once; backends with forward-mode
+    /// differentiation override it with one pass of `R` tangents, which is what makes the
+    /// matrix-free top-K eigensolver cheaper than forming `F`.
+    fn readout_jvp(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        tangents: MatrixRef<'_, Self::Scalar>,
+    ) -> Result<Matrix<Self::Scalar>> {
+        let dims = self.dims();
+        check_len("tangent length (d)", tangents.cols(), dims.d_model)?;
+        let a = self.readout_jacobians(ctx, &[position])?;
+        let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
+        check_len("readout Jacobian A", a.as_slice().len(), dims.readout_dim * dims.d_model)?;
+        Ok(Matrix::from_fn(tangents.rows(), dims.readout_dim, |i, k| {
+            let v = tangents.row(i);
+            Self::Scalar::round_from_f64(
+                a.row(k).iter().zip(v).map(|(x, y)| x.as_f64() * y.as_f64()).sum(),
+            )
+        }))
+    }
+
+    /// Vector–Jacobian products of the readout at one position: for each row `w_i` of
+    /// `cotangents` (`R × d_u`), the row `Aᵀ w_i` (`R × d`) — the gradient of `⟨w_i, u(h)⟩`
+    /// with respect to `h`. Linear in each `w_i`.
+    ///
+    /// The default forms `A` with [`readout_jacobians`](Self::readout_jacobians) and multiplies
+    /// in `f64`, rounding once; backends override it with one backward pass over `R` replicas
+    /// of the position (as [`score_gradients`](Self::score_gradients) does).
+    fn readout_vjp(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        cotangents: MatrixRef<'_, Self::Scalar>,
+    ) -> Result<Matrix<Self::Scalar>> {
+        let dims = self.dims();
+        check_len("cotangent length (d_u)", cotangents.cols(), dims.readout_dim)?;
+        let a = self.readout_jacobians(ctx, &[position])?;
+        let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
+        check_len("readout Jacobian A", a.as_slice().len(), dims.readout_dim * dims.d_model)?;
+        Ok(Matrix::from_fn(cotangents.rows(), dims.d_model, |i, j| {
+            let w = cotangents.row(i);
+            Self::Scalar::round_from_f64(
+                (0..dims.readout_dim).map(|k| a.get(k, j).as_f64() * w[k].as_f64()).sum(),
+            )
+        }))
+    }
 
     /// The unembedding `W_U` (`V × d_u`, row-major: row `y` is the output embedding `w_y`),
     /// so that `z = W_U u + b`. The bias `b` does not enter the Fisher matrix.

@@ -1,0 +1,488 @@
+//! The top eigenpairs of a symmetric PSD operator known only through products `X ↦ F X`:
+//! block Krylov iteration with full reorthogonalisation, Rayleigh–Ritz over the whole basis,
+//! thick restart, and a stopping rule on the true residuals.
+//!
+//! ## The method
+//!
+//! Keep an orthonormal basis `Q` (`m` rows of length `d`) and its image `FQ` (every product the
+//! operator returned). The Rayleigh–Ritz matrix `T = Q (FQ)ᵀ` (`m × m`, symmetrised) has
+//! eigenpairs `(θ_i, y_i)`; the Ritz vectors `x_i = Σ_j y_ij Q_j` have images
+//! `F x_i = Σ_j y_ij (FQ)_j` without another product, so the residuals `r_i = F x_i − θ_i x_i`
+//! are the true ones (up to the operator's own rounding), not a recurrence's estimate. The next
+//! block is the residuals of the top `b` Ritz pairs that have not converged, orthogonalised
+//! against `Q` twice (classical Gram–Schmidt, twice, is enough) and among themselves; columns
+//! that vanish (the Krylov space became invariant) are dropped. Without restarts `span Q` is the
+//! block Krylov space `K_j(F, Q_0)` — this is block Lanczos with full reorthogonalisation, with
+//! `T` formed from the stored products instead of the three-term recurrence. When `Q` would
+//! exceed `max_basis` rows it restarts thickly: `Q ← ` the top Ritz vectors, `FQ ← ` their images.
+//!
+//! Stopping: every one of the top `k` pairs has `‖F x_i − θ_i x_i‖ ≤ tol · θ_1`. For such a pair
+//! the eigenvalue error is at most `‖r_i‖` and, with a gap `δ` to the rest of the spectrum, at
+//! most `‖r_i‖² / δ`; the angle to the true eigenvector is at most `‖r_i‖ / δ` (Davis–Kahan).
+
+use crate::probs::rng;
+use crate::{FsError, Matrix, Result};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par, Side};
+use rand_chacha::rand_core::RngCore;
+
+/// Options of [`top_eigenpairs`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EigensolverOptions {
+    /// Number of eigenpairs wanted, `k ≥ 1` (clamped to `d`).
+    pub k: usize,
+    /// Vectors per block (per batched operator application); default `k + max(4, k/2)`,
+    /// clamped to `d`. The extra vectors guard the `k`-th pair's convergence against a small
+    /// gap `λ_k − λ_{k+1}`.
+    pub block: Option<usize>,
+    /// Stop when every top-`k` pair has `‖F x − θ x‖ ≤ tolerance · θ_1`.
+    pub tolerance: f64,
+    /// Most rows the basis may hold before a thick restart; default `max(4 · block, k + 3 · block)`
+    /// clamped to `d`.
+    pub max_basis: Option<usize>,
+    /// Give up (returning `converged: false`) after this many operator applications (vectors,
+    /// not blocks); default `max(d, 20 · block)`.
+    pub max_applications: Option<usize>,
+    /// Seed of the random starting block (ChaCha8, stream 0).
+    pub seed: u64,
+}
+
+impl Default for EigensolverOptions {
+    fn default() -> Self {
+        EigensolverOptions {
+            k: 16,
+            block: None,
+            tolerance: 1e-6,
+            max_basis: None,
+            max_applications: None,
+            seed: 0,
+        }
+    }
+}
+
+/// The top eigenpairs of an operator and how they were obtained.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Eigenpairs {
+    /// The `k` largest Ritz values `θ_1 ≥ … ≥ θ_k`, negative round-off clamped to 0.
+    pub eigenvalues: Vec<f64>,
+    /// The Ritz vectors as unit columns (`d × k`); sign fixed so that each vector's
+    /// largest-magnitude component is positive (as [`spectrum`](crate::spectrum)).
+    pub eigenvectors: Matrix<f64>,
+    /// `‖F x_i − θ_i x_i‖ / θ_1` per pair (0 when `θ_1 = 0`), from the stored products.
+    pub residuals: Vec<f64>,
+    /// Operator applications (vectors) spent.
+    pub applications: usize,
+    /// Thick restarts performed.
+    pub restarts: usize,
+    /// Whether every residual met the tolerance (or the basis spanned the whole space).
+    pub converged: bool,
+    /// The final orthonormal basis (`m × d`, rows), for a trace estimate on its complement.
+    pub(crate) basis: Matrix<f64>,
+    /// `tr(Q F Qᵀ) = tr T` over that basis.
+    pub(crate) basis_trace: f64,
+}
+
+/// The top `opts.k` eigenpairs of the symmetric PSD operator `apply` on `R^d`.
+///
+/// `apply` maps a block of vectors given as rows (`b × d`) to their images `F X` as rows
+/// (`b × d`); it is called with blocks of at most the block size. See the module docs for the
+/// method and the stopping rule. Errors: `k = 0`, `d = 0`, a non-positive or non-finite
+/// tolerance, or an `apply` that returns the wrong shape or a non-finite value (or fails).
+pub fn top_eigenpairs(
+    d: usize,
+    mut apply: impl FnMut(&Matrix<f64>) -> Result<Matrix<f64>>,
+    opts: &EigensolverOptions,
+) -> Result<Eigenpairs> {
+    if d == 0 {
+        return Err(FsError::invalid("dimension", 0, "at least 1"));
+    }
+    if opts.k == 0 {
+        return Err(FsError::invalid("k", 0, "at least 1 eigenpair"));
+    }
+    if !(opts.tolerance.is_finite() && opts.tolerance > 0.0) {
+        return Err(FsError::invalid("tolerance", opts.tolerance, "a finite number > 0"));
+    }
+    let k = opts.k.min(d);
+    let b = opts.block.unwrap_or(k + (k / 2).max(4)).clamp(k, d).max(1);
+    let max_basis = opts.max_basis.unwrap_or((4 * b).max(k + 3 * b)).clamp((k + b).min(d), d);
+    let max_applications = opts.max_applications.unwrap_or(d.max(20 * b));
+
+    let mut basis = Basis::new(d);
+    let mut next = random_block(b, d, opts.seed);
+    basis.orthonormalize(&mut next);
+    let mut applications = 0;
+    let mut restarts = 0;
+    loop {
+        let images = apply(&next)?;
+        if images.shape() != next.shape() {
+            return Err(FsError::DimensionMismatch {
+                what: "operator image block (b × d)".into(),
+                expected: next.rows() * d,
+                got: images.rows() * images.cols(),
+            });
+        }
+        fs_traits::check_finite("operator image", images.as_slice())?;
+        applications += next.rows();
+        basis.push(&next, &images);
+
+        let ritz = basis.rayleigh_ritz()?;
+        let m = basis.len();
+        let (nk, nb) = (k.min(m), b.min(m));
+        let theta1 = ritz.values[0].max(0.0);
+        let (x, fx) = basis.ritz_vectors(&ritz, nb);
+        let residual_rows: Vec<Vec<f64>> = (0..nb)
+            .map(|i| fx.row(i).iter().zip(x.row(i)).map(|(f, v)| f - ritz.values[i] * v).collect())
+            .collect();
+        let norms: Vec<f64> = residual_rows.iter().map(|r| norm(r)).collect();
+        let limit = opts.tolerance * theta1;
+        let done = (0..nk).all(|i| norms[i] <= limit) && nk == k;
+        if done || m == d || applications >= max_applications {
+            let relative = |r: f64| if theta1 > 0.0 { r / theta1 } else { 0.0 };
+            let converged = done || m == d;
+            return Ok(finish(&x, &ritz.values, &norms, k, relative, applications, restarts, converged, &basis));
+        }
+        // The residuals of the unconverged top pairs extend the space.
+        let mut rows: Vec<f64> = Vec::new();
+        for (i, r) in residual_rows.iter().enumerate() {
+            if norms[i] > limit {
+                rows.extend_from_slice(r);
+            }
+        }
+        let mut candidate = Matrix::from_vec(rows.len() / d, d, rows)?;
+        if m + candidate.rows() > max_basis {
+            let keep = max_basis.saturating_sub(candidate.rows()).max(nb).min(m);
+            let (kx, kfx) = basis.ritz_vectors(&ritz, keep);
+            basis = Basis::new(d);
+            basis.push(&kx, &kfx);
+            restarts += 1;
+        }
+        basis.orthonormalize(&mut candidate);
+        if candidate.rows() == 0 {
+            // The basis spans an invariant subspace: its Ritz pairs are exact.
+            let relative = |r: f64| if theta1 > 0.0 { r / theta1 } else { 0.0 };
+            return Ok(finish(&x, &ritz.values, &norms, k, relative, applications, restarts, true, &basis));
+        }
+        next = candidate;
+    }
+}
+
+/// Package the top `k` Ritz pairs.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    x: &Matrix<f64>,
+    values: &[f64],
+    norms: &[f64],
+    k: usize,
+    relative: impl Fn(f64) -> f64,
+    applications: usize,
+    restarts: usize,
+    converged: bool,
+    basis: &Basis,
+) -> Eigenpairs {
+    let d = x.cols();
+    let k = k.min(x.rows());
+    let mut eigenvectors = Matrix::<f64>::zeros(d, k);
+    for c in 0..k {
+        let row = x.row(c);
+        let big = (0..d).max_by(|&a, &b| row[a].abs().total_cmp(&row[b].abs())).unwrap_or(0);
+        let sign = if row[big] < 0.0 { -1.0 } else { 1.0 };
+        let n = norm(row);
+        for (i, v) in row.iter().enumerate() {
+            eigenvectors.set(i, c, sign * v / n);
+        }
+    }
+    Eigenpairs {
+        eigenvalues: values[..k].iter().map(|&v| v.max(0.0)).collect(),
+        eigenvectors,
+        residuals: norms[..k].iter().map(|&r| relative(r)).collect(),
+        applications,
+        restarts,
+        converged,
+        basis: Matrix::from_vec(basis.len(), d, basis.q.clone()).expect("m·d buffer"),
+        basis_trace: basis.trace(),
+    }
+}
+
+/// The eigen-decomposition of `T`, descending.
+struct Ritz {
+    values: Vec<f64>,
+    /// Column `i` (as a row-major `m × m` buffer, element `(j, i)`) is the eigenvector of `θ_i`.
+    vectors: Mat<f64>,
+}
+
+/// An orthonormal basis `Q` and its images `FQ`, rows of length `d`, row-major.
+struct Basis {
+    d: usize,
+    q: Vec<f64>,
+    fq: Vec<f64>,
+}
+
+impl Basis {
+    fn new(d: usize) -> Self {
+        Basis { d, q: Vec::new(), fq: Vec::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.q.len() / self.d
+    }
+
+    fn push(&mut self, q: &Matrix<f64>, fq: &Matrix<f64>) {
+        self.q.extend_from_slice(q.as_slice());
+        self.fq.extend_from_slice(fq.as_slice());
+    }
+
+    fn q(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.q, self.len(), self.d)
+    }
+
+    fn fq(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.fq, self.len(), self.d)
+    }
+
+    /// `tr(Q F Qᵀ) = Σ_j ⟨Q_j, (FQ)_j⟩`.
+    fn trace(&self) -> f64 {
+        self.q.chunks(self.d).zip(self.fq.chunks(self.d)).map(|(q, f)| dot(q, f)).sum()
+    }
+
+    /// Eigenpairs of `T = ½(Q FQᵀ + FQ Qᵀ)`, descending.
+    fn rayleigh_ritz(&self) -> Result<Ritz> {
+        let m = self.len();
+        let mut t = Mat::<f64>::zeros(m, m);
+        matmul(t.as_mut(), Accum::Replace, self.q(), self.fq().transpose(), 1.0, Par::Seq);
+        let sym = Mat::<f64>::from_fn(m, m, |i, j| 0.5 * (t[(i, j)] + t[(j, i)]));
+        let evd = sym
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| FsError::LinearAlgebra(format!("Rayleigh–Ritz eigenproblem: {e:?}")))?;
+        let s = evd.S().column_vector();
+        let u = evd.U();
+        // faer returns ascending order.
+        let values = (0..m).rev().map(|i| s[i]).collect();
+        let vectors = Mat::<f64>::from_fn(m, m, |j, i| u[(j, m - 1 - i)]);
+        Ok(Ritz { values, vectors })
+    }
+
+    /// The top `n` Ritz vectors and their images, as rows (`n × d` each).
+    fn ritz_vectors(&self, ritz: &Ritz, n: usize) -> (Matrix<f64>, Matrix<f64>) {
+        let m = self.len();
+        let y = ritz.vectors.as_ref().subcols(0, n).transpose();
+        let product = |src: MatRef<'_, f64>| {
+            let mut out = Mat::<f64>::zeros(n, self.d);
+            matmul(out.as_mut(), Accum::Replace, y, src, 1.0, Par::Seq);
+            Matrix::from_fn(n, self.d, |i, j| out[(i, j)])
+        };
+        debug_assert_eq!(ritz.vectors.nrows(), m);
+        (product(self.q()), product(self.fq()))
+    }
+
+    /// Orthonormalise the rows of `block` against the basis (classical Gram–Schmidt, twice) and
+    /// among themselves (modified Gram–Schmidt, twice), dropping rows that vanish to
+    /// round-off (below `1e-10` of their norm before).
+    fn orthonormalize(&self, block: &mut Matrix<f64>) {
+        let d = self.d;
+        let before: Vec<f64> = (0..block.rows()).map(|i| norm(block.row(i))).collect();
+        let m = self.len();
+        if m > 0 {
+            for _ in 0..2 {
+                // block ← block − (block Qᵀ) Q
+                let x = MatRef::from_row_major_slice(block.as_slice(), block.rows(), d);
+                let mut c = Mat::<f64>::zeros(block.rows(), m);
+                matmul(c.as_mut(), Accum::Replace, x, self.q().transpose(), 1.0, Par::Seq);
+                let mut proj = Mat::<f64>::zeros(block.rows(), d);
+                matmul(proj.as_mut(), Accum::Replace, c.as_ref(), self.q(), 1.0, Par::Seq);
+                for i in 0..block.rows() {
+                    for (j, v) in block.row_mut(i).iter_mut().enumerate() {
+                        *v -= proj[(i, j)];
+                    }
+                }
+            }
+        }
+        let mut kept: Vec<Vec<f64>> = Vec::new();
+        for (i, &b) in before.iter().enumerate() {
+            let mut v = block.row(i).to_vec();
+            for _ in 0..2 {
+                for u in &kept {
+                    let c = dot(&v, u);
+                    v.iter_mut().zip(u).for_each(|(x, y)| *x -= c * y);
+                }
+            }
+            let n = norm(&v);
+            if b > 0.0 && n > 1e-10 * b && n.is_finite() {
+                v.iter_mut().for_each(|x| *x /= n);
+                kept.push(v);
+            }
+        }
+        let rows = kept.len();
+        *block = Matrix::from_vec(rows, d, kept.concat()).expect("rows·d buffer");
+    }
+}
+
+/// `b` rows of i.i.d. standard normal entries (Box–Muller on 53-bit uniforms of ChaCha8).
+pub(crate) fn random_block(b: usize, d: usize, seed: u64) -> Matrix<f64> {
+    let mut r = rng(seed, 0);
+    let mut uniform = || ((r.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    Matrix::from_fn(b, d, |_, _| {
+        let (u1, u2) = (uniform(), uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    })
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn norm(a: &[f64]) -> f64 {
+    dot(a, a).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spectrum;
+    use proptest::prelude::*;
+
+    /// `F = U diag(λ) Uᵀ` with a random orthogonal `U` (QR of a Gaussian matrix).
+    fn psd_with_spectrum(lambda: &[f64], seed: u64) -> Matrix<f64> {
+        let d = lambda.len();
+        let g = random_block(d, d, seed);
+        let basis = Basis::new(d);
+        let mut u = g;
+        basis.orthonormalize(&mut u);
+        assert_eq!(u.rows(), d);
+        Matrix::from_fn(d, d, |i, j| (0..d).map(|r| u.get(r, i) * lambda[r] * u.get(r, j)).sum())
+    }
+
+    fn apply_dense(f: &Matrix<f64>) -> impl FnMut(&Matrix<f64>) -> Result<Matrix<f64>> + '_ {
+        move |x: &Matrix<f64>| {
+            let d = f.rows();
+            Ok(Matrix::from_fn(x.rows(), d, |i, j| (0..d).map(|c| f.get(j, c) * x.get(i, c)).sum()))
+        }
+    }
+
+    fn check_against_dense(f: &Matrix<f64>, opts: &EigensolverOptions) -> Eigenpairs {
+        let d = f.rows();
+        let got = top_eigenpairs(d, apply_dense(f), opts).unwrap();
+        let want = spectrum(f, Some(opts.k.min(d))).unwrap();
+        assert!(got.converged, "not converged: residuals {:?}", got.residuals);
+        let l1 = want.eigenvalues[0];
+        for i in 0..got.eigenvalues.len() {
+            let (a, b) = (got.eigenvalues[i], want.eigenvalues[i]);
+            assert!((a - b).abs() <= 1e-9 * l1, "eigenvalue {i}: {a} vs {b} (λ1 {l1})");
+            assert!(got.residuals[i] <= opts.tolerance, "residual {i}: {}", got.residuals[i]);
+            // The vector, where the eigenvalue is separated from its neighbours by > 1e-3 λ1.
+            let gap = [i.checked_sub(1), Some(i + 1)]
+                .iter()
+                .flatten()
+                .filter_map(|&j| {
+                    let all = spectrum(f, None).unwrap().eigenvalues;
+                    all.get(j).map(|&l| (l - b).abs())
+                })
+                .fold(f64::INFINITY, f64::min);
+            if gap > 1e-3 * l1 {
+                let cos: f64 =
+                    (0..d).map(|r| got.eigenvectors.get(r, i) * want.eigenvectors.get(r, i)).sum();
+                assert!(cos.abs() >= 1.0 - 1e-8, "eigenvector {i}: |cos| {cos}");
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn decaying_spectrum_converges_with_a_restart() {
+        let d = 120;
+        let lambda: Vec<f64> = (0..d).map(|i| 0.8f64.powi(i as i32)).collect();
+        let f = psd_with_spectrum(&lambda, 7);
+        let opts = EigensolverOptions {
+            k: 8,
+            tolerance: 1e-10,
+            max_basis: Some(40),
+            ..Default::default()
+        };
+        let got = check_against_dense(&f, &opts);
+        assert!(got.restarts > 0, "the small basis was meant to force a restart");
+        assert!(got.applications < d * 3, "{} applications", got.applications);
+        // The basis handed to the trace estimate is orthonormal and its trace is tr(QFQᵀ).
+        let q = &got.basis;
+        for i in 0..q.rows() {
+            for j in 0..q.rows() {
+                let dij: f64 = dot(q.row(i), q.row(j));
+                assert!((dij - if i == j { 1.0 } else { 0.0 }).abs() < 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn low_rank_operator_stops_on_its_invariant_subspace() {
+        // Rank 3 in d = 50, k = 5: the Krylov space closes after one or two blocks.
+        let mut lambda = vec![0.0; 50];
+        lambda[..3].copy_from_slice(&[5.0, 2.0, 0.5]);
+        let f = psd_with_spectrum(&lambda, 3);
+        let opts = EigensolverOptions { k: 5, tolerance: 1e-10, ..Default::default() };
+        let got = check_against_dense(&f, &opts);
+        assert!(got.eigenvalues[3..].iter().all(|&l| l < 1e-12), "{:?}", got.eigenvalues);
+        assert!(got.applications <= 3 * 9, "{} applications", got.applications);
+    }
+
+    #[test]
+    fn k_at_least_d_is_the_full_decomposition_and_zero_is_zero() {
+        let f = psd_with_spectrum(&[3.0, 2.0, 1.0, 0.5], 11);
+        let opts = EigensolverOptions { k: 9, tolerance: 1e-12, ..Default::default() };
+        let got = check_against_dense(&f, &opts);
+        assert_eq!(got.eigenvalues.len(), 4);
+        let zero = Matrix::zeros(6, 6);
+        let got = top_eigenpairs(6, apply_dense(&zero), &EigensolverOptions { k: 2, ..Default::default() })
+            .unwrap();
+        assert_eq!(got.eigenvalues, vec![0.0, 0.0]);
+        assert_eq!(got.residuals, vec![0.0, 0.0]);
+        assert!(got.converged);
+    }
+
+    #[test]
+    fn unconverged_runs_say_so_and_bad_input_is_refused() {
+        let lambda: Vec<f64> = (0..200).map(|i| 1.0 / (1.0 + i as f64 * 1e-4)).collect();
+        let f = psd_with_spectrum(&lambda, 5);
+        let opts = EigensolverOptions {
+            k: 4,
+            tolerance: 1e-12,
+            max_applications: Some(16),
+            ..Default::default()
+        };
+        let got = top_eigenpairs(200, apply_dense(&f), &opts).unwrap();
+        assert!(!got.converged);
+        assert!(got.residuals.iter().any(|&r| r > 1e-12));
+        assert!(top_eigenpairs(0, apply_dense(&f), &opts).is_err());
+        assert!(top_eigenpairs(200, apply_dense(&f), &EigensolverOptions { k: 0, ..opts }).is_err());
+        let nan = EigensolverOptions { tolerance: f64::NAN, ..opts };
+        assert!(top_eigenpairs(200, apply_dense(&f), &nan).is_err());
+        let wrong = |x: &Matrix<f64>| Ok(Matrix::zeros(x.rows(), 3));
+        assert!(matches!(
+            top_eigenpairs(200, wrong, &opts),
+            Err(FsError::DimensionMismatch { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        /// Random spectra — clustered, repeated, decaying at random rates, with zeros — agree
+        /// with the dense eigendecomposition to 1e-9·λ1, every residual below the tolerance.
+        #[test]
+        fn random_spectra_match_the_dense_decomposition(
+            d in 2usize..70,
+            k in 1usize..12,
+            decay in 0.3f64..0.99,
+            repeats in 0usize..3,
+            zeros in 0usize..20,
+            seed in 0u64..1000,
+        ) {
+            let mut lambda: Vec<f64> = (0..d).map(|i| decay.powi(i as i32)).collect();
+            for r in 0..repeats.min(d.saturating_sub(1)) {
+                lambda[r + 1] = lambda[r];
+            }
+            for l in lambda.iter_mut().rev().take(zeros.min(d - 1)) {
+                *l = 0.0;
+            }
+            let f = psd_with_spectrum(&lambda, seed);
+            let opts = EigensolverOptions { k, tolerance: 1e-10, seed, ..Default::default() };
+            check_against_dense(&f, &opts);
+        }
+    }
+}
