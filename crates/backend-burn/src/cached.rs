@@ -407,11 +407,30 @@ pub(crate) fn score_gradients<M: CachedUpper>(
             w.iter().zip(&mean).map(|(&wi, mi)| (sy * wi as f64 - mi) as f32).collect::<Vec<_>>()
         })
         .collect();
-    let c = tensor(coeff, [1, tokens.len(), d], m.device());
-    let h = replicated_leaf(m, ctx, &[position], tokens.len())?;
+    readout_vjp(m, ctx, position, Matrix::from_vec(tokens.len(), d, coeff)?.view())
+}
+
+/// `SplitModel::readout_vjp`: `R` replicas of the position's activation, one backward pass of
+/// `Σ_i ⟨w_i, u_i⟩`.
+pub(crate) fn readout_vjp<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    cotangents: MatrixRef<'_, f32>,
+) -> Result<Matrix<f32>, FsError> {
+    let dims = m.model_dims();
+    check_position(position, ctx.tokens.len())?;
+    check_len("cotangent length (d_u)", cotangents.cols(), dims.readout_dim)?;
+    check_finite("cotangents", cotangents.as_slice())?;
+    let r = cotangents.rows();
+    if r == 0 {
+        return Ok(Matrix::zeros(0, dims.d_model));
+    }
+    let c = tensor(cotangents.as_slice().to_vec(), [1, r, dims.readout_dim], m.device());
+    let h = replicated_leaf(m, ctx, &[position], r)?;
     let u = m.upper(ctx, &[position], h.clone());
     let data = leaf_gradient(u.mul(c).sum(), &h)?;
-    Matrix::from_vec(tokens.len(), d, data)
+    Matrix::from_vec(r, dims.d_model, data)
 }
 
 /// Rows `rows` of the readout Jacobians at `positions`: one backward pass of
@@ -556,6 +575,14 @@ macro_rules! impl_split_model {
                 positions: &[usize],
             ) -> Result<Vec<fs_traits::Matrix<f32>>, fs_traits::FsError> {
                 $crate::cached::readout_jacobians(self, ctx, positions)
+            }
+            fn readout_vjp(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                cotangents: fs_traits::MatrixRef<'_, f32>,
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::readout_vjp(self, ctx, position, cotangents)
             }
             fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
                 $crate::cached::unembedding(self)

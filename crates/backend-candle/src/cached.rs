@@ -390,13 +390,7 @@ pub(crate) fn score_gradients<M: CachedUpper>(
             .broadcast_mul(&s)?
             .broadcast_sub(&mean)?
             .unsqueeze(0)?;
-        let h = Var::from_tensor(&replicated(m, ctx, &[position], tokens.len())?)?;
-        let u = m.upper(ctx, &[position], h.as_tensor())?;
-        let grads = (u * c)?.sum_all()?.backward()?;
-        let g = grads
-            .get(h.as_tensor())
-            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the activation".into()))?;
-        g.flatten_all()?.to_vec1::<f32>()
+        vjp_rows(m, ctx, position, &c)
     })()
     .map_err(be)?;
     Matrix::from_vec(tokens.len(), dims.d_model, data)
@@ -449,6 +443,77 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
         }
     }
     Ok(out)
+}
+
+/// `SplitModel::readout_jvp`: the rows of `tangents` pushed forward through the upper half at
+/// `position` ([`crate::jvp`]), in passes of at most the activation budget's rows.
+pub(crate) fn readout_jvp<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    tangents: MatrixRef<'_, f32>,
+) -> Result<Matrix<f32>, FsError> {
+    check_position(position, ctx.tokens.len())?;
+    let dims = m.model_dims();
+    let (d, du) = (dims.d_model, dims.readout_dim);
+    check_len("tangent length (d)", tangents.cols(), d)?;
+    check_finite("tangents", tangents.as_slice())?;
+    let (_, rows_per_pass) =
+        readout_batching(d, m.bytes_per_row_per_block(), m.activation_budget());
+    let mut out = Vec::with_capacity(tangents.rows() * du);
+    for chunk in tangents.as_slice().chunks(rows_per_pass * d) {
+        let r = chunk.len() / d;
+        let part = (|| {
+            let h = ctx.hidden.get(position)?.reshape((1, 1, d))?;
+            let dx = Tensor::from_slice(chunk, (1, r, d), m.device())?;
+            let u = m.upper_jvp(ctx, &[position], crate::jvp::Dual { x: h, dx })?;
+            u.dx.flatten_all()?.to_vec1::<f32>()
+        })()
+        .map_err(be)?;
+        out.extend(part);
+    }
+    Matrix::from_vec(tangents.rows(), du, out)
+}
+
+/// `SplitModel::readout_vjp`: `R` replicas of the position's activation, one backward pass of
+/// `Σ_i ⟨w_i, u_i⟩`.
+pub(crate) fn readout_vjp<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    cotangents: MatrixRef<'_, f32>,
+) -> Result<Matrix<f32>, FsError> {
+    check_position(position, ctx.tokens.len())?;
+    let dims = m.model_dims();
+    check_len("cotangent length (d_u)", cotangents.cols(), dims.readout_dim)?;
+    check_finite("cotangents", cotangents.as_slice())?;
+    let r = cotangents.rows();
+    if r == 0 {
+        return Ok(Matrix::zeros(0, dims.d_model));
+    }
+    let data = (|| {
+        let c = Tensor::from_slice(cotangents.as_slice(), (1, r, dims.readout_dim), m.device())?;
+        vjp_rows(m, ctx, position, &c)
+    })()
+    .map_err(be)?;
+    Matrix::from_vec(r, dims.d_model, data)
+}
+
+/// `Aᵀ c_i` for the cotangent rows `c` `(1, R, d_u)` at `position`: `R` replicas of the
+/// activation, one backward pass of `Σ_i ⟨c_i, u_i⟩`; rows `(R × d)` flattened.
+fn vjp_rows<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    c: &Tensor,
+) -> candle_core::Result<Vec<f32>> {
+    let h = Var::from_tensor(&replicated(m, ctx, &[position], c.dim(1)?)?)?;
+    let u = m.upper(ctx, &[position], h.as_tensor())?;
+    let grads = (u * c)?.sum_all()?.backward()?;
+    let g = grads
+        .get(h.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the activation".into()))?;
+    g.flatten_all()?.to_vec1::<f32>()
 }
 
 /// `SplitModel::unembedding`.
@@ -540,6 +605,25 @@ macro_rules! impl_split_model {
                 positions: &[usize],
             ) -> Result<Vec<fs_traits::Matrix<f32>>, fs_traits::FsError> {
                 $crate::cached::readout_jacobians(self, ctx, positions)
+            }
+            fn native_readout_jvp(&self) -> bool {
+                true
+            }
+            fn readout_jvp(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                tangents: fs_traits::MatrixRef<'_, f32>,
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::readout_jvp(self, ctx, position, tangents)
+            }
+            fn readout_vjp(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                cotangents: fs_traits::MatrixRef<'_, f32>,
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::readout_vjp(self, ctx, position, cotangents)
             }
             fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
                 $crate::cached::unembedding(self)

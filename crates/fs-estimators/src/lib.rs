@@ -53,9 +53,9 @@ mod probs;
 mod readouts;
 mod sampled;
 mod spectrum;
-mod topk;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod topk;
 
 pub use accumulate::{CompensatedSum, FisherAccumulator};
 pub use closed_form::{closed_form_fisher, closed_form_fisher_at, GradientKind};
@@ -64,6 +64,7 @@ pub use exact::{
     FisherWithJacobian,
 };
 // What an implementer of `SplitModel` needs, so that one dependency is enough.
+pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
 pub use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
     FsError, Matrix, MatrixRef, ModelDims, Result, Scalar, SplitContext, SplitModel, TypedSlice,
@@ -83,7 +84,6 @@ pub use readouts::{
     logit_change_from_parts, project, DirectionEffect, DirectionOptions,
 };
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
-pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
 pub use spectrum::{spectrum, Spectrum};
 pub use topk::{top_k_fisher, FisherOperator, TopKFisher, TopKOptions, TraceEstimate, TraceMode};
 

@@ -232,6 +232,33 @@ pub fn check_split_model<M: SplitModel>(
                 "t={t}: score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"
             )));
         }
+        // Batched JVPs / VJPs vs products with the readout Jacobian A.
+        let (d, du) = (dims.d_model, dims.readout_dim);
+        let v = crate::eigensolver::random_block(3, d, t as u64);
+        let w = crate::eigensolver::random_block(3, du, 100 + t as u64);
+        let a = &jac[t];
+        let av = model
+            .readout_jvp(&ctx, t, v.map(M::Scalar::round_from_f64).view())
+            .map_err(|e| err(format!("readout_jvp: {e}")))?;
+        let want_av = Matrix::from_fn(3, du, |i, k| {
+            (0..d).map(|c| a.get(k, c).as_f64() * v.get(i, c)).sum::<f64>()
+        });
+        let atw = model
+            .readout_vjp(&ctx, t, w.map(M::Scalar::round_from_f64).view())
+            .map_err(|e| err(format!("readout_vjp: {e}")))?;
+        let want_atw = Matrix::from_fn(3, d, |i, c| {
+            (0..du).map(|k| a.get(k, c).as_f64() * w.get(i, k)).sum::<f64>()
+        });
+        for (name, got, want) in
+            [("readout_jvp A V", av, want_av), ("readout_vjp Aᵀ W", atw, want_atw)]
+        {
+            let e = relative_frobenius(&got.map(|x| x.as_f64()), &want);
+            if e > tol.scores {
+                return Err(err(format!(
+                    "t={t}: {name} vs the readout Jacobian: relative error {e:.3e}"
+                )));
+            }
+        }
         // Exact vs closed form; symmetry; PSD. The logits convention's allowance grows with its
         // cancellation κ = ‖Jᵀdiag(p)J‖ / ‖F‖ (in f64 from J).
         let second_moment = Matrix::from_fn(dims.d_model, dims.d_model, |a, b| {
@@ -258,6 +285,34 @@ pub fn check_split_model<M: SplitModel>(
                 s.min_raw_eigenvalue, s.trace
             )));
         }
+    }
+
+    // The matrix-free top-K eigenpairs vs the exact estimator's spectrum, at the last position.
+    let t = tokens.len() - 1;
+    let k = dims.d_model.min(4);
+    let solver =
+        crate::EigensolverOptions { k, tolerance: tol.fisher / 10.0, ..Default::default() };
+    let top = crate::top_k_fisher(
+        model,
+        &ctx,
+        t,
+        &crate::TopKOptions { solver, trace: crate::TraceMode::Exact },
+    )
+    .map_err(|e| err(format!("top_k_fisher: {e}")))?;
+    let want = spectrum(&exact[t], Some(k)).map_err(|e| err(format!("spectrum: {e}")))?;
+    let l1 = want.eigenvalues[0].max(f64::MIN_POSITIVE);
+    for (i, (a, b)) in top.eigenvalues.iter().zip(&want.eigenvalues).enumerate() {
+        if (a - b).abs() > tol.fisher * l1 {
+            return Err(err(format!(
+                "t={t}: top-K eigenvalue {i} {a:.6e} vs exact {b:.6e} (λ1 {l1:.3e})"
+            )));
+        }
+    }
+    if (top.trace.value - want.trace).abs() > tol.fisher * want.trace.abs().max(f64::MIN_POSITIVE) {
+        return Err(err(format!(
+            "t={t}: top-K exact trace {:.6e} vs exact {:.6e}",
+            top.trace.value, want.trace
+        )));
     }
 
     // extend(ctx, t+1, a) == a fresh lower pass over x_0..x_t, a.

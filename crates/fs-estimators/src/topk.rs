@@ -4,6 +4,8 @@
 use crate::eigensolver::{random_block, top_eigenpairs, EigensolverOptions};
 use crate::gram::{matmul_into, weighted_mean_row, DEFAULT_VOCAB_CHUNK};
 use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Threads};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatRef};
 
 /// The Fisher matrix at one position as an operator, `F X` for blocks of vectors, never formed:
 ///
@@ -14,7 +16,8 @@ use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Thr
 ///
 /// (`s_y = 1` without a final soft-cap, see [`SplitModel::final_logit_softcap`]). `A v` is
 /// [`SplitModel::readout_jvp`], `Aᵀ w` is [`SplitModel::readout_vjp`], each batched over the
-/// block. `G` is applied in the centered form — `q_y = s_y (w_y · u) − m · u` in `f64` from the
+/// block — or, for a model without a native forward mode
+/// ([`SplitModel::native_readout_jvp`]), `A` is formed once and both are `f64` host products. `G` is applied in the centered form — `q_y = s_y (w_y · u) − m · u` in `f64` from the
 /// GEMM products `W_U U` in the model's scalar, then `W_Uᵀ(p ∘ s ∘ q)` — with the unembedding
 /// streamed in vocabulary chunks (both products of a chunk while it is in cache); since
 /// `Σ_y p_y q_y = 0` exactly, the `−m Σ p_y q_y` term of the centered form only removes
@@ -32,6 +35,8 @@ pub struct FisherOperator<'a, M: SplitModel> {
     p: Vec<f64>,
     slopes: Option<Vec<f64>>,
     m: Vec<f64>,
+    /// `A` (`d_u × d`, `f64`), formed once, for a model without a native forward mode.
+    formed: Option<faer::Mat<f64>>,
     /// The rows with `p_y ≥ HEAVY_ROW` (at most `1/HEAVY_ROW` of them).
     heavy: Vec<usize>,
     vocab_chunk: usize,
@@ -53,6 +58,20 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let threads = Threads(0);
         let m = weighted_mean_row(w_u, &p, slopes.as_deref(), threads);
         let heavy = (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect();
+        let formed = if model.native_readout_jvp() {
+            None
+        } else {
+            let a = model.readout_jacobians(ctx, &[position])?;
+            let a =
+                a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
+            crate::exact::check_shape(
+                "readout Jacobian A",
+                a.shape(),
+                (dims.readout_dim, dims.d_model),
+            )?;
+            fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
+            Some(faer::Mat::from_fn(a.rows(), a.cols(), |i, j| a.get(i, j).as_f64()))
+        };
         Ok(FisherOperator {
             model,
             ctx,
@@ -61,6 +80,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             p,
             slopes,
             m,
+            formed,
             heavy,
             vocab_chunk: DEFAULT_VOCAB_CHUNK,
             threads,
@@ -93,28 +113,45 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         if b == 0 {
             return Ok(Matrix::zeros(0, dims.d_model));
         }
-        let tangents = x.map(M::Scalar::round_from_f64);
-        let u = self.model.readout_jvp(self.ctx, self.position, tangents.view())?;
-        crate::exact::check_shape("readout JVP A V", u.shape(), (b, dims.readout_dim))?;
-        fs_traits::check_finite("readout JVP A V", u.as_slice())?;
-        let gu = self.apply_g(&u);
-        let cot = gu.map(M::Scalar::round_from_f64);
-        let g = self.model.readout_vjp(self.ctx, self.position, cot.view())?;
-        crate::exact::check_shape("readout VJP Aᵀ W", g.shape(), (b, dims.d_model))?;
-        fs_traits::check_finite("readout VJP Aᵀ W", g.as_slice())?;
+        let out = match &self.formed {
+            Some(a) => {
+                // A formed once: A v and Aᵀ w as f64 products on the host.
+                let xm = MatRef::from_row_major_slice(x.as_slice(), b, dims.d_model);
+                let mut u = faer::Mat::<f64>::zeros(b, dims.readout_dim);
+                matmul(u.as_mut(), Accum::Replace, xm, a.transpose(), 1.0, self.threads.par());
+                let u = Matrix::from_fn(b, dims.readout_dim, |i, k| u[(i, k)]);
+                let gu = self.apply_g(&u);
+                let gm = MatRef::from_row_major_slice(gu.as_slice(), b, dims.readout_dim);
+                let mut out = faer::Mat::<f64>::zeros(b, dims.d_model);
+                matmul(out.as_mut(), Accum::Replace, gm, a.as_ref(), 1.0, self.threads.par());
+                Matrix::from_fn(b, dims.d_model, |i, j| out[(i, j)])
+            }
+            None => {
+                let tangents = x.map(M::Scalar::round_from_f64);
+                let u = self.model.readout_jvp(self.ctx, self.position, tangents.view())?;
+                crate::exact::check_shape("readout JVP A V", u.shape(), (b, dims.readout_dim))?;
+                fs_traits::check_finite("readout JVP A V", u.as_slice())?;
+                let cot = self.apply_g(&u).map(M::Scalar::round_from_f64);
+                let g = self.model.readout_vjp(self.ctx, self.position, cot.view())?;
+                crate::exact::check_shape("readout VJP Aᵀ W", g.shape(), (b, dims.d_model))?;
+                fs_traits::check_finite("readout VJP Aᵀ W", g.as_slice())?;
+                g.map(|v| v.as_f64())
+            }
+        };
         self.applications += b;
-        Ok(g.map(|v| v.as_f64()))
+        Ok(out)
     }
 
     /// `G U` for the rows of `u` (`b × d_u`), in `f64` (see the type's docs).
-    fn apply_g(&self, u: &Matrix<M::Scalar>) -> Matrix<f64> {
+    fn apply_g<U: Scalar>(&self, u: &Matrix<U>) -> Matrix<f64> {
         let (v, du) = self.w_u.shape();
         let b = u.rows();
         let slope = |y: usize| self.slopes.as_ref().map_or(1.0, |s| s[y]);
         // mᵀu per vector, in f64.
-        let mu: Vec<f64> =
-            (0..b).map(|i| u.row(i).iter().zip(&self.m).map(|(a, m)| a.as_f64() * m).sum()).collect();
-        let ut = u.transpose(); // d_u × b
+        let mu: Vec<f64> = (0..b)
+            .map(|i| u.row(i).iter().zip(&self.m).map(|(a, m)| a.as_f64() * m).sum())
+            .collect();
+        let ut = u.transpose().map(|x| M::Scalar::round_from_f64(x.as_f64())); // d_u × b, in the model's scalar
         let mut acc = vec![0.0f64; b * du];
         let mut pq_sum = vec![0.0f64; b];
         let chunk = self.vocab_chunk.max(1);
@@ -419,10 +456,19 @@ mod tests {
             &TopKOptions { solver: loose, trace: TraceMode::Estimate { probes: 16 } },
         )
         .unwrap();
-        assert!(est.applications < d, "{} applications: the basis must not fill R^d", est.applications);
+        assert!(
+            est.applications < d,
+            "{} applications: the basis must not fill R^d",
+            est.applications
+        );
         let se = est.trace.std_error.unwrap();
         assert!(se > 0.0 && se < 0.05 * want.trace, "standard error {se} of {}", want.trace);
-        assert!((est.trace.value - want.trace).abs() <= 4.0 * se, "{:?} vs {}", est.trace, want.trace);
+        assert!(
+            (est.trace.value - want.trace).abs() <= 4.0 * se,
+            "{:?} vs {}",
+            est.trace,
+            want.trace
+        );
         assert_eq!(est.trace.applications, 16);
         assert!(top_k_fisher(
             &model,

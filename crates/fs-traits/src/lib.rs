@@ -226,6 +226,14 @@ pub trait SplitModel {
         }))
     }
 
+    /// Whether [`readout_jvp`](Self::readout_jvp) is a native forward-mode pass, costing in
+    /// proportion to the number of tangents (`true`), or the default, which forms all of `A`
+    /// on every call (`false`, the default). A caller that applies `A` many times at one
+    /// position (the matrix-free top-K eigensolver) forms `A` once when this is `false`.
+    fn native_readout_jvp(&self) -> bool {
+        false
+    }
+
     /// Vector–Jacobian products of the readout at one position: for each row `w_i` of
     /// `cotangents` (`R × d_u`), the row `Aᵀ w_i` (`R × d`) — the gradient of `⟨w_i, u(h)⟩`
     /// with respect to `h`. Linear in each `w_i`.
