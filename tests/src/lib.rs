@@ -10,7 +10,7 @@ pub mod backends;
 pub mod random_models;
 
 pub use fs_estimators::testing::{
-    check_split_model, fd_jacobian, fd_roundoff_floor, logit_jacobian, Tolerances,
+    check_split_model, check_top_k, fd_jacobian, fd_roundoff_floor, logit_jacobian, Tolerances,
 };
 use fs_estimators::{
     closed_form_fisher_at, exact_fisher, relative_frobenius, ExactOptions, GradientKind, Scalar,

@@ -289,29 +289,17 @@ pub fn check_split_model<M: SplitModel>(
 
     // The matrix-free top-K eigenpairs vs the exact estimator's spectrum, at the last position.
     let t = tokens.len() - 1;
-    let k = dims.d_model.min(4);
-    let solver =
-        crate::EigensolverOptions { k, tolerance: tol.fisher / 10.0, ..Default::default() };
-    let top = crate::top_k_fisher(
-        model,
-        &ctx,
-        t,
-        &crate::TopKOptions { solver, trace: crate::TraceMode::Exact },
-    )
-    .map_err(|e| err(format!("top_k_fisher: {e}")))?;
-    let want = spectrum(&exact[t], Some(k)).map_err(|e| err(format!("spectrum: {e}")))?;
-    let l1 = want.eigenvalues[0].max(f64::MIN_POSITIVE);
-    for (i, (a, b)) in top.eigenvalues.iter().zip(&want.eigenvalues).enumerate() {
-        if (a - b).abs() > tol.fisher * l1 {
-            return Err(err(format!(
-                "t={t}: top-K eigenvalue {i} {a:.6e} vs exact {b:.6e} (λ1 {l1:.3e})"
-            )));
-        }
-    }
-    if (top.trace.value - want.trace).abs() > tol.fisher * want.trace.abs().max(f64::MIN_POSITIVE) {
+    let solver = crate::EigensolverOptions {
+        k: dims.d_model.min(4),
+        tolerance: tol.fisher / 10.0,
+        ..Default::default()
+    };
+    let report =
+        check_top_k(model, &ctx, t, &exact[t], solver, crate::TraceMode::Exact, tol.fisher)?;
+    if (report.trace.value - report.exact_trace).abs() > tol.fisher * report.exact_trace.abs() {
         return Err(err(format!(
             "t={t}: top-K exact trace {:.6e} vs exact {:.6e}",
-            top.trace.value, want.trace
+            report.trace.value, report.exact_trace
         )));
     }
 
@@ -355,4 +343,92 @@ pub fn check_split_model<M: SplitModel>(
         other => return Err(err(format!("position T gave {:?}", other.map(|_| ())))),
     }
     Ok(())
+}
+
+/// What [`check_top_k`] measured.
+#[derive(Clone, Debug)]
+pub struct TopKReport {
+    /// Largest `|λ_i − λ_i^exact| / λ_1`.
+    pub eigenvalue_error: f64,
+    /// Largest `|λ_i − λ_i^exact| / λ_i^exact` over the pairs with `λ_i ≥ 10⁻² λ_1`.
+    pub eigenvalue_relative_error: f64,
+    /// Largest `1 − |cos(v_i, v_i^exact)|` over the pairs separated from both neighbours by
+    /// more than `10⁻² λ_1`.
+    pub eigenvector_error: f64,
+    /// Largest residual `‖F v − λ v‖ / λ_1`.
+    pub residual: f64,
+    /// Operator applications spent.
+    pub applications: usize,
+    /// The trace as computed by the top-K run, and `tr F` of the exact matrix.
+    pub trace: crate::TraceEstimate,
+    /// `tr F` of `exact`.
+    pub exact_trace: f64,
+}
+
+/// Run [`top_k_fisher`](crate::top_k_fisher) (trace by `trace`) at `position` and compare it with
+/// `exact`, the exact estimator's `F` there: the top-`k` eigenvalues within `tol·λ_1`, the
+/// eigenvectors of pairs separated by more than `10⁻² λ_1` with `|cos| ≥ 1 − tol`, every
+/// residual `≤ max(tol, solver tolerance)`, and the run converged. Returns what was measured.
+pub fn check_top_k<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    position: usize,
+    exact: &Matrix<f64>,
+    solver: crate::EigensolverOptions,
+    trace: crate::TraceMode,
+    tol: f64,
+) -> Result<TopKReport, String> {
+    let t = position;
+    let top = crate::top_k_fisher(model, ctx, t, &crate::TopKOptions { solver, trace })
+        .map_err(|e| err(format!("top_k_fisher: {e}")))?;
+    if !top.converged {
+        return Err(err(format!("t={t}: top-K did not converge: residuals {:?}", top.residuals)));
+    }
+    let all = spectrum(exact, None).map_err(|e| err(format!("spectrum: {e}")))?;
+    let l1 = all.eigenvalues[0].max(f64::MIN_POSITIVE);
+    let mut report = TopKReport {
+        eigenvalue_error: 0.0,
+        eigenvalue_relative_error: 0.0,
+        eigenvector_error: 0.0,
+        residual: top.residuals.iter().cloned().fold(0.0, f64::max),
+        applications: top.applications,
+        trace: top.trace,
+        exact_trace: all.trace,
+    };
+    let d = exact.rows();
+    for (i, &got) in top.eigenvalues.iter().enumerate() {
+        let want = all.eigenvalues[i];
+        let e = (got - want).abs();
+        report.eigenvalue_error = report.eigenvalue_error.max(e / l1);
+        if want >= 1e-2 * l1 {
+            report.eigenvalue_relative_error = report.eigenvalue_relative_error.max(e / want);
+        }
+        let gap = [i.checked_sub(1), Some(i + 1)]
+            .into_iter()
+            .flatten()
+            .filter_map(|j| all.eigenvalues.get(j))
+            .map(|l| (l - want).abs())
+            .fold(f64::INFINITY, f64::min);
+        if gap > 1e-2 * l1 {
+            let cos: f64 =
+                (0..d).map(|r| top.eigenvectors.get(r, i) * all.eigenvectors.get(r, i)).sum();
+            report.eigenvector_error = report.eigenvector_error.max(1.0 - cos.abs());
+        }
+    }
+    if report.eigenvalue_error > tol {
+        return Err(err(format!(
+            "t={t}: top-K eigenvalues vs exact: max |Δλ|/λ1 {:.3e} > {tol:.1e}",
+            report.eigenvalue_error
+        )));
+    }
+    if report.eigenvector_error > tol {
+        return Err(err(format!(
+            "t={t}: top-K eigenvectors vs exact: max 1 − |cos| {:.3e} > {tol:.1e}",
+            report.eigenvector_error
+        )));
+    }
+    if report.residual > tol.max(solver.tolerance) {
+        return Err(err(format!("t={t}: top-K residual {:.3e} > {tol:.1e}", report.residual)));
+    }
+    Ok(report)
 }
