@@ -22,7 +22,7 @@ use crate::results::{
 };
 use crate::Globals;
 use anyhow::{bail, Context, Result};
-use fs_estimators::{spectrum, Matrix, SplitModel};
+use fs_estimators::{Matrix, SplitModel};
 use std::path::PathBuf;
 
 /// Arguments of `fisher-stein inspect`.
@@ -195,18 +195,26 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
         for i in 0..n {
             let layer = r.layer(i);
             let position = r.position(i);
-            let m = Matrix::from_vec(d, d, r.matrix(i).to_vec())?;
-            let s = spectrum(&m, Some(args.top_k.max(5).min(d)))?;
+            let (s, trace_se) = r.spectrum(i, args.top_k)?;
             let entropy =
                 r.entropy().map(|e| format!("{:.4}", e.data[i])).unwrap_or_else(|| "n/a".into());
             println!(
                 "{name}  seq {seq}  layer {layer}  position {position}  token {}",
                 tokens.get(position).map_or("?".into(), |t| t.to_string())
             );
-            println!(
-                "  entropy {entropy}  trace {:.4e}  effective rank {:.2}  participation ratio {:.2}",
-                s.trace, s.effective_rank, s.participation_ratio
-            );
+            if r.is_top_k() {
+                let se = trace_se.map(|se| format!(" ± {se:.1e} (estimate)")).unwrap_or_default();
+                println!(
+                    "  entropy {entropy}  trace {:.4e}{se}  top-{} eigenpairs (--estimator top-k: no effective rank)",
+                    s.trace,
+                    s.eigenvalues.len()
+                );
+            } else {
+                println!(
+                    "  entropy {entropy}  trace {:.4e}  effective rank {:.2}  participation ratio {:.2}",
+                    s.trace, s.effective_rank, s.participation_ratio
+                );
+            }
             println!(
                 "  top eigenvalues {}",
                 s.eigenvalues
@@ -224,7 +232,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
                 continue;
             }
             let Some(dec) = &decoder else { continue };
-            let k = args.top_k.min(d);
+            let k = args.top_k.min(s.eigenvalues.len());
             let v = Matrix::from_fn(d, k, |j, c| s.eigenvectors.get(j, c));
             for (c, e) in dec.effects(&tokens, layer, position, &v)?.iter().enumerate() {
                 let fmt = |v: Vec<(u32, f64)>| {

@@ -10,8 +10,8 @@ use crate::results::{
 };
 use anyhow::Result;
 use fs_estimators::{
-    direction_effects, direction_effects_from_jacobian, project, spectrum, DirectionOptions,
-    Matrix, Scalar, SplitModel,
+    direction_effects, direction_effects_from_jacobian, project, DirectionOptions, Matrix, Scalar,
+    SplitModel,
 };
 
 /// One direction's read-out, ready to store.
@@ -44,30 +44,27 @@ pub struct Readout {
     pub directions: Vec<DirectionRow>,
 }
 
-/// Compute the read-out of the matrix `fisher` of `model` at `position` of `ctx`: its top
-/// `directions` eigenvectors, with `tokens` tokens per direction and sign. `jacobian`: the
-/// readout Jacobian `A_t` of this position when the estimator already computed it
-/// (`J v = W_U A_t v` then costs no second Jacobian), else `None`.
+/// Compute the read-out at `position` of `ctx` of the eigenpairs `(λ, V)` (eigenvalues
+/// descending, eigenvectors as the columns of `V`, `d × K`) of its Fisher matrix, with `tokens`
+/// tokens per direction and sign. `jacobian`: the readout Jacobian `A_t` of this position when
+/// the estimator already computed it (`J v = W_U A_t v` then costs no second Jacobian), else
+/// `None` (`J v` from one batched JVP).
 pub fn readout<M: SplitModel>(
     model: &M,
     ctx: &M::Context,
     position: usize,
-    fisher: &Matrix<f64>,
+    (eigenvalues, eigenvectors): (&[f64], &Matrix<f64>),
     jacobian: Option<&Matrix<M::Scalar>>,
-    directions: usize,
     tokens: usize,
 ) -> Result<Readout> {
-    let d = fisher.rows();
-    let k = directions.min(d);
-    let s = spectrum(fisher, Some(k))?;
     let h = model.activation(ctx, position)?;
-    let projections = project(&h, &s.eigenvectors)?;
+    let projections = project(&h, eigenvectors)?;
     let opts = DirectionOptions::default();
     let effects = match jacobian {
         Some(a) => {
-            direction_effects_from_jacobian(model, ctx, position, a.view(), &s.eigenvectors, &opts)?
+            direction_effects_from_jacobian(model, ctx, position, a.view(), eigenvectors, &opts)?
         }
-        None => direction_effects(model, ctx, position, &s.eigenvectors, &opts)?,
+        None => direction_effects(model, ctx, position, eigenvectors, &opts)?,
     };
     let n = tokens;
     let directions = effects
@@ -78,7 +75,7 @@ pub fn readout<M: SplitModel>(
                 v.into_iter().map(|(y, dp)| (y, dp, e.logit_change[y as usize])).collect()
             };
             DirectionRow {
-                eigenvalue: s.eigenvalues[i],
+                eigenvalue: eigenvalues[i],
                 fisher_quadratic: e.fisher_quadratic,
                 epsilon: e.epsilon,
                 kl: e.kl,
@@ -190,8 +187,15 @@ pub fn layer_summary(summaries: &[PositionSummary]) -> Vec<LayerSummaryRow> {
             let rows: Vec<&PositionSummary> =
                 summaries.iter().filter(|s| s.layer == layer).collect();
             let n = rows.len() as f64;
+            // The mean of the finite values; NaN (null in metadata.json) when there are none,
+            // e.g. the effective rank of top-k runs, which never see the whole spectrum.
             let mean = |f: fn(&PositionSummary) -> f64| {
-                rows.iter().filter_map(|r| finite(f(r))).sum::<f64>() / n
+                let values: Vec<f64> = rows.iter().filter_map(|r| finite(f(r))).collect();
+                if values.is_empty() {
+                    f64::NAN
+                } else {
+                    values.iter().sum::<f64>() / values.len() as f64
+                }
             };
             let top_len = rows.iter().map(|r| r.top_eigenvalues.len()).min().unwrap_or(0);
             let top: Vec<f64> = (0..top_len)

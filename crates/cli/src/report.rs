@@ -70,13 +70,36 @@ fn layer_spectra(dir: &Path, has_mean: bool) -> Result<LayerSpectra> {
     }
     let files = results_files(dir)?;
     let mut accs: BTreeMap<usize, FisherAccumulator> = BTreeMap::new();
+    // --estimator top-k files hold eigenpairs, not matrices: their per-position top-K
+    // eigenvalues are averaged instead (sum and count per layer).
+    let mut top_k: BTreeMap<usize, (Vec<f64>, usize)> = BTreeMap::new();
     for f in &files {
         let r = read_results(f)?;
         let d = r.d();
         for i in 0..r.n() {
-            let m = Matrix::from_vec(d, d, r.matrix(i).to_vec())?;
-            accs.entry(r.layer(i)).or_insert_with(|| FisherAccumulator::new(d)).add(&m, 0.0)?;
+            match r.matrix(i) {
+                Some(m) => {
+                    let m = Matrix::from_vec(d, d, m.to_vec())?;
+                    accs.entry(r.layer(i))
+                        .or_insert_with(|| FisherAccumulator::new(d))
+                        .add(&m, 0.0)?;
+                }
+                None => {
+                    let (values, _) =
+                        r.eigenpairs(i).unwrap_or_else(|| unreachable!("checked on read"));
+                    let (sum, n) =
+                        top_k.entry(r.layer(i)).or_insert_with(|| (vec![0.0; values.len()], 0));
+                    sum.iter_mut().zip(values).for_each(|(s, v)| *s += v);
+                    *n += 1;
+                }
+            }
         }
+    }
+    if !top_k.is_empty() {
+        for (layer, (sum, n)) in top_k {
+            out.push((layer, sum.into_iter().map(|s| s / n as f64).collect()));
+        }
+        return Ok((out, eff, "the top-K eigenvalues of F (--estimator top-k; the mean over the analysed positions where there are several)".into()));
     }
     for (layer, acc) in accs {
         if let Some(m) = acc.mean() {

@@ -997,3 +997,124 @@ fn llama_fixture_through_the_binary_matches_the_oracle_at_every_layer() {
         "{info}"
     );
 }
+
+/// `--estimator top-k` through the binary, on a soft-capped decoder (Gemma-2: final-logit
+/// soft-cap, sliding windows) and on GPT-2, against the exact estimator's eigenpairs of the same
+/// run settings: eigenvalues, eigenvectors, the exact trace, the stored tensors, metadata,
+/// `--directions` from the top-k pairs, `inspect` and `report` on a top-k directory, npz, and
+/// the flags top-k refuses.
+#[test]
+fn top_k_through_the_binary_matches_the_exact_eigenpairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, layer) in [("gemma2-tiny", "1"), ("gpt2-tiny-a", "1")] {
+        let fx = fixture(name);
+        let run = |est: &[&str], out: &Path| {
+            ok(&bin()
+                .args(["compute", "--model", fx.to_str().unwrap(), "--layer", layer])
+                .args(["--tokens", "3,14,15,9,26,5", "--positions", "2..5", "-q"])
+                .args(est)
+                .args(["--output", out.to_str().unwrap()])
+                .output()
+                .unwrap())
+        };
+        let exact_dir = tmp.path().join(format!("{name}-exact"));
+        run(&["--eig-top", "4"], &exact_dir);
+        let top_dir = tmp.path().join(format!("{name}-top"));
+        run(
+            &["--estimator", "top-k", "--k", "4", "--trace", "exact", "--directions", "2"],
+            &top_dir,
+        );
+        let exact = read_safetensors(&exact_dir.join("fisher.safetensors"));
+        let top = read_safetensors(&top_dir.join("fisher.safetensors"));
+        assert!(!top.contains_key("fisher"), "{name}: top-k forms no matrix");
+        let d = exact["fisher"].0[1];
+        let np = 4; // positions 2..5, inclusive
+        assert_eq!(exact["fisher"].0[0], np, "{name}");
+        assert_eq!(top["eigenvalues"].0, vec![np, 4], "{name}");
+        assert_eq!(top["eigenvectors"].0, vec![np, d, 4], "{name}");
+        assert_eq!(top["residuals"].0, vec![np, 4], "{name}");
+        for n in 0..np {
+            let (ve, vt) = (
+                &exact["eigenvalues"].1[n * 4..n * 4 + 4],
+                &top["eigenvalues"].1[n * 4..n * 4 + 4],
+            );
+            for i in 0..4 {
+                assert!(
+                    (ve[i] - vt[i]).abs() <= 1e-4 * ve[0],
+                    "{name} position {n}: λ{i} {} vs {}",
+                    vt[i],
+                    ve[i]
+                );
+                let gap = [i.checked_sub(1), Some(i + 1)]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|j| ve.get(j))
+                    .map(|l| (l - ve[i]).abs())
+                    .fold(f64::INFINITY, f64::min);
+                if gap > 1e-2 * ve[0] {
+                    let col = |a: &[f64], r: usize| a[n * d * 4 + r * 4 + i];
+                    let cos: f64 = (0..d)
+                        .map(|r| col(&exact["eigenvectors"].1, r) * col(&top["eigenvectors"].1, r))
+                        .sum();
+                    assert!(cos.abs() >= 1.0 - 1e-4, "{name} position {n}: v{i} cos {cos}");
+                }
+            }
+            let f = &exact["fisher"].1[n * d * d..(n + 1) * d * d];
+            let trace: f64 = (0..d).map(|r| f[r * d + r]).sum();
+            assert!(
+                (top["trace"].1[n] - trace).abs() <= 1e-5 * trace,
+                "{name}: trace {} vs {trace}",
+                top["trace"].1[n]
+            );
+            assert!(top["trace_std_error"].1[n].is_nan(), "an exact trace has no standard error");
+            assert!(top["residuals"].1[n * 4..n * 4 + 4].iter().all(|&r| r <= 1e-5));
+        }
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(top_dir.join("metadata.json")).unwrap()).unwrap();
+        assert_eq!(meta["estimator"]["name"], "top-k");
+        assert_eq!(meta["estimator"]["k"], 4);
+        let s = &meta["summary"][0];
+        assert!(s["effective_rank"].is_null() && s["top_k"]["converged"] == true, "{s}");
+        assert_eq!(s["directions"].as_array().unwrap().len(), 2, "{s}");
+        let shown = ok(&bin().args(["inspect", top_dir.to_str().unwrap()]).output().unwrap());
+        assert!(shown.contains("top-4 eigenpairs") && shown.contains("+v pushes up"), "{shown}");
+        let report = tmp.path().join(format!("{name}-report.html"));
+        ok(&bin()
+            .args(["report", top_dir.to_str().unwrap(), "--output", report.to_str().unwrap()])
+            .output()
+            .unwrap());
+        let html = std::fs::read_to_string(&report).unwrap();
+        assert!(html.contains("--estimator top-k"), "the report says what its spectra are");
+    }
+    // npz, and the estimate of the trace with its standard error.
+    let out = tmp.path().join("npz");
+    ok(&bin()
+        .args(["compute", "--model", fixture("gpt2-tiny-a").to_str().unwrap(), "--layer", "0"])
+        .args(["--tokens", "3,14,15,9", "--estimator", "top-k", "--k", "3", "--format", "npz"])
+        .args(["-q", "--output", out.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let r = read_npz(&out.join("fisher.npz"));
+    assert_eq!(r["eigenvalues"].0, vec![1, 3]);
+    assert!(r["trace_std_error"].1[0] >= 0.0, "{:?}", r["trace_std_error"]);
+    // What top-k refuses, in one line naming the fix.
+    for (extra, needle) in [
+        (&["--mean"][..], "--mean with --estimator top-k"),
+        (&["--eig-top", "2"][..], "--eig/--eig-top with --estimator top-k"),
+        (&["--directions", "5", "--k", "4"][..], "--directions 5 with --k 4"),
+        (&["--k", "0"][..], "--k 0"),
+        (&["--tolerance", "0"][..], "--tolerance 0"),
+        (&["--trace-probes", "1"][..], "--trace-probes 1"),
+    ] {
+        let o = bin()
+            .args(["compute", "--model", fixture("gpt2-tiny-a").to_str().unwrap(), "--layer", "0"])
+            .args(["--tokens", "3,14", "--estimator", "top-k"])
+            .args(extra)
+            .args(["--output", tmp.path().join("refused").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{extra:?}: {err}");
+        assert!(!tmp.path().join("refused").exists(), "{extra:?} left a directory behind");
+    }
+}

@@ -151,10 +151,11 @@ pub fn project<S: Scalar>(h: &[S], directions: &Matrix<f64>) -> Result<Vec<f64>>
 /// change `J v = W_U A v`, the probability change, `vᵀFv`, and the KL check
 /// `KL(p ‖ p(h + εv))` vs `½ ε² vᵀFv` (see [`DirectionOptions`] for `ε`).
 ///
-/// Costs one readout Jacobian, `K` products with `W_U` and `K + 1` single-position upper passes.
-/// `p` is taken from [`SplitModel::upper_logits`] at the unperturbed `h`, the same function the
-/// perturbed logits come from. With the Jacobian at hand (from
-/// [`exact_fisher_with_jacobians`](crate::exact_fisher_with_jacobians)), call
+/// Costs one batched JVP ([`SplitModel::readout_jvp`]: all `K` products `A v` in one
+/// forward-mode pass where the model has one), `K` products with `W_U` and `K + 1`
+/// single-position upper passes. `p` is taken from [`SplitModel::upper_logits`] at the
+/// unperturbed `h`, the same function the perturbed logits come from. With the Jacobian at
+/// hand (from [`exact_fisher_with_jacobians`](crate::exact_fisher_with_jacobians)), call
 /// [`direction_effects_from_jacobian`] instead.
 pub fn direction_effects<M: SplitModel>(
     model: &M,
@@ -163,9 +164,21 @@ pub fn direction_effects<M: SplitModel>(
     directions: &Matrix<f64>,
     opts: &DirectionOptions,
 ) -> Result<Vec<DirectionEffect>> {
-    let a = model.readout_jacobians(ctx, &[position])?;
-    let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
-    direction_effects_from_jacobian(model, ctx, position, a.view(), directions, opts)
+    let dims = model.dims();
+    fs_traits::check_len("direction length", directions.rows(), dims.d_model)?;
+    fs_traits::check_finite("directions", directions.as_slice())?;
+    let tangents = Matrix::from_fn(directions.cols(), directions.rows(), |k, j| {
+        M::Scalar::round_from_f64(directions.get(j, k))
+    });
+    let av = model.readout_jvp(ctx, position, tangents.view())?;
+    crate::exact::check_shape(
+        "readout JVP A V",
+        av.shape(),
+        (directions.cols(), dims.readout_dim),
+    )?;
+    effects(model, ctx, position, directions, opts, |k, _| {
+        Ok(av.row(k).iter().map(|x| x.as_f64()).collect())
+    })
 }
 
 /// [`direction_effects`] with the readout Jacobian `A = ∂u/∂h` (`d_u × d`) of `position`
@@ -181,6 +194,25 @@ pub fn direction_effects_from_jacobian<M: SplitModel>(
 ) -> Result<Vec<DirectionEffect>> {
     let dims = model.dims();
     fs_traits::check_len("direction length", directions.rows(), dims.d_model)?;
+    crate::exact::check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
+    effects(model, ctx, position, directions, opts, |_, v| {
+        fs_traits::check_finite("direction v", v)?;
+        Ok((0..a.rows())
+            .map(|k| a.row(k).iter().zip(v).map(|(x, y)| x.as_f64() * y).sum())
+            .collect())
+    })
+}
+
+/// The read-outs of the columns of `directions`, given `A v` for column `k` (`readout_change(k, v)`).
+fn effects<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    position: usize,
+    directions: &Matrix<f64>,
+    opts: &DirectionOptions,
+    readout_change: impl Fn(usize, &[f64]) -> Result<Vec<f64>>,
+) -> Result<Vec<DirectionEffect>> {
+    let dims = model.dims();
     if let Some(e) = opts.epsilon {
         if !(e.is_finite() && e > 0.0) {
             return Err(FsError::invalid("epsilon", e, "a finite number > 0"));
@@ -194,7 +226,6 @@ pub fn direction_effects_from_jacobian<M: SplitModel>(
     let z0 = model.upper_logits(ctx, position, &h)?;
     fs_traits::check_len("upper_logits output", z0.len(), dims.vocab_size)?;
     let p = softmax(&z0)?;
-    crate::exact::check_shape("readout Jacobian A", a.shape(), (dims.readout_dim, dims.d_model))?;
     let w_u = model.unembedding();
     crate::exact::check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
     let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), &z0);
@@ -209,7 +240,11 @@ pub fn direction_effects_from_jacobian<M: SplitModel>(
                     "a non-zero vector",
                 ));
             }
-            let mut jv = logit_change_from_parts(a, w_u, &v)?;
+            let av = readout_change(k, &v)?;
+            fs_traits::check_len("readout change A v", av.len(), dims.readout_dim)?;
+            let mut jv: Vec<f64> = (0..w_u.rows())
+                .map(|y| w_u.row(y).iter().zip(&av).map(|(w, x)| w.as_f64() * x).sum())
+                .collect();
             if let Some(s) = &slopes {
                 // Soft-capped logits: J v = diag(s) W_U A v.
                 jv.iter_mut().zip(s).for_each(|(z, s)| *z *= s);

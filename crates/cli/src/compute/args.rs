@@ -21,6 +21,9 @@ pub enum Estimator {
     /// The original script's default: mean exact F over N sampled next input tokens, each at
     /// position t+1.
     Predictive,
+    /// The top --k eigenpairs of F without forming it (F v = Aᵀ G (A v) by JVPs and VJPs in a
+    /// block Krylov eigensolver): for big models and when only the leading directions matter.
+    TopK,
 }
 
 impl Estimator {
@@ -31,6 +34,7 @@ impl Estimator {
             Estimator::Sampled => "sampled",
             Estimator::ClosedForm => "closed-form",
             Estimator::Predictive => "predictive",
+            Estimator::TopK => "top-k",
         }
     }
 }
@@ -52,6 +56,15 @@ impl Format {
             Format::Npz => "npz",
         }
     }
+}
+
+/// How `--estimator top-k` reports `tr F`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TraceArg {
+    /// Exact on the eigensolver's subspace, Hutchinson on its complement (± one standard error).
+    Estimate,
+    /// `Σ_i e_iᵀ F e_i` (d more operator applications).
+    Exact,
 }
 
 /// Arguments of `fisher-stein compute`.
@@ -105,7 +118,8 @@ pub struct ComputeArgs {
     /// Draws per position: sampled estimator (default 10) or predictive average (default 50).
     #[arg(long, alias = "num_samples", alias = "num-samples", value_name = "S")]
     pub samples: Option<usize>,
-    /// Seed of every random draw (position t uses stream t); recorded in metadata.json.
+    /// Seed of every random draw (position t uses stream t; top-k: its starting block and trace
+    /// probes); recorded in metadata.json.
     #[arg(long, alias = "random_seed", default_value_t = 0)]
     pub seed: u64,
     /// Sampling temperature for sampled / predictive draws. Any value other than 1 makes the
@@ -116,6 +130,20 @@ pub struct ComputeArgs {
     /// BIASED (it no longer estimates F).
     #[arg(long, alias = "top_p", default_value_t = 1.0)]
     pub top_p: f64,
+    /// --estimator top-k: eigenpairs per position.
+    #[arg(long = "k", value_name = "K", default_value_t = 16)]
+    pub top_k: usize,
+    /// --estimator top-k: stop when every residual ‖F v − λ v‖ ≤ TOL · λ_1.
+    #[arg(long, value_name = "TOL", default_value_t = 1e-5)]
+    pub tolerance: f64,
+    /// --estimator top-k: the trace of F as an estimate with its standard error (a few more
+    /// operator applications) or exact (d more).
+    #[arg(long, value_enum, default_value = "estimate")]
+    pub trace: TraceArg,
+    /// --estimator top-k with --trace estimate: Hutchinson probes on the complement of the
+    /// eigensolver's subspace.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub trace_probes: usize,
     /// Positions per batched backward pass of the readout Jacobian (default: fits ~1 GiB).
     #[arg(long, alias = "batch_size", value_name = "N")]
     pub batch_size: Option<usize>,
@@ -223,6 +251,29 @@ impl ComputeArgs {
                 self.checkpoint_secs
             );
         }
+        if self.estimator == Estimator::TopK {
+            if self.top_k == 0 {
+                bail!("--k 0 asks for no eigenpairs: give at least 1");
+            }
+            if !(self.tolerance.is_finite() && self.tolerance > 0.0) {
+                bail!("--tolerance {}: give a finite number > 0 (e.g. 1e-5)", self.tolerance);
+            }
+            if self.trace == TraceArg::Estimate && self.trace_probes < 2 {
+                bail!(
+                    "--trace-probes {}: a standard error needs at least 2 probes",
+                    self.trace_probes
+                );
+            }
+            if self.readouts.accumulate() {
+                bail!("--mean with --estimator top-k: the dataset mean averages whole Fisher matrices, which top-k never forms; use --estimator exact or sampled for --mean");
+            }
+            if self.readouts.directions > self.top_k {
+                bail!("--directions {} with --k {}: top-k decodes only the eigenpairs it computes; raise --k or lower --directions", self.readouts.directions, self.top_k);
+            }
+            if self.eig || self.eig_top.is_some() {
+                bail!("--eig/--eig-top with --estimator top-k: it stores its --k eigenpairs already; drop the flag and set --k");
+            }
+        }
         if self.eig_top == Some(0) {
             bail!("--eig-top 0 keeps no eigenpairs: give at least 1, or drop the flag");
         }
@@ -248,6 +299,16 @@ impl ComputeArgs {
                 note: "mean exact Fisher at position t+1 over next input tokens drawn at t".into(),
             },
             Estimator::Exact => EstimatorSettings::Exact { biased: false },
+            Estimator::TopK => EstimatorSettings::TopK {
+                k: self.top_k,
+                tolerance: self.tolerance,
+                trace: match self.trace {
+                    TraceArg::Estimate => "estimate".into(),
+                    TraceArg::Exact => "exact".into(),
+                },
+                trace_probes: self.trace_probes,
+                seed: self.seed,
+            },
             Estimator::ClosedForm => EstimatorSettings::ClosedForm { biased: false },
         }
     }

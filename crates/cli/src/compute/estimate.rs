@@ -3,21 +3,48 @@
 //! `--directions`, its read-out. A batch that meets a NaN or infinity is retried position by
 //! position, so that a bad position fails alone.
 
-use super::args::{ComputeArgs, Estimator};
+use super::args::{ComputeArgs, Estimator, TraceArg};
 use super::failures::{is_numerical, is_numerical_fs};
 use crate::readouts::Readout;
 use anyhow::Result;
 use fs_estimators::{
     closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
-    sampled_fisher, softmax, ExactOptions, FsError, GradientKind, Matrix, PredictiveOptions,
-    SampledOptions, SplitModel,
+    sampled_fisher, softmax, spectrum, top_k_fisher, EigensolverOptions, ExactOptions, FsError,
+    GradientKind, Matrix, PredictiveOptions, SampledOptions, SplitModel, TopKFisher, TopKOptions,
+    TraceMode,
 };
 
-/// One computed matrix.
+/// What the estimator produced at one position.
+pub(super) enum Estimated {
+    /// The whole `d × d` matrix (exact, closed form, sampled, predictive).
+    Matrix(Matrix<f64>),
+    /// Its top `K` eigenpairs, matrix-free (`--estimator top-k`).
+    TopK(TopKFisher),
+}
+
+impl Estimated {
+    /// The whole matrix, where the estimator formed one.
+    pub fn matrix(&self) -> Option<&Matrix<f64>> {
+        match self {
+            Estimated::Matrix(f) => Some(f),
+            Estimated::TopK(_) => None,
+        }
+    }
+
+    /// Every number it holds, for the non-finite check.
+    fn values(&self) -> &[f64] {
+        match self {
+            Estimated::Matrix(f) => f.as_slice(),
+            Estimated::TopK(t) => t.eigenvectors.as_slice(),
+        }
+    }
+}
+
+/// One computed position.
 pub(super) struct Entry {
     pub layer: usize,
     pub position: usize,
-    pub fisher: Matrix<f64>,
+    pub estimate: Estimated,
     pub entropy: f64,
     /// The sampled tokens (sampled and predictive estimators).
     pub draws: Option<Vec<u32>>,
@@ -25,10 +52,26 @@ pub(super) struct Entry {
     pub readout: Option<Readout>,
 }
 
-/// One position's estimate: the Fisher matrix, the sampled tokens (sampled and predictive
-/// estimators) and, for the exact estimator with `--directions`, the readout Jacobian `A_t` it
-/// was built from (reused by the read-outs instead of computed twice).
-type Estimate<S> = (Matrix<f64>, Option<Vec<u32>>, Option<Matrix<S>>);
+/// One position's estimate: the Fisher matrix or its top eigenpairs, the sampled tokens (sampled
+/// and predictive estimators) and, for the exact estimator with `--directions`, the readout
+/// Jacobian `A_t` it was built from (reused by the read-outs instead of computed twice).
+type Estimate<S> = (Estimated, Option<Vec<u32>>, Option<Matrix<S>>);
+
+/// `--estimator top-k`'s options.
+fn top_k_options(args: &ComputeArgs) -> TopKOptions {
+    TopKOptions {
+        solver: EigensolverOptions {
+            k: args.top_k,
+            tolerance: args.tolerance,
+            seed: args.seed,
+            ..EigensolverOptions::default()
+        },
+        trace: match args.trace {
+            TraceArg::Estimate => TraceMode::Estimate { probes: args.trace_probes },
+            TraceArg::Exact => TraceMode::Exact,
+        },
+    }
+}
 
 /// Run `--estimator` at `positions` of `ctx`.
 fn estimate<M: SplitModel>(
@@ -42,17 +85,17 @@ fn estimate<M: SplitModel>(
         Estimator::Exact if args.readouts.directions > 0 => {
             exact_fisher_with_jacobians(model, ctx, positions, &opts)?
                 .into_iter()
-                .map(|e| (e.fisher, None, Some(e.jacobian)))
+                .map(|e| (Estimated::Matrix(e.fisher), None, Some(e.jacobian)))
                 .collect()
         }
         Estimator::Exact => exact_fisher(model, ctx, positions, &opts)?
             .into_iter()
-            .map(|f| (f, None, None))
+            .map(|f| (Estimated::Matrix(f), None, None))
             .collect(),
         Estimator::ClosedForm => {
             closed_form_fisher_at(model, ctx, positions, GradientKind::Logits, &opts)?
                 .into_iter()
-                .map(|f| (f, None, None))
+                .map(|f| (Estimated::Matrix(f), None, None))
                 .collect()
         }
         Estimator::Sampled => {
@@ -63,7 +106,7 @@ fn estimate<M: SplitModel>(
             };
             sampled_fisher(model, ctx, positions, &o)?
                 .into_iter()
-                .map(|s| (s.fisher, Some(s.tokens), None))
+                .map(|s| (Estimated::Matrix(s.fisher), Some(s.tokens), None))
                 .collect()
         }
         Estimator::Predictive => {
@@ -76,8 +119,16 @@ fn estimate<M: SplitModel>(
             positions
                 .iter()
                 .map(|&t| {
-                    predictive_fisher(model, ctx, t, &o).map(|p| (p.fisher, Some(p.tokens), None))
+                    predictive_fisher(model, ctx, t, &o)
+                        .map(|p| (Estimated::Matrix(p.fisher), Some(p.tokens), None))
                 })
+                .collect::<Result<_, FsError>>()?
+        }
+        Estimator::TopK => {
+            let o = top_k_options(args);
+            positions
+                .iter()
+                .map(|&t| top_k_fisher(model, ctx, t, &o).map(|r| (Estimated::TopK(r), None, None)))
                 .collect::<Result<_, FsError>>()?
         }
     })
@@ -139,12 +190,13 @@ pub(super) fn sequence_entries<M: SplitModel>(
             };
             for (j, (result, &t)) in results.into_iter().zip(batch).enumerate() {
                 let entry = (|| -> Result<Entry> {
-                    let (fisher, draws, jacobian) = result?;
-                    if let Some(bad) = fisher.as_slice().iter().position(|x| !x.is_finite()) {
+                    let (estimate, draws, jacobian) = result?;
+                    let values = estimate.values();
+                    if let Some(bad) = values.iter().position(|x| !x.is_finite()) {
                         return Err(FsError::NonFinite {
                             what: "the Fisher matrix".into(),
                             index: bad,
-                            value: fisher.as_slice()[bad],
+                            value: values[bad],
                         }
                         .into());
                     }
@@ -154,18 +206,30 @@ pub(super) fn sequence_entries<M: SplitModel>(
                     };
                     let readout = (args.readouts.directions > 0)
                         .then(|| {
+                            let k = args.readouts.directions;
+                            let (values, vectors) = match &estimate {
+                                Estimated::Matrix(f) => {
+                                    let s = spectrum(f, Some(k.min(f.rows())))?;
+                                    (s.eigenvalues, s.eigenvectors)
+                                }
+                                Estimated::TopK(r) => {
+                                    let k = k.min(r.eigenvalues.len());
+                                    let d = r.eigenvectors.rows();
+                                    let v = Matrix::from_fn(d, k, |i, c| r.eigenvectors.get(i, c));
+                                    (r.eigenvalues[..k].to_vec(), v)
+                                }
+                            };
                             crate::readouts::readout(
                                 model,
                                 ctx,
                                 t,
-                                &fisher,
+                                (&values, &vectors),
                                 jacobian.as_ref(),
-                                args.readouts.directions,
                                 args.readouts.direction_tokens,
                             )
                         })
                         .transpose()?;
-                    Ok(Entry { layer, position: t, fisher, entropy: entropy(&p), draws, readout })
+                    Ok(Entry { layer, position: t, estimate, entropy: entropy(&p), draws, readout })
                 })();
                 match entry {
                     Ok(e) => found(e)?,

@@ -75,7 +75,13 @@ impl Plan {
             positions.push(selected);
         }
         let d = dims.d_model;
-        let eig_rank = if args.eig { Some(d) } else { args.eig_top.map(|k| k.min(d)) };
+        let eig_rank = if args.estimator == Estimator::TopK {
+            Some(args.top_k.min(d))
+        } else if args.eig {
+            Some(d)
+        } else {
+            args.eig_top.map(|k| k.min(d))
+        };
         // --directions K stores (at least) the top K eigenpairs its read-outs refer to.
         let eig_rank = match args.readouts.directions.min(d) {
             0 => eig_rank,

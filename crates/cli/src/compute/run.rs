@@ -179,7 +179,10 @@ fn run_with<M: SplitModel>(
             &mut |layer, t, e| record_failure(i, layer, t, e, args.fail_fast, g, &mut failed),
             &mut |e| {
                 if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
-                    m.layer_mut(e.layer)?.add(&e.fisher, e.entropy)?;
+                    let f = e.estimate.matrix().ok_or_else(|| {
+                        anyhow::anyhow!("--mean needs whole matrices, which top-k does not form")
+                    })?;
+                    m.layer_mut(e.layer)?.add(f, e.entropy)?;
                 }
                 if args.readouts.mean_only {
                     // Nothing per position is kept: summarise now, drop the matrix.

@@ -2,7 +2,7 @@
 //! summary of each of its matrices, and metadata.json at the end.
 
 use super::args::{ComputeArgs, Format};
-use super::estimate::Entry;
+use super::estimate::{Entry, Estimated};
 use super::plan::Plan;
 use super::run::RunInfo;
 use crate::inputs::Document;
@@ -11,15 +11,17 @@ use crate::output::{safetensors_bytes, OwnedTensor};
 use crate::readouts::{readout_summary, readout_tensors, Readout};
 use crate::results::{
     FailedPosition, LayerSummaryRow, MeanSummaryRow, Metadata, ModelInfo, PositionSummary,
-    SequenceInfo, Timings, WeightHash, TOOL, VERSION,
+    SequenceInfo, Timings, TopKSummary, WeightHash, TOOL, VERSION,
 };
 use crate::Globals;
 use anyhow::Result;
 use fs_estimators::spectrum;
 use fs_traits::ModelDims;
 
-/// Summarise one matrix of sequence `i`: append its summary (with decoded read-outs) to
-/// `summaries`, print its line, and return its spectrum (top `rank` eigenpairs, at least 5).
+/// Summarise one position of sequence `i`: append its summary (with decoded read-outs) to
+/// `summaries`, print its line, and return its spectrum (top `rank` eigenpairs, at least 5, of
+/// the matrix; for `--estimator top-k` the computed pairs, with the trace as obtained and no
+/// effective rank or participation ratio, which need the whole spectrum).
 pub(super) fn summarise(
     i: usize,
     doc: &Document,
@@ -29,9 +31,58 @@ pub(super) fn summarise(
     g: &Globals,
     decode: &dyn Fn(u32) -> String,
 ) -> Result<fs_estimators::Spectrum> {
-    let d = e.fisher.rows();
-    let s = spectrum(&e.fisher, Some(rank.max(5).min(d)))?;
+    let (s, trace_std_error, top_k) = match &e.estimate {
+        Estimated::Matrix(f) => (spectrum(f, Some(rank.max(5).min(f.rows())))?, None, None),
+        Estimated::TopK(r) => {
+            let max_residual = r.residuals.iter().cloned().fold(0.0, f64::max);
+            let summary = TopKSummary {
+                k: r.eigenvalues.len(),
+                applications: r.applications,
+                trace_applications: r.trace.applications,
+                max_residual,
+                converged: r.converged,
+            };
+            if !r.converged && !g.quiet {
+                eprintln!(
+                    "warning: seq {i} layer {} position {}: top-k stopped after {} operator applications with a residual of {max_residual:.1e}·λ1 (above --tolerance): the eigenpairs are recorded with their residuals; lower --k or raise --tolerance",
+                    e.layer, e.position, r.applications
+                );
+            }
+            let spectrum = fs_estimators::Spectrum {
+                eigenvalues: r.eigenvalues.clone(),
+                eigenvectors: r.eigenvectors.clone(),
+                trace: r.trace.value,
+                effective_rank: f64::NAN,
+                participation_ratio: f64::NAN,
+                clamped_negative: 0,
+                min_raw_eigenvalue: f64::NAN,
+            };
+            (spectrum, r.trace.std_error, Some(summary))
+        }
+    };
     let token_id = doc.tokens[e.position];
+    if !g.quiet {
+        let top = s.eigenvalues.iter().take(3).map(|x| format!("{x:.3e}")).collect::<Vec<_>>();
+        let tail = match &top_k {
+            None => format!("eff. rank {:.2}", s.effective_rank),
+            Some(t) => format!(
+                "top-{} in {} applications, max residual {:.1e}",
+                t.k, t.applications, t.max_residual
+            ),
+        };
+        let trace = match trace_std_error {
+            Some(se) => format!("{:.4e} ± {se:.1e}", s.trace),
+            None => format!("{:.4e}", s.trace),
+        };
+        println!(
+            "seq {i:>3}  layer {:>3}  position {:>4}  token {:>6}  entropy {:.4}  trace {trace}  top eigenvalues [{}]  {tail}",
+            e.layer,
+            e.position,
+            token_id,
+            e.entropy,
+            top.join(", "),
+        );
+    }
     summaries.push(PositionSummary {
         sequence: i,
         layer: e.layer,
@@ -43,21 +94,11 @@ pub(super) fn summarise(
         effective_rank: s.effective_rank,
         participation_ratio: s.participation_ratio,
         clamped_negative_eigenvalues: s.clamped_negative,
+        trace_std_error,
+        top_k,
         token: e.readout.as_ref().map(|_| decode(token_id)),
         directions: e.readout.as_ref().map(|r| readout_summary(r, decode)),
     });
-    if !g.quiet {
-        println!(
-            "seq {i:>3}  layer {:>3}  position {:>4}  token {:>6}  entropy {:.4}  trace {:.4e}  top eigenvalues [{}]  eff. rank {:.2}",
-            e.layer,
-            e.position,
-            token_id,
-            e.entropy,
-            s.trace,
-            s.eigenvalues.iter().take(3).map(|x| format!("{x:.3e}")).collect::<Vec<_>>().join(", "),
-            s.effective_rank
-        );
-    }
     Ok(s)
 }
 
@@ -86,14 +127,44 @@ pub(super) fn sequence_results(
             }
         }
     }
-    let mut tensors = vec![
-        (
+    let matrices: Vec<&fs_estimators::Matrix<f64>> =
+        entries.iter().filter_map(|e| e.estimate.matrix()).collect();
+    let mut tensors = Vec::new();
+    if matrices.len() == n {
+        tensors.push((
             "fisher",
             OwnedTensor::f32(
                 vec![n, d, d],
-                entries.iter().flat_map(|e| e.fisher.as_slice().iter().map(|&x| x as f32)),
+                matrices.iter().flat_map(|f| f.as_slice().iter().map(|&x| x as f32)),
             ),
-        ),
+        ));
+    }
+    let top: Vec<&fs_estimators::TopKFisher> = entries
+        .iter()
+        .filter_map(|e| match &e.estimate {
+            Estimated::TopK(r) => Some(r),
+            Estimated::Matrix(_) => None,
+        })
+        .collect();
+    if n > 0 && top.len() == n {
+        let k = top[0].residuals.len();
+        tensors.extend([
+            (
+                "residuals",
+                OwnedTensor::f64(vec![n, k], top.iter().flat_map(|r| r.residuals.clone())),
+            ),
+            ("applications", OwnedTensor::i64(vec![n], top.iter().map(|r| r.applications as i64))),
+            ("trace", OwnedTensor::f64(vec![n], top.iter().map(|r| r.trace.value))),
+            (
+                "trace_std_error",
+                OwnedTensor::f64(
+                    vec![n],
+                    top.iter().map(|r| r.trace.std_error.unwrap_or(f64::NAN)),
+                ),
+            ),
+        ]);
+    }
+    tensors.extend([
         ("layer", OwnedTensor::i64(vec![n], entries.iter().map(|e| e.layer as i64))),
         ("positions", OwnedTensor::i64(vec![n], entries.iter().map(|e| e.position as i64))),
         ("sequence", OwnedTensor::i64(vec![n], std::iter::repeat_n(i as i64, n))),
@@ -102,7 +173,7 @@ pub(super) fn sequence_results(
             OwnedTensor::i64(vec![1, doc.tokens.len()], doc.tokens.iter().map(|&t| t as i64)),
         ),
         ("probs_entropy", OwnedTensor::f64(vec![n], entries.iter().map(|e| e.entropy))),
-    ];
+    ]);
     if let Some(r) = eig_rank {
         tensors.push(("eigenvalues", OwnedTensor::f32(vec![n, r], eigenvalues)));
         tensors.push(("eigenvectors", OwnedTensor::f32(vec![n, d, r], eigenvectors)));

@@ -15,9 +15,10 @@ pub struct Array {
     pub data: Vec<f64>,
 }
 
-/// Every array of a results file, by tensor name. [`read_results_bytes`] checks that `fisher`
-/// (`[N, d, d]`), `layer` and `positions` (`[N]`) and `token_ids` are there, so their accessors
-/// cannot fail.
+/// Every array of a results file, by tensor name. [`read_results_bytes`] checks that `layer` and
+/// `positions` (`[N]`), `token_ids` and either `fisher` (`[N, d, d]`) or, for
+/// `--estimator top-k`, `eigenvalues` (`[N, K]`), `eigenvectors` (`[N, d, K]`) and `trace`
+/// (`[N]`) are there, so their accessors cannot fail.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Arrays {
     arrays: HashMap<String, Array>,
@@ -33,25 +34,70 @@ impl Arrays {
         self.arrays.get(name).unwrap_or_else(|| unreachable!("checked by read_results_bytes"))
     }
 
-    /// `fisher`: the matrices, `[N, d, d]`.
-    pub fn fisher(&self) -> &Array {
-        self.required("fisher")
+    /// `fisher`: the matrices, `[N, d, d]` (absent from `--estimator top-k` files).
+    pub fn fisher(&self) -> Option<&Array> {
+        self.get("fisher")
     }
 
-    /// `N`, the number of matrices.
+    /// Whether this is an `--estimator top-k` file: eigenpairs, no matrices.
+    pub fn is_top_k(&self) -> bool {
+        self.fisher().is_none()
+    }
+
+    /// `N`, the number of analysed positions.
     pub fn n(&self) -> usize {
-        self.fisher().shape[0]
+        self.required("layer").data.len()
     }
 
     /// `d`.
     pub fn d(&self) -> usize {
-        self.fisher().shape[1]
+        match self.fisher() {
+            Some(f) => f.shape[1],
+            None => self.required("eigenvectors").shape[1],
+        }
     }
 
-    /// Matrix `i`'s values, row-major (`d × d`).
-    pub fn matrix(&self, i: usize) -> &[f64] {
+    /// Matrix `i`'s values, row-major (`d × d`); `None` in a top-k file.
+    pub fn matrix(&self, i: usize) -> Option<&[f64]> {
         let d = self.d();
-        &self.fisher().data[i * d * d..(i + 1) * d * d]
+        self.fisher().map(|f| &f.data[i * d * d..(i + 1) * d * d])
+    }
+
+    /// Position `i`'s spectrum: of its matrix (top `rank` pairs, at least 5), or as a top-k file
+    /// stored it (the computed pairs and trace; effective rank and participation ratio NaN), with
+    /// the trace's standard error where it is an estimate.
+    pub fn spectrum(
+        &self,
+        i: usize,
+        rank: usize,
+    ) -> Result<(fs_estimators::Spectrum, Option<f64>)> {
+        let d = self.d();
+        if let Some(m) = self.matrix(i) {
+            let m = fs_estimators::Matrix::from_vec(d, d, m.to_vec())?;
+            return Ok((fs_estimators::spectrum(&m, Some(rank.max(5).min(d)))?, None));
+        }
+        let (values, vectors) =
+            self.eigenpairs(i).unwrap_or_else(|| unreachable!("checked on read"));
+        let se = self.get("trace_std_error").map(|a| a.data[i]).filter(|x| x.is_finite());
+        let spectrum = fs_estimators::Spectrum {
+            eigenvalues: values.to_vec(),
+            eigenvectors: fs_estimators::Matrix::from_vec(d, values.len(), vectors.to_vec())?,
+            trace: self.required("trace").data[i],
+            effective_rank: f64::NAN,
+            participation_ratio: f64::NAN,
+            clamped_negative: 0,
+            min_raw_eigenvalue: f64::NAN,
+        };
+        Ok((spectrum, se))
+    }
+
+    /// A top-k file's eigenpairs of position `i`: eigenvalues (`K`) and eigenvectors as the
+    /// columns of a row-major `d × K` block; `None` in a file without stored eigenpairs.
+    pub fn eigenpairs(&self, i: usize) -> Option<(&[f64], &[f64])> {
+        let (values, vectors) = (self.get("eigenvalues")?, self.get("eigenvectors")?);
+        let k = values.shape[1];
+        let d = vectors.shape[1];
+        Some((&values.data[i * k..(i + 1) * k], &vectors.data[i * d * k..(i + 1) * d * k]))
     }
 
     /// Matrix `i`'s split layer.
@@ -134,21 +180,53 @@ pub fn read_results_bytes(path: &Path, bytes: &[u8]) -> Result<Arrays> {
             out.insert(name, Array { shape: t.shape().to_vec(), data: v });
         }
     }
-    for required in ["fisher", "layer", "positions", "token_ids"] {
+    for required in ["layer", "positions", "token_ids"] {
         if !out.contains_key(required) {
             return Err(bad(format!("tensor `{required}` is missing")));
         }
     }
-    let arrays = Arrays { arrays: out };
-    let Array { shape: fs, data: f } = arrays.fisher();
-    if fs.len() != 3 || fs[1] != fs[2] || f.len() != fs.iter().product::<usize>() {
-        return Err(bad(format!("`fisher` has shape {fs:?}, expected [N, d, d]")));
-    }
-    if arrays.required("layer").data.len() != fs[0]
-        || arrays.required("positions").data.len() != fs[0]
-    {
+    let n = out["layer"].data.len();
+    if out["positions"].data.len() != n {
         return Err(bad("`layer` / `positions` do not have one entry per matrix".into()));
     }
+    match out.get("fisher") {
+        Some(Array { shape: fs, data: f }) => {
+            if fs.len() != 3
+                || fs[1] != fs[2]
+                || f.len() != fs.iter().product::<usize>()
+                || fs[0] != n
+            {
+                return Err(bad(format!("`fisher` has shape {fs:?}, expected [{n}, d, d]")));
+            }
+        }
+        None => {
+            // An --estimator top-k file: its eigenpairs and traces instead.
+            for required in ["eigenvalues", "eigenvectors", "trace"] {
+                if !out.contains_key(required) {
+                    return Err(bad(format!(
+                        "tensor `fisher` is missing (and so is `{required}` of a top-k file)"
+                    )));
+                }
+            }
+            let (vs, es, ts) = (&out["eigenvalues"], &out["eigenvectors"], &out["trace"]);
+            let k = vs.shape.get(1).copied().unwrap_or(0);
+            let ok = vs.shape.len() == 2
+                && vs.shape[0] == n
+                && vs.data.len() == n * k
+                && es.shape.len() == 3
+                && es.shape[0] == n
+                && es.shape[2] == k
+                && es.data.len() == es.shape.iter().product::<usize>()
+                && ts.data.len() == n;
+            if !ok {
+                return Err(bad(format!(
+                    "top-k tensors have shapes {:?}, {:?}, {:?}: expected [{n}, K], [{n}, d, K], [{n}]",
+                    vs.shape, es.shape, ts.shape
+                )));
+            }
+        }
+    }
+    let arrays = Arrays { arrays: out };
     Ok(arrays)
 }
 

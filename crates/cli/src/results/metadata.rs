@@ -204,12 +204,34 @@ pub struct PositionSummary {
     pub participation_ratio: f64,
     /// Negative round-off eigenvalues clamped to 0.
     pub clamped_negative_eigenvalues: usize,
+    /// `--estimator top-k --trace estimate`: one standard error of `trace` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_std_error: Option<f64>,
+    /// `--estimator top-k`: how the eigenpairs were obtained (absent otherwise). Effective rank
+    /// and participation ratio need the whole spectrum and are `null` in that mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<TopKSummary>,
     /// With `--directions`: the token's text (absent without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// With `--directions`: the decoded top directions (absent without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directions: Option<Vec<DirectionSummary>>,
+}
+
+/// How `--estimator top-k` obtained one position's eigenpairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopKSummary {
+    /// Eigenpairs computed.
+    pub k: usize,
+    /// Operator applications (one JVP + one VJP each) spent by the eigensolver.
+    pub applications: usize,
+    /// Operator applications spent on the trace.
+    pub trace_applications: usize,
+    /// Largest residual `‖F v − λ v‖ / λ_1`.
+    pub max_residual: f64,
+    /// Whether every residual met `--tolerance`.
+    pub converged: bool,
 }
 
 /// One decoded direction (`compute --directions K`): an eigenvector `v` of F.

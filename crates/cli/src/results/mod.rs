@@ -31,7 +31,7 @@ pub use files::{read_results, read_results_bytes, results_files, Array, Arrays};
 pub use metadata::{
     DirectionSummary, FailedPosition, LayerSummaryRow, MeanSummaryRow, MergeMetadata, MergedInput,
     Metadata, MetadataView, ModelInfo, ModelRef, Origin, PositionSummary, SequenceInfo,
-    SettingsRef, Timings, TokenEffect, WeightHash,
+    SettingsRef, Timings, TokenEffect, TopKSummary, WeightHash,
 };
 pub use settings::{
     EstimatorSettings, MeanHeader, MeanInput, MeanSettings, ReadoutSettings, RunSettings,
@@ -136,6 +136,8 @@ mod tests {
             effective_rank: 1.0,
             participation_ratio: 1.0,
             clamped_negative_eigenvalues: 0,
+            trace_std_error: None,
+            top_k: None,
             token: None,
             directions: None,
         };

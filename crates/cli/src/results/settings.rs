@@ -38,6 +38,20 @@ pub enum EstimatorSettings {
         /// Whether the sampling makes it a biased estimate of F.
         biased: bool,
     },
+    /// The top `K` eigenpairs of F, matrix-free (`fs_estimators::top_k_fisher`).
+    #[serde(rename = "top-k")]
+    TopK {
+        /// `--k`: eigenpairs per position.
+        k: usize,
+        /// `--tolerance`: every residual `‖F v − λ v‖ ≤ tolerance · λ_1`.
+        tolerance: f64,
+        /// `--trace`: `estimate` (Hutch++-style, ± one standard error) or `exact`.
+        trace: String,
+        /// `--trace-probes` (for `estimate`).
+        trace_probes: usize,
+        /// `--seed`: the eigensolver's starting block and the trace probes.
+        seed: u64,
+    },
     /// The mean exact Fisher at `t + 1` over sampled next input tokens.
     #[serde(rename = "predictive")]
     Predictive {
