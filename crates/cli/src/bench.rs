@@ -18,6 +18,9 @@
 //! sandwich AᵀGA        3 d³
 //! exact                the three above
 //! sampled (S draws)    2 · S · B · c(t) + 2 V d   (S replicated forward + backward rows, the logits)
+//! top-k (N applications)  N · (3 · B · c(t) + 4 V d)  (per vector: one forward-mode tangent, one
+//!                      replicated forward + backward row, and G = W_Uᵀ(p ∘ …)W_U in two passes;
+//!                      N = the eigensolver's applications plus the trace probes, as counted)
 //! lower pass           Σ_{t<T} L · c(t)     (the whole-sequence forward, every block)
 //! ```
 //!
@@ -32,7 +35,10 @@
 use crate::backends::{Backend, Engine, EngineJob};
 use anyhow::{bail, Result};
 use fs_checkpoint::{DecoderConfig, Gpt2Config};
-use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
+use fs_estimators::{
+    exact_fisher, sampled_fisher, top_k_fisher, EigensolverOptions, ExactOptions, SampledOptions,
+    SplitModel, TopKOptions,
+};
 use std::time::Instant;
 
 /// Arguments of `fisher-stein bench`.
@@ -40,7 +46,8 @@ use std::time::Instant;
 pub struct BenchArgs {
     /// Model shape (random weights): gpt2-small (12 layers, d 768, V 50257), gpt2-medium,
     /// smollm2-135m (the Llama shape of SmolLM2-135M: 30 layers, d 576, 9 heads / 3 key-value
-    /// heads, V 49152), or tiny.
+    /// heads, V 49152), llama-3.2-1b (16 layers, d 2048, 32 / 8 heads, MLP 8192, V 128256), or
+    /// tiny.
     #[arg(long, default_value = "gpt2-small")]
     pub shape: String,
     /// Engines to time, comma-separated: candle, burn, dfdx (each needs its Cargo feature).
@@ -58,13 +65,25 @@ pub struct BenchArgs {
     /// How many of the last positions to compute together (1 = only the last; T = all).
     #[arg(long, default_value_t = 1)]
     pub positions: usize,
-    /// Rows to time, comma-separated: exact, sampled, readout (the A step alone), gram (the G
-    /// step alone), lower (the forward pass over the sequence).
+    /// Rows to time, comma-separated: exact, sampled, top-k (the matrix-free top --k
+    /// eigenpairs), readout (the A step alone), gram (the G step alone), lower (the forward pass
+    /// over the sequence).
     #[arg(long, value_delimiter = ',', default_value = "exact,sampled")]
     pub estimators: Vec<String>,
     /// Draws of the sampled estimator.
     #[arg(long, default_value_t = 10)]
     pub samples: usize,
+    /// Eigenpairs of the top-k row (its default tolerance, 1e-5, and trace estimate).
+    #[arg(long = "k", default_value_t = 16)]
+    pub top_k: usize,
+    /// Standard deviation of the random model's logits, set by scaling its final-norm gain.
+    /// Random weights of std 0.02 give logits of std ~0.02·√d and a near-uniform next-token
+    /// distribution (entropy ≈ ln V), whose Fisher is nearly isotropic — nothing like a trained
+    /// model's. The default 4 gives an entropy of a few nats, as trained models have; the table
+    /// prints the entropy measured at the timed positions. The cost of every estimator but
+    /// top-k does not depend on it; top-k's does (a flat spectrum converges slowly).
+    #[arg(long, default_value_t = 4.0, value_name = "STD")]
+    pub logit_std: f64,
     /// Timed repetitions per row (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
@@ -125,8 +144,19 @@ impl Shape {
                 });
                 Shape::Llama(DecoderConfig::from_json(&json.to_string(), "smollm2-135m".as_ref())?)
             }
+            "llama-3.2-1b" => {
+                let json = serde_json::json!({
+                    "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+                    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "max_position_embeddings": seq_len.max(8192), "tie_word_embeddings": true,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                });
+                Shape::Llama(DecoderConfig::from_json(&json.to_string(), "llama-3.2-1b".as_ref())?)
+            }
             other => bail!(
-                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m or tiny"
+                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m, llama-3.2-1b or tiny"
             ),
         })
     }
@@ -171,9 +201,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--layer {}: the {} shape splits at layers 0..={n_layers}", args.layer, args.shape);
     }
     for est in &args.estimators {
-        if !["exact", "sampled", "readout", "gram", "lower"].contains(&est.as_str()) {
+        if !["exact", "sampled", "top-k", "readout", "gram", "lower"].contains(&est.as_str()) {
             bail!(
-                "unknown estimator {est:?} in --estimators: use exact, sampled, readout (the A step alone), gram (the G step alone), lower (the forward pass)"
+                "unknown estimator {est:?} in --estimators: use exact, sampled, top-k, readout (the A step alone), gram (the G step alone), lower (the forward pass)"
             );
         }
     }
@@ -204,8 +234,35 @@ fn run_backend(backend: Backend, shape: &Shape, args: &BenchArgs) -> Result<()> 
         args.device,
         rss()
     );
-    let weights = config.random_weights(0.02, 0)?;
+    let weights = scale_logits(config.random_weights(0.02, 0)?, args.logit_std);
     engine.run(weights, None, BenchJob { backend, shape, args })
+}
+
+/// Scale the final-norm gain (and shift) of random weights of std 0.02 so that the logits have
+/// standard deviation ≈ `logit_std`: a unit-RMS readout `u ∘ γ` against unembedding rows of
+/// std 0.02 gives logits of std `0.02·√d·rms(γ)`.
+fn scale_logits(
+    weights: fs_checkpoint::ModelWeights,
+    logit_std: f64,
+) -> fs_checkpoint::ModelWeights {
+    use fs_checkpoint::ModelWeights;
+    let factor = |gain: &[f32]| {
+        let rms =
+            (gain.iter().map(|&g| (g as f64).powi(2)).sum::<f64>() / gain.len() as f64).sqrt();
+        (logit_std / (0.02 * (gain.len() as f64).sqrt() * rms.max(1e-12))) as f32
+    };
+    match weights {
+        ModelWeights::Gpt2(mut w) => {
+            let c = factor(&w.ln_f.weight);
+            w.ln_f.weight.iter_mut().chain(w.ln_f.bias.iter_mut()).for_each(|x| *x *= c);
+            ModelWeights::Gpt2(w)
+        }
+        ModelWeights::Decoder(mut w) => {
+            let c = factor(&w.norm.weight);
+            w.norm.weight.iter_mut().chain(w.norm.bias.iter_mut().flatten()).for_each(|x| *x *= c);
+            ModelWeights::Decoder(w)
+        }
+    }
 }
 
 /// [`time_model`] as a job of the engine registry.
@@ -234,12 +291,28 @@ fn time_model<M: SplitModel>(
     let tokens: Vec<u32> = (0..args.seq_len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
     let ctx = model.lower(&tokens, args.layer)?;
     let positions: Vec<usize> = (args.seq_len - args.positions..args.seq_len).collect();
+    let logits = model.logits(&ctx, &positions)?;
+    let entropy = (0..positions.len())
+        .map(|i| Ok(fs_estimators::entropy(&fs_estimators::softmax(logits.row(i))?)))
+        .collect::<Result<Vec<f64>>>()?;
+    eprintln!(
+        "next-token entropy at the timed positions: mean {:.2} nats (ln V = {:.2}; --logit-std {})",
+        entropy.iter().sum::<f64>() / entropy.len() as f64,
+        vf.ln(),
+        args.logit_std
+    );
     let blocks = (n_layers - args.layer) as f64;
     let row_flops = |t: usize| (2.0 * lin + 4.0 * q * (t as f64 + 1.0)) * blocks;
     let lower_flops = (0..args.seq_len)
         .map(|t| (2.0 * lin + 4.0 * q * (t as f64 + 1.0)) * n_layers as f64)
         .sum::<f64>();
     for est in &args.estimators {
+        if est == "top-k" {
+            time_top_k(model, &ctx, &positions, backend, args, |t, n| {
+                n as f64 * (3.0 * row_flops(t) + 4.0 * vf * df)
+            })?;
+            continue;
+        }
         let flops: f64 = match est.as_str() {
             "exact" => positions
                 .iter()
@@ -308,5 +381,59 @@ fn time_model<M: SplitModel>(
             rss()
         );
     }
+    Ok(())
+}
+
+/// The `top-k` row: the median time per position of `top_k_fisher` (default tolerance, trace
+/// estimate), with the flops of the applications it actually made (`flops(t, applications)`).
+fn time_top_k<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    positions: &[usize],
+    backend: Backend,
+    args: &BenchArgs,
+    flops: impl Fn(usize, usize) -> f64,
+) -> Result<()> {
+    let opts = TopKOptions {
+        solver: EigensolverOptions { k: args.top_k, ..TopKOptions::default().solver },
+        ..TopKOptions::default()
+    };
+    let mut times = Vec::with_capacity(args.repeats);
+    let mut total_flops = 0.0;
+    let mut applications = 0;
+    let mut split = fs_estimators::OperatorSeconds::default();
+    for _ in 0..args.repeats {
+        let t0 = Instant::now();
+        total_flops = 0.0;
+        applications = 0;
+        for &t in positions {
+            let r = top_k_fisher(model, ctx, t, &opts)?;
+            split = r.seconds;
+            let n = r.applications + r.trace.applications;
+            applications += n;
+            total_flops += flops(t, n);
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let per = positions.len();
+    let time = median(times) / per as f64;
+    println!(
+        "| {} | {} | {} | {} | top-{} ({} applications) | {} {} | {:.3} s | {:.1} | {} |",
+        args.shape,
+        args.layer,
+        args.seq_len,
+        per,
+        args.top_k,
+        applications / per,
+        backend.name(),
+        args.device,
+        time,
+        total_flops / per as f64 / time / 1e9,
+        rss()
+    );
+    eprintln!(
+        "top-k split (last position of the last repeat): form A {:.3} s, JVPs {:.3} s, G {:.3} s, VJPs {:.3} s",
+        split.jacobian, split.jvp, split.gram, split.vjp
+    );
     Ok(())
 }

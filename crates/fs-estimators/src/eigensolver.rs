@@ -37,8 +37,9 @@ pub struct EigensolverOptions {
     pub block: Option<usize>,
     /// Stop when every top-`k` pair has `‖F x − θ x‖ ≤ tolerance · θ_1`.
     pub tolerance: f64,
-    /// Most rows the basis may hold before a thick restart; default `max(4 · block, k + 3 · block)`
-    /// clamped to `d`.
+    /// Most rows the basis may hold before a thick restart; default `8 · block` clamped to `d`
+    /// (measured on a flat random-model spectrum, d 576, k 16: 4 blocks took 393 applications,
+    /// 8 blocks 318).
     pub max_basis: Option<usize>,
     /// Give up (returning `converged: false`) after this many operator applications (vectors,
     /// not blocks); default `max(d, 20 · block)`.
@@ -104,7 +105,7 @@ pub fn top_eigenpairs(
     }
     let k = opts.k.min(d);
     let b = opts.block.unwrap_or(k + (k / 2).max(4)).clamp(k, d).max(1);
-    let max_basis = opts.max_basis.unwrap_or((4 * b).max(k + 3 * b)).clamp((k + b).min(d), d);
+    let max_basis = opts.max_basis.unwrap_or(8 * b).clamp((k + b).min(d), d);
     let max_applications = opts.max_applications.unwrap_or(d.max(20 * b));
 
     let mut basis = Basis::new(d);

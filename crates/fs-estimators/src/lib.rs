@@ -85,7 +85,10 @@ pub use readouts::{
 };
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
 pub use spectrum::{spectrum, Spectrum};
-pub use topk::{top_k_fisher, FisherOperator, TopKFisher, TopKOptions, TraceEstimate, TraceMode};
+pub use topk::{
+    top_k_fisher, FisherOperator, OperatorSeconds, TopKFisher, TopKOptions, TraceEstimate,
+    TraceMode,
+};
 
 /// How many threads the dense products may use: `0` = all of rayon's global pool, `1` =
 /// sequential, `n` = at most `n`.

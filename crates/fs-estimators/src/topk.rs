@@ -42,6 +42,20 @@ pub struct FisherOperator<'a, M: SplitModel> {
     vocab_chunk: usize,
     threads: Threads,
     applications: usize,
+    seconds: OperatorSeconds,
+}
+
+/// Where a [`FisherOperator`]'s time went (wall-clock seconds, summed over applications).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OperatorSeconds {
+    /// Forming `A` once (models without a native forward mode).
+    pub jacobian: f64,
+    /// The JVPs `A V` (or their host products with a formed `A`).
+    pub jvp: f64,
+    /// The output-Gram products `G U`.
+    pub gram: f64,
+    /// The VJPs `Aᵀ W` (or their host products).
+    pub vjp: f64,
 }
 
 impl<'a, M: SplitModel> FisherOperator<'a, M> {
@@ -58,6 +72,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let threads = Threads(0);
         let m = weighted_mean_row(w_u, &p, slopes.as_deref(), threads);
         let heavy = (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect();
+        let start = std::time::Instant::now();
         let formed = if model.native_readout_jvp() {
             None
         } else {
@@ -72,6 +87,8 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
             Some(faer::Mat::from_fn(a.rows(), a.cols(), |i, j| a.get(i, j).as_f64()))
         };
+        let seconds =
+            OperatorSeconds { jacobian: start.elapsed().as_secs_f64(), ..Default::default() };
         Ok(FisherOperator {
             model,
             ctx,
@@ -85,7 +102,13 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             vocab_chunk: DEFAULT_VOCAB_CHUNK,
             threads,
             applications: 0,
+            seconds,
         })
+    }
+
+    /// Where the time went so far.
+    pub fn seconds(&self) -> OperatorSeconds {
+        self.seconds
     }
 
     /// `d`, the dimension the operator acts on.
@@ -113,28 +136,37 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         if b == 0 {
             return Ok(Matrix::zeros(0, dims.d_model));
         }
+        let clock = std::time::Instant::now;
         let out = match &self.formed {
             Some(a) => {
                 // A formed once: A v and Aᵀ w as f64 products on the host.
+                let t = clock();
                 let xm = MatRef::from_row_major_slice(x.as_slice(), b, dims.d_model);
                 let mut u = faer::Mat::<f64>::zeros(b, dims.readout_dim);
                 matmul(u.as_mut(), Accum::Replace, xm, a.transpose(), 1.0, self.threads.par());
                 let u = Matrix::from_fn(b, dims.readout_dim, |i, k| u[(i, k)]);
+                let t = lap(&mut self.seconds, t, |s| &mut s.jvp);
                 let gu = self.apply_g(&u);
+                let t = lap(&mut self.seconds, t, |s| &mut s.gram);
                 let gm = MatRef::from_row_major_slice(gu.as_slice(), b, dims.readout_dim);
                 let mut out = faer::Mat::<f64>::zeros(b, dims.d_model);
                 matmul(out.as_mut(), Accum::Replace, gm, a.as_ref(), 1.0, self.threads.par());
+                lap(&mut self.seconds, t, |s| &mut s.vjp);
                 Matrix::from_fn(b, dims.d_model, |i, j| out[(i, j)])
             }
             None => {
+                let t = clock();
                 let tangents = x.map(M::Scalar::round_from_f64);
                 let u = self.model.readout_jvp(self.ctx, self.position, tangents.view())?;
                 crate::exact::check_shape("readout JVP A V", u.shape(), (b, dims.readout_dim))?;
                 fs_traits::check_finite("readout JVP A V", u.as_slice())?;
+                let t = lap(&mut self.seconds, t, |s| &mut s.jvp);
                 let cot = self.apply_g(&u).map(M::Scalar::round_from_f64);
+                let t = lap(&mut self.seconds, t, |s| &mut s.gram);
                 let g = self.model.readout_vjp(self.ctx, self.position, cot.view())?;
                 crate::exact::check_shape("readout VJP Aᵀ W", g.shape(), (b, dims.d_model))?;
                 fs_traits::check_finite("readout VJP Aᵀ W", g.as_slice())?;
+                lap(&mut self.seconds, t, |s| &mut s.vjp);
                 g.map(|v| v.as_f64())
             }
         };
@@ -211,6 +243,17 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
 /// [`FisherOperator`]).
 const HEAVY_ROW: f64 = 1e-2;
 
+/// Add the time since `since` to one counter of `seconds`; returns the new start.
+fn lap(
+    seconds: &mut OperatorSeconds,
+    since: std::time::Instant,
+    field: impl Fn(&mut OperatorSeconds) -> &mut f64,
+) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    *field(seconds) += (now - since).as_secs_f64();
+    now
+}
+
 /// How [`top_k_fisher`] reports `tr F`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TraceMode {
@@ -270,6 +313,8 @@ pub struct TopKFisher {
     pub converged: bool,
     /// `tr F`, estimated or exact.
     pub trace: TraceEstimate,
+    /// Where the operator's time went (eigensolver and trace together).
+    pub seconds: OperatorSeconds,
 }
 
 /// The top `opts.solver.k` eigenpairs of the Fisher matrix `F_t` of `model` at `position` of
@@ -315,6 +360,7 @@ pub fn top_k_fisher<M: SplitModel>(
         applications: pairs.applications,
         converged: pairs.converged,
         trace,
+        seconds: op.seconds(),
     })
 }
 
