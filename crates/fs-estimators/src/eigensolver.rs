@@ -137,67 +137,45 @@ pub fn top_eigenpairs(
         let norms: Vec<f64> = residual_rows.iter().map(|r| norm(r)).collect();
         let limit = opts.tolerance * theta1;
         let done = (0..nk).all(|i| norms[i] <= limit) && nk == k;
-        if done || m == d || applications >= max_applications {
-            let relative = |r: f64| if theta1 > 0.0 { r / theta1 } else { 0.0 };
-            let converged = done || m == d;
-            return Ok(finish(
-                &x,
-                &ritz.values,
-                &norms,
-                k,
-                relative,
-                applications,
-                restarts,
-                converged,
-                &basis,
-            ));
-        }
-        // The residuals of the unconverged top pairs extend the space.
-        let mut rows: Vec<f64> = Vec::new();
-        for (i, r) in residual_rows.iter().enumerate() {
-            if norms[i] > limit {
-                rows.extend_from_slice(r);
+        let stop = if done || m == d || applications >= max_applications {
+            Some(done || m == d)
+        } else {
+            // The residuals of the unconverged top pairs extend the space.
+            let mut rows: Vec<f64> = Vec::new();
+            for (i, r) in residual_rows.iter().enumerate() {
+                if norms[i] > limit {
+                    rows.extend_from_slice(r);
+                }
             }
+            let mut candidate = Matrix::from_vec(rows.len() / d, d, rows)?;
+            if m + candidate.rows() > max_basis {
+                let keep = max_basis.saturating_sub(candidate.rows()).max(nb).min(m);
+                let (kx, kfx) = basis.ritz_vectors(&ritz, keep);
+                basis = Basis::new(d);
+                basis.push(&kx, &kfx);
+                restarts += 1;
+            }
+            basis.orthonormalize(&mut candidate);
+            // No new direction: the basis spans an invariant subspace, its Ritz pairs are exact.
+            let invariant = candidate.rows() == 0;
+            next = candidate;
+            invariant.then_some(true)
+        };
+        if let Some(converged) = stop {
+            let pairs = finish(&x, &ritz.values, &norms, k, theta1, &basis);
+            return Ok(Eigenpairs { applications, restarts, converged, ..pairs });
         }
-        let mut candidate = Matrix::from_vec(rows.len() / d, d, rows)?;
-        if m + candidate.rows() > max_basis {
-            let keep = max_basis.saturating_sub(candidate.rows()).max(nb).min(m);
-            let (kx, kfx) = basis.ritz_vectors(&ritz, keep);
-            basis = Basis::new(d);
-            basis.push(&kx, &kfx);
-            restarts += 1;
-        }
-        basis.orthonormalize(&mut candidate);
-        if candidate.rows() == 0 {
-            // The basis spans an invariant subspace: its Ritz pairs are exact.
-            let relative = |r: f64| if theta1 > 0.0 { r / theta1 } else { 0.0 };
-            return Ok(finish(
-                &x,
-                &ritz.values,
-                &norms,
-                k,
-                relative,
-                applications,
-                restarts,
-                true,
-                &basis,
-            ));
-        }
-        next = candidate;
     }
 }
 
-/// Package the top `k` Ritz pairs.
-#[allow(clippy::too_many_arguments)]
+/// Package the top `k` Ritz pairs (residuals relative to `θ_1`, 0 when `θ_1 = 0`); the
+/// counters are the caller's to fill in.
 fn finish(
     x: &Matrix<f64>,
     values: &[f64],
     norms: &[f64],
     k: usize,
-    relative: impl Fn(f64) -> f64,
-    applications: usize,
-    restarts: usize,
-    converged: bool,
+    theta1: f64,
     basis: &Basis,
 ) -> Eigenpairs {
     let d = x.cols();
@@ -215,10 +193,13 @@ fn finish(
     Eigenpairs {
         eigenvalues: values[..k].iter().map(|&v| v.max(0.0)).collect(),
         eigenvectors,
-        residuals: norms[..k].iter().map(|&r| relative(r)).collect(),
-        applications,
-        restarts,
-        converged,
+        residuals: norms[..k]
+            .iter()
+            .map(|&r| if theta1 > 0.0 { r / theta1 } else { 0.0 })
+            .collect(),
+        applications: 0,
+        restarts: 0,
+        converged: false,
         basis: Matrix::from_vec(basis.len(), d, basis.q.clone()).expect("m·d buffer"),
         basis_trace: basis.trace(),
     }
@@ -432,7 +413,7 @@ mod tests {
         // that are nearly dependent. A single Gram–Schmidt pass per set left it orthogonal only
         // to 5e-9, and the "exact" Ritz pairs of a full basis then had residuals of 3e-9.
         let d = 19;
-        let lambda: Vec<f64> = (0..d).map(|i| 0.11 * 0.8f64.powi(i as i32)).collect();
+        let lambda: Vec<f64> = (0..d).map(|i| 0.11 * 0.8f64.powi(i)).collect();
         let f = psd_with_spectrum(&lambda, 5);
         let opts = EigensolverOptions { k: 4, tolerance: 1e-11, ..Default::default() };
         let got = check_against_dense(&f, &opts);

@@ -171,9 +171,7 @@ pub trait SplitModel {
                 *mi += ey / total * slope(y) * w.as_f64();
             }
         }
-        let a = self.readout_jacobians(ctx, &[position])?;
-        let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
-        check_len("readout Jacobian A", a.as_slice().len(), du * dims.d_model)?;
+        let a = single_readout_jacobian(self, ctx, position)?;
         let mut out = Matrix::zeros(tokens.len(), dims.d_model);
         for (i, &y) in tokens.iter().enumerate() {
             let sy = slope(y as usize);
@@ -215,9 +213,7 @@ pub trait SplitModel {
     ) -> Result<Matrix<Self::Scalar>> {
         let dims = self.dims();
         check_len("tangent length (d)", tangents.cols(), dims.d_model)?;
-        let a = self.readout_jacobians(ctx, &[position])?;
-        let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
-        check_len("readout Jacobian A", a.as_slice().len(), dims.readout_dim * dims.d_model)?;
+        let a = single_readout_jacobian(self, ctx, position)?;
         Ok(Matrix::from_fn(tangents.rows(), dims.readout_dim, |i, k| {
             let v = tangents.row(i);
             Self::Scalar::round_from_f64(
@@ -249,9 +245,7 @@ pub trait SplitModel {
     ) -> Result<Matrix<Self::Scalar>> {
         let dims = self.dims();
         check_len("cotangent length (d_u)", cotangents.cols(), dims.readout_dim)?;
-        let a = self.readout_jacobians(ctx, &[position])?;
-        let a = a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
-        check_len("readout Jacobian A", a.as_slice().len(), dims.readout_dim * dims.d_model)?;
+        let a = single_readout_jacobian(self, ctx, position)?;
         Ok(Matrix::from_fn(cotangents.rows(), dims.d_model, |i, j| {
             let w = cotangents.row(i);
             Self::Scalar::round_from_f64(
@@ -298,6 +292,20 @@ pub trait SplitModel {
         extended.push(token);
         self.lower(&extended, ctx.layer())
     }
+}
+
+/// The readout Jacobian `A` (`d_u × d`) of one position, shape-checked: what the defaults of
+/// [`SplitModel`] build on.
+fn single_readout_jacobian<M: SplitModel + ?Sized>(
+    model: &M,
+    ctx: &M::Context,
+    position: usize,
+) -> Result<Matrix<M::Scalar>> {
+    let dims = model.dims();
+    let a = model.readout_jacobians(ctx, &[position])?.into_iter().next();
+    let a = a.ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
+    check_len("readout Jacobian A", a.as_slice().len(), dims.readout_dim * dims.d_model)?;
+    Ok(a)
 }
 
 /// The soft-cap slopes `s_y = 1 − (z_y/c)²` of capped logits `z = c·tanh(ẑ/c)` (see
