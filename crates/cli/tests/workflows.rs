@@ -1072,6 +1072,11 @@ fn top_k_through_the_binary_matches_the_exact_eigenpairs() {
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(top_dir.join("metadata.json")).unwrap()).unwrap();
         assert_eq!(meta["estimator"]["name"], "top-k");
+        let split = &meta["timings_s"]["compute_split"];
+        assert!(
+            split["estimator"].as_f64().unwrap() > 0.0 && split["lower"].as_f64().unwrap() > 0.0,
+            "{split}"
+        );
         assert_eq!(meta["estimator"]["k"], 4);
         let s = &meta["summary"][0];
         assert!(s["effective_rank"].is_null() && s["top_k"]["converged"] == true, "{s}");

@@ -6,6 +6,7 @@
 use super::args::{ComputeArgs, Estimator, TraceArg};
 use super::failures::{is_numerical, is_numerical_fs};
 use crate::readouts::Readout;
+use crate::results::ComputeSplit;
 use anyhow::Result;
 use fs_estimators::{
     closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
@@ -13,6 +14,7 @@ use fs_estimators::{
     GradientKind, Matrix, PredictiveOptions, SampledOptions, SplitModel, TopKFisher, TopKOptions,
     TraceMode,
 };
+use std::time::Instant;
 
 /// What the estimator produced at one position.
 pub(super) enum Estimated {
@@ -146,9 +148,11 @@ pub(super) fn sequence_entries<M: SplitModel>(
     positions: &[usize],
     args: &ComputeArgs,
     bar: &indicatif::ProgressBar,
+    split: &mut ComputeSplit,
     fail: &mut dyn FnMut(usize, usize, anyhow::Error) -> Result<()>,
     found: &mut dyn FnMut(Entry) -> Result<()>,
 ) -> Result<()> {
+    let clock = Instant::now();
     let contexts = match model.lower_layers(tokens, layers) {
         Ok(c) => c,
         Err(e) if is_numerical_fs(&e) => {
@@ -164,7 +168,9 @@ pub(super) fn sequence_entries<M: SplitModel>(
         }
         Err(e) => return Err(e.into()),
     };
+    split.lower += clock.elapsed().as_secs_f64();
     for (ctx, &layer) in contexts.iter().zip(layers) {
+        let clock = Instant::now();
         // Logits of every position at once; position by position when one is not finite.
         let logits = match model.logits(ctx, positions) {
             Ok(l) if l.as_slice().iter().all(|&x| fs_traits::Scalar::as_f64(x).is_finite()) => {
@@ -175,7 +181,9 @@ pub(super) fn sequence_entries<M: SplitModel>(
             Err(e) => return Err(e.into()),
         };
         let chunk = args.batch_size.unwrap_or(1).max(1);
+        split.estimator += clock.elapsed().as_secs_f64();
         for (c, batch) in positions.chunks(chunk).enumerate() {
+            let clock = Instant::now();
             // A batch that meets a non-finite value is retried position by position, so
             // that one bad position does not fail its neighbours.
             let results: Vec<Result<Estimate<M::Scalar>>> = match estimate(model, ctx, batch, args)
@@ -188,6 +196,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
                 Err(e) if is_numerical(&e) => vec![Err(e)],
                 Err(e) => return Err(e),
             };
+            split.estimator += clock.elapsed().as_secs_f64();
             for (j, (result, &t)) in results.into_iter().zip(batch).enumerate() {
                 let entry = (|| -> Result<Entry> {
                     let (estimate, draws, jacobian) = result?;
@@ -204,6 +213,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
                         Some(l) => softmax(l.row(c * chunk + j))?,
                         None => softmax(model.logits(ctx, &[t])?.row(0))?,
                     };
+                    let clock = Instant::now();
                     let readout = (args.readouts.directions > 0)
                         .then(|| {
                             let k = args.readouts.directions;
@@ -229,6 +239,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
                             )
                         })
                         .transpose()?;
+                    split.readouts += clock.elapsed().as_secs_f64();
                     Ok(Entry { layer, position: t, estimate, entropy: entropy(&p), draws, readout })
                 })();
                 match entry {

@@ -14,7 +14,7 @@ use crate::output::{
     ExistingDir, RUN_FILE,
 };
 use crate::readouts::{layer_summary, print_layer_summary, token_text};
-use crate::results::{pretty_json, RunSettings, SequenceState, Timings};
+use crate::results::{pretty_json, ComputeSplit, RunSettings, SequenceState, Timings};
 use crate::Globals;
 use anyhow::{bail, Context, Result};
 use fs_checkpoint::ModelFiles;
@@ -142,6 +142,7 @@ fn run_with<M: SplitModel>(
         None
     };
     let mut last_checkpoint = Instant::now();
+    let mut split = ComputeSplit::default();
     for (doc, positions) in plan.docs.iter().zip(&plan.positions) {
         let i = doc.index;
         let file = plan.sequence_file(i, args.format);
@@ -169,6 +170,8 @@ fn run_with<M: SplitModel>(
         let first_summary = summaries.len();
         let first_failure = failed.len();
         let mut entries = Vec::new();
+        let before = split;
+        let clock = Instant::now();
         sequence_entries(
             model,
             &doc.tokens,
@@ -176,6 +179,7 @@ fn run_with<M: SplitModel>(
             positions,
             args,
             &bar,
+            &mut split,
             &mut |layer, t, e| record_failure(i, layer, t, e, args.fail_fast, g, &mut failed),
             &mut |e| {
                 if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
@@ -213,6 +217,16 @@ fn run_with<M: SplitModel>(
             failed: failed[first_failure..].to_vec(),
         }
         .write(&state_path)?;
+        let computed = split.lower + split.estimator + split.readouts
+            - (before.lower + before.estimator + before.readouts);
+        split.summaries_and_files += clock.elapsed().as_secs_f64() - computed;
+        g.log(&format!(
+            "sequence {i}: lower pass {:.3} s, estimator {:.3} s, read-outs {:.3} s, summaries and files {:.3} s",
+            split.lower - before.lower,
+            split.estimator - before.estimator,
+            split.readouts - before.readouts,
+            split.summaries_and_files - before.summaries_and_files,
+        ));
         if let Some(m) = mean.as_mut().filter(|_| !in_mean) {
             m.sequences.push(i);
             // Checkpoint the accumulator (for --resume) at most every --checkpoint-secs;
@@ -240,6 +254,7 @@ fn run_with<M: SplitModel>(
         load: run.load_s,
         compute: t_compute.elapsed().as_secs_f64(),
         total: t_start.elapsed().as_secs_f64() + run.load_s,
+        compute_split: Some(split),
     })?;
     write_atomic(&args.output.join("metadata.json"), &pretty_json(&metadata)?)?;
     if !g.quiet {

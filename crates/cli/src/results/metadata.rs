@@ -161,6 +161,22 @@ pub struct Timings {
     pub compute: f64,
     /// Everything.
     pub total: f64,
+    /// How `compute` divides (absent in files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_split: Option<ComputeSplit>,
+}
+
+/// Where `compute`'s time went, summed over the sequences (seconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ComputeSplit {
+    /// The lower passes (one forward pass per sequence for all its layers).
+    pub lower: f64,
+    /// The logits of the analysed positions and the estimator itself.
+    pub estimator: f64,
+    /// `--directions` read-outs.
+    pub readouts: f64,
+    /// Spectra for the summaries, results files, state files and the mean accumulator.
+    pub summaries_and_files: f64,
 }
 
 /// A position that failed on NaN or infinity.

@@ -29,9 +29,9 @@ mod state;
 
 pub use files::{read_results, read_results_bytes, results_files, Array, Arrays};
 pub use metadata::{
-    DirectionSummary, FailedPosition, LayerSummaryRow, MeanSummaryRow, MergeMetadata, MergedInput,
-    Metadata, MetadataView, ModelInfo, ModelRef, Origin, PositionSummary, SequenceInfo,
-    SettingsRef, Timings, TokenEffect, TopKSummary, WeightHash,
+    ComputeSplit, DirectionSummary, FailedPosition, LayerSummaryRow, MeanSummaryRow, MergeMetadata,
+    MergedInput, Metadata, MetadataView, ModelInfo, ModelRef, Origin, PositionSummary,
+    SequenceInfo, SettingsRef, Timings, TokenEffect, TopKSummary, WeightHash,
 };
 pub use settings::{
     EstimatorSettings, MeanHeader, MeanInput, MeanSettings, ReadoutSettings, RunSettings,

@@ -304,13 +304,26 @@ impl HostMatrix {
         HostMatrix { rows, cols, data }
     }
 
-    /// The transpose of the `rows × cols` matrix stored row-major in `data`.
+    /// The transpose of the `rows × cols` matrix stored row-major in `data`, in 32 × 32 tiles,
+    /// bands of 32 output rows in parallel (a row-by-row transpose misses the cache on every
+    /// write: it was 12% of loading SmolLM2-135M).
     pub fn transposed(rows: usize, cols: usize, data: &[f32]) -> Self {
+        use rayon::prelude::*;
+        const TILE: usize = 32;
         let mut out = vec![0f32; data.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                out[c * rows + r] = data[r * cols + c];
-            }
+        if rows > 0 {
+            out.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, block)| {
+                let c0 = band * TILE;
+                let width = block.len() / rows;
+                for r0 in (0..rows).step_by(TILE) {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        let src = &data[r * cols + c0..r * cols + c0 + width];
+                        for (c, &v) in src.iter().enumerate() {
+                            block[c * rows + r] = v;
+                        }
+                    }
+                }
+            });
         }
         HostMatrix { rows: cols, cols: rows, data: out }
     }
@@ -594,5 +607,20 @@ mod tests {
         let m = HostMatrix::transposed(2, 3, &[1., 2., 3., 4., 5., 6.]);
         assert_eq!((m.rows, m.cols), (3, 2));
         assert_eq!(m.data, vec![1., 4., 2., 5., 3., 6.]);
+        // Shapes that are not multiples of the tile, against the definition.
+        for (rows, cols) in [(33, 65), (1, 70), (70, 1), (64, 32)] {
+            let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = HostMatrix::transposed(rows, cols, &data);
+            assert_eq!((t.rows, t.cols), (cols, rows));
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t.data[c * rows + r],
+                        data[r * cols + c],
+                        "({rows}, {cols}) at ({r}, {c})"
+                    );
+                }
+            }
+        }
     }
 }
