@@ -76,6 +76,9 @@ pub struct BenchArgs {
     /// Eigenpairs of the top-k row (its default tolerance, 1e-5, and trace estimate).
     #[arg(long = "k", default_value_t = 16)]
     pub top_k: usize,
+    /// Vectors per block of the top-k row's eigensolver (default: the solver's, k + max(4, k/2)).
+    #[arg(long, value_name = "B")]
+    pub block: Option<usize>,
     /// Standard deviation of the random model's logits, set by scaling its final-norm gain.
     /// Random weights of std 0.02 give logits of std ~0.02·√d and a near-uniform next-token
     /// distribution (entropy ≈ ln V), whose Fisher is nearly isotropic — nothing like a trained
@@ -395,7 +398,11 @@ fn time_top_k<M: SplitModel>(
     flops: impl Fn(usize, usize) -> f64,
 ) -> Result<()> {
     let opts = TopKOptions {
-        solver: EigensolverOptions { k: args.top_k, ..TopKOptions::default().solver },
+        solver: EigensolverOptions {
+            k: args.top_k,
+            block: args.block,
+            ..TopKOptions::default().solver
+        },
         ..TopKOptions::default()
     };
     let mut times = Vec::with_capacity(args.repeats);
