@@ -203,7 +203,7 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
                 tokens.get(position).map_or("?".into(), |t| t.to_string())
             );
             if r.is_top_k() {
-                let se = trace_se.map(|se| format!(" ± {se:.1e} (estimate)")).unwrap_or_default();
+                let se = crate::compute::trace_error_note(trace_se);
                 println!(
                     "  entropy {entropy}  trace {:.4e}{se}  top-{} eigenpairs (--estimator top-k: no effective rank)",
                     s.trace,

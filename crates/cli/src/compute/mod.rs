@@ -29,3 +29,4 @@ mod write;
 pub use args::{ComputeArgs, Estimator, Format, ReadoutArgs};
 pub use failures::PartialFailure;
 pub use run::run;
+pub(crate) use write::trace_error_note;

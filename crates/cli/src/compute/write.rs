@@ -70,10 +70,7 @@ pub(super) fn summarise(
                 t.k, t.applications, t.max_residual
             ),
         };
-        let trace = match trace_std_error {
-            Some(se) => format!("{:.4e} ± {se:.1e}", s.trace),
-            None => format!("{:.4e}", s.trace),
-        };
+        let trace = format!("{:.4e}{}", s.trace, trace_error_note(trace_std_error));
         println!(
             "seq {i:>3}  layer {:>3}  position {:>4}  token {:>6}  entropy {:.4}  trace {trace}  top eigenvalues [{}]  {tail}",
             e.layer,
@@ -271,4 +268,14 @@ pub(super) fn metadata(
         mean_summary: outcome.mean_summary,
         summary: outcome.summaries,
     })
+}
+
+/// How a top-k trace is qualified where it is printed: ` ± SE (estimate)`, or nothing when the
+/// eigensolver's basis spanned all of `R^d` (the standard error is then 0: the value is exact)
+/// or the trace was computed exactly.
+pub(crate) fn trace_error_note(std_error: Option<f64>) -> String {
+    match std_error {
+        Some(se) if se > 0.0 => format!(" ± {se:.1e} (estimate)"),
+        _ => String::new(),
+    }
 }
