@@ -71,6 +71,16 @@ pub fn device(name: &str) -> Result<Device, Error> {
     }
 }
 
+/// The number of threads candle's CPU kernels use by default (its physical-core count, unless
+/// `RAYON_NUM_THREADS` says otherwise).
+///
+/// candle 0.11 recomputes this on every matmul by reading the CPU topology from `/proc` unless
+/// `RAYON_NUM_THREADS` is set; the `fisher-stein` binary sets that variable to this value once at
+/// start-up (measured: 12% of the top-K estimator's time on the SmolLM2 shape, 5% of exact's).
+pub fn default_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// The attained f32 GEMM rate of candle on this machine for `(m × k) · (k × n)`, in GFLOP/s
 /// (`2·m·k·n` flops per product; median of `repeats` timed products after one warm-up). The
 /// benchmark harness prints it beside the estimators so roofline ratios are measured, not assumed.

@@ -70,9 +70,22 @@ fn default_sigpipe() {
 #[cfg(not(unix))]
 fn default_sigpipe() {}
 
+/// Fix the worker-thread count once, before any thread starts: candle 0.11 otherwise re-reads
+/// the CPU topology from `/proc` on every matmul (`RAYON_NUM_THREADS` unset), which cost 12% of
+/// the top-K estimator's time on the SmolLM2 shape. The value is candle's own default (physical
+/// cores), so candle's kernels run as before; rayon's pool (faer's products) follows it. A
+/// `RAYON_NUM_THREADS` the user set is left alone.
+fn pin_thread_count() {
+    #[cfg(feature = "candle")]
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", backend_candle::default_threads().to_string());
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     default_sigpipe();
+    pin_thread_count();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
