@@ -1094,14 +1094,17 @@ fn top_k_through_the_binary_matches_the_exact_eigenpairs() {
     // npz, and the estimate of the trace with its standard error.
     let out = tmp.path().join("npz");
     ok(&bin()
-        .args(["compute", "--model", fixture("gpt2-tiny-a").to_str().unwrap(), "--layer", "0"])
-        .args(["--tokens", "3,14,15,9", "--estimator", "top-k", "--k", "3", "--format", "npz"])
+        .args(["compute", "--model", fixture("gpt2-tiny-b").to_str().unwrap(), "--layer", "0"])
+        .args(["--tokens", "3,14,15,9", "--estimator", "top-k", "--k", "1", "--format", "npz"])
+        .args(["--tolerance", "1e-3"])
         .args(["-q", "--output", out.to_str().unwrap()])
         .output()
         .unwrap());
     let r = read_npz(&out.join("fisher.npz"));
-    assert_eq!(r["eigenvalues"].0, vec![1, 3]);
-    assert!(r["trace_std_error"].1[0] >= 0.0, "{:?}", r["trace_std_error"]);
+    assert_eq!(r["eigenvalues"].0, vec![1, 1]);
+    // The solver's basis stays below d = 48, so the trace is an estimate with an error bar.
+    let se = r["trace_std_error"].1[0];
+    assert!(se.is_finite() && se > 0.0, "{:?}", r["trace_std_error"]);
     // What top-k refuses, in one line naming the fix.
     for (extra, needle) in [
         (&["--mean"][..], "--mean with --estimator top-k"),

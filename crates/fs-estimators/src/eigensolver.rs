@@ -156,10 +156,11 @@ pub fn top_eigenpairs(
                 restarts += 1;
             }
             basis.orthonormalize(&mut candidate);
-            // No new direction: the basis spans an invariant subspace, its Ritz pairs are exact.
+            // No new direction: the basis spans an invariant subspace (up to round-off); stop and
+            // report whether the residuals met the tolerance.
             let invariant = candidate.rows() == 0;
             next = candidate;
-            invariant.then_some(true)
+            invariant.then_some(done)
         };
         if let Some(converged) = stop {
             let pairs = finish(&x, &ritz.values, &norms, k, theta1, &basis);

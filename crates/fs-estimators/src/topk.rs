@@ -1,5 +1,5 @@
 //! The top `K` eigenpairs of the Fisher matrix without forming it: `F v = Aᵀ G (A v)` with
-//! `A v` a batched JVP, `Aᵀ w` a batched VJP and `G` applied in `2·V·d_u` flops per vector.
+//! `A v` a batched JVP, `Aᵀ w` a batched VJP and `G` applied in `4·V·d_u` flops per vector.
 
 use crate::eigensolver::{random_block, top_eigenpairs, EigensolverOptions};
 use crate::gram::{matmul_into, weighted_mean_row, DEFAULT_VOCAB_CHUNK};
@@ -17,8 +17,9 @@ use faer::{Accum, MatRef};
 /// (`s_y = 1` without a final soft-cap, see [`SplitModel::final_logit_softcap`]). `A v` is
 /// [`SplitModel::readout_jvp`], `Aᵀ w` is [`SplitModel::readout_vjp`], each batched over the
 /// block — or, for a model without a native forward mode
-/// ([`SplitModel::native_readout_jvp`]), `A` is formed once and both are `f64` host products. `G` is applied in the centered form — `q_y = s_y (w_y · u) − m · u` in `f64` from the
-/// GEMM products `W_U U` in the model's scalar, then `W_Uᵀ(p ∘ s ∘ q)` — with the unembedding
+/// ([`SplitModel::native_readout_jvp`]), `A` is formed once and both are `f64` host products.
+/// `G` is applied in the centered form — `q_y = s_y (w_y · u) − m · u` in `f64` from the GEMM
+/// products `W_U U` in the model's scalar, then `W_Uᵀ(p ∘ s ∘ q)` — with the unembedding
 /// streamed in vocabulary chunks (both products of a chunk while it is in cache); since
 /// `Σ_y p_y q_y = 0` exactly, the `−m Σ p_y q_y` term of the centered form only removes
 /// round-off. The few rows with `p_y ≥ 10⁻²` are done entirely in `f64`: for a dominant token
@@ -76,14 +77,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let formed = if model.native_readout_jvp() {
             None
         } else {
-            let a = model.readout_jacobians(ctx, &[position])?;
-            let a =
-                a.first().ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
-            crate::exact::check_shape(
-                "readout Jacobian A",
-                a.shape(),
-                (dims.readout_dim, dims.d_model),
-            )?;
+            let a = fs_traits::single_readout_jacobian(model, ctx, position)?;
             fs_traits::check_finite("readout Jacobian A", a.as_slice())?;
             Some(faer::Mat::from_fn(a.rows(), a.cols(), |i, j| a.get(i, j).as_f64()))
         };
@@ -211,22 +205,20 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             // Z = W_chunk U (rows × b)
             matmul_into(&mut z[..rows * b], w, ut.as_slice(), (rows, du, b), self.threads);
             for y in 0..rows {
+                // R is written transposed (b × rows), ready for the second product.
                 if self.p[start + y] >= HEAVY_ROW {
-                    r[y * b..(y + 1) * b].fill(<M::Scalar as Default>::default());
+                    (0..b).for_each(|i| r[i * rows + y] = <M::Scalar as Default>::default());
                     continue;
                 }
                 let (py, sy) = (self.p[start + y], slope(start + y));
                 for i in 0..b {
                     let q = sy * z[y * b + i].as_f64() - mu[i];
                     pq_sum[i] += py * q;
-                    r[y * b + i] = M::Scalar::round_from_f64(py * sy * q);
+                    r[i * rows + y] = M::Scalar::round_from_f64(py * sy * q);
                 }
             }
             // part = Rᵀ W_chunk (b × d_u)
-            let rt = Matrix::from_vec(rows, b, r[..rows * b].to_vec())
-                .expect("rows·b buffer")
-                .transpose();
-            matmul_into(&mut part, rt.as_slice(), w, (b, rows, du), self.threads);
+            matmul_into(&mut part, &r[..b * rows], w, (b, rows, du), self.threads);
             acc.iter_mut().zip(&part).for_each(|(a, x)| *a += x.as_f64());
         }
         // The centered form's second term: − m Σ_y p_y q_y (zero up to round-off).
@@ -272,7 +264,8 @@ pub enum TraceMode {
 pub struct TraceEstimate {
     /// The estimate (or the exact value).
     pub value: f64,
-    /// One standard error of the estimate; `None` when exact.
+    /// One standard error of the estimate; `None` when exact (`TraceMode::Exact`, or an
+    /// estimate whose eigensolver basis came to span all of `R^d`).
     pub std_error: Option<f64>,
     /// Operator applications the trace cost beyond the eigensolver.
     pub applications: usize,
@@ -331,6 +324,11 @@ pub fn top_k_fisher<M: SplitModel>(
     position: usize,
     opts: &TopKOptions,
 ) -> Result<TopKFisher> {
+    if let TraceMode::Estimate { probes } = opts.trace {
+        if probes < 2 {
+            return Err(FsError::invalid("trace probes", probes, "at least 2"));
+        }
+    }
     let mut op = FisherOperator::new(model, ctx, position)?;
     let d = op.dim();
     let pairs = top_eigenpairs(d, |x| op.apply(x), &opts.solver)?;
@@ -347,9 +345,6 @@ pub fn top_k_fisher<M: SplitModel>(
             TraceEstimate { value: total, std_error: None, applications: d }
         }
         TraceMode::Estimate { probes } => {
-            if probes < 2 {
-                return Err(FsError::invalid("trace probes", probes, "at least 2"));
-            }
             complement_trace(&mut op, &pairs.basis, pairs.basis_trace, probes, opts.solver.seed)?
         }
     };
@@ -376,7 +371,8 @@ fn complement_trace<M: SplitModel>(
 ) -> Result<TraceEstimate> {
     let d = basis.cols();
     if basis.rows() >= d {
-        return Ok(TraceEstimate { value: basis_trace, std_error: Some(0.0), applications: 0 });
+        // The basis spans R^d: tr(QFQᵀ) is the trace itself, exactly.
+        return Ok(TraceEstimate { value: basis_trace, std_error: None, applications: 0 });
     }
     let signs = random_block(probes, d, seed ^ 0x7472_6163_6521);
     let mut z = signs.map(|g| if g < 0.0 { -1.0 } else { 1.0 });
@@ -523,6 +519,19 @@ mod tests {
             &TopKOptions { trace: TraceMode::Estimate { probes: 1 }, ..opts }
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_basis_spanning_the_space_gives_the_exact_trace() {
+        let model = TanhModel::<f64>::random(40, 6, 6, 4, 1.0, 2);
+        let ctx = model.lower(&[1, 2, 3], 0).unwrap();
+        let want = spectrum(&model.known_fisher(&ctx, 2).unwrap(), None).unwrap().trace;
+        let solver = EigensolverOptions { k: 2, tolerance: 1e-12, ..Default::default() };
+        let got =
+            top_k_fisher(&model, &ctx, 2, &TopKOptions { solver, ..Default::default() }).unwrap();
+        assert_eq!(got.trace.std_error, None, "a basis of all of R^6 leaves nothing to estimate");
+        assert_eq!(got.trace.applications, 0);
+        assert!((got.trace.value - want).abs() <= 1e-12 * want, "{} vs {want}", got.trace.value);
     }
 
     #[test]

@@ -294,9 +294,10 @@ pub trait SplitModel {
     }
 }
 
-/// The readout Jacobian `A` (`d_u × d`) of one position, shape-checked: what the defaults of
-/// [`SplitModel`] build on.
-fn single_readout_jacobian<M: SplitModel + ?Sized>(
+/// The readout Jacobian `A` (`d_u × d`) of one position from
+/// [`SplitModel::readout_jacobians`], its shape checked: what the defaults of [`SplitModel`] and
+/// callers that need one position's `A` build on.
+pub fn single_readout_jacobian<M: SplitModel + ?Sized>(
     model: &M,
     ctx: &M::Context,
     position: usize,
@@ -304,7 +305,19 @@ fn single_readout_jacobian<M: SplitModel + ?Sized>(
     let dims = model.dims();
     let a = model.readout_jacobians(ctx, &[position])?.into_iter().next();
     let a = a.ok_or_else(|| FsError::Backend("no readout Jacobian returned".into()))?;
-    check_len("readout Jacobian A", a.as_slice().len(), dims.readout_dim * dims.d_model)?;
+    if a.shape() != (dims.readout_dim, dims.d_model) {
+        return Err(FsError::DimensionMismatch {
+            what: format!(
+                "readout Jacobian A shape (expected {}x{}, got {}x{})",
+                dims.readout_dim,
+                dims.d_model,
+                a.rows(),
+                a.cols()
+            ),
+            expected: dims.readout_dim * dims.d_model,
+            got: a.rows() * a.cols(),
+        });
+    }
     Ok(a)
 }
 

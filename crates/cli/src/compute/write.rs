@@ -270,12 +270,8 @@ pub(super) fn metadata(
     })
 }
 
-/// How a top-k trace is qualified where it is printed: ` ± SE (estimate)`, or nothing when the
-/// eigensolver's basis spanned all of `R^d` (the standard error is then 0: the value is exact)
-/// or the trace was computed exactly.
+/// How a top-k trace is qualified where it is printed: ` ± SE (estimate)`, or nothing when it
+/// is exact.
 pub(crate) fn trace_error_note(std_error: Option<f64>) -> String {
-    match std_error {
-        Some(se) if se > 0.0 => format!(" ± {se:.1e} (estimate)"),
-        _ => String::new(),
-    }
+    std_error.map(|se| format!(" ± {se:.1e} (estimate)")).unwrap_or_default()
 }
