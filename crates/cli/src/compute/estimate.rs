@@ -11,8 +11,8 @@ use anyhow::Result;
 use fs_estimators::{
     closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
     sampled_fisher, softmax, spectrum, top_k_fisher, EigensolverOptions, ExactOptions, FsError,
-    GradientKind, Matrix, PredictiveOptions, SampledOptions, SplitModel, TopKFisher, TopKOptions,
-    TraceMode,
+    GradientKind, Matrix, PredictiveOptions, SampledOptions, Spectrum, SplitModel, TopKFisher,
+    TopKOptions, TraceMode,
 };
 use std::time::Instant;
 
@@ -25,6 +25,22 @@ pub(super) enum Estimated {
 }
 
 impl Estimated {
+    /// Its spectrum, as [`Entry::spectrum`] holds it (`rank` pairs of a matrix).
+    fn spectrum(&self, rank: usize) -> Result<Spectrum> {
+        Ok(match self {
+            Estimated::Matrix(f) => spectrum(f, Some(rank.max(5).min(f.rows())))?,
+            Estimated::TopK(r) => Spectrum {
+                eigenvalues: r.eigenvalues.clone(),
+                eigenvectors: r.eigenvectors.clone(),
+                trace: r.trace.value,
+                effective_rank: f64::NAN,
+                participation_ratio: f64::NAN,
+                clamped_negative: 0,
+                min_raw_eigenvalue: f64::NAN,
+            },
+        })
+    }
+
     /// The whole matrix, where the estimator formed one.
     pub fn matrix(&self) -> Option<&Matrix<f64>> {
         match self {
@@ -47,6 +63,11 @@ pub(super) struct Entry {
     pub layer: usize,
     pub position: usize,
     pub estimate: Estimated,
+    /// Its leading eigenpairs (at least 5, at least the stored and decoded ones), the trace and
+    /// the summaries: one eigendecomposition per matrix, shared by the read-outs, the summary
+    /// line and the stored eigenpairs. For top-k: the computed pairs and trace, no effective
+    /// rank or participation ratio (NaN: they need the whole spectrum).
+    pub spectrum: Spectrum,
     pub entropy: f64,
     /// The sampled tokens (sampled and predictive estimators).
     pub draws: Option<Vec<u32>>,
@@ -148,6 +169,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
     positions: &[usize],
     args: &ComputeArgs,
     bar: &indicatif::ProgressBar,
+    rank: usize,
     split: &mut ComputeSplit,
     fail: &mut dyn FnMut(usize, usize, anyhow::Error) -> Result<()>,
     found: &mut dyn FnMut(Entry) -> Result<()>,
@@ -213,34 +235,33 @@ pub(super) fn sequence_entries<M: SplitModel>(
                         Some(l) => softmax(l.row(c * chunk + j))?,
                         None => softmax(model.logits(ctx, &[t])?.row(0))?,
                     };
+                    let spectrum = estimate.spectrum(rank)?;
                     let clock = Instant::now();
                     let readout = (args.readouts.directions > 0)
                         .then(|| {
-                            let k = args.readouts.directions;
-                            let (values, vectors) = match &estimate {
-                                Estimated::Matrix(f) => {
-                                    let s = spectrum(f, Some(k.min(f.rows())))?;
-                                    (s.eigenvalues, s.eigenvectors)
-                                }
-                                Estimated::TopK(r) => {
-                                    let k = k.min(r.eigenvalues.len());
-                                    let d = r.eigenvectors.rows();
-                                    let v = Matrix::from_fn(d, k, |i, c| r.eigenvectors.get(i, c));
-                                    (r.eigenvalues[..k].to_vec(), v)
-                                }
-                            };
+                            let k = args.readouts.directions.min(spectrum.eigenvalues.len());
+                            let d = spectrum.eigenvectors.rows();
+                            let v = Matrix::from_fn(d, k, |i, c| spectrum.eigenvectors.get(i, c));
                             crate::readouts::readout(
                                 model,
                                 ctx,
                                 t,
-                                (&values, &vectors),
+                                (&spectrum.eigenvalues[..k], &v),
                                 jacobian.as_ref(),
                                 args.readouts.direction_tokens,
                             )
                         })
                         .transpose()?;
                     split.readouts += clock.elapsed().as_secs_f64();
-                    Ok(Entry { layer, position: t, estimate, entropy: entropy(&p), draws, readout })
+                    Ok(Entry {
+                        layer,
+                        position: t,
+                        estimate,
+                        spectrum,
+                        entropy: entropy(&p),
+                        draws,
+                        readout,
+                    })
                 })();
                 match entry {
                     Ok(e) => found(e)?,

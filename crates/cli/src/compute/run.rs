@@ -179,6 +179,7 @@ fn run_with<M: SplitModel>(
             positions,
             args,
             &bar,
+            plan.eig_rank.unwrap_or(5),
             &mut split,
             &mut |layer, t, e| record_failure(i, layer, t, e, args.fail_fast, g, &mut failed),
             &mut |e| {
@@ -190,7 +191,7 @@ fn run_with<M: SplitModel>(
                 }
                 if args.readouts.mean_only {
                     // Nothing per position is kept: summarise now, drop the matrix.
-                    summarise(i, doc, &e, 5, &mut summaries, g, &decode)?;
+                    summarise(i, doc, &e, &mut summaries, g, &decode)?;
                 } else {
                     entries.push(e);
                 }

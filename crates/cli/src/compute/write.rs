@@ -15,24 +15,21 @@ use crate::results::{
 };
 use crate::Globals;
 use anyhow::Result;
-use fs_estimators::spectrum;
 use fs_traits::ModelDims;
 
 /// Summarise one position of sequence `i`: append its summary (with decoded read-outs) to
-/// `summaries`, print its line, and return its spectrum (top `rank` eigenpairs, at least 5, of
-/// the matrix; for `--estimator top-k` the computed pairs, with the trace as obtained and no
-/// effective rank or participation ratio, which need the whole spectrum).
+/// `summaries` and print its line, from the entry's spectrum.
 pub(super) fn summarise(
     i: usize,
     doc: &Document,
     e: &Entry,
-    rank: usize,
     summaries: &mut Vec<PositionSummary>,
     g: &Globals,
     decode: &dyn Fn(u32) -> String,
-) -> Result<fs_estimators::Spectrum> {
-    let (s, trace_std_error, top_k) = match &e.estimate {
-        Estimated::Matrix(f) => (spectrum(f, Some(rank.max(5).min(f.rows())))?, None, None),
+) -> Result<()> {
+    let s = &e.spectrum;
+    let (trace_std_error, top_k) = match &e.estimate {
+        Estimated::Matrix(_) => (None, None),
         Estimated::TopK(r) => {
             let max_residual = r.residuals.iter().cloned().fold(0.0, f64::max);
             let summary = TopKSummary {
@@ -48,16 +45,7 @@ pub(super) fn summarise(
                     e.layer, e.position, r.applications
                 );
             }
-            let spectrum = fs_estimators::Spectrum {
-                eigenvalues: r.eigenvalues.clone(),
-                eigenvectors: r.eigenvectors.clone(),
-                trace: r.trace.value,
-                effective_rank: f64::NAN,
-                participation_ratio: f64::NAN,
-                clamped_negative: 0,
-                min_raw_eigenvalue: f64::NAN,
-            };
-            (spectrum, r.trace.std_error, Some(summary))
+            (r.trace.std_error, Some(summary))
         }
     };
     let token_id = doc.tokens[e.position];
@@ -96,7 +84,7 @@ pub(super) fn summarise(
         token: e.readout.as_ref().map(|_| decode(token_id)),
         directions: e.readout.as_ref().map(|r| readout_summary(r, decode)),
     });
-    Ok(s)
+    Ok(())
 }
 
 /// Serialise one sequence's results file and append the summaries of its matrices.
@@ -116,7 +104,8 @@ pub(super) fn sequence_results(
     let mut eigenvalues = Vec::new();
     let mut eigenvectors = Vec::new();
     for e in entries {
-        let s = summarise(i, doc, e, eig_rank.unwrap_or(5), summaries, g, decode)?;
+        summarise(i, doc, e, summaries, g, decode)?;
+        let s = &e.spectrum;
         if let Some(r) = eig_rank {
             eigenvalues.extend(s.eigenvalues.iter().take(r).map(|&x| x as f32));
             for row in 0..d {
