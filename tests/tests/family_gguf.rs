@@ -33,7 +33,7 @@ fn max_weight_diff(a: &DecoderWeights, b: &DecoderWeights) -> f32 {
             worst = worst.max((p - q).abs());
         }
     };
-    cmp(&a.embed.data, &b.embed.data, "embed");
+    cmp(&a.embed.to_f32(), &b.embed.to_f32(), "embed");
     cmp(&a.norm.weight, &b.norm.weight, "final norm");
     cmp(
         a.norm.bias.as_deref().unwrap_or_default(),
@@ -42,11 +42,11 @@ fn max_weight_diff(a: &DecoderWeights, b: &DecoderWeights) -> f32 {
     );
     assert_eq!(a.lm_head.is_some(), b.lm_head.is_some(), "tying");
     if let (Some(x), Some(y)) = (&a.lm_head, &b.lm_head) {
-        cmp(&x.data, &y.data, "lm_head");
+        cmp(&x.to_f32(), &y.to_f32(), "lm_head");
     }
     for (i, (x, y)) in a.blocks.iter().zip(&b.blocks).enumerate() {
-        let lin = |l: &fs_checkpoint::Linear| {
-            let mut v = l.weight.data.clone();
+        let lin = |l: &fs_checkpoint::StoredLinear| {
+            let mut v = l.weight.to_f32();
             v.extend(l.bias.clone().unwrap_or_default());
             v
         };

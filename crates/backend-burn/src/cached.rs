@@ -485,10 +485,11 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
 }
 
 /// `SplitModel::unembedding`.
-pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
+pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> fs_traits::Unembedding<'_, f32> {
     let dims = m.model_dims();
     MatrixRef::new(dims.vocab_size, dims.readout_dim, m.lm_head_host())
         .expect("lm_head host copy has V·d elements by construction")
+        .into()
 }
 
 /// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model (crate-internal:
@@ -584,7 +585,7 @@ macro_rules! impl_split_model {
             ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
                 $crate::cached::readout_vjp(self, ctx, position, cotangents)
             }
-            fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
+            fn unembedding(&self) -> fs_traits::Unembedding<'_, f32> {
                 $crate::cached::unembedding(self)
             }
             fn final_logit_softcap(&self) -> Option<f64> {

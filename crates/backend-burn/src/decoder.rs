@@ -25,7 +25,8 @@ use crate::ops::{activation, layer_norm, linear, rms_norm};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
 use fs_checkpoint::{
-    DecoderConfig, DecoderWeights, LayerAttention, Linear as HostLinear, Norm, NormKind, QkNorm,
+    DecoderConfig, DecoderWeights, HostMatrix, LayerAttention, Norm, NormKind, QkNorm,
+    StoredLinear, StoredMatrix,
 };
 
 /// A linear layer on the device: `[in, out]` weight and optional bias.
@@ -79,21 +80,28 @@ pub struct Decoder {
 
 impl Decoder {
     /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
-    /// GGUF or random values; linear weights already `[in, out]`, fused tensors split, Gemma's
-    /// norms already `1 + w`) to the plain (non-autodiff) view of `device`. `W_U` stays on the
-    /// host too, for the estimators' weighted Gram.
+    /// GGUF or random values; fused tensors split, Gemma's norms already `1 + w`) to the plain
+    /// (non-autodiff) view of `device`, every matrix widened to f32 (linear weights transposed to
+    /// `[in, out]`): this engine holds the whole model in f32, unlike candle's CPU path. `W_U`
+    /// stays on the host too, for the estimators' weighted Gram.
     pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
         let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
         // Autodiff bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
         let q_width = cfg.num_attention_heads * cfg.head_dim;
         let bytes_per_row_per_block =
             4 * (12 * cfg.hidden_size + 4 * q_width + 5 * cfg.intermediate_size);
-        let (embed, mut readout) =
-            Readout::with_embedding(device, cfg.dims(), embed, lm_head, bytes_per_row_per_block);
+        let widen = |m: StoredMatrix| HostMatrix::new(m.rows(), m.cols(), m.to_f32());
+        let (embed, mut readout) = Readout::with_embedding(
+            device,
+            cfg.dims(),
+            widen(embed),
+            lm_head.map(widen),
+            bytes_per_row_per_block,
+        );
         readout.final_logit_softcap = cfg.final_logit_softcap;
         let up = Upload(&readout.device);
-        let lin = |l: HostLinear| {
-            let (w, b) = up.linear(l);
+        let lin = |l: StoredLinear| {
+            let (w, b) = up.linear(l.to_linear());
             Lin { w, b }
         };
         let norm_t = |n: Norm| NormT { w: up.vector(n.weight), b: n.bias.map(|b| up.vector(b)) };

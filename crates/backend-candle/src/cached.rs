@@ -6,12 +6,13 @@
 //! replicated rows) and gets its `SplitModel` impl from the crate-internal `impl_split_model!`.
 
 use crate::ops::softmax_last_dim;
-use candle_core::{Device, Tensor, Var, D};
-use fs_checkpoint::{HostMatrix, Linear};
+use crate::ops::Weight;
+use candle_core::{DType, Device, Tensor, Var, D};
+use fs_checkpoint::{HostMatrix, StoredLinear, StoredMatrix};
 use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext,
+    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext, Unembedding,
 };
 
 /// Convert a candle error into the seam's error type.
@@ -86,22 +87,112 @@ impl Upload<'_> {
         let n = v.len();
         Tensor::from_vec(v, n, self.0)
     }
-    /// A linear layer: weight `[in, out]` and its bias, if any.
-    pub(crate) fn linear(&self, l: Linear) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        Ok((self.matrix(l.weight)?, l.bias.map(|b| self.vector(b)).transpose()?))
+    /// A linear layer kept in its stored precision where the device allows ([`Weight::new`]).
+    pub(crate) fn stored_linear(
+        &self,
+        l: StoredLinear,
+    ) -> candle_core::Result<(Weight, Option<Tensor>)> {
+        Ok((Weight::new(l.weight, self.0)?, l.bias.map(|b| self.vector(b)).transpose()?))
+    }
+}
+
+/// Rows of `W_U` widened per product when it is kept in its stored precision: about 16 MB of
+/// f32 at `d = 2048`.
+const TABLE_CHUNK_ROWS: usize = 2048;
+
+/// A `V × d` table — the token embedding, the unembedding `W_U`, or both when tied — as the
+/// passes use it: an f32 tensor on the device, or the checkpoint's matrix in its stored
+/// precision on the host (CPU only), whose rows are widened when a pass needs them (the tokens'
+/// rows for the embedding, vocabulary chunks for the logits).
+#[derive(Clone)]
+pub(crate) enum Table {
+    /// `V × d`, f32, on the device.
+    Dense(Tensor),
+    /// `V × d` as stored, host.
+    Stored(StoredMatrix),
+}
+
+impl Table {
+    /// A stored table for `device` (kept as stored on the CPU unless it is f32; see
+    /// [`Weight::new`] for why).
+    pub(crate) fn new(m: StoredMatrix, device: &Device) -> candle_core::Result<Table> {
+        if m.is_f32() || !device.is_cpu() {
+            Ok(Table::Dense(Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), device)?))
+        } else {
+            Ok(Table::Stored(m))
+        }
+    }
+
+    /// Rows `ids` as an `(n, d)` f32 tensor on `device`.
+    pub(crate) fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Table::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0),
+            Table::Stored(m) => Tensor::from_vec(m.gather_rows(ids), (ids.len(), m.cols()), device),
+        }
+    }
+
+    /// `x Tᵀ` for rows `x` `(n, d)`: `(n, V)` (the logits of readout rows).
+    pub(crate) fn times_transposed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Table::Dense(t) => x.matmul(&t.t()?),
+            Table::Stored(m) => {
+                let parts = (0..m.rows())
+                    .step_by(TABLE_CHUNK_ROWS)
+                    .map(|start| {
+                        let rows = start..(start + TABLE_CHUNK_ROWS).min(m.rows());
+                        let n = rows.len();
+                        let w = Tensor::from_vec(m.widen_rows(rows), (n, m.cols()), x.device())?;
+                        x.matmul(&w.t()?)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 1)
+            }
+        }
+    }
+
+    /// `p T` for rows `p` `(n, V)`: `(n, d)` (the mean output embedding `m = W_Uᵀp`).
+    pub(crate) fn times(&self, p: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Table::Dense(t) => p.matmul(t),
+            Table::Stored(m) => {
+                let mut acc: Option<Tensor> = None;
+                for start in (0..m.rows()).step_by(TABLE_CHUNK_ROWS) {
+                    let rows = start..(start + TABLE_CHUNK_ROWS).min(m.rows());
+                    let n = rows.len();
+                    let w = Tensor::from_vec(m.widen_rows(rows), (n, m.cols()), p.device())?;
+                    let part = p.narrow(1, start, n)?.contiguous()?.matmul(&w)?;
+                    acc = Some(match acc {
+                        None => part,
+                        Some(a) => (a + part)?,
+                    });
+                }
+                acc.map_or_else(|| Tensor::zeros((p.dim(0)?, m.cols()), DType::F32, p.device()), Ok)
+            }
+        }
+    }
+
+    /// Rows `rows` into `out` (row-major f32), for the estimators' streaming reads.
+    fn read_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> candle_core::Result<()> {
+        match self {
+            Table::Dense(t) => {
+                let n = rows.len();
+                let data = t.narrow(0, rows.start, n)?.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&data);
+            }
+            Table::Stored(m) => m.widen_rows_into(rows, out),
+        }
+        Ok(())
     }
 }
 
 /// What every cached model reads out with, beside its blocks: the device, the dimensions, the
-/// unembedding `W_U` (on the device for the passes, on the host for the estimators' weighted
-/// Gram) and the memory budget of the readout-Jacobian passes.
+/// unembedding `W_U` (shared with the token embedding when tied) and the memory budget of the
+/// readout-Jacobian passes.
 pub(crate) struct Readout {
     pub(crate) device: Device,
     pub(crate) dims: ModelDims,
-    /// `W_U` (`V × d`) on the device: the token embedding when tied.
-    pub(crate) lm_head: Tensor,
-    /// `W_U` on the host, row-major.
-    pub(crate) lm_head_host: Vec<f32>,
+    /// `W_U` (`V × d`): the token embedding when tied.
+    pub(crate) lm_head: Table,
     /// Bytes of tangents one readout-Jacobian pass may keep alive.
     pub(crate) activation_budget: usize,
     /// Approximate bytes a forward-mode pass keeps alive per tangent row per block (the widest
@@ -114,41 +205,45 @@ pub(crate) struct Readout {
 impl Readout {
     /// Logits `z = W_U u` (soft-capped when the model caps) of readout rows `u` `(n, d_u)`.
     pub(crate) fn logits_of(&self, u: &Tensor) -> candle_core::Result<Tensor> {
-        let z = u.matmul(&self.lm_head.t()?)?;
+        let z = self.lm_head.times_transposed(u)?;
         match self.final_logit_softcap {
             None => Ok(z),
             Some(c) => (z / c)?.tanh()? * c,
         }
     }
-}
 
-impl Readout {
-    /// Upload the token embedding and build the readout: `W_U` is `lm_head` when the checkpoint
-    /// has one, else the (tied) embedding. Returns the embedding too.
+    /// Build the readout and the token embedding (`V × d`, as stored): `W_U` is `lm_head` when
+    /// the checkpoint has one, else the (tied) embedding, shared. Returns the embedding too.
     pub(crate) fn with_embedding(
         device: &Device,
         dims: ModelDims,
-        embed: HostMatrix,
-        lm_head: Option<HostMatrix>,
+        embed: StoredMatrix,
+        lm_head: Option<StoredMatrix>,
         bytes_per_row_per_block: usize,
-    ) -> candle_core::Result<(Tensor, Readout)> {
-        let up = Upload(device);
-        let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
-        let embed = up.matrix(embed)?;
+    ) -> candle_core::Result<(Table, Readout)> {
+        let embed = Table::new(embed, device)?;
         let lm_head = match lm_head {
-            Some(m) => up.matrix(m)?,
+            Some(m) => Table::new(m, device)?,
             None => embed.clone(),
         };
         let readout = Readout {
             device: device.clone(),
             dims,
             lm_head,
-            lm_head_host,
             activation_budget: DEFAULT_ACTIVATION_BUDGET,
             bytes_per_row_per_block,
             final_logit_softcap: None,
         };
         Ok((embed, readout))
+    }
+}
+
+impl fs_traits::UnembeddingRows<f32> for Readout {
+    fn shape(&self) -> (usize, usize) {
+        (self.dims.vocab_size, self.dims.readout_dim)
+    }
+    fn read_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<(), FsError> {
+        self.lm_head.read_rows(rows, out).map_err(be)
     }
 }
 
@@ -162,13 +257,9 @@ pub(crate) trait CachedUpper {
     fn model_dims(&self) -> ModelDims {
         self.readout().dims
     }
-    /// `W_U` on the device (`V × d`).
-    fn lm_head(&self) -> &Tensor {
+    /// `W_U` (`V × d`).
+    fn lm_head(&self) -> &Table {
         &self.readout().lm_head
-    }
-    /// `W_U` on the host (`V × d`, row-major).
-    fn lm_head_host(&self) -> &[f32] {
-        &self.readout().lm_head_host
     }
     /// Bytes of tangents one readout-Jacobian pass may keep alive.
     fn activation_budget(&self) -> usize {
@@ -381,12 +472,11 @@ pub(crate) fn score_gradients<M: CachedUpper>(
     let row_slopes: Vec<f32> = tokens.iter().map(|&y| slope(y as usize) as f32).collect();
     let data = (|| {
         let p = Tensor::from_vec(p, (1, dims.vocab_size), m.device())?;
-        let mean = p.matmul(m.lm_head())?;
-        let ids = Tensor::new(tokens, m.device())?;
+        let mean = m.lm_head().times(&p)?;
         let s = Tensor::from_vec(row_slopes, (tokens.len(), 1), m.device())?;
         let c = m
             .lm_head()
-            .index_select(&ids, 0)?
+            .rows(tokens, m.device())?
             .broadcast_mul(&s)?
             .broadcast_sub(&mean)?
             .unsqueeze(0)?;
@@ -516,11 +606,11 @@ fn vjp_rows<M: CachedUpper>(
     g.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `SplitModel::unembedding`.
-pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> MatrixRef<'_, f32> {
-    let dims = m.model_dims();
-    MatrixRef::new(dims.vocab_size, dims.readout_dim, m.lm_head_host())
-        .expect("lm_head host copy has V·d elements by construction")
+/// `SplitModel::unembedding`: rows read from the model's `W_U` ([`Table`]) on demand — widened
+/// when it is kept in its stored precision, copied from the device tensor otherwise (no second
+/// f32 copy of `W_U` is kept for the estimators).
+pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> Unembedding<'_, f32> {
+    Unembedding::Rows(m.readout())
 }
 
 /// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model (crate-internal:
@@ -625,7 +715,7 @@ macro_rules! impl_split_model {
             ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
                 $crate::cached::readout_vjp(self, ctx, position, cotangents)
             }
-            fn unembedding(&self) -> fs_traits::MatrixRef<'_, f32> {
+            fn unembedding(&self) -> fs_traits::Unembedding<'_, f32> {
                 $crate::cached::unembedding(self)
             }
             fn final_logit_softcap(&self) -> Option<f64> {

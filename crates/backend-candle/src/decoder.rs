@@ -10,20 +10,20 @@
 
 use crate::cached::{
     attend_cached, causal_attention, context_mask, Attention, CachedContext, CachedUpper, Readout,
-    Upload,
+    Table, Upload,
 };
 use crate::jvp::{attend_cached_jvp, Dual};
-use crate::ops::{activation, layer_norm, linear, rms_norm};
+use crate::ops::{activation, layer_norm, linear, rms_norm, Weight};
 use crate::Error;
 use candle_core::{Device, Tensor, D};
 use fs_checkpoint::{
-    Activation, DecoderConfig, DecoderWeights, LayerAttention, Linear as HostLinear, Norm,
-    NormKind, QkNorm,
+    Activation, DecoderConfig, DecoderWeights, LayerAttention, Norm, NormKind, QkNorm, StoredLinear,
 };
 
-/// A linear layer on the device: `[in, out]` weight and optional bias.
+/// A linear layer: its weight ([`Weight`]: f32 on the device, or as stored and widened per
+/// product) and optional bias.
 struct Lin {
-    w: Tensor,
+    w: Weight,
     b: Option<Tensor>,
 }
 
@@ -65,7 +65,7 @@ struct Block {
 /// A RoPE decoder model on candle.
 pub struct Decoder {
     cfg: DecoderConfig,
-    embed: Tensor,
+    embed: Table,
     embed_multiplier: Option<f64>,
     blocks: Vec<Block>,
     norm: NormT,
@@ -76,15 +76,16 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
-    /// GGUF or random values; linear weights already `[in, out]`, fused tensors split, Gemma's
-    /// norms already `1 + w`) to `device`. `W_U` stays on the host too, for the estimators'
-    /// weighted Gram.
+    /// Build the model from typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from
+    /// safetensors, GGUF or random values; fused tensors split, Gemma's norms already `1 + w`).
+    /// On the CPU, matrices stored narrower than f32 (bf16, f16, GGUF quantised blocks) stay so
+    /// and are widened one product at a time ([`Weight`], [`Table`]); f32 matrices, and every
+    /// matrix on other devices, are uploaded as f32 once.
     pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
         let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
         let up = Upload(device);
-        let lin = |l: HostLinear| -> candle_core::Result<Lin> {
-            let (w, b) = up.linear(l)?;
+        let lin = |l: StoredLinear| -> candle_core::Result<Lin> {
+            let (w, b) = up.stored_linear(l)?;
             Ok(Lin { w, b })
         };
         let norm_t = |n: Norm| -> candle_core::Result<NormT> {
@@ -359,7 +360,7 @@ impl Decoder {
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let positions: Vec<usize> = (0..t_len).collect();
         let tables = self.rope_sets(&positions)?;
-        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.readout.device)?, 0)?;
+        let mut x = self.embed.rows(tokens, &self.readout.device)?;
         if let Some(m) = self.embed_multiplier {
             x = (x * m)?;
         }

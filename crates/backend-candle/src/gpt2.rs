@@ -20,13 +20,13 @@
 
 use crate::cached::{
     attend_cached, causal_attention, context_mask, Attention, CachedContext, CachedUpper, Readout,
-    Upload,
+    Table, Upload,
 };
 use crate::jvp::{attend_cached_jvp, Dual};
-use crate::ops::{gelu_new, layer_norm, linear};
+use crate::ops::{gelu_new, layer_norm, linear, Weight};
 use crate::Error;
 use candle_core::{Device, Tensor};
-use fs_checkpoint::{Gpt2Config, Gpt2Weights, LayerNorm, Linear};
+use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear, StoredMatrix};
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -37,21 +37,21 @@ struct Norm {
 /// One transformer block's parameters (Conv1D weights `[in, out]`).
 struct Block {
     ln_1: Norm,
-    attn_w: Tensor,
+    attn_w: Weight,
     attn_b: Tensor,
-    proj_w: Tensor,
+    proj_w: Weight,
     proj_b: Tensor,
     ln_2: Norm,
-    fc_w: Tensor,
+    fc_w: Weight,
     fc_b: Tensor,
-    out_w: Tensor,
+    out_w: Weight,
     out_b: Tensor,
 }
 
 /// GPT-2 on candle.
 pub struct Gpt2 {
     cfg: Gpt2Config,
-    wte: Tensor,
+    wte: Table,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Norm,
@@ -63,23 +63,23 @@ pub struct Gpt2 {
 pub type Gpt2Context = CachedContext;
 
 impl Gpt2 {
-    /// Upload typed host weights ([`Gpt2Weights`], read by `fs-checkpoint` from safetensors,
-    /// GGUF or random values) to `device`. `W_U` stays on the host too, for the estimators'
-    /// weighted Gram.
+    /// Upload typed host weights ([`Gpt2Weights`], f32, read by `fs-checkpoint` from safetensors
+    /// or random values) to `device`.
     pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
         let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
         let up = Upload(device);
         let norm = |n: LayerNorm| -> candle_core::Result<Norm> {
             Ok(Norm { weight: up.vector(n.weight)?, bias: up.vector(n.bias)? })
         };
-        let linear = |l: Linear| -> candle_core::Result<(Tensor, Tensor)> {
-            Ok((up.matrix(l.weight)?, up.vector(l.bias.unwrap_or_default())?))
+        let linear = |l: Linear| -> candle_core::Result<(Weight, Tensor)> {
+            Ok((Weight::Dense(up.matrix(l.weight)?), up.vector(l.bias.unwrap_or_default())?))
         };
+        let stored = |m: HostMatrix| StoredMatrix::from_f32(m.rows, m.cols, m.data);
         let (wte, readout) = Readout::with_embedding(
             device,
             cfg.dims(),
-            wte,
-            lm_head,
+            stored(wte),
+            lm_head.map(stored),
             bytes_per_row_per_block(&cfg),
         )?;
         let blocks = blocks
@@ -135,8 +135,8 @@ impl Gpt2 {
         let t_len = tokens.len();
         let (heads, dh) = self.heads();
         let d = self.cfg.n_embd;
-        let ids = Tensor::new(tokens, &self.readout.device)?;
-        let mut x = self.wte.index_select(&ids, 0)?.add(&self.wpe.narrow(0, 0, t_len)?)?;
+        let mut x =
+            self.wte.rows(tokens, &self.readout.device)?.add(&self.wpe.narrow(0, 0, t_len)?)?;
         // hidden[k] for every k; keys/values of every block.
         let mut hidden = vec![x.clone()];
         let scale = 1.0 / (dh as f64).sqrt();

@@ -30,7 +30,7 @@
 //! `SplitModel` contract in `tests/`).
 
 use crate::cached::Attention;
-use crate::ops::{gelu_new, layer_norm, linear, softmax_last_dim};
+use crate::ops::{gelu_new, layer_norm, linear, softmax_last_dim, Weight};
 use candle_core::{Result, Tensor, D};
 use fs_traits::engine::MASKED;
 
@@ -50,8 +50,10 @@ impl Dual {
     }
 
     /// `y = xW + b`, `ẏ = ẋW`.
-    pub(crate) fn linear(&self, w: &Tensor, b: Option<&Tensor>) -> Result<Dual> {
-        Ok(Dual { x: linear(&self.x, w, b)?, dx: linear(&self.dx, w, None)? })
+    pub(crate) fn linear(&self, w: &Weight, b: Option<&Tensor>) -> Result<Dual> {
+        // A stored weight is widened once for both products.
+        let w = w.widened_once()?;
+        Ok(Dual { x: linear(&self.x, &w, b)?, dx: linear(&self.dx, &w, None)? })
     }
 
     /// `x + y`.

@@ -1,7 +1,8 @@
 //! Differentiable building blocks from candle's elementary ops (their gradients come from the
 //! elementary ops' exact derivatives; candle's fused `gelu` backward is imprecise, DESIGN §7).
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
+use fs_checkpoint::StoredMatrix;
 
 /// `√(2/π)`, the constant of the tanh-approximate GELU.
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -200,20 +201,83 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&s)
 }
 
-/// `x · W` for a 2-D `x` and a constant `W` (`[in, out]`), as a custom op whose backward pass
-/// computes only the input gradient `∂L/∂x = ∂L/∂y · Wᵀ`.
+/// A linear layer's weight as the passes use it.
+///
+/// * `Dense`: an f32 (or, in tests, f64) tensor `[in, out]` on the model's device, uploaded once.
+/// * `Stored`: the checkpoint's `[out, in]` matrix in its stored precision (bf16, f16, GGUF
+///   quantised blocks) on the host, widened to f32 for each product and dropped after it — the
+///   forward product, and again in the backward pass for the input gradient — so a pass holds
+///   one layer's f32 weights at a time, never the model's. The widening is exact for bf16/f16
+///   and equals the eager dequantisation for quantised blocks; activations, tangents and the
+///   products stay f32 (no quantised-activation kernels).
+#[derive(Clone)]
+pub enum Weight {
+    /// `[in, out]` on the device.
+    Dense(Tensor),
+    /// `[out, in]` as stored, host.
+    Stored(StoredMatrix),
+}
+
+impl Weight {
+    /// A stored `[out, in]` matrix for `device`: kept as stored on the CPU unless it is f32
+    /// (then uploaded once, as it would be widened to the same values anyway); widened once and
+    /// uploaded on other devices (per-product host widening would cross the bus every pass).
+    pub fn new(m: StoredMatrix, device: &Device) -> Result<Weight> {
+        if m.is_f32() || !device.is_cpu() {
+            let t = m.to_host_transposed();
+            Ok(Weight::Dense(Tensor::from_vec(t.data, (t.rows, t.cols), device)?))
+        } else {
+            Ok(Weight::Stored(m))
+        }
+    }
+
+    /// `(in, out)`.
+    pub fn in_out(&self) -> Result<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => t.dims2(),
+            Weight::Stored(m) => Ok((m.cols(), m.rows())),
+        }
+    }
+
+    /// Whether products widen this weight on the fly.
+    pub fn is_stored(&self) -> bool {
+        matches!(self, Weight::Stored(_))
+    }
+
+    /// The `[in, out]` tensor: the dense one, or the stored matrix widened to f32 now (a
+    /// transposed view of a fresh `[out, in]` buffer).
+    pub fn widened(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Stored(m) => {
+                Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu)?.t()
+            }
+        }
+    }
+
+    /// A dense weight widened once: for several products with the same weight in one step (the
+    /// primal and the tangent of a forward-mode pass).
+    pub fn widened_once(&self) -> Result<Weight> {
+        Ok(Weight::Dense(self.widened()?))
+    }
+}
+
+/// `x · W` for a 2-D `x` and a constant `W` (`[in, out]`, [`Weight`]), as a custom op whose
+/// backward pass computes only the input gradient `∂L/∂x = ∂L/∂y · Wᵀ`.
 ///
 /// candle's own `matmul` backward always also forms the weight gradient `xᵀ · ∂L/∂y`, which the
 /// Fisher computation never needs: for the readout Jacobian that is a third of all backward
-/// flops and a `W`-sized buffer per layer. The forward is candle's own storage-level matmul.
+/// flops and a `W`-sized buffer per layer. The forward is candle's own storage-level matmul. A
+/// stored weight is widened inside the op (forward, and again in the backward pass), so the
+/// autograd graph keeps the stored matrix, not an f32 copy of it.
 struct ConstMatmul {
-    w: Tensor,
+    w: Weight,
 }
 
 impl ConstMatmul {
     fn dims(&self, layout: &candle_core::Layout) -> Result<(usize, usize, usize)> {
         let (rows, inp) = layout.shape().dims2()?;
-        let (w_in, out) = self.w.dims2()?;
+        let (w_in, out) = self.w.in_out()?;
         if w_in != inp {
             candle_core::bail!("const matmul: x has {inp} columns, W has {w_in} rows");
         }
@@ -233,7 +297,8 @@ impl candle_core::CustomOp1 for ConstMatmul {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
         let (rows, inp, out) = self.dims(layout)?;
-        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let w = self.w.widened()?;
+        let (w_storage, w_layout) = w.storage_and_layout();
         let candle_core::Storage::Cpu(w) = &*w_storage else {
             candle_core::bail!("const matmul: the weight is not on the CPU");
         };
@@ -249,7 +314,10 @@ impl candle_core::CustomOp1 for ConstMatmul {
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
         let (rows, inp, out) = self.dims(layout)?;
-        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Weight::Dense(w) = &self.w else {
+            candle_core::bail!("const matmul: a stored-precision weight on a CUDA pass");
+        };
+        let (w_storage, w_layout) = w.storage_and_layout();
         let candle_core::Storage::Cuda(w) = &*w_storage else {
             candle_core::bail!("const matmul: the weight is not on the CUDA device");
         };
@@ -258,16 +326,16 @@ impl candle_core::CustomOp1 for ConstMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w.t()?)?))
+        Ok(Some(grad_res.matmul(&self.w.widened()?.t()?)?))
     }
 }
 
-/// `x · W + b` for `x` of shape `(…, in)`, `W` stored `[in, out]` (HF Conv1D layout), `b` `[out]`.
+/// `x · W + b` for `x` of shape `(…, in)`, `W` `[in, out]` ([`Weight`]), `b` `[out]`.
 /// `W` and `b` are constants: the backward pass only propagates to `x`.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-    let out = w.dim(1)?;
+    let (_, out) = w.in_out()?;
     let x2 = x.reshape((rows, inp))?.contiguous()?;
     let y = x2.apply_op1(ConstMatmul { w: w.clone() })?;
     let y = match b {
@@ -353,14 +421,60 @@ mod tests {
         let w = Tensor::new(&[[0.5f64, -1.0, 2.0], [1.5, 0.25, -0.75]], &dev).unwrap();
         let b = Tensor::new(&[0.1f64, 0.2, 0.3], &dev).unwrap();
         let x = Tensor::new(&[[1.0f64, 2.0], [-1.0, 0.5]], &dev).unwrap();
-        let y = linear(&x, &w, Some(&b)).unwrap();
         let expected = x.matmul(&w).unwrap().broadcast_add(&b).unwrap();
+        let w = Weight::Dense(w);
+        let y = linear(&x, &w, Some(&b)).unwrap();
         assert_eq!(y.to_vec2::<f64>().unwrap(), expected.to_vec2::<f64>().unwrap());
         let c = Tensor::new(&[0.3f64, -1.1, 0.5], &dev).unwrap();
         fd_check(
             |x| linear(&x.reshape((2, 2))?, &w, Some(&b))?.broadcast_mul(&c),
             &[1.0, 2.0, -1.0, 0.5],
         );
+    }
+
+    /// A bf16 weight kept as stored gives the products (forward and input gradient) of its
+    /// widened f32 values: equal up to the GEMM's summation order (the widened weight is a
+    /// transposed view, which the kernel walks differently), i.e. a few f32 ulps.
+    #[test]
+    fn stored_weight_products_equal_the_widened_dense_ones() {
+        let dev = Device::Cpu;
+        let (out, inp) = (5, 7);
+        let values: Vec<f32> = (0..out * inp).map(|i| ((i * 13 % 17) as f32 - 8.0) / 7.0).collect();
+        let bytes: Vec<u8> =
+            values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let stored =
+            StoredMatrix::from_bytes(out, inp, fs_checkpoint::GgmlType::BF16, bytes).unwrap();
+        let widened = stored.to_host_transposed();
+        let dense = Weight::Dense(Tensor::from_vec(widened.data, (inp, out), &dev).unwrap());
+        let w = Weight::new(stored, &dev).unwrap();
+        assert!(w.is_stored() && !dense.is_stored());
+        let x = Tensor::from_vec(
+            (0..3 * inp).map(|i| (i as f32).sin()).collect::<Vec<_>>(),
+            (3, inp),
+            &dev,
+        )
+        .unwrap();
+        let c = Tensor::from_vec(
+            (0..3 * out).map(|i| (i as f32).cos()).collect::<Vec<_>>(),
+            (3, out),
+            &dev,
+        )
+        .unwrap();
+        let run = |w: &Weight| {
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let y = linear(xv.as_tensor(), w, None).unwrap();
+            let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            (y.to_vec2::<f32>().unwrap(), g.get(xv.as_tensor()).unwrap().to_vec2::<f32>().unwrap())
+        };
+        let ((y1, g1), (y2, g2)) = (run(&w), run(&dense));
+        for (a, b) in y1
+            .iter()
+            .flatten()
+            .chain(g1.iter().flatten())
+            .zip(y2.iter().flatten().chain(g2.iter().flatten()))
+        {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
     }
 
     #[test]

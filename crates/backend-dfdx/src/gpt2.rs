@@ -678,9 +678,10 @@ impl SplitModel for Gpt2 {
         Ok(out)
     }
 
-    fn unembedding(&self) -> MatrixRef<'_, f32> {
+    fn unembedding(&self) -> fs_traits::Unembedding<'_, f32> {
         MatrixRef::new(self.cfg.vocab_size, self.cfg.n_embd, &self.lm_head_host)
             .expect("lm_head host copy has V·d elements by construction")
+            .into()
     }
 
     /// Reuses the cached prefix: the new token runs as one row through every block against the

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dequant::{dequantize, GgmlType};
 use crate::error::{CheckpointError, Result};
+use crate::StoredMatrix;
 
 /// The GGUF tensor types this crate dequantises, as listed in error messages.
 pub const GGUF_TYPES: &str =
@@ -404,6 +405,45 @@ impl GgufFile {
             files: self.path.display().to_string(),
         })?;
         let path = &self.path;
+        let bytes = self.read_bytes(name, info)?;
+        let data = dequantize(info.ggml_type, &bytes, info.elements()).map_err(|m| {
+            CheckpointError::gguf(path, format!("tensor {name}: {m}: re-download it"))
+        })?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(CheckpointError::gguf(
+                path,
+                format!("tensor {name} holds {} at flat index {i} (as f32): the weights are corrupt or overflowed, re-download them", data[i]),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Read one tensor (one seek and read of its byte range) in the type it is stored in, as a
+    /// [`StoredMatrix`] of its first dimension's rows (a vector is a column, see
+    /// [`crate::matrix_dims`]). A tensor whose rows are not whole blocks of its type (possible
+    /// only for odd shapes) is dequantised to f32 here. Values are not checked for NaN/±∞:
+    /// [`StoredMatrix::check_finite`] does that.
+    pub fn read_stored(&self, name: &str) -> Result<StoredMatrix> {
+        let info = self.tensors.get(name).ok_or_else(|| CheckpointError::MissingTensor {
+            name: name.to_string(),
+            files: self.path.display().to_string(),
+        })?;
+        let path = &self.path;
+        let bytes = self.read_bytes(name, info)?;
+        let (rows, cols) = crate::matrix_dims(&info.shape);
+        let corrupt =
+            |m: String| CheckpointError::gguf(path, format!("tensor {name}: {m}: re-download it"));
+        if StoredMatrix::row_fits(info.ggml_type, cols) {
+            StoredMatrix::from_bytes(rows, cols, info.ggml_type, bytes).map_err(corrupt)
+        } else {
+            let data = dequantize(info.ggml_type, &bytes, info.elements()).map_err(corrupt)?;
+            Ok(StoredMatrix::from_f32(rows, cols, data))
+        }
+    }
+
+    /// The raw bytes of tensor `name` (one seek and read).
+    fn read_bytes(&self, name: &str, info: &GgufTensorInfo) -> Result<Vec<u8>> {
+        let path = &self.path;
         let mut bytes = vec![0u8; info.len as usize];
         let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
         file.seek(SeekFrom::Start(info.offset)).map_err(|e| CheckpointError::io(path, e))?;
@@ -417,16 +457,7 @@ impl GgufFile {
                 CheckpointError::io(path, e)
             }
         })?;
-        let data = dequantize(info.ggml_type, &bytes, info.elements()).map_err(|m| {
-            CheckpointError::gguf(path, format!("tensor {name}: {m}: re-download it"))
-        })?;
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(CheckpointError::gguf(
-                path,
-                format!("tensor {name} holds {} at flat index {i} (as f32): the weights are corrupt or overflowed, re-download them", data[i]),
-            ));
-        }
-        Ok(data)
+        Ok(bytes)
     }
 }
 

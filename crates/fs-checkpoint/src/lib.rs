@@ -49,6 +49,7 @@ mod error;
 mod gguf;
 mod hash;
 mod resolve;
+mod stored;
 mod synthetic;
 mod tokenizer;
 mod weights;
@@ -61,8 +62,8 @@ pub use arch::decoder_gguf::GGUF_ARCHITECTURES;
 pub use arch::gpt2::{Gpt2Block, Gpt2Config, Gpt2Weights, LayerNorm, GPT2_ACTIVATIONS};
 pub use arch::{
     neox_qkv_rows, unpermute_rows, Architecture, GgufLayout, GgufNameMap, GgufSource,
-    GgufTensorName, HostMatrix, Linear, ModelConfig, ModelWeights, RandomSource, WeightSource,
-    MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
+    GgufTensorName, HostMatrix, Linear, ModelConfig, ModelWeights, RandomSource, StoredLinear,
+    WeightSource, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
 };
 pub use checkpoint::{is_gguf_path, Checkpoint, CheckpointFormat};
 pub use dequant::{dequantize, dequantize_into, GgmlType};
@@ -72,6 +73,7 @@ pub use hash::sha256_file;
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
+pub use stored::{matrix_dims, StoredMatrix};
 pub use synthetic::{random_decoder_weights, random_gpt2_weights, write_checkpoint, NamedTensor};
 pub use tokenizer::{
     load_tokenizer, tokenizer_from_gguf, tokenizer_from_gguf_bpe, tokenizer_from_gguf_spm,

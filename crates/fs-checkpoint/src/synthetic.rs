@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 
 use crate::error::{CheckpointError, Result};
 use crate::{DecoderConfig, Gpt2Config, ModelFiles, ModelOrigin, TokenizerFiles};
+use crate::{GgmlType, StoredMatrix};
+use rayon::prelude::*;
 
 /// One named host tensor (f32, row-major) in HF layout.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -22,9 +24,12 @@ struct Normal {
     state: u64,
 }
 
+/// SplitMix64's increment γ.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl Normal {
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -59,9 +64,85 @@ fn init(name: &str, std: f64, n_layer: usize, norm_weight_mean: f64) -> (f64, f6
     }
 }
 
-///
-/// Norm weights are drawn around `norm_weight_mean`: 1, or 0 for families whose norms act as
-/// `1 + w` (Gemma), so that every family's norms scale by about 1.
+/// Where one random tensor's values come from: its role's mean and standard deviation and the
+/// index of its first sample in the seeded stream (tensors take consecutive stretches of the
+/// stream in the order of the configuration's tensor specs).
+pub(crate) struct RandomTensor {
+    pub(crate) shape: Vec<usize>,
+    mean: f64,
+    std: f64,
+    first_sample: u64,
+}
+
+/// The [`RandomTensor`] of every spec, by name. Norm weights are drawn around
+/// `norm_weight_mean`: 1, or 0 for families whose norms act as `1 + w` (Gemma), so that every
+/// family's norms scale by about 1.
+pub(crate) fn random_tensor_plan(
+    specs: Vec<(String, Vec<usize>)>,
+    std: f64,
+    n_layer: usize,
+    norm_weight_mean: f64,
+) -> std::collections::HashMap<String, RandomTensor> {
+    let mut first_sample = 0u64;
+    specs
+        .into_iter()
+        .map(|(name, shape)| {
+            let (mean, s) = init(&name, std, n_layer, norm_weight_mean);
+            let n = shape.iter().product::<usize>() as u64;
+            let plan = RandomTensor { shape, mean, std: s, first_sample };
+            first_sample += n;
+            (name, plan)
+        })
+        .collect()
+}
+
+impl RandomTensor {
+    /// The tensor's values as a `rows × cols` [`StoredMatrix`] in `dtype` (F32, F16 or BF16),
+    /// drawn in parallel: sample `i` of the stream is the Box–Muller transform of draws `2i` and
+    /// `2i + 1`, and SplitMix64's state before draw `k` is `seed + k·γ`, so any stretch of the
+    /// stream can start anywhere.
+    pub(crate) fn draw(
+        &self,
+        seed: u64,
+        rows: usize,
+        cols: usize,
+        dtype: GgmlType,
+    ) -> StoredMatrix {
+        let n = rows * cols;
+        const PIECE: usize = 1 << 16;
+        let fill = |start: usize, out: &mut [f32]| {
+            let draws = 2 * (self.first_sample + start as u64);
+            let mut normal = Normal { state: seed.wrapping_add(draws.wrapping_mul(GAMMA)) };
+            for o in out {
+                *o = (self.mean + self.std * normal.sample()) as f32;
+            }
+        };
+        match dtype {
+            GgmlType::F16 | GgmlType::BF16 => {
+                let mut bytes = vec![0u8; 2 * n];
+                bytes.par_chunks_mut(2 * PIECE).enumerate().for_each(|(i, out)| {
+                    let mut values = vec![0f32; out.len() / 2];
+                    fill(i * PIECE, &mut values);
+                    for (b, v) in out.chunks_exact_mut(2).zip(values) {
+                        b.copy_from_slice(&if dtype == GgmlType::F16 {
+                            half::f16::from_f32(v).to_le_bytes()
+                        } else {
+                            half::bf16::from_f32(v).to_le_bytes()
+                        });
+                    }
+                });
+                StoredMatrix::from_bytes(rows, cols, dtype, bytes).expect("2 bytes per value")
+            }
+            _ => {
+                let mut data = vec![0f32; n];
+                data.par_chunks_mut(PIECE).enumerate().for_each(|(i, out)| fill(i * PIECE, out));
+                StoredMatrix::from_f32(rows, cols, data)
+            }
+        }
+    }
+}
+
+/// Every spec's random values in f32, in spec order (see [`random_tensor_plan`]).
 pub(crate) fn random_tensors(
     specs: Vec<(String, Vec<usize>)>,
     std: f64,
@@ -69,14 +150,15 @@ pub(crate) fn random_tensors(
     norm_weight_mean: f64,
     seed: u64,
 ) -> Vec<NamedTensor> {
-    let mut normal = Normal { state: seed };
-    specs
+    let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
+    let mut plan = random_tensor_plan(specs, std, n_layer, norm_weight_mean);
+    names
         .into_iter()
-        .map(|(name, shape)| {
-            let (mean, s) = init(&name, std, n_layer, norm_weight_mean);
-            let n: usize = shape.iter().product();
-            let data = (0..n).map(|_| (mean + s * normal.sample()) as f32).collect();
-            (name, shape, data)
+        .map(|name| {
+            let t = plan.remove(&name).expect("every spec is planned");
+            let (rows, cols) = crate::matrix_dims(&t.shape);
+            let data = t.draw(seed, rows, cols, GgmlType::F32).to_f32();
+            (name, t.shape, data)
         })
         .collect()
 }
@@ -233,10 +315,56 @@ mod tests {
         assert_eq!(loaded, crate::DecoderWeights::random(cfg, 0.3, 9).unwrap());
         let n: usize = tensors.iter().map(|t| t.2.len()).sum();
         assert_eq!(loaded.parameter_count(), n);
-        // HF stores q_proj as [out, in]; the typed weights hold [in, out].
+        // HF stores q_proj as [out, in], and so do the typed weights; `to_linear` gives [in, out].
         let hf = &tensors.iter().find(|t| t.0 == "model.layers.0.self_attn.q_proj.weight").unwrap();
-        let q = &loaded.blocks[0].q.weight;
-        assert_eq!((q.rows, q.cols), (hf.1[1], hf.1[0]));
-        assert_eq!(q.data[1], hf.2[q.rows]); // W[0][1] = HF[1][0]
+        let q = &loaded.blocks[0].q;
+        assert_eq!(q.weight.shape(), [hf.1[0], hf.1[1]]);
+        assert_eq!(q.weight.to_f32(), hf.2);
+        let t = q.to_linear().weight;
+        assert_eq!((t.rows, t.cols), (hf.1[1], hf.1[0]));
+        assert_eq!(t.data[1], hf.2[t.rows]); // W[0][1] = HF[1][0]
+    }
+
+    /// The stream the random weights came from before tensors were drawn lazily and in parallel
+    /// (one sequential SplitMix64 + Box–Muller stream over the specs in order): the values must
+    /// not change, the fixtures and benchmarks name models by `(config, std, seed)`.
+    #[test]
+    fn lazy_parallel_draws_reproduce_the_sequential_stream() {
+        let cfg = DecoderConfig::from_json(
+            &json!({"model_type": "llama", "vocab_size": 300, "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "tie_word_embeddings": false})
+            .to_string(),
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let specs = cfg.tensor_specs();
+        let mut normal = Normal { state: 5 };
+        let sequential: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|(name, shape)| {
+                let (mean, s) = init(name, 0.3, 2, 1.0);
+                let n: usize = shape.iter().product();
+                (0..n).map(|_| (mean + s * normal.sample()) as f32).collect()
+            })
+            .collect();
+        let drawn = random_decoder_weights(&cfg, 0.3, 5);
+        for ((name, _, data), expected) in drawn.iter().zip(&sequential) {
+            assert_eq!(data, expected, "{name}");
+        }
+        // Read in reverse order and held in bf16: the same draws, rounded.
+        let mut source = crate::RandomSource::new(&crate::ModelConfig::Decoder(cfg), 0.3, 5)
+            .with_dtype(GgmlType::BF16)
+            .unwrap();
+        for ((name, shape), expected) in specs.iter().zip(&sequential).rev() {
+            let m = crate::WeightSource::read(&mut source, name, shape).unwrap().unwrap();
+            let rounded: Vec<f32> = if shape.len() == 2 {
+                expected.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+            } else {
+                expected.clone()
+            };
+            assert_eq!(m.to_f32(), rounded, "{name}");
+            assert_eq!(m.dtype() == GgmlType::BF16, shape.len() == 2, "{name}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{CheckpointError, Result};
+use crate::{GgmlType, StoredMatrix};
 
 /// Largest safetensors JSON header accepted (the format's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -155,22 +156,47 @@ impl WeightStore {
     /// [`CheckpointError::Safetensors`] error naming the tensor for any other dtype, and for a
     /// NaN or infinite value.
     pub fn read_f32(&self, name: &str) -> Result<HostTensor> {
+        let (entry, bytes) = self.read_bytes(name)?;
+        let path = &self.files[entry.file];
+        let width = match entry.dtype.name {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            _ => 8,
+        };
+        let chunks = bytes.chunks_exact(width);
+        let data: Vec<f32> = match entry.dtype.name {
+            "F32" => chunks.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "F16" => chunks.map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "BF16" => chunks.map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => chunks
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
+                .collect(),
+        };
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(CheckpointError::safetensors(
+                path,
+                format!("tensor `{name}` holds {} at flat index {i} (as f32): the weights are corrupt or overflowed, re-export them", data[i]),
+            ));
+        }
+        Ok(HostTensor { name: name.to_string(), shape: entry.shape.clone(), data })
+    }
+
+    /// One tensor's entry and raw bytes (one seek and read of just its range); an error naming
+    /// the tensor for a dtype that is not F32, F16, BF16 or F64.
+    fn read_bytes(&self, name: &str) -> Result<(&Entry, Vec<u8>)> {
         let entry = self.tensors.get(name).ok_or_else(|| CheckpointError::MissingTensor {
             name: name.to_string(),
             files: self.file_list(),
         })?;
         let path = &self.files[entry.file];
-        let width = match entry.dtype.name {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            "F64" => 8,
-            other => {
-                return Err(CheckpointError::safetensors(
-                    path,
-                    format!("tensor `{name}` has dtype {other}, which cannot be read as f32 weights (readable: {FLOAT_DTYPES}): use a checkpoint with floating-point weights"),
-                ));
-            }
-        };
+        if !matches!(entry.dtype.name, "F32" | "F16" | "BF16" | "F64") {
+            return Err(CheckpointError::safetensors(
+                path,
+                format!("tensor `{name}` has dtype {}, which cannot be read as f32 weights (readable: {FLOAT_DTYPES}): use a checkpoint with floating-point weights", entry.dtype.name),
+            ));
+        }
         let len = usize::try_from(entry.len).map_err(|_| {
             CheckpointError::safetensors(
                 path,
@@ -190,24 +216,41 @@ impl WeightStore {
                 CheckpointError::io(path, e)
             }
         })?;
-        let chunks = bytes.chunks_exact(width);
-        let data: Vec<f32> = match entry.dtype.name {
-            "F32" => chunks.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "F16" => chunks.map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "BF16" => chunks.map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => chunks
-                .map(|c| {
-                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-                })
-                .collect(),
-        };
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(CheckpointError::safetensors(
-                path,
-                format!("tensor `{name}` holds {} at flat index {i} (as f32): the weights are corrupt or overflowed, re-export them", data[i]),
-            ));
+        Ok((entry, bytes))
+    }
+
+    /// One tensor in the precision it is stored in (F32, F16 and BF16 kept; F64 narrowed to f32)
+    /// as a [`StoredMatrix`] of `expected[0]` rows (1 for a scalar) — a vector is a column —
+    /// after checking its shape is `expected` ([`CheckpointError::ShapeMismatch`]). Values are
+    /// not checked for NaN/±∞ here: [`StoredMatrix::check_finite`] does that.
+    pub fn read_stored(&self, name: &str, expected: &[usize]) -> Result<StoredMatrix> {
+        if let Some(entry) = self.tensors.get(name) {
+            if entry.shape != expected {
+                return Err(CheckpointError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: expected.to_vec(),
+                    got: entry.shape.clone(),
+                    path: self.files[entry.file].clone(),
+                });
+            }
         }
-        Ok(HostTensor { name: name.to_string(), shape: entry.shape.clone(), data })
+        let (entry, bytes) = self.read_bytes(name)?;
+        let (rows, cols) = crate::stored::matrix_dims(&entry.shape);
+        let ty = match entry.dtype.name {
+            "F32" => GgmlType::F32,
+            "F16" => GgmlType::F16,
+            "BF16" => GgmlType::BF16,
+            _ => {
+                let data = bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect();
+                return Ok(StoredMatrix::from_f32(rows, cols, data));
+            }
+        };
+        StoredMatrix::from_bytes(rows, cols, ty, bytes).map_err(|m| {
+            CheckpointError::safetensors(&self.files[entry.file], format!("tensor `{name}`: {m}"))
+        })
     }
 
     /// As [`WeightStore::read_f32`], and [`CheckpointError::ShapeMismatch`] (naming the tensor,

@@ -60,8 +60,8 @@ impl SplitModel for SiluModel {
         };
         positions.iter().map(|&t| Ok(jacobian(self.activation(ctx, t)?))).collect()
     }
-    fn unembedding(&self) -> MatrixRef<'_, f64> {
-        self.1.view()
+    fn unembedding(&self) -> Unembedding<'_, f64> {
+        (&self.1).into()
     }
 }
 

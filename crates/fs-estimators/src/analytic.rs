@@ -13,8 +13,9 @@
 //! Arithmetic inside the models is `f64`; outputs are rounded once to the model's scalar `S`,
 //! so an `f32` model exercises the estimators' `f32` paths with `f64`-accurate inputs.
 
-use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitContext, SplitModel};
+use crate::{softmax, FsError, Matrix, Result, Scalar, SplitContext, SplitModel};
 use fs_traits::ModelDims;
+use fs_traits::Unembedding;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -259,8 +260,8 @@ impl<S: Scalar> SplitModel for LinearModel<S> {
             })
             .collect()
     }
-    fn unembedding(&self) -> MatrixRef<'_, S> {
-        self.w.view()
+    fn unembedding(&self) -> Unembedding<'_, S> {
+        (&self.w).into()
     }
 }
 
@@ -405,7 +406,7 @@ impl<S: Scalar> SplitModel for TanhModel<S> {
             })
             .collect()
     }
-    fn unembedding(&self) -> MatrixRef<'_, S> {
-        self.w2.view()
+    fn unembedding(&self) -> Unembedding<'_, S> {
+        (&self.w2).into()
     }
 }

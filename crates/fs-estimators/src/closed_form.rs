@@ -1,6 +1,6 @@
 //! The closed form `F = ∇ᵀ diag(p) ∇ − (∇ᵀp)(∇ᵀp)ᵀ`, from host arrays or from a model.
 
-use crate::exact::{check_shape, check_unembedding, ExactOptions};
+use crate::exact::{check_shape, ExactOptions};
 use crate::gram::{matmul_into, GramAccumulator};
 use crate::{
     normalized_probabilities, softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel,
@@ -132,7 +132,7 @@ pub fn closed_form_fisher_at<M: SplitModel>(
     }
     let dims = model.dims();
     let w_u = model.unembedding();
-    check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
+    w_u.check_shape(dims.vocab_size, dims.readout_dim)?;
     let (v, du, d) = (dims.vocab_size, dims.readout_dim, dims.d_model);
     let logits = model.logits(ctx, positions)?;
     check_shape("logits", logits.shape(), (positions.len(), v))?;
@@ -152,22 +152,24 @@ pub fn closed_form_fisher_at<M: SplitModel>(
             GradientKind::Logits => vec![0.0; d],
             GradientKind::LogProbs => {
                 let mut m = vec![0.0f64; du];
-                for (y, &py) in p.iter().enumerate() {
-                    let ps = py * slope(y);
-                    for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                        *mi += ps * w.as_f64();
+                w_u.for_each_chunk(chunk, |start, rows| {
+                    for (i, w_y) in rows.chunks_exact(du.max(1)).enumerate() {
+                        let ps = p[start + i] * slope(start + i);
+                        for (mi, w) in m.iter_mut().zip(w_y) {
+                            *mi += ps * w.as_f64();
+                        }
                     }
-                }
+                    Ok(())
+                })?;
                 (0..d).map(|j| (0..du).map(|k| m[k] * a.get(k, j).as_f64()).sum()).collect()
             }
         };
         let mut acc = ClosedFormAccumulator::<M::Scalar>::new(d, chunk, opts.threads);
         let mut j_chunk = vec![M::Scalar::default(); chunk.min(v) * d];
         let mut row = vec![M::Scalar::default(); d];
-        for start in (0..v).step_by(chunk) {
-            let rows = chunk.min(v - start);
+        w_u.for_each_chunk(chunk, |start, w_chunk| {
+            let rows = w_chunk.len() / du.max(1);
             let j_rows = &mut j_chunk[..rows * d];
-            let w_chunk = &w_u.as_slice()[start * du..(start + rows) * du];
             matmul_into(j_rows, w_chunk, a.as_slice(), (rows, du, d), opts.threads);
             for (y, j_row) in j_rows.chunks_exact(d).enumerate() {
                 let sy = slope(start + y);
@@ -176,7 +178,8 @@ pub fn closed_form_fisher_at<M: SplitModel>(
                 }
                 acc.push_row(&row, p[start + y]);
             }
-        }
+            Ok(())
+        })?;
         out.push(acc.finish(kind)?);
     }
     Ok(out)

@@ -2,6 +2,7 @@
 
 use crate::gram::{centered_output_gram_with_slopes, sandwich, DEFAULT_VOCAB_CHUNK};
 use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Threads};
+use fs_traits::Unembedding;
 
 /// Tuning knobs of the exact estimator. The defaults are right for CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,13 +29,13 @@ impl Default for ExactOptions {
 /// with `a` = the readout Jacobian `A = ∂u/∂h` (`d_u × d`), `w_u` = the unembedding `W_U`
 /// (`V × d_u`, row `y` = `w_y`) and `p` the next-token probabilities (length `V`, validated and
 /// renormalised in `f64`). Equal to `Jᵀ(diag p − p pᵀ)J` with `J = W_U A`, without forming `J`.
-pub fn exact_fisher_from_parts<S: Scalar>(
+pub fn exact_fisher_from_parts<'a, S: Scalar>(
     a: MatrixRef<'_, S>,
-    w_u: MatrixRef<'_, S>,
+    w_u: impl Into<Unembedding<'a, S>>,
     p: &[f64],
     opts: &ExactOptions,
 ) -> Result<Matrix<f64>> {
-    fisher_from_parts(a, w_u, p, None, opts)
+    fisher_from_parts(a, w_u.into(), p, None, opts)
 }
 
 /// [`exact_fisher_from_parts`] with soft-cap slopes: the logit Jacobian is `diag(s) W_U A`
@@ -42,7 +43,7 @@ pub fn exact_fisher_from_parts<S: Scalar>(
 /// [`centered_output_gram_with_slopes`](crate::centered_output_gram_with_slopes).
 fn fisher_from_parts<S: Scalar>(
     a: MatrixRef<'_, S>,
-    w_u: MatrixRef<'_, S>,
+    w_u: Unembedding<'_, S>,
     p: &[f64],
     slopes: Option<&[f64]>,
     opts: &ExactOptions,
@@ -106,7 +107,7 @@ pub fn exact_fisher_with_jacobians<M: SplitModel>(
     }
     let dims = model.dims();
     let w_u = model.unembedding();
-    check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
+    w_u.check_shape(dims.vocab_size, dims.readout_dim)?;
     let logits = model.logits(ctx, positions)?;
     check_shape("logits", logits.shape(), (positions.len(), dims.vocab_size))?;
     let jacobians = model.readout_jacobians(ctx, positions)?;
@@ -137,12 +138,4 @@ pub(crate) fn check_shape(what: &str, got: (usize, usize), expected: (usize, usi
             got: got.0 * got.1,
         })
     }
-}
-
-pub(crate) fn check_unembedding(
-    shape: (usize, usize),
-    vocab: usize,
-    readout_dim: usize,
-) -> Result<()> {
-    check_shape("unembedding W_U (V x d_u)", shape, (vocab, readout_dim))
 }

@@ -4,7 +4,7 @@ use crate::{probs::normalized_probabilities, FsError, Matrix, MatrixRef, Result,
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
 use faer::{Accum, Mat, MatMut, MatRef};
-use fs_traits::{TypedSlice, TypedSliceMut};
+use fs_traits::{TypedSlice, TypedSliceMut, Unembedding};
 use rayon::prelude::*;
 
 /// The scalars faer multiplies: the kernels below are written once for both of
@@ -149,8 +149,8 @@ pub const DEFAULT_VOCAB_CHUNK: usize = 2048;
 /// symmetric rank-`chunk_rows` updates run in `S` over vocabulary chunks and are accumulated in
 /// `f64`. Rows with `p_y = 0` are skipped. `p` must be a probability vector (validated, then
 /// renormalised in `f64`). Returns the full symmetric `d_u × d_u` matrix.
-pub fn centered_output_gram<S: Scalar>(
-    w_u: MatrixRef<'_, S>,
+pub fn centered_output_gram<'a, S: Scalar>(
+    w_u: impl Into<Unembedding<'a, S>>,
     p: &[f64],
     chunk_rows: usize,
     threads: Threads,
@@ -167,13 +167,17 @@ pub fn centered_output_gram<S: Scalar>(
 ///
 /// still the centered form (a sum of PSD terms, nothing cancels). `slopes = None` is
 /// [`centered_output_gram`]; otherwise it has one entry per vocabulary row.
-pub fn centered_output_gram_with_slopes<S: Scalar>(
-    w_u: MatrixRef<'_, S>,
+///
+/// `W_U` is read twice in chunks of `chunk_rows` rows (once for `m`, once for the Gram), so an
+/// unembedding held in a narrower stored form is never widened whole.
+pub fn centered_output_gram_with_slopes<'a, S: Scalar>(
+    w_u: impl Into<Unembedding<'a, S>>,
     p: &[f64],
     slopes: Option<&[f64]>,
     chunk_rows: usize,
     threads: Threads,
 ) -> Result<Matrix<f64>> {
+    let w_u = w_u.into();
     let (v, du) = w_u.shape();
     if let Some(s) = slopes {
         fs_traits::check_len("soft-cap slopes (one per vocabulary row of W_U)", s.len(), v)?;
@@ -183,28 +187,31 @@ pub fn centered_output_gram_with_slopes<S: Scalar>(
     let p = normalized_probabilities("probabilities", p)?;
     let chunk_rows = chunk_rows.max(1);
 
-    let m = weighted_mean_row(w_u, &p, slopes, threads);
+    let m = weighted_mean_row(&w_u, &p, slopes, threads)?;
 
     // Centered, scaled rows √p_y (w_y − m) of the tokens with p_y > 0, built chunk by chunk (rows
     // in parallel) and added as symmetric rank-k updates.
-    let support: Vec<usize> = (0..v).filter(|&y| p[y] > 0.0).collect();
     let mut acc = GramAccumulator::new(du, threads);
-    let mut block: Vec<S> = vec![S::zero(); chunk_rows.min(support.len()) * du];
-    for ys in support.chunks(chunk_rows) {
-        let block = &mut block[..ys.len() * du];
+    let mut block: Vec<S> = Vec::with_capacity(chunk_rows.min(v) * du);
+    w_u.for_each_chunk(chunk_rows, |start, rows| {
+        let ys: Vec<usize> =
+            (start..start + rows.len() / du.max(1)).filter(|&y| p[y] > 0.0).collect();
+        block.resize(ys.len() * du, S::zero());
         let center = |(out, &y): (&mut [S], &usize)| {
             let (s, sy) = (p[y].sqrt(), slope(y));
-            for ((o, w), mi) in out.iter_mut().zip(w_u.row(y)).zip(&m) {
+            let w = &rows[(y - start) * du..(y - start + 1) * du];
+            for ((o, w), mi) in out.iter_mut().zip(w).zip(&m) {
                 *o = S::round_from_f64(s * (sy * w.as_f64() - mi));
             }
         };
         if threads.0 > 1 {
-            block.par_chunks_mut(du).zip(ys.par_iter()).for_each(center);
+            block.par_chunks_mut(du.max(1)).zip(ys.par_iter()).for_each(center);
         } else {
-            block.chunks_mut(du).zip(ys.iter()).for_each(center);
+            block.chunks_mut(du.max(1)).zip(ys.iter()).for_each(center);
         }
-        acc.add_rows(block);
-    }
+        acc.add_rows(&block);
+        Ok(())
+    })?;
     Ok(acc.finish())
 }
 
@@ -212,38 +219,43 @@ pub fn centered_output_gram_with_slopes<S: Scalar>(
 /// sums over fixed row blocks (in parallel), added in block order, so the result does not
 /// depend on the number of threads.
 pub(crate) fn weighted_mean_row<S: Scalar>(
-    w_u: MatrixRef<'_, S>,
+    w_u: &Unembedding<'_, S>,
     p: &[f64],
     slopes: Option<&[f64]>,
     threads: Threads,
-) -> Vec<f64> {
-    let (v, du) = w_u.shape();
+) -> Result<Vec<f64>> {
+    let du = w_u.cols();
     let slope = |y: usize| slopes.map_or(1.0, |s| s[y]);
     const M_BLOCK: usize = 4096;
-    let partial = |start: usize| {
-        let mut m = vec![0.0f64; du];
-        let end = (start + M_BLOCK).min(v);
-        for (y, &py) in p.iter().enumerate().take(end).skip(start) {
-            if py > 0.0 {
-                let ps = py * slope(y);
-                for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                    *mi += ps * w.as_f64();
+    let mut m = vec![0.0f64; du];
+    w_u.for_each_chunk(4 * M_BLOCK, |start, rows| {
+        let partial = |block: usize| {
+            let mut part = vec![0.0f64; du];
+            let first = block * M_BLOCK;
+            let n = (rows.len() / du.max(1)).saturating_sub(first).min(M_BLOCK);
+            for i in first..first + n {
+                let y = start + i;
+                if p[y] > 0.0 {
+                    let ps = p[y] * slope(y);
+                    for (mi, w) in part.iter_mut().zip(&rows[i * du..(i + 1) * du]) {
+                        *mi += ps * w.as_f64();
+                    }
                 }
             }
+            part
+        };
+        let blocks = (rows.len() / du.max(1)).div_ceil(M_BLOCK);
+        let partials: Vec<Vec<f64>> = if threads.0 > 1 {
+            (0..blocks).into_par_iter().map(partial).collect()
+        } else {
+            (0..blocks).map(partial).collect()
+        };
+        for part in partials {
+            m.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
-        m
-    };
-    let starts: Vec<usize> = (0..v).step_by(M_BLOCK).collect();
-    let partials: Vec<Vec<f64>> = if threads.0 > 1 {
-        starts.par_iter().map(|&s| partial(s)).collect()
-    } else {
-        starts.iter().map(|&s| partial(s)).collect()
-    };
-    let mut m = vec![0.0f64; du];
-    for part in partials {
-        m.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-    }
-    m
+        Ok(())
+    })?;
+    Ok(m)
 }
 
 /// The sandwich `F = Aᵀ G A` for `A` (`d_u × d`, scalar `S`) and symmetric `G` (`d_u × d_u`,

@@ -68,7 +68,7 @@ pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
 pub use fs_traits::{
     check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
     FsError, Matrix, MatrixRef, ModelDims, Result, Scalar, SplitContext, SplitModel, TypedSlice,
-    TypedSliceMut,
+    TypedSliceMut, Unembedding, UnembeddingRows,
 };
 pub use gram::{
     centered_output_gram, centered_output_gram_with_slopes, outer_product_mean, relative_frobenius,

@@ -19,6 +19,7 @@
 //! directions.
 
 use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel};
+use fs_traits::Unembedding;
 
 /// How [`direction_effects`] chooses the step `ε` of the KL check.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -93,11 +94,12 @@ fn top_by(x: &[f64], n: usize, cmp: impl Fn(&f64, &f64) -> std::cmp::Ordering) -
 
 /// The logit change `J v = W_U (A v)` (length `V`) from the readout Jacobian `a` (`d_u × d`) and
 /// the unembedding `w_u` (`V × d_u`), in `f64`, without forming `J`.
-pub fn logit_change_from_parts<S: Scalar>(
+pub fn logit_change_from_parts<'a, S: Scalar>(
     a: MatrixRef<'_, S>,
-    w_u: MatrixRef<'_, S>,
+    w_u: impl Into<Unembedding<'a, S>>,
     v: &[f64],
 ) -> Result<Vec<f64>> {
+    let w_u = w_u.into();
     let (du, d) = a.shape();
     fs_traits::check_len("direction v", v.len(), d)?;
     if w_u.cols() != du {
@@ -110,9 +112,21 @@ pub fn logit_change_from_parts<S: Scalar>(
     fs_traits::check_finite("direction v", v)?;
     let av: Vec<f64> =
         (0..du).map(|k| a.row(k).iter().zip(v).map(|(x, y)| x.as_f64() * y).sum()).collect();
-    Ok((0..w_u.rows())
-        .map(|y| w_u.row(y).iter().zip(&av).map(|(w, x)| w.as_f64() * x).sum())
-        .collect())
+    unembed(&w_u, &av)
+}
+
+/// `W_U x` in `f64` (length `V`), `W_U` read in vocabulary chunks.
+fn unembed<S: Scalar>(w_u: &Unembedding<'_, S>, x: &[f64]) -> Result<Vec<f64>> {
+    let du = w_u.cols().max(1);
+    let mut out = Vec::with_capacity(w_u.rows());
+    w_u.for_each_chunk(fs_traits::UNEMBEDDING_CHUNK_ROWS, |_, rows| {
+        out.extend(
+            rows.chunks_exact(du)
+                .map(|w| w.iter().zip(x).map(|(w, x)| w.as_f64() * x).sum::<f64>()),
+        );
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// `vᵀ F v = Σ_y p_y (Δz_y − pᵀΔz)²` from the logit change `Δz = Jv` and `p` (centered form).
@@ -227,7 +241,7 @@ fn effects<M: SplitModel>(
     fs_traits::check_len("upper_logits output", z0.len(), dims.vocab_size)?;
     let p = softmax(&z0)?;
     let w_u = model.unembedding();
-    crate::exact::check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
+    w_u.check_shape(dims.vocab_size, dims.readout_dim)?;
     let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), &z0);
     (0..directions.cols())
         .map(|k| {
@@ -242,9 +256,7 @@ fn effects<M: SplitModel>(
             }
             let av = readout_change(k, &v)?;
             fs_traits::check_len("readout change A v", av.len(), dims.readout_dim)?;
-            let mut jv: Vec<f64> = (0..w_u.rows())
-                .map(|y| w_u.row(y).iter().zip(&av).map(|(w, x)| w.as_f64() * x).sum())
-                .collect();
+            let mut jv = unembed(&w_u, &av)?;
             if let Some(s) = &slopes {
                 // Soft-capped logits: J v = diag(s) W_U A v.
                 jv.iter_mut().zip(s).for_each(|(z, s)| *z *= s);
@@ -392,7 +404,7 @@ mod tests {
         let ctx = model.lower(&[3, 1], 0).unwrap();
         let v = Matrix::from_fn(5, 2, |i, j| ((i + 2 * j) as f64).sin());
         let e = direction_effects(&model, &ctx, 1, &v, &DirectionOptions::default()).unwrap();
-        let w = model.unembedding();
+        let w = model.unembedding().to_matrix().unwrap();
         for (k, ek) in e.iter().enumerate() {
             let expected: Vec<f64> =
                 (0..25).map(|y| (0..5).map(|j| w.get(y, j) * v.get(j, k)).sum()).collect();

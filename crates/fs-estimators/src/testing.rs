@@ -174,7 +174,7 @@ pub fn check_split_model<M: SplitModel>(
     }
     let positions: Vec<usize> = (0..tokens.len()).collect();
     let logits = model.logits(&ctx, &positions).map_err(|e| err(format!("logits: {e}")))?;
-    let w_u = model.unembedding();
+    let w_u = model.unembedding().to_matrix().map_err(|e| err(format!("unembedding: {e}")))?;
     let jac = model
         .readout_jacobians(&ctx, &positions)
         .map_err(|e| err(format!("readout_jacobians: {e}")))?;
@@ -199,7 +199,7 @@ pub fn check_split_model<M: SplitModel>(
             return Err(err(format!("t={t}: logits vs upper_logits differ by {worst:.3e}")));
         }
         // W_U A vs finite differences.
-        let mut j = logit_jacobian(w_u, &jac[t]);
+        let mut j = logit_jacobian(w_u.view(), &jac[t]);
         if let Some(s) = fs_traits::logit_slopes(model.final_logit_softcap(), logits.row(t)) {
             // Soft-capped logits: J = diag(s) W_U A.
             j = Matrix::from_fn(j.rows(), j.cols(), |y, c| s[y] * j.get(y, c));

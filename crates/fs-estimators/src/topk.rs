@@ -3,9 +3,10 @@
 
 use crate::eigensolver::{random_block, top_eigenpairs, EigensolverOptions};
 use crate::gram::{matmul_into, weighted_mean_row, DEFAULT_VOCAB_CHUNK};
-use crate::{softmax, FsError, Matrix, MatrixRef, Result, Scalar, SplitModel, Threads};
+use crate::{softmax, FsError, Matrix, Result, Scalar, SplitModel, Threads};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatRef};
+use fs_traits::Unembedding;
 
 /// The Fisher matrix at one position as an operator, `F X` for blocks of vectors, never formed:
 ///
@@ -31,15 +32,16 @@ pub struct FisherOperator<'a, M: SplitModel> {
     model: &'a M,
     ctx: &'a M::Context,
     position: usize,
-    w_u: MatrixRef<'a, M::Scalar>,
+    w_u: Unembedding<'a, M::Scalar>,
     /// `p`, normalised, `f64`.
     p: Vec<f64>,
     slopes: Option<Vec<f64>>,
     m: Vec<f64>,
     /// `A` (`d_u × d`, `f64`), formed once, for a model without a native forward mode.
     formed: Option<faer::Mat<f64>>,
-    /// The rows with `p_y ≥ HEAVY_ROW` (at most `1/HEAVY_ROW` of them).
+    /// The rows with `p_y ≥ HEAVY_ROW` (at most `1/HEAVY_ROW` of them) and their `w_y`.
     heavy: Vec<usize>,
+    heavy_rows: Matrix<M::Scalar>,
     vocab_chunk: usize,
     threads: Threads,
     applications: usize,
@@ -65,14 +67,15 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
     pub fn new(model: &'a M, ctx: &'a M::Context, position: usize) -> Result<Self> {
         let dims = model.dims();
         let w_u = model.unembedding();
-        crate::exact::check_unembedding(w_u.shape(), dims.vocab_size, dims.readout_dim)?;
+        w_u.check_shape(dims.vocab_size, dims.readout_dim)?;
         let z = model.logits(ctx, &[position])?;
         crate::exact::check_shape("logits", z.shape(), (1, dims.vocab_size))?;
         let p = softmax(z.row(0))?;
         let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), z.row(0));
         let threads = Threads(0);
-        let m = weighted_mean_row(w_u, &p, slopes.as_deref(), threads);
-        let heavy = (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect();
+        let m = weighted_mean_row(&w_u, &p, slopes.as_deref(), threads)?;
+        let heavy: Vec<usize> = (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect();
+        let heavy_rows = w_u.gather(&heavy)?;
         let start = std::time::Instant::now();
         let formed = if model.native_readout_jvp() {
             None
@@ -93,6 +96,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             m,
             formed,
             heavy,
+            heavy_rows,
             vocab_chunk: DEFAULT_VOCAB_CHUNK,
             threads,
             applications: 0,
@@ -140,7 +144,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
                 matmul(u.as_mut(), Accum::Replace, xm, a.transpose(), 1.0, self.threads.par());
                 let u = Matrix::from_fn(b, dims.readout_dim, |i, k| u[(i, k)]);
                 let t = lap(&mut self.seconds, t, |s| &mut s.jvp);
-                let gu = self.apply_g(&u);
+                let gu = self.apply_g(&u)?;
                 let t = lap(&mut self.seconds, t, |s| &mut s.gram);
                 let gm = MatRef::from_row_major_slice(gu.as_slice(), b, dims.readout_dim);
                 let mut out = faer::Mat::<f64>::zeros(b, dims.d_model);
@@ -155,7 +159,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
                 crate::exact::check_shape("readout JVP A V", u.shape(), (b, dims.readout_dim))?;
                 fs_traits::check_finite("readout JVP A V", u.as_slice())?;
                 let t = lap(&mut self.seconds, t, |s| &mut s.jvp);
-                let cot = self.apply_g(&u).map(M::Scalar::round_from_f64);
+                let cot = self.apply_g(&u)?.map(M::Scalar::round_from_f64);
                 let t = lap(&mut self.seconds, t, |s| &mut s.gram);
                 let g = self.model.readout_vjp(self.ctx, self.position, cot.view())?;
                 crate::exact::check_shape("readout VJP Aᵀ W", g.shape(), (b, dims.d_model))?;
@@ -169,8 +173,8 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
     }
 
     /// `G U` for the rows of `u` (`b × d_u`), in `f64` (see the type's docs).
-    fn apply_g<U: Scalar>(&self, u: &Matrix<U>) -> Matrix<f64> {
-        let (v, du) = self.w_u.shape();
+    fn apply_g<U: Scalar>(&self, u: &Matrix<U>) -> Result<Matrix<f64>> {
+        let du = self.w_u.cols();
         let b = u.rows();
         let slope = |y: usize| self.slopes.as_ref().map_or(1.0, |s| s[y]);
         // mᵀu per vector, in f64.
@@ -183,15 +187,15 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let chunk = self.vocab_chunk.max(1);
         // Rows holding a probability ≥ HEAVY_ROW in f64: for a dominant token (p_y → 1) the
         // product w_y·u in the model's scalar loses the digits of the small centered q_y.
-        for &y in &self.heavy {
+        for (h, &y) in self.heavy.iter().enumerate() {
             let (py, sy) = (self.p[y], slope(y));
-            let c: Vec<f64> =
-                self.w_u.row(y).iter().zip(&self.m).map(|(w, m)| sy * w.as_f64() - m).collect();
+            let w_y = self.heavy_rows.row(h);
+            let c: Vec<f64> = w_y.iter().zip(&self.m).map(|(w, m)| sy * w.as_f64() - m).collect();
             for i in 0..b {
                 let q: f64 = c.iter().zip(u.row(i)).map(|(c, x)| c * x.as_f64()).sum();
                 pq_sum[i] += py * q;
                 let scale = py * sy * q;
-                for (a, w) in acc[i * du..(i + 1) * du].iter_mut().zip(self.w_u.row(y)) {
+                for (a, w) in acc[i * du..(i + 1) * du].iter_mut().zip(w_y) {
                     *a += scale * w.as_f64();
                 }
             }
@@ -199,9 +203,8 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let mut z = vec![<M::Scalar as Default>::default(); chunk * b];
         let mut r = vec![<M::Scalar as Default>::default(); chunk * b];
         let mut part = vec![<M::Scalar as Default>::default(); b * du];
-        for start in (0..v).step_by(chunk) {
-            let rows = chunk.min(v - start);
-            let w = &self.w_u.as_slice()[start * du..(start + rows) * du];
+        self.w_u.for_each_chunk(chunk, |start, w| {
+            let rows = w.len() / du.max(1);
             // Z = W_chunk U (rows × b)
             matmul_into(&mut z[..rows * b], w, ut.as_slice(), (rows, du, b), self.threads);
             for y in 0..rows {
@@ -220,14 +223,15 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             // part = Rᵀ W_chunk (b × d_u)
             matmul_into(&mut part, &r[..b * rows], w, (b, rows, du), self.threads);
             acc.iter_mut().zip(&part).for_each(|(a, x)| *a += x.as_f64());
-        }
+            Ok(())
+        })?;
         // The centered form's second term: − m Σ_y p_y q_y (zero up to round-off).
         for i in 0..b {
             for (a, m) in acc[i * du..(i + 1) * du].iter_mut().zip(&self.m) {
                 *a -= m * pq_sum[i];
             }
         }
-        Matrix::from_vec(b, du, acc).expect("b·d_u buffer")
+        Matrix::from_vec(b, du, acc)
     }
 }
 

@@ -35,11 +35,13 @@ pub mod engine;
 mod error;
 mod matrix;
 mod scalar;
+mod unembedding;
 
 pub use engine::{softmax, tempered_softmax};
 pub use error::{FsError, Result};
 pub use matrix::{Matrix, MatrixRef};
 pub use scalar::{Scalar, TypedSlice, TypedSliceMut};
+pub use unembedding::{Unembedding, UnembeddingRows, UNEMBEDDING_CHUNK_ROWS};
 
 /// The sizes of a split model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,21 +164,27 @@ pub trait SplitModel {
         let total: f64 = e.iter().sum();
         let w_u = self.unembedding();
         let du = dims.readout_dim;
-        check_len("unembedding W_U", w_u.as_slice().len(), dims.vocab_size * du)?;
+        w_u.check_shape(dims.vocab_size, du)?;
         let slopes = logit_slopes(self.final_logit_softcap(), z.row(0));
         let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
         let mut m = vec![0.0f64; du];
-        for (y, ey) in e.iter().enumerate() {
-            for (mi, w) in m.iter_mut().zip(w_u.row(y)) {
-                *mi += ey / total * slope(y) * w.as_f64();
+        w_u.for_each_chunk(UNEMBEDDING_CHUNK_ROWS, |start, rows| {
+            for (i, row) in rows.chunks_exact(du.max(1)).enumerate() {
+                let y = start + i;
+                for (mi, w) in m.iter_mut().zip(row) {
+                    *mi += e[y] / total * slope(y) * w.as_f64();
+                }
             }
-        }
+            Ok(())
+        })?;
+        let chosen: Vec<usize> = tokens.iter().map(|&y| y as usize).collect();
+        let w_chosen = w_u.gather(&chosen)?;
         let a = single_readout_jacobian(self, ctx, position)?;
         let mut out = Matrix::zeros(tokens.len(), dims.d_model);
         for (i, &y) in tokens.iter().enumerate() {
             let sy = slope(y as usize);
             let diff: Vec<f64> =
-                w_u.row(y as usize).iter().zip(&m).map(|(w, mi)| sy * w.as_f64() - mi).collect();
+                w_chosen.row(i).iter().zip(&m).map(|(w, mi)| sy * w.as_f64() - mi).collect();
             for (c, o) in out.row_mut(i).iter_mut().enumerate() {
                 *o = Self::Scalar::round_from_f64(
                     (0..du).map(|k| a.get(k, c).as_f64() * diff[k]).sum(),
@@ -254,9 +262,14 @@ pub trait SplitModel {
         }))
     }
 
-    /// The unembedding `W_U` (`V × d_u`, row-major: row `y` is the output embedding `w_y`),
-    /// so that `z = W_U u + b`. The bias `b` does not enter the Fisher matrix.
-    fn unembedding(&self) -> MatrixRef<'_, Self::Scalar>;
+    /// The unembedding `W_U` (`V × d_u`, row `y` is the output embedding `w_y`), so that
+    /// `z = W_U u + b`. The bias `b` does not enter the Fisher matrix.
+    ///
+    /// A model that holds `W_U` in its scalar lends it whole
+    /// (`Unembedding::Dense(MatrixRef::new(v, d_u, &w)?)`, or `(&matrix).into()`); one that
+    /// keeps it in a narrower stored form lends a reader ([`Unembedding::Rows`]) and the
+    /// estimators stream it in vocabulary chunks.
+    fn unembedding(&self) -> Unembedding<'_, Self::Scalar>;
 
     /// The final-logit soft-cap `c` of a model whose logits are `z = c·tanh(W_U u / c)`
     /// (Gemma-2), `None` (the default) when `z = W_U u + b`.

@@ -24,10 +24,11 @@
 //! for Gemma-2. Gemma's RMSNorm `x·(1 + w)` is folded on load: the weights here are `1 + w`.
 
 use crate::arch::{
-    optional_tensor, required_tensor, Architecture, GgufTensorName, HostMatrix, Linear,
+    optional_f32, required_f32, required_tensor, Architecture, GgufTensorName, StoredLinear,
     WeightSource,
 };
 use crate::error::{CheckpointError, Result};
+use crate::StoredMatrix;
 use std::path::Path;
 
 /// The `model_type`s read as RoPE decoder models.
@@ -627,51 +628,52 @@ impl Norm {
     }
 }
 
-/// One decoder block (see the module docs for how the parts compose), linear weights
-/// transposed once from HF's `[out, in]` to `[in, out]`, fused tensors split.
+/// One decoder block (see the module docs for how the parts compose), linear weights as stored
+/// (`[out, in]`, in the checkpoint's precision), fused tensors split by row selection.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderBlock {
     /// Norm before attention (`input_layernorm`; none for OLMo-2).
     pub attn_norm: Option<Norm>,
     /// `q_proj`: `d → heads·head_dim`.
-    pub q: Linear,
+    pub q: StoredLinear,
     /// `k_proj`: `d → kv_heads·head_dim`.
-    pub k: Linear,
+    pub k: StoredLinear,
     /// `v_proj`: `d → kv_heads·head_dim`.
-    pub v: Linear,
+    pub v: StoredLinear,
     /// RMSNorm weight on q (per head: `head_dim`; OLMo-2: `heads·head_dim`).
     pub q_norm: Option<Vec<f32>>,
     /// RMSNorm weight on k.
     pub k_norm: Option<Vec<f32>>,
     /// `o_proj`: `heads·head_dim → d`.
-    pub o: Linear,
+    pub o: StoredLinear,
     /// Norm on the attention output before the residual add (Gemma, OLMo-2).
     pub post_attn_norm: Option<Norm>,
     /// Norm before the MLP.
     pub mlp_norm: Option<Norm>,
     /// `gate_proj` (gated MLPs).
-    pub gate: Option<Linear>,
+    pub gate: Option<StoredLinear>,
     /// `up_proj`: `d → intermediate`.
-    pub up: Linear,
+    pub up: StoredLinear,
     /// `down_proj`: `intermediate → d`.
-    pub down: Linear,
+    pub down: StoredLinear,
     /// Norm on the MLP output before the residual add (Gemma, OLMo-2).
     pub post_mlp_norm: Option<Norm>,
 }
 
-/// The host weights of a decoder model, shape-checked against its config and finite.
+/// The host weights of a decoder model, shape-checked against its config and finite; matrices in
+/// the precision the checkpoint stores them in ([`StoredMatrix`]), vectors in f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderWeights {
     /// The configuration they were read for.
     pub config: DecoderConfig,
     /// Token embedding, `V × d`.
-    pub embed: HostMatrix,
+    pub embed: StoredMatrix,
     /// The blocks, in order.
     pub blocks: Vec<DecoderBlock>,
     /// The final norm.
     pub norm: Norm,
     /// An untied unembedding, `V × d`; `None` when tied to `embed`.
-    pub lm_head: Option<HostMatrix>,
+    pub lm_head: Option<StoredMatrix>,
 }
 
 /// Rows `rows` of a row-major `[out, inp]` matrix (or a vector when `inp == 1`).
@@ -681,8 +683,9 @@ fn take_rows(data: &[f32], rows: impl Iterator<Item = usize>, inp: usize) -> Vec
 
 impl DecoderWeights {
     /// Read every tensor of `config` from `source` by HF name, each checked against the shape
-    /// the config implies and for NaN/±∞; fused tensors are split (Phi-3 `[q|k|v]`, GPT-NeoX's
-    /// per-head `[q|k|v]`, Phi-3 `[gate|up]`) and Gemma's norm weights become `1 + w`.
+    /// the config implies and for NaN/±∞; matrices stay in the source's precision, fused tensors
+    /// are split by selecting rows (Phi-3 `[q|k|v]`, GPT-NeoX's per-head `[q|k|v]`, Phi-3
+    /// `[gate|up]`) and Gemma's norm weights become `1 + w`.
     pub fn read(config: DecoderConfig, source: &mut dyn WeightSource) -> Result<Self> {
         config.check_sizes(Path::new("<config>"))?;
         let (d, v, inner) = (config.hidden_size, config.vocab_size, config.intermediate_size);
@@ -690,11 +693,11 @@ impl DecoderWeights {
         let (q_out, kv_out) = (config.num_attention_heads * dh, config.num_key_value_heads * dh);
         let offset = if config.norm_unit_offset { 1.0 } else { 0.0 };
         let [embed_name, final_norm, lm_head_name] = config.top_names();
-        let embed = HostMatrix::new(v, d, required_tensor(source, embed_name, &[v, d])?);
+        let embed = required_tensor(source, embed_name, &[v, d])?;
         let read_norm = |source: &mut dyn WeightSource, name: &str| -> Result<Norm> {
-            let mut weight = required_tensor(source, &format!("{name}.weight"), &[d])?;
+            let mut weight = required_f32(source, &format!("{name}.weight"), &[d])?;
             weight.iter_mut().for_each(|w| *w += offset);
-            let bias = optional_tensor(
+            let bias = optional_f32(
                 source,
                 &format!("{name}.bias"),
                 &[d],
@@ -703,18 +706,15 @@ impl DecoderWeights {
             Ok(Norm { weight, bias })
         };
         // A linear layer from HF `[out, inp]` weight rows (and bias entries) `rows`.
-        let linear_of = |w: &[f32], b: Option<&Vec<f32>>, rows: &[usize], inp: usize| Linear {
-            weight: HostMatrix::transposed(
-                rows.len(),
-                inp,
-                &take_rows(w, rows.iter().copied(), inp),
-            ),
-            bias: b.map(|b| take_rows(b, rows.iter().copied(), 1)),
-        };
+        let linear_of =
+            |w: &StoredMatrix, b: Option<&Vec<f32>>, rows: &[usize], _inp: usize| StoredLinear {
+                weight: w.select_rows(rows),
+                bias: b.map(|b| take_rows(b, rows.iter().copied(), 1)),
+            };
         let read_linear =
             |source: &mut dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool| {
                 let w = required_tensor(source, &format!("{name}.weight"), &[out, inp])?;
-                let b = optional_tensor(source, &format!("{name}.bias"), &[out], bias)?;
+                let b = optional_f32(source, &format!("{name}.bias"), &[out], bias)?;
                 Ok::<_, CheckpointError>((w, b))
             };
         let (qn, kn) = config.qk_norm_widths();
@@ -761,7 +761,7 @@ impl DecoderWeights {
             let mut qk_norm = |name: &Option<String>, width: usize| {
                 name.as_ref()
                     .map(|n| {
-                        let mut w = required_tensor(source, &format!("{n}.weight"), &[width])?;
+                        let mut w = required_f32(source, &format!("{n}.weight"), &[width])?;
                         w.iter_mut().for_each(|x| *x += offset);
                         Ok::<_, CheckpointError>(w)
                     })
@@ -819,7 +819,7 @@ impl DecoderWeights {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(HostMatrix::new(v, d, required_tensor(source, lm_head_name, &[v, d])?))
+            Some(required_tensor(source, lm_head_name, &[v, d])?)
         };
         Ok(DecoderWeights { config, embed, blocks, norm, lm_head })
     }
@@ -839,7 +839,7 @@ impl DecoderWeights {
     }
 
     /// The unembedding `W_U` (`V × d`): `lm_head` when untied, else `embed`.
-    pub fn unembedding(&self) -> &HostMatrix {
+    pub fn unembedding(&self) -> &StoredMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -859,13 +859,14 @@ impl DecoderWeights {
                         .iter()
                         .map(|l| l.parameter_count())
                         .sum::<usize>()
-                    + b.gate.as_ref().map_or(0, Linear::parameter_count)
+                    + b.gate.as_ref().map_or(0, StoredLinear::parameter_count)
             })
             .sum();
-        self.embed.data.len()
+        let elements = |m: &StoredMatrix| m.rows() * m.cols();
+        elements(&self.embed)
             + blocks
             + self.norm.parameter_count()
-            + self.lm_head.as_ref().map_or(0, |m| m.data.len())
+            + self.lm_head.as_ref().map_or(0, elements)
     }
 }
 

@@ -6,8 +6,8 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use crate::arch::{
-    check_finite, check_size_limits, present, HostMatrix, Linear, ModelConfig, WeightSource,
-    MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH,
+    check_size_limits, present, HostMatrix, Linear, ModelConfig, WeightSource, MAX_CONFIG_LAYERS,
+    MAX_CONFIG_WIDTH,
 };
 use crate::error::{CheckpointError, Result};
 
@@ -366,9 +366,9 @@ impl Gpt2Weights {
             None
         } else {
             match source.read("lm_head.weight", &[v, d])? {
-                Some(data) => {
-                    check_finite("lm_head.weight", &data)?;
-                    Some(HostMatrix::new(v, d, data))
+                Some(stored) => {
+                    stored.check_finite("lm_head.weight")?;
+                    Some(HostMatrix::new(v, d, stored.to_f32()))
                 }
                 None => None,
             }
@@ -422,15 +422,15 @@ impl Gpt2Weights {
 /// model unprefixed), finite; missing is named with the prefixed name.
 fn gpt2_tensor(source: &mut dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let prefixed = format!("transformer.{name}");
-    let data = match source.read(&prefixed, shape)? {
-        Some(data) => data,
+    let stored = match source.read(&prefixed, shape)? {
+        Some(stored) => stored,
         None => source.read(name, shape)?.ok_or_else(|| CheckpointError::MissingTensor {
             name: prefixed,
             files: source.describe(),
         })?,
     };
-    check_finite(name, &data)?;
-    Ok(data)
+    stored.check_finite(name)?;
+    Ok(stored.to_f32())
 }
 
 fn req_usize(obj: &Map<String, Value>, field: &str, path: &Path) -> Result<usize> {

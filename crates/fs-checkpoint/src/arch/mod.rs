@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 use crate::error::{CheckpointError, Result};
 use crate::gguf::GgufFile;
 use crate::weights::WeightStore;
+use crate::{GgmlType, StoredMatrix};
 use decoder::{DecoderConfig, DecoderWeights};
 use gpt2::{Gpt2Config, Gpt2Weights};
 
@@ -350,26 +351,51 @@ impl Linear {
     }
 }
 
-/// Where typed weights are read from: tensors by their HF name, as f32, row-major.
+/// A linear map `y = W x + b` with `W` kept as stored, `[out, in]` (rows are output features;
+/// [`StoredMatrix`]): the decoder families' layers, widened when a pass needs them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredLinear {
+    /// `W`, `out × in`, in its stored precision.
+    pub weight: StoredMatrix,
+    /// `b` (length `out`), if the layer has one.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl StoredLinear {
+    /// Number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.weight.rows() * self.weight.cols() + self.bias.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The layer widened to f32 with `W` transposed to `[in, out]` (for engines that hold every
+    /// weight in f32).
+    pub fn to_linear(&self) -> Linear {
+        Linear { weight: self.weight.to_host_transposed(), bias: self.bias.clone() }
+    }
+}
+
+/// Where typed weights are read from: tensors by their HF name, in the precision they are
+/// stored in ([`StoredMatrix`]; a vector is an `n × 1` column, see [`crate::matrix_dims`]).
 ///
 /// The architecture modules ask for every tensor they need with the shape the configuration
 /// implies; a source answers `None` for a tensor it does not hold (the caller decides whether
 /// that is an error or an optional tensor) and an error naming the file for a tensor it holds
-/// with another shape or unreadable data.
+/// with another shape or unreadable data. NaN and ±∞ are refused by the caller
+/// ([`StoredMatrix::check_finite`]), once, whatever the source.
 pub trait WeightSource {
-    /// The tensor `name` (HF naming) with shape `shape`, converted to f32.
-    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>>;
+    /// The tensor `name` (HF naming) with shape `shape`.
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<StoredMatrix>>;
 
     /// The files read from, comma-separated (for "tensor … is not in …" messages).
     fn describe(&self) -> String;
 }
 
 impl WeightSource for WeightStore {
-    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<StoredMatrix>> {
         if !self.contains(name) {
             return Ok(None);
         }
-        Ok(Some(self.read_f32_shaped(name, shape)?.data))
+        self.read_stored(name, shape).map(Some)
     }
 
     fn describe(&self) -> String {
@@ -429,7 +455,7 @@ impl<'a> GgufSource<'a> {
 }
 
 impl WeightSource for GgufSource<'_> {
-    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<StoredMatrix>> {
         let Some(target) = (self.map)(name) else { return Ok(None) };
         let Some(info) = self.file.tensor(&target.name) else { return Ok(None) };
         if info.shape != shape {
@@ -440,19 +466,58 @@ impl WeightSource for GgufSource<'_> {
                 path: self.file.path().to_path_buf(),
             });
         }
-        let data = self.file.read_f32(&target.name)?;
-        let inp = shape.get(1).copied().unwrap_or(1);
+        let stored = self.file.read_stored(&target.name)?;
+        let (rows, inp) = (stored.rows(), stored.cols());
+        // The converter's layouts are row permutations (undone by a row index, so quantised
+        // rows stay quantised) or a shift of every value (norms: widened).
         Ok(Some(match target.layout {
-            GgufLayout::Same => data,
-            GgufLayout::UnpermuteRows(heads) => unpermute_rows(&data, heads, shape[0], inp),
-            GgufLayout::Shifted(shift) => data.into_iter().map(|x| x + shift).collect(),
-            GgufLayout::NeoxQkv { heads, head_dim } => neox_qkv_rows(&data, heads, head_dim, inp),
+            GgufLayout::Same => stored,
+            GgufLayout::UnpermuteRows(heads) => {
+                stored.select_rows(&unpermute_row_order(heads, rows))
+            }
+            GgufLayout::NeoxQkv { heads, head_dim } => {
+                stored.select_rows(&neox_qkv_row_order(heads, head_dim))
+            }
+            GgufLayout::Shifted(shift) => StoredMatrix::from_f32(
+                rows,
+                inp,
+                stored.to_f32().into_iter().map(|x| x + shift).collect(),
+            ),
         }))
     }
 
     fn describe(&self) -> String {
         self.file.path().display().to_string()
     }
+}
+
+/// HF row `r` of an `out`-row q/k weight is GGUF row `unpermute_row_order(n_head, out)[r]`
+/// (see [`unpermute_rows`]).
+fn unpermute_row_order(n_head: usize, out: usize) -> Vec<usize> {
+    let dh = out / n_head.max(1);
+    let half = dh / 2;
+    let mut order: Vec<usize> = (0..out).collect();
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                order[h * dh + j * half + i] = h * dh + 2 * i + j;
+            }
+        }
+    }
+    order
+}
+
+/// HF row of GPT-NeoX's fused q/k/v → its GGUF row (see [`neox_qkv_rows`]).
+fn neox_qkv_row_order(heads: usize, head_dim: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..3 * heads * head_dim).collect();
+    for part in 0..3 {
+        for h in 0..heads {
+            for i in 0..head_dim {
+                order[(h * 3 + part) * head_dim + i] = (part * heads + h) * head_dim + i;
+            }
+        }
+    }
+    order
 }
 
 /// Undo llama.cpp's q/k row permutation for `n_head` heads: GGUF row `h·dh + 2i + j` is HF row
@@ -493,31 +558,55 @@ pub fn neox_qkv_rows(rows: &[f32], heads: usize, head_dim: usize, inp: usize) ->
 /// Deterministic random weights as a [`WeightSource`]: every tensor of the configuration's
 /// HF layout drawn from a seeded normal stream (see [`crate::random_gpt2_weights`]), so a
 /// `(config, std, seed)` triple names one model on every engine.
+///
+/// Tensors are drawn when they are read (the stream skips ahead to each tensor's place, so the
+/// values do not depend on the order of reads), and matrices can be held in bf16
+/// ([`RandomSource::with_dtype`]): a model too big for f32 memory can still be built.
 pub struct RandomSource {
-    tensors: HashMap<String, Vec<f32>>,
+    /// Each tensor's role parameters and its first sample's index in the stream.
+    tensors: HashMap<String, crate::synthetic::RandomTensor>,
+    seed: u64,
+    dtype: GgmlType,
 }
 
 impl RandomSource {
-    /// The random tensors of `config` (matrices `N(0, std²)`, see [`crate::random_gpt2_weights`]).
+    /// The random tensors of `config` (matrices `N(0, std²)`, see [`crate::random_gpt2_weights`]),
+    /// held in f32.
     pub fn new(config: &ModelConfig, std: f64, seed: u64) -> Self {
         let norm_weight_mean = match config {
             ModelConfig::Decoder(c) if c.norm_unit_offset => 0.0,
             _ => 1.0,
         };
-        let tensors = crate::synthetic::random_tensors(
+        let tensors = crate::synthetic::random_tensor_plan(
             config.tensor_specs(),
             std,
             config.n_layers(),
             norm_weight_mean,
-            seed,
         );
-        RandomSource { tensors: tensors.into_iter().map(|(n, _, d)| (n, d)).collect() }
+        RandomSource { tensors, seed, dtype: GgmlType::F32 }
+    }
+
+    /// The same draws with matrices (2-D tensors) rounded to `dtype` (F32, F16 or BF16) and held
+    /// in it; vectors stay f32. Other types are refused (one line).
+    pub fn with_dtype(mut self, dtype: GgmlType) -> Result<Self> {
+        if !matches!(dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Err(CheckpointError::Unsupported {
+                what: format!("random weights held in {}", dtype.name()),
+                supported: "F32, F16, BF16".to_string(),
+            });
+        }
+        self.dtype = dtype;
+        Ok(self)
     }
 }
 
 impl WeightSource for RandomSource {
-    fn read(&mut self, name: &str, _shape: &[usize]) -> Result<Option<Vec<f32>>> {
-        Ok(self.tensors.remove(name))
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Option<StoredMatrix>> {
+        let Some(plan) = self.tensors.remove(name) else { return Ok(None) };
+        let (rows, cols) = crate::matrix_dims(&plan.shape);
+        debug_assert_eq!(plan.shape, shape);
+        let dtype = if plan.shape.len() == 2 { self.dtype } else { GgmlType::F32 };
+        Ok(Some(plan.draw(self.seed, rows, cols, dtype)))
     }
 
     fn describe(&self) -> String {
@@ -531,39 +620,36 @@ pub(crate) fn required_tensor(
     source: &mut dyn WeightSource,
     name: &str,
     shape: &[usize],
-) -> Result<Vec<f32>> {
+) -> Result<StoredMatrix> {
     let data = source.read(name, shape)?.ok_or_else(|| CheckpointError::MissingTensor {
         name: name.to_string(),
         files: source.describe(),
     })?;
-    check_finite(name, &data)?;
+    data.check_finite(name)?;
     Ok(data)
 }
 
+/// [`required_tensor`] widened to f32 (vectors, norms, biases, GPT-2's weights).
+pub(crate) fn required_f32(
+    source: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    required_tensor(source, name, shape).map(|m| m.to_f32())
+}
+
 /// An optional tensor (`None` when `wanted` is false or the source lacks it … only when not
-/// wanted: a wanted tensor must exist), finite.
-pub(crate) fn optional_tensor(
+/// wanted: a wanted tensor must exist), finite, widened to f32.
+pub(crate) fn optional_f32(
     source: &mut dyn WeightSource,
     name: &str,
     shape: &[usize],
     wanted: bool,
 ) -> Result<Option<Vec<f32>>> {
     if wanted {
-        required_tensor(source, name, shape).map(Some)
+        required_f32(source, name, shape).map(Some)
     } else {
         Ok(None)
-    }
-}
-
-/// Refuse NaN or ±∞ in a weight, naming it and the first bad index.
-pub(crate) fn check_finite(name: &str, data: &[f32]) -> Result<()> {
-    match data.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(index) => Err(CheckpointError::NonFinite {
-            what: format!("weight {name}"),
-            index,
-            value: data[index].into(),
-        }),
     }
 }
 
@@ -588,6 +674,22 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&gguf, n_head, out, inp), hf);
+    }
+
+    #[test]
+    fn row_orders_match_the_row_copies() {
+        let (heads, dh, inp) = (3, 4, 2);
+        let rows: Vec<f32> = (0..3 * heads * dh * inp).map(|x| x as f32).collect();
+        let m = StoredMatrix::from_f32(3 * heads * dh, inp, rows.clone());
+        assert_eq!(
+            m.select_rows(&neox_qkv_row_order(heads, dh)).to_f32(),
+            neox_qkv_rows(&rows, heads, dh, inp)
+        );
+        let q = StoredMatrix::from_f32(heads * dh, inp, rows[..heads * dh * inp].to_vec());
+        assert_eq!(
+            q.select_rows(&unpermute_row_order(heads, heads * dh)).to_f32(),
+            unpermute_rows(&rows[..heads * dh * inp], heads, heads * dh, inp)
+        );
     }
 
     #[test]
