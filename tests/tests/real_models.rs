@@ -103,9 +103,13 @@ fn compare(script: &str, name: &str) -> (Decoder, Vec<u32>, f64, f64) {
     // `--text`'s tokenization: special tokens as the GGUF's metadata says (BOS for Gemma).
     let ids = tokenizer.encode(prompt, true).unwrap().get_ids().to_vec();
     assert_eq!(ids, o.ids, "{name}: token ids of {prompt:?}");
+    // The same weights widened to f32 on load: the stored-precision path (weights widened per
+    // product) must give the f32 path's Fisher (#18: within 1e-5 relative).
+    let widened = Decoder::new(weights.to_f32(), &Device::Cpu).expect("upload to candle");
     let model = Decoder::new(weights, &Device::Cpu).expect("upload to candle");
     let t = ids.len() - 1;
     let contexts = model.lower_layers(&ids, &o.layers).unwrap();
+    let contexts_f32 = widened.lower_layers(&ids, &o.layers).unwrap();
     let (mut worst_h, mut worst_f) = (0f64, 0f64);
     for (i, (ctx, &k)) in contexts.iter().zip(&o.layers).enumerate() {
         let h: Vec<f64> = model.activation(ctx, t).unwrap().iter().map(|&x| x as f64).collect();
@@ -115,6 +119,17 @@ fn compare(script: &str, name: &str) -> (Decoder, Vec<u32>, f64, f64) {
         let f = exact_fisher(&model, ctx, &[t], &ExactOptions::default()).unwrap().remove(0);
         let ef = relative_frobenius(&f, &o.fisher[i]);
         println!("{name} layer {k:2}: activation rel. error {eh:.2e}, exact F rel. error {ef:.2e}");
+        let f32_path = exact_fisher(&widened, &contexts_f32[i], &[t], &ExactOptions::default())
+            .unwrap()
+            .remove(0);
+        let e_stored = relative_frobenius(&f, &f32_path);
+        println!(
+            "{name} layer {k:2}: stored-precision vs f32 weights, exact F rel. diff {e_stored:.2e}"
+        );
+        assert!(
+            e_stored <= 1e-5,
+            "{name} layer {k}: stored vs f32 weights differ by {e_stored:.3e}"
+        );
         assert!(eh <= 1e-3, "{name} layer {k}: activation relative error {eh:.3e}");
         assert!(ef <= 1e-3, "{name} layer {k}: exact F relative error {ef:.3e} (oracle float64)");
         // The matrix-free top-16 against this exact F (#18's accuracy bar: eigenvalues 1e-4

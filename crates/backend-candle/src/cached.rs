@@ -175,8 +175,17 @@ impl Table {
     fn read_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> candle_core::Result<()> {
         match self {
             Table::Dense(t) => {
-                let n = rows.len();
-                let data = t.narrow(0, rows.start, n)?.flatten_all()?.to_vec1::<f32>()?;
+                let d = t.dim(1)?;
+                // On the CPU, one copy straight out of the tensor's storage.
+                let (storage, layout) = t.storage_and_layout();
+                if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((o, _))) =
+                    (&*storage, layout.contiguous_offsets())
+                {
+                    out.copy_from_slice(&v[o + rows.start * d..o + rows.end * d]);
+                    return Ok(());
+                }
+                drop(storage);
+                let data = t.narrow(0, rows.start, rows.len())?.flatten_all()?.to_vec1::<f32>()?;
                 out.copy_from_slice(&data);
             }
             Table::Stored(m) => m.widen_rows_into(rows, out),

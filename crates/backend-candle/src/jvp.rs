@@ -49,11 +49,26 @@ impl Dual {
         Ok(Dual { x: f(&self.x, 1)?, dx: f(&self.dx, r)? })
     }
 
-    /// `y = xW + b`, `ẏ = ẋW`.
+    /// `y = xW + b`, `ẏ = ẋW`: one product of the stacked rows `[x; ẋ]`, so the weight is read
+    /// (and, when stored narrower than f32, widened) once per layer — the primal row alone is a
+    /// matrix–vector product as expensive as a block of tangents, since both stream `W`.
     pub(crate) fn linear(&self, w: &Weight, b: Option<&Tensor>) -> Result<Dual> {
-        // A stored weight is widened once for both products.
-        let w = w.widened_once()?;
-        Ok(Dual { x: linear(&self.x, &w, b)?, dx: linear(&self.dx, &w, None)? })
+        let inp = self.x.dim(D::Minus1)?;
+        let (nx, ndx) = (self.x.elem_count() / inp.max(1), self.dx.elem_count() / inp.max(1));
+        let rows = Tensor::cat(&[self.x.reshape((nx, inp))?, self.dx.reshape((ndx, inp))?], 0)?;
+        let y = linear(&rows, w, None)?;
+        let out = y.dim(1)?;
+        let shaped = |t: &Tensor| {
+            let mut dims = t.dims().to_vec();
+            *dims.last_mut().expect("a tensor with a feature axis") = out;
+            dims
+        };
+        let x = y.narrow(0, 0, nx)?.reshape(shaped(&self.x))?;
+        let x = match b {
+            Some(b) => x.broadcast_add(b)?,
+            None => x,
+        };
+        Ok(Dual { x, dx: y.narrow(0, nx, ndx)?.reshape(shaped(&self.dx))? })
     }
 
     /// `x + y`.

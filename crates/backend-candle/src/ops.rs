@@ -245,7 +245,8 @@ impl Weight {
     }
 
     /// The `[in, out]` tensor: the dense one, or the stored matrix widened to f32 now (a
-    /// transposed view of a fresh `[out, in]` buffer).
+    /// transposed view of a fresh `[out, in]` buffer; the CPU products do not use this, see
+    /// [`stored_product`]).
     pub fn widened(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(t) => Ok(t.clone()),
@@ -253,12 +254,6 @@ impl Weight {
                 Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu)?.t()
             }
         }
-    }
-
-    /// A dense weight widened once: for several products with the same weight in one step (the
-    /// primal and the tangent of a forward-mode pass).
-    pub fn widened_once(&self) -> Result<Weight> {
-        Ok(Weight::Dense(self.widened()?))
     }
 }
 
@@ -297,6 +292,10 @@ impl candle_core::CustomOp1 for ConstMatmul {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
         let (rows, inp, out) = self.dims(layout)?;
+        if let Weight::Stored(m) = &self.w {
+            let y = stored_product(cpu_f32(storage, layout)?, rows, m, Side::Transposed);
+            return Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((rows, out))));
+        }
         let w = self.w.widened()?;
         let (w_storage, w_layout) = w.storage_and_layout();
         let candle_core::Storage::Cpu(w) = &*w_storage else {
@@ -326,8 +325,162 @@ impl candle_core::CustomOp1 for ConstMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w.widened()?.t()?)?))
+        match &self.w {
+            Weight::Stored(m) if grad_res.device().is_cpu() => {
+                Ok(Some(grad_res.contiguous()?.apply_op1(StoredTimes { w: m.clone() })?))
+            }
+            w => Ok(Some(grad_res.matmul(&w.widened()?.t()?)?)),
+        }
     }
+}
+
+/// `g · W` for rows `g` `(rows, out)` and a stored `W` (`[out, in]`): the input gradient of
+/// [`ConstMatmul`] with a stored weight, as an op of its own so that it too widens `W` chunk by
+/// chunk ([`stored_product`]). First-order only (no backward of its own).
+struct StoredTimes {
+    w: StoredMatrix,
+}
+
+impl candle_core::CustomOp1 for StoredTimes {
+    fn name(&self) -> &'static str {
+        "stored-times"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (rows, out) = layout.shape().dims2()?;
+        if out != self.w.rows() {
+            candle_core::bail!("stored times: g has {out} columns, W has {} rows", self.w.rows());
+        }
+        let y = stored_product(cpu_f32(storage, layout)?, rows, &self.w, Side::Plain);
+        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((rows, self.w.cols()))))
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        (candle_core::CpuStorage::F32(_), None) => {
+            candle_core::bail!("a product with a stored weight needs contiguous rows")
+        }
+        _ => candle_core::bail!("a product with a stored weight needs f32 rows"),
+    }
+}
+
+/// Which product [`stored_product`] forms with the stored `W` (`[out, in]`).
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// `x Wᵀ`: `(rows, in) → (rows, out)` (the forward product).
+    Transposed,
+    /// `g W`: `(rows, out) → (rows, in)` (the input gradient).
+    Plain,
+}
+
+/// Floats of widened weight rows per chunk: 8 MB, so a chunk is consumed from cache right after
+/// it is widened, and the buffer is reused (no fresh pages per product).
+const WIDEN_CHUNK_FLOATS: usize = 1 << 21;
+
+thread_local! {
+    /// The reused widening buffer of this thread.
+    static WIDEN_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The product of `rows` f32 rows `a` with a stored `W` (`[out, in]`) on the CPU, `W` widened
+/// a chunk of its rows at a time into one reused buffer and multiplied by the `gemm` crate
+/// (candle's own CPU GEMM): `x Wᵀ` sums over `in` within each chunk of outputs, `g W` adds the
+/// chunks' contributions in order. Activations and products stay f32; nothing of `W` is ever
+/// held in f32 beyond one chunk.
+fn stored_product(a: &[f32], rows: usize, w: &StoredMatrix, side: Side) -> Vec<f32> {
+    stored_product_in_chunks(a, rows, w, side, WIDEN_CHUNK_FLOATS)
+}
+
+/// [`stored_product`] with chunks of about `chunk_floats` widened values.
+fn stored_product_in_chunks(
+    a: &[f32],
+    rows: usize,
+    w: &StoredMatrix,
+    side: Side,
+    chunk_floats: usize,
+) -> Vec<f32> {
+    let (out, inp) = (w.rows(), w.cols());
+    let (width, result_cols) = match side {
+        Side::Transposed => (inp, out),
+        Side::Plain => (out, inp),
+    };
+    debug_assert_eq!(a.len(), rows * width);
+    let mut y = vec![0f32; rows * result_cols];
+    if rows == 0 || out == 0 || inp == 0 {
+        return y;
+    }
+    let chunk = (chunk_floats / inp).max(1).min(out);
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    WIDEN_BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        for o0 in (0..out).step_by(chunk) {
+            let n = chunk.min(out - o0);
+            buffer.resize(n * inp, 0.0);
+            let w_rows = &mut buffer[..n * inp];
+            w.widen_rows_into(o0..o0 + n, w_rows);
+            // SAFETY: every pointer/stride pair addresses memory inside `a`, `w_rows` or `y`
+            // (bounds: rows × width, n × inp, rows × result_cols), and `y` is not aliased.
+            unsafe {
+                match side {
+                    // y[:, o0..o0+n] (rows × n) = a (rows × inp) · w_rowsᵀ (inp × n).
+                    Side::Transposed => gemm::gemm(
+                        rows,
+                        n,
+                        inp,
+                        y.as_mut_ptr().add(o0),
+                        1,
+                        result_cols as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        inp as isize,
+                        w_rows.as_ptr(),
+                        inp as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        threads,
+                    ),
+                    // y (rows × inp) += a[:, o0..o0+n] (rows × n) · w_rows (n × inp).
+                    Side::Plain => gemm::gemm(
+                        rows,
+                        inp,
+                        n,
+                        y.as_mut_ptr(),
+                        1,
+                        inp as isize,
+                        o0 > 0,
+                        a.as_ptr().add(o0),
+                        1,
+                        out as isize,
+                        w_rows.as_ptr(),
+                        1,
+                        inp as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        threads,
+                    ),
+                }
+            }
+        }
+    });
+    y
 }
 
 /// `x · W + b` for `x` of shape `(…, in)`, `W` `[in, out]` ([`Weight`]), `b` `[out]`.
@@ -430,6 +583,34 @@ mod tests {
             |x| linear(&x.reshape((2, 2))?, &w, Some(&b))?.broadcast_mul(&c),
             &[1.0, 2.0, -1.0, 0.5],
         );
+    }
+
+    /// The chunked products with a stored weight (several chunks and a remainder) against the
+    /// dense products of the widened values.
+    #[test]
+    fn chunked_stored_products_match_dense_ones() {
+        let (out, inp, rows) = (11, 6, 4);
+        let values: Vec<f32> = (0..out * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let bytes: Vec<u8> =
+            values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let w = StoredMatrix::from_bytes(out, inp, fs_checkpoint::GgmlType::BF16, bytes).unwrap();
+        let wf = w.to_f32();
+        let x: Vec<f32> = (0..rows * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+        let g: Vec<f32> = (0..rows * out).map(|i| (i as f32 * 0.21).cos()).collect();
+        for chunk_floats in [3 * inp, 4 * inp, 100 * inp, 1] {
+            let y = stored_product_in_chunks(&x, rows, &w, Side::Transposed, chunk_floats);
+            let gx = stored_product_in_chunks(&g, rows, &w, Side::Plain, chunk_floats);
+            for i in 0..rows {
+                for o in 0..out {
+                    let want: f32 = (0..inp).map(|k| x[i * inp + k] * wf[o * inp + k]).sum();
+                    assert!((y[i * out + o] - want).abs() <= 1e-5, "x Wᵀ ({i}, {o})");
+                }
+                for k in 0..inp {
+                    let want: f32 = (0..out).map(|o| g[i * out + o] * wf[o * inp + k]).sum();
+                    assert!((gx[i * inp + k] - want).abs() <= 1e-5, "g W ({i}, {k})");
+                }
+            }
+        }
     }
 
     /// A bf16 weight kept as stored gives the products (forward and input gradient) of its

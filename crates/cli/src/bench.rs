@@ -46,10 +46,15 @@ use std::time::Instant;
 pub struct BenchArgs {
     /// Model shape (random weights): gpt2-small (12 layers, d 768, V 50257), gpt2-medium,
     /// smollm2-135m (the Llama shape of SmolLM2-135M: 30 layers, d 576, 9 heads / 3 key-value
-    /// heads, V 49152), llama-3.2-1b (16 layers, d 2048, 32 / 8 heads, MLP 8192, V 128256), or
-    /// tiny.
+    /// heads, V 49152), llama-3.2-1b (16 layers, d 2048, 32 / 8 heads, MLP 8192, V 128256, tied),
+    /// llama-3.1-8b (32 layers, d 4096, 32 / 8 heads, MLP 14336, V 128256, untied), or tiny.
     #[arg(long, default_value = "gpt2-small")]
     pub shape: String,
+    /// Precision the random weights are held in: f32, bf16 or f16 (default: bf16 for the
+    /// llama-3.x shapes, as those checkpoints ship, f32 otherwise). candle's CPU path keeps
+    /// bf16/f16 matrices as stored and widens one product at a time; burn and dfdx widen on load.
+    #[arg(long, value_name = "DTYPE")]
+    pub weights: Option<String>,
     /// Engines to time, comma-separated: candle, burn, dfdx (each needs its Cargo feature).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "candle")]
     pub backend: Vec<Backend>,
@@ -158,8 +163,19 @@ impl Shape {
                 });
                 Shape::Llama(DecoderConfig::from_json(&json.to_string(), "llama-3.2-1b".as_ref())?)
             }
+            "llama-3.1-8b" => {
+                let json = serde_json::json!({
+                    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+                    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "max_position_embeddings": seq_len.max(131072), "tie_word_embeddings": false,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                });
+                Shape::Llama(DecoderConfig::from_json(&json.to_string(), "llama-3.1-8b".as_ref())?)
+            }
             other => bail!(
-                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m, llama-3.2-1b or tiny"
+                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m, llama-3.2-1b, llama-3.1-8b or tiny"
             ),
         })
     }
@@ -237,8 +253,34 @@ fn run_backend(backend: Backend, shape: &Shape, args: &BenchArgs) -> Result<()> 
         args.device,
         rss()
     );
-    let weights = scale_logits(config.random_weights(0.02, 0)?, args.logit_std);
+    let dtype = weights_dtype(args)?;
+    let start = Instant::now();
+    let source = &mut fs_checkpoint::RandomSource::new(&config, 0.02, 0).with_dtype(dtype)?;
+    let weights = scale_logits(config.read_weights(source)?, args.logit_std);
+    println!(
+        "| {} | — | — | — | random weights in {} ({:.1} s to draw) | {} {} | — | — | {} |",
+        args.shape,
+        dtype.name(),
+        start.elapsed().as_secs_f64(),
+        backend.name(),
+        args.device,
+        rss()
+    );
     engine.run(weights, None, BenchJob { backend, shape, args })
+}
+
+/// The precision of the random weights: `--weights`, else bf16 for the llama-3.x shapes.
+fn weights_dtype(args: &BenchArgs) -> Result<fs_checkpoint::GgmlType> {
+    use fs_checkpoint::GgmlType;
+    let name = args.weights.clone().unwrap_or_else(|| {
+        if args.shape.starts_with("llama-3") { "bf16" } else { "f32" }.to_string()
+    });
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "f32" => GgmlType::F32,
+        "bf16" => GgmlType::BF16,
+        "f16" => GgmlType::F16,
+        other => bail!("--weights {other:?}: use f32, bf16 or f16"),
+    })
 }
 
 /// Scale the final-norm gain (and shift) of random weights of std 0.02 so that the logits have

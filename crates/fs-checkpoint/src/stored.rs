@@ -243,6 +243,14 @@ impl StoredMatrix {
         self.widen_rows(0..self.rows)
     }
 
+    /// The same matrix held in f32 (widened now; an f32 matrix is shared, not copied).
+    pub fn to_f32_matrix(&self) -> StoredMatrix {
+        if self.is_f32() && self.index.is_none() {
+            return self.clone();
+        }
+        StoredMatrix::from_f32(self.rows, self.cols, self.to_f32())
+    }
+
     /// The whole matrix widened to f32 and transposed: the `cols × rows` [`crate::HostMatrix`]
     /// (a linear layer's `[in, out]` weight from its stored `[out, in]` rows).
     pub fn to_host_transposed(&self) -> crate::HostMatrix {

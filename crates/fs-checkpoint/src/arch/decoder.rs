@@ -838,6 +838,35 @@ impl DecoderWeights {
         Self::read(config, source)
     }
 
+    /// The same weights with every matrix held in f32 (widened now): what an eager f32 load
+    /// gives, for engines and checks that want no stored-precision matrices.
+    pub fn to_f32(&self) -> DecoderWeights {
+        let lin = |l: &StoredLinear| StoredLinear {
+            weight: l.weight.to_f32_matrix(),
+            bias: l.bias.clone(),
+        };
+        DecoderWeights {
+            config: self.config.clone(),
+            embed: self.embed.to_f32_matrix(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| DecoderBlock {
+                    q: lin(&b.q),
+                    k: lin(&b.k),
+                    v: lin(&b.v),
+                    o: lin(&b.o),
+                    gate: b.gate.as_ref().map(lin),
+                    up: lin(&b.up),
+                    down: lin(&b.down),
+                    ..b.clone()
+                })
+                .collect(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.as_ref().map(StoredMatrix::to_f32_matrix),
+        }
+    }
+
     /// The unembedding `W_U` (`V × d`): `lm_head` when untied, else `embed`.
     pub fn unembedding(&self) -> &StoredMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
