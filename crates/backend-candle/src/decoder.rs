@@ -79,7 +79,7 @@ impl Decoder {
     /// Build the model from typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from
     /// safetensors, GGUF or random values; fused tensors split, Gemma's norms already `1 + w`).
     /// On the CPU, matrices stored narrower than f32 (bf16, f16, GGUF quantised blocks) stay so
-    /// and are widened one product at a time ([`Weight`], [`Table`]); f32 matrices, and every
+    /// and are widened one product at a time ([`Weight`]; the embedding and `W_U` alike); f32 matrices, and every
     /// matrix on other devices, are uploaded as f32 once.
     pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
         let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;

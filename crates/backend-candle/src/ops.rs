@@ -245,8 +245,8 @@ impl Weight {
     }
 
     /// The `[in, out]` tensor: the dense one, or the stored matrix widened to f32 now (a
-    /// transposed view of a fresh `[out, in]` buffer; the CPU products do not use this, see
-    /// [`stored_product`]).
+    /// transposed view of a fresh `[out, in]` buffer; CPU products with a stored weight use
+    /// the chunked `stored_product`).
     pub fn widened(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(t) => Ok(t.clone()),

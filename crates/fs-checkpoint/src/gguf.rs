@@ -400,12 +400,8 @@ impl GgufFile {
     /// ([`CheckpointError::MissingTensor`]), the file shorter than when it was opened, or a value
     /// that is NaN or infinite after dequantisation.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self.tensors.get(name).ok_or_else(|| CheckpointError::MissingTensor {
-            name: name.to_string(),
-            files: self.path.display().to_string(),
-        })?;
+        let (info, bytes) = self.read_bytes(name)?;
         let path = &self.path;
-        let bytes = self.read_bytes(name, info)?;
         let data = dequantize(info.ggml_type, &bytes, info.elements()).map_err(|m| {
             CheckpointError::gguf(path, format!("tensor {name}: {m}: re-download it"))
         })?;
@@ -424,12 +420,8 @@ impl GgufFile {
     /// only for odd shapes) is dequantised to f32 here. Values are not checked for NaN/±∞:
     /// [`StoredMatrix::check_finite`] does that.
     pub fn read_stored(&self, name: &str) -> Result<StoredMatrix> {
-        let info = self.tensors.get(name).ok_or_else(|| CheckpointError::MissingTensor {
-            name: name.to_string(),
-            files: self.path.display().to_string(),
-        })?;
+        let (info, bytes) = self.read_bytes(name)?;
         let path = &self.path;
-        let bytes = self.read_bytes(name, info)?;
         let (rows, cols) = crate::matrix_dims(&info.shape);
         let corrupt =
             |m: String| CheckpointError::gguf(path, format!("tensor {name}: {m}: re-download it"));
@@ -441,8 +433,13 @@ impl GgufFile {
         }
     }
 
-    /// The raw bytes of tensor `name` (one seek and read).
-    fn read_bytes(&self, name: &str, info: &GgufTensorInfo) -> Result<Vec<u8>> {
+    /// Tensor `name`'s table entry and raw bytes (one seek and read);
+    /// [`CheckpointError::MissingTensor`] if absent.
+    fn read_bytes(&self, name: &str) -> Result<(&GgufTensorInfo, Vec<u8>)> {
+        let info = self.tensors.get(name).ok_or_else(|| CheckpointError::MissingTensor {
+            name: name.to_string(),
+            files: self.path.display().to_string(),
+        })?;
         let path = &self.path;
         let mut bytes = vec![0u8; info.len as usize];
         let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
@@ -457,7 +454,7 @@ impl GgufFile {
                 CheckpointError::io(path, e)
             }
         })?;
-        Ok(bytes)
+        Ok((info, bytes))
     }
 }
 

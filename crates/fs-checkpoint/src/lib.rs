@@ -13,12 +13,15 @@
 //!   configuration [`ModelConfig`] from `config.json` ([`Gpt2Config`], [`DecoderConfig`]) or GGUF
 //!   metadata ([`DecoderConfig::from_gguf`]), validated with one-line errors;
 //! * **the weights** — per architecture one typed, shape-checked, finite set of host weights
-//!   ([`Gpt2Weights`], [`DecoderWeights`]; linear weights `[in, out]`) read from any
+//!   ([`Gpt2Weights`]: f32, linear weights `[in, out]`; [`DecoderWeights`]: every matrix a
+//!   [`StoredMatrix`] kept in the precision the file stores it in, linear weights `[out, in]`,
+//!   rows widened to f32 on demand) read from any
 //!   [`WeightSource`]: safetensors ([`WeightStore`]: headers validated against the real file
 //!   size before anything is allocated; F32, F16, BF16, F64), GGUF ([`GgufFile`] +
 //!   [`GgufSource`]: header validated the same way, llama.cpp names mapped to HF names, the
-//!   converter's layouts undone ([`GgufLayout`]), every [`GgmlType`] dequantised by this crate's [`dequantize`]), or
-//!   deterministic random values ([`RandomSource`]);
+//!   converter's layouts undone ([`GgufLayout`]; row permutations by a row index, so quantised
+//!   blocks stay quantised), every [`GgmlType`] widened by this crate's [`dequantize_into`]), or
+//!   deterministic random values ([`RandomSource`]: drawn lazily, in f32 or bf16);
 //! * **the tokenizer** — [`load_tokenizer`] (`tokenizer.json` or GPT-2's `vocab.json` +
 //!   `merges.txt`), or the one in a GGUF file's metadata ([`Checkpoint::embedded_tokenizer`]);
 //! * **provenance** — [`sha256_file`] hashes the weights for results metadata;

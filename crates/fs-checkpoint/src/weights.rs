@@ -224,16 +224,7 @@ impl WeightStore {
     /// after checking its shape is `expected` ([`CheckpointError::ShapeMismatch`]). Values are
     /// not checked for NaN/±∞ here: [`StoredMatrix::check_finite`] does that.
     pub fn read_stored(&self, name: &str, expected: &[usize]) -> Result<StoredMatrix> {
-        if let Some(entry) = self.tensors.get(name) {
-            if entry.shape != expected {
-                return Err(CheckpointError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: expected.to_vec(),
-                    got: entry.shape.clone(),
-                    path: self.files[entry.file].clone(),
-                });
-            }
-        }
+        self.check_shape(name, expected)?;
         let (entry, bytes) = self.read_bytes(name)?;
         let (rows, cols) = crate::stored::matrix_dims(&entry.shape);
         let ty = match entry.dtype.name {
@@ -257,17 +248,23 @@ impl WeightStore {
     /// both shapes and the file) unless the tensor's shape is `expected`. The shape is checked
     /// before any data is read.
     pub fn read_f32_shaped(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
-        if let Some(entry) = self.tensors.get(name) {
-            if entry.shape != expected {
-                return Err(CheckpointError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: expected.to_vec(),
-                    got: entry.shape.clone(),
-                    path: self.files[entry.file].clone(),
-                });
-            }
-        }
+        self.check_shape(name, expected)?;
         self.read_f32(name)
+    }
+
+    /// [`CheckpointError::ShapeMismatch`] (naming the tensor, both shapes and the file) when a
+    /// tensor `name` exists with another shape than `expected`; absent tensors pass (the read
+    /// names them).
+    fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        match self.tensors.get(name) {
+            Some(entry) if entry.shape != expected => Err(CheckpointError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got: entry.shape.clone(),
+                path: self.files[entry.file].clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn file_list(&self) -> String {
