@@ -421,8 +421,16 @@ fn stored_product_in_chunks(
     }
     let chunk = (chunk_floats / inp).max(1).min(out);
     let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    WIDEN_BUFFER.with(|buffer| {
-        let mut buffer = buffer.borrow_mut();
+    WIDEN_BUFFER.with(|shared| {
+        // A rayon worker waiting inside a product may run another product on this thread (work
+        // stealing): that one widens into a buffer of its own instead of panicking on a second
+        // borrow.
+        let mut own = Vec::new();
+        let mut borrowed = shared.try_borrow_mut().ok();
+        let buffer: &mut Vec<f32> = match borrowed.as_deref_mut() {
+            Some(b) => b,
+            None => &mut own,
+        };
         for o0 in (0..out).step_by(chunk) {
             let n = chunk.min(out - o0);
             buffer.resize(n * inp, 0.0);
