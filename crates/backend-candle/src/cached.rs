@@ -7,7 +7,7 @@
 
 use crate::ops::softmax_last_dim;
 use crate::ops::Weight;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use fs_checkpoint::{HostMatrix, StoredLinear, StoredMatrix};
 use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
@@ -96,10 +96,6 @@ impl Upload<'_> {
     }
 }
 
-/// Rows of `W_U` widened per product when it is kept in its stored precision: about 16 MB of
-/// f32 at `d = 2048`.
-const TABLE_CHUNK_ROWS: usize = 2048;
-
 /// A `V × d` table — the token embedding, the unembedding `W_U`, or both when tied — as the
 /// passes use it: an f32 tensor on the device, or the checkpoint's matrix in its stored
 /// precision on the host (CPU only), whose rows are widened when a pass needs them (the tokens'
@@ -131,22 +127,12 @@ impl Table {
         }
     }
 
-    /// `x Tᵀ` for rows `x` `(n, d)`: `(n, V)` (the logits of readout rows).
+    /// `x Tᵀ` for rows `x` `(n, d)`: `(n, V)` (the logits of readout rows). A stored table is
+    /// multiplied as a stored weight (`[V, d]` = `[out, in]`): widened chunk by chunk.
     pub(crate) fn times_transposed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Table::Dense(t) => x.matmul(&t.t()?),
-            Table::Stored(m) => {
-                let parts = (0..m.rows())
-                    .step_by(TABLE_CHUNK_ROWS)
-                    .map(|start| {
-                        let rows = start..(start + TABLE_CHUNK_ROWS).min(m.rows());
-                        let n = rows.len();
-                        let w = Tensor::from_vec(m.widen_rows(rows), (n, m.cols()), x.device())?;
-                        x.matmul(&w.t()?)
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 1)
-            }
+            Table::Stored(m) => crate::ops::linear(x, &Weight::Stored(m.clone()), None),
         }
     }
 
@@ -154,20 +140,7 @@ impl Table {
     pub(crate) fn times(&self, p: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Table::Dense(t) => p.matmul(t),
-            Table::Stored(m) => {
-                let mut acc: Option<Tensor> = None;
-                for start in (0..m.rows()).step_by(TABLE_CHUNK_ROWS) {
-                    let rows = start..(start + TABLE_CHUNK_ROWS).min(m.rows());
-                    let n = rows.len();
-                    let w = Tensor::from_vec(m.widen_rows(rows), (n, m.cols()), p.device())?;
-                    let part = p.narrow(1, start, n)?.contiguous()?.matmul(&w)?;
-                    acc = Some(match acc {
-                        None => part,
-                        Some(a) => (a + part)?,
-                    });
-                }
-                acc.map_or_else(|| Tensor::zeros((p.dim(0)?, m.cols()), DType::F32, p.device()), Ok)
-            }
+            Table::Stored(m) => crate::ops::stored_times(p, m),
         }
     }
 

@@ -326,12 +326,16 @@ impl candle_core::CustomOp1 for ConstMatmul {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         match &self.w {
-            Weight::Stored(m) if grad_res.device().is_cpu() => {
-                Ok(Some(grad_res.contiguous()?.apply_op1(StoredTimes { w: m.clone() })?))
-            }
+            Weight::Stored(m) if grad_res.device().is_cpu() => Ok(Some(stored_times(grad_res, m)?)),
             w => Ok(Some(grad_res.matmul(&w.widened()?.t()?)?)),
         }
     }
+}
+
+/// `g · W` for rows `g` `(rows, out)` on the CPU and a stored `W` (`[out, in]`), `(rows, in)`,
+/// `W` widened chunk by chunk ([`StoredTimes`]).
+pub(crate) fn stored_times(g: &Tensor, w: &StoredMatrix) -> Result<Tensor> {
+    g.contiguous()?.apply_op1(StoredTimes { w: w.clone() })
 }
 
 /// `g · W` for rows `g` `(rows, out)` and a stored `W` (`[out, in]`): the input gradient of

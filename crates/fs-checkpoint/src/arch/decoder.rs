@@ -677,7 +677,7 @@ pub struct DecoderWeights {
 }
 
 /// Rows `rows` of a row-major `[out, inp]` matrix (or a vector when `inp == 1`).
-fn take_rows(data: &[f32], rows: impl Iterator<Item = usize>, inp: usize) -> Vec<f32> {
+pub(crate) fn take_rows(data: &[f32], rows: impl Iterator<Item = usize>, inp: usize) -> Vec<f32> {
     rows.flat_map(|r| data[r * inp..(r + 1) * inp].iter().copied()).collect()
 }
 
@@ -706,11 +706,10 @@ impl DecoderWeights {
             Ok(Norm { weight, bias })
         };
         // A linear layer from HF `[out, inp]` weight rows (and bias entries) `rows`.
-        let linear_of =
-            |w: &StoredMatrix, b: Option<&Vec<f32>>, rows: &[usize], _inp: usize| StoredLinear {
-                weight: w.select_rows(rows),
-                bias: b.map(|b| take_rows(b, rows.iter().copied(), 1)),
-            };
+        let linear_of = |w: &StoredMatrix, b: Option<&Vec<f32>>, rows: &[usize]| StoredLinear {
+            weight: w.select_rows(rows),
+            bias: b.map(|b| take_rows(b, rows.iter().copied(), 1)),
+        };
         let read_linear =
             |source: &mut dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool| {
                 let w = required_tensor(source, &format!("{name}.weight"), &[out, inp])?;
@@ -729,18 +728,18 @@ impl DecoderWeights {
                     let (kw, kb) = read_linear(source, kp, kv_out, d, config.qkv_bias)?;
                     let (vw, vb) = read_linear(source, vp, kv_out, d, config.qkv_bias)?;
                     (
-                        linear_of(&qw, qb.as_ref(), &all(q_out), d),
-                        linear_of(&kw, kb.as_ref(), &all(kv_out), d),
-                        linear_of(&vw, vb.as_ref(), &all(kv_out), d),
+                        linear_of(&qw, qb.as_ref(), &all(q_out)),
+                        linear_of(&kw, kb.as_ref(), &all(kv_out)),
+                        linear_of(&vw, vb.as_ref(), &all(kv_out)),
                     )
                 }
                 Qkv::Concat(n) => {
                     let (w, b) = read_linear(source, n, q_out + 2 * kv_out, d, config.qkv_bias)?;
                     let rows = |from: usize, len: usize| (from..from + len).collect::<Vec<_>>();
                     (
-                        linear_of(&w, b.as_ref(), &rows(0, q_out), d),
-                        linear_of(&w, b.as_ref(), &rows(q_out, kv_out), d),
-                        linear_of(&w, b.as_ref(), &rows(q_out + kv_out, kv_out), d),
+                        linear_of(&w, b.as_ref(), &rows(0, q_out)),
+                        linear_of(&w, b.as_ref(), &rows(q_out, kv_out)),
+                        linear_of(&w, b.as_ref(), &rows(q_out + kv_out, kv_out)),
                     )
                 }
                 Qkv::NeoxInterleaved(n) => {
@@ -752,9 +751,9 @@ impl DecoderWeights {
                             .collect::<Vec<_>>()
                     };
                     (
-                        linear_of(&w, b.as_ref(), &part(0), d),
-                        linear_of(&w, b.as_ref(), &part(1), d),
-                        linear_of(&w, b.as_ref(), &part(2), d),
+                        linear_of(&w, b.as_ref(), &part(0)),
+                        linear_of(&w, b.as_ref(), &part(1)),
+                        linear_of(&w, b.as_ref(), &part(2)),
                     )
                 }
             };
@@ -770,7 +769,7 @@ impl DecoderWeights {
             let q_norm = qk_norm(&names.q_norm, qn)?;
             let k_norm = qk_norm(&names.k_norm, kn)?;
             let (ow, ob) = read_linear(source, &names.o, d, q_out, config.o_bias)?;
-            let o = linear_of(&ow, ob.as_ref(), &all(d), q_out);
+            let o = linear_of(&ow, ob.as_ref(), &all(d));
             let post_attn_norm =
                 names.post_attn_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
             let mlp_norm = names.mlp_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
@@ -779,24 +778,24 @@ impl DecoderWeights {
                     let (gw, gb) = read_linear(source, gate, inner, d, config.mlp_bias)?;
                     let (uw, ub) = read_linear(source, up, inner, d, config.mlp_bias)?;
                     (
-                        Some(linear_of(&gw, gb.as_ref(), &all(inner), d)),
-                        linear_of(&uw, ub.as_ref(), &all(inner), d),
+                        Some(linear_of(&gw, gb.as_ref(), &all(inner))),
+                        linear_of(&uw, ub.as_ref(), &all(inner)),
                     )
                 }
                 Mlp::GateUpConcat(n) => {
                     let (w, b) = read_linear(source, n, 2 * inner, d, config.mlp_bias)?;
                     (
-                        Some(linear_of(&w, b.as_ref(), &all(inner), d)),
-                        linear_of(&w, b.as_ref(), &(inner..2 * inner).collect::<Vec<_>>(), d),
+                        Some(linear_of(&w, b.as_ref(), &all(inner))),
+                        linear_of(&w, b.as_ref(), &(inner..2 * inner).collect::<Vec<_>>()),
                     )
                 }
                 Mlp::Plain { up } => {
                     let (uw, ub) = read_linear(source, up, inner, d, config.mlp_bias)?;
-                    (None, linear_of(&uw, ub.as_ref(), &all(inner), d))
+                    (None, linear_of(&uw, ub.as_ref(), &all(inner)))
                 }
             };
             let (dw, db) = read_linear(source, &names.down, d, inner, config.mlp_bias)?;
-            let down = linear_of(&dw, db.as_ref(), &all(d), inner);
+            let down = linear_of(&dw, db.as_ref(), &all(d));
             let post_mlp_norm =
                 names.post_mlp_norm.as_deref().map(|n| read_norm(source, n)).transpose()?;
             blocks.push(DecoderBlock {

@@ -24,6 +24,7 @@ use crate::error::{CheckpointError, Result};
 use crate::gguf::GgufFile;
 use crate::weights::WeightStore;
 use crate::{GgmlType, StoredMatrix};
+use decoder::take_rows;
 use decoder::{DecoderConfig, DecoderWeights};
 use gpt2::{Gpt2Config, Gpt2Weights};
 
@@ -491,8 +492,22 @@ impl WeightSource for GgufSource<'_> {
     }
 }
 
-/// HF row `r` of an `out`-row q/k weight is GGUF row `unpermute_row_order(n_head, out)[r]`
-/// (see [`unpermute_rows`]).
+/// Undo llama.cpp's q/k row permutation for `n_head` heads: GGUF row `h·dh + 2i + j` is HF row
+/// `h·dh + j·dh/2 + i` (`dh = out / n_head`). llama.cpp's converter does
+/// `w.reshape(n_head, 2, dh/2, in).swapaxes(1, 2).reshape(out, in)`. (Rows copied by
+/// `unpermute_row_order`, which the GGUF source applies as a row index.)
+pub fn unpermute_rows(rows: &[f32], n_head: usize, out: usize, inp: usize) -> Vec<f32> {
+    take_rows(rows, unpermute_row_order(n_head, out).into_iter(), inp)
+}
+
+/// GPT-NeoX's fused q/k/v from llama.cpp's `[q | k | v]` row order back to HF's per-head
+/// `[head][q | k | v][head_dim]` (`inp` values per row; 1 for the bias). (Rows copied by
+/// `neox_qkv_row_order`.)
+pub fn neox_qkv_rows(rows: &[f32], heads: usize, head_dim: usize, inp: usize) -> Vec<f32> {
+    take_rows(rows, neox_qkv_row_order(heads, head_dim).into_iter(), inp)
+}
+
+/// HF row `r` of an `out`-row q/k weight is GGUF row `unpermute_row_order(n_head, out)[r]`.
 fn unpermute_row_order(n_head: usize, out: usize) -> Vec<usize> {
     let dh = out / n_head.max(1);
     let half = dh / 2;
@@ -507,7 +522,7 @@ fn unpermute_row_order(n_head: usize, out: usize) -> Vec<usize> {
     order
 }
 
-/// HF row of GPT-NeoX's fused q/k/v → its GGUF row (see [`neox_qkv_rows`]).
+/// HF row of GPT-NeoX's fused q/k/v → its GGUF row.
 fn neox_qkv_row_order(heads: usize, head_dim: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..3 * heads * head_dim).collect();
     for part in 0..3 {
@@ -518,41 +533,6 @@ fn neox_qkv_row_order(heads: usize, head_dim: usize) -> Vec<usize> {
         }
     }
     order
-}
-
-/// Undo llama.cpp's q/k row permutation for `n_head` heads: GGUF row `h·dh + 2i + j` is HF row
-/// `h·dh + j·dh/2 + i` (`dh = out / n_head`). llama.cpp's converter does
-/// `w.reshape(n_head, 2, dh/2, in).swapaxes(1, 2).reshape(out, in)`.
-pub fn unpermute_rows(rows: &[f32], n_head: usize, out: usize, inp: usize) -> Vec<f32> {
-    let dh = out / n_head.max(1);
-    let half = dh / 2;
-    let mut hf = rows.to_vec();
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = (h * dh + 2 * i + j) * inp;
-                let dst = (h * dh + j * half + i) * inp;
-                hf[dst..dst + inp].copy_from_slice(&rows[src..src + inp]);
-            }
-        }
-    }
-    hf
-}
-
-/// GPT-NeoX's fused q/k/v from llama.cpp's `[q | k | v]` row order back to HF's per-head
-/// `[head][q | k | v][head_dim]` (`inp` values per row; 1 for the bias).
-pub fn neox_qkv_rows(rows: &[f32], heads: usize, head_dim: usize, inp: usize) -> Vec<f32> {
-    let mut hf = rows.to_vec();
-    for part in 0..3 {
-        for h in 0..heads {
-            for i in 0..head_dim {
-                let src = ((part * heads + h) * head_dim + i) * inp;
-                let dst = ((h * 3 + part) * head_dim + i) * inp;
-                hf[dst..dst + inp].copy_from_slice(&rows[src..src + inp]);
-            }
-        }
-    }
-    hf
 }
 
 /// Deterministic random weights as a [`WeightSource`]: every tensor of the configuration's
@@ -674,22 +654,6 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&gguf, n_head, out, inp), hf);
-    }
-
-    #[test]
-    fn row_orders_match_the_row_copies() {
-        let (heads, dh, inp) = (3, 4, 2);
-        let rows: Vec<f32> = (0..3 * heads * dh * inp).map(|x| x as f32).collect();
-        let m = StoredMatrix::from_f32(3 * heads * dh, inp, rows.clone());
-        assert_eq!(
-            m.select_rows(&neox_qkv_row_order(heads, dh)).to_f32(),
-            neox_qkv_rows(&rows, heads, dh, inp)
-        );
-        let q = StoredMatrix::from_f32(heads * dh, inp, rows[..heads * dh * inp].to_vec());
-        assert_eq!(
-            q.select_rows(&unpermute_row_order(heads, heads * dh)).to_f32(),
-            unpermute_rows(&rows[..heads * dh * inp], heads, heads * dh, inp)
-        );
     }
 
     #[test]
