@@ -572,15 +572,22 @@ pub(crate) fn readout_vjp<M: CachedUpper>(
 }
 
 /// `Aᵀ c_i` for the cotangent rows `c` `(1, R, d_u)` at `position`: `R` replicas of the
-/// activation, one backward pass of `Σ_i ⟨c_i, u_i⟩`; rows `(R × d)` flattened.
+/// activation, one backward pass of `Σ_i ⟨c_i, u_i⟩`; rows `(R × d)` flattened. The replicas'
+/// forward is one row's worth of products ([`ReplicatedRows`]: every linear layer multiplies
+/// one row and copies it; the cheap row-wise operations run on all `R`), so the pass costs one
+/// weight stream forward plus the backward's `R`-row products.
 fn vjp_rows<M: CachedUpper>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
     c: &Tensor,
 ) -> candle_core::Result<Vec<f32>> {
-    let h = Var::from_tensor(&replicated(m, ctx, &[position], c.dim(1)?)?)?;
-    let u = m.upper(ctx, &[position], h.as_tensor())?;
+    let r = c.dim(1)?;
+    let h = Var::from_tensor(&replicated(m, ctx, &[position], r)?)?;
+    let u = {
+        let _replicas = crate::ops::ReplicatedRows::declare(r);
+        m.upper(ctx, &[position], h.as_tensor())?
+    };
     let grads = (u * c)?.sum_all()?.backward()?;
     let g = grads
         .get(h.as_tensor())

@@ -267,6 +267,10 @@ impl Weight {
 /// autograd graph keeps the stored matrix, not an f32 copy of it.
 struct ConstMatmul {
     w: Weight,
+    /// `R > 1` when the rows come in groups of `R` replicas ([`ReplicatedRows`]): the CPU
+    /// forward multiplies the first row of each group (if the group really is `R` equal rows)
+    /// and copies the result; the backward is the full per-row `∂L/∂y · Wᵀ`.
+    replicas: usize,
 }
 
 impl ConstMatmul {
@@ -277,6 +281,137 @@ impl ConstMatmul {
             candle_core::bail!("const matmul: x has {inp} columns, W has {w_in} rows");
         }
         Ok((rows, inp, out))
+    }
+
+    /// The forward product when the `rows` come in groups of `self.replicas` equal rows: the
+    /// first row of each group multiplied (f32 or f64 rows; one stored-weight stream instead
+    /// of `R` rows' worth of GEMM), its result copied to the group. `None` (the caller forms
+    /// the full product) when no replication was declared, or the rows are not in fact equal.
+    fn replicated_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Option<candle_core::CpuStorage>> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::CpuStorage;
+        let r = self.replicas;
+        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
+        if r < 2 || rows % r != 0 {
+            return Ok(None);
+        }
+        let groups = rows / r;
+        let y = match storage {
+            CpuStorage::F32(v) => {
+                let Some(firsts) = first_of_equal_groups(&v[start..end], inp, r) else {
+                    return Ok(None);
+                };
+                let y = match &self.w {
+                    Weight::Stored(m) => stored_product(&firsts, groups, m, Side::Transposed),
+                    Weight::Dense(_) => {
+                        let x = CpuStorage::F32(firsts);
+                        let w = self.w.widened()?;
+                        let (w_storage, w_layout) = w.storage_and_layout();
+                        let candle_core::Storage::Cpu(w) = &*w_storage else {
+                            candle_core::bail!("const matmul: the weight is not on the CPU");
+                        };
+                        let x_layout = candle_core::Layout::contiguous((groups, inp));
+                        match x.matmul(w, (1, groups, out, inp), &x_layout, w_layout)? {
+                            CpuStorage::F32(y) => y,
+                            _ => candle_core::bail!("const matmul: f32 rows gave non-f32 products"),
+                        }
+                    }
+                };
+                CpuStorage::F32(repeat_rows(&y, out, r))
+            }
+            CpuStorage::F64(v) => {
+                let Some(firsts) = first_of_equal_groups(&v[start..end], inp, r) else {
+                    return Ok(None);
+                };
+                let w = self.w.widened()?;
+                let (w_storage, w_layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(w) = &*w_storage else {
+                    candle_core::bail!("const matmul: the weight is not on the CPU");
+                };
+                let x_layout = candle_core::Layout::contiguous((groups, inp));
+                match CpuStorage::F64(firsts).matmul(
+                    w,
+                    (1, groups, out, inp),
+                    &x_layout,
+                    w_layout,
+                )? {
+                    CpuStorage::F64(y) => CpuStorage::F64(repeat_rows(&y, out, r)),
+                    _ => candle_core::bail!("const matmul: f64 rows gave non-f64 products"),
+                }
+            }
+            _ => return Ok(None),
+        };
+        #[cfg(test)]
+        REPLICATED_PRODUCTS.with(|c| c.set(c.get() + 1));
+        Ok(Some(y))
+    }
+}
+
+/// The first row of each group of `r` consecutive rows (`width` values each) of `a`, if every
+/// group consists of `r` bitwise-equal rows; `None` at the first row that differs.
+fn first_of_equal_groups<T: Copy + PartialEq>(a: &[T], width: usize, r: usize) -> Option<Vec<T>> {
+    let group = width * r;
+    let mut firsts = Vec::with_capacity(a.len() / r);
+    for g in a.chunks_exact(group) {
+        let (first, rest) = g.split_at(width);
+        // `to_bits` equality would distinguish ±0 and NaN payloads; `==` suffices here since a
+        // NaN row fails the comparison and takes the full product.
+        if !rest.chunks_exact(width).all(|row| row == first) {
+            return None;
+        }
+        firsts.extend_from_slice(first);
+    }
+    Some(firsts)
+}
+
+/// Each row (`width` values) of `y` repeated `r` times.
+fn repeat_rows<T: Copy>(y: &[T], width: usize, r: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(y.len() * r);
+    for row in y.chunks_exact(width) {
+        for _ in 0..r {
+            out.extend_from_slice(row);
+        }
+    }
+    out
+}
+
+thread_local! {
+    /// The replica count declared by the innermost [`ReplicatedRows`] guard of this thread
+    /// (0: none).
+    static REPLICAS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Forward products that took the one-row-per-group shortcut on this thread (tests).
+    static REPLICATED_PRODUCTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// While alive, declares that the rows entering every [`linear`] on this thread come in groups
+/// of `r` replicas of one row (the reverse-mode VJP runs the forward pass on `R` copies of the
+/// activation, one per cotangent): the forward products multiply one row per group. The rows
+/// are still compared before a product relies on it, so a wrong declaration only costs the
+/// comparison. Restores the previous declaration on drop.
+pub(crate) struct ReplicatedRows {
+    previous: usize,
+}
+
+impl ReplicatedRows {
+    pub(crate) fn declare(r: usize) -> ReplicatedRows {
+        ReplicatedRows { previous: REPLICAS.with(|c| c.replace(r)) }
+    }
+}
+
+impl Drop for ReplicatedRows {
+    fn drop(&mut self) {
+        REPLICAS.with(|c| c.set(self.previous));
     }
 }
 
@@ -292,6 +427,9 @@ impl candle_core::CustomOp1 for ConstMatmul {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
         let (rows, inp, out) = self.dims(layout)?;
+        if let Some(y) = self.replicated_fwd(storage, layout, rows, inp, out)? {
+            return Ok((y, candle_core::Shape::from((rows, out))));
+        }
         if let Weight::Stored(m) = &self.w {
             let y = stored_product(cpu_f32(storage, layout)?, rows, m, Side::Transposed);
             return Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((rows, out))));
@@ -379,8 +517,8 @@ fn cpu_f32<'a>(
 }
 
 /// Which product [`stored_product`] forms with the stored `W` (`[out, in]`).
-#[derive(Clone, Copy, PartialEq)]
-enum Side {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
     /// `x Wᵀ`: `(rows, in) → (rows, out)` (the forward product).
     Transposed,
     /// `g W`: `(rows, out) → (rows, in)` (the input gradient).
@@ -396,14 +534,39 @@ thread_local! {
     static WIDEN_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The product of `rows` f32 rows `a` with a stored `W` (`[out, in]`) on the CPU, `W` widened
-/// a chunk of its rows at a time into one reused buffer and multiplied by the `gemm` crate
-/// (candle's own CPU GEMM): `x Wᵀ` sums over `in` within each chunk of outputs, `g W` adds the
-/// chunks' contributions in order. Activations and products stay f32; nothing of `W` is ever
-/// held in f32 beyond one chunk.
-fn stored_product(a: &[f32], rows: usize, w: &StoredMatrix, side: Side) -> Vec<f32> {
-    stored_product_in_chunks(a, rows, w, side, WIDEN_CHUNK_FLOATS)
+/// The product of `rows` f32 rows `a` (row-major) with a stored `W` (`[out, in]`) on the CPU:
+/// `a Wᵀ` (`a` is `rows × in`, the result `rows × out`) for [`Side::Transposed`], `a W` (`a`
+/// is `rows × out`, the result `rows × in`) for [`Side::Plain`]. `W` is widened a chunk of its
+/// rows at a time into a reused per-thread buffer and multiplied by the `gemm` crate (candle's
+/// own CPU GEMM); activations and products stay f32, and nothing of `W` is ever held in f32
+/// beyond one chunk per thread. Panics when `a.len()` is not `rows` times the width above.
+///
+/// Two schedules, chosen by measurement (a bf16 `8192 × 2048` weight on the 2-core CI machine,
+/// 2026-11-30; `cargo bench -p fs-benches --bench backends -- stored` times the chosen one):
+/// `a Wᵀ` always, and `a W` for at most [`TILED_PLAIN_MAX_ROWS`] rows, run
+/// `stored_product_tiled` (per-thread L2-sized chunks, single-threaded GEMMs: 25 rows 30 ms
+/// against 46 ms for one multi-threaded GEMM per 8 MB chunk, 1 row 5.8 against 24 ms, 1700
+/// rows 0.99 against 1.08 s); `a W` with more rows runs the 8 MB chunks (400 rows: 254 ms
+/// against 305 ms tiled, whose partial sums then cost more than they save).
+pub fn stored_product(a: &[f32], rows: usize, w: &StoredMatrix, side: Side) -> Vec<f32> {
+    let width = match side {
+        Side::Transposed => w.cols(),
+        Side::Plain => w.rows(),
+    };
+    assert_eq!(a.len(), rows * width, "stored product: {rows} rows of width {width}");
+    if side == Side::Transposed || rows <= TILED_PLAIN_MAX_ROWS {
+        stored_product_tiled(a, rows, w, side, TILE_CHUNK_FLOATS)
+    } else {
+        stored_product_in_chunks(a, rows, w, side, WIDEN_CHUNK_FLOATS)
+    }
 }
+
+/// Floats of widened weight rows per task of [`stored_product_tiled`]: 512 KB, half a core's
+/// L2 cache on the CI machine.
+const TILE_CHUNK_FLOATS: usize = 1 << 17;
+
+/// Most rows for which `g W` runs [`stored_product_tiled`].
+const TILED_PLAIN_MAX_ROWS: usize = 128;
 
 /// [`stored_product`] with chunks of about `chunk_floats` widened values.
 fn stored_product_in_chunks(
@@ -495,6 +658,135 @@ fn stored_product_in_chunks(
     y
 }
 
+/// A raw pointer shared by the tasks of [`stored_product_tiled`], each writing its own columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint column ranges of one buffer that outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// [`stored_product`] for few rows: every task widens its own `chunk_floats`-value chunk of
+/// `W` rows into its thread's buffer (small enough to stay in the core's L2 cache) and runs a
+/// single-threaded GEMM on it. `x Wᵀ`: each chunk fills its own output columns. `g W`: the
+/// chunks are split into `PARTS` contiguous parts, each summed in order into a partial of its
+/// own, and the partials added in order (so the result does not depend on the thread count).
+fn stored_product_tiled(
+    a: &[f32],
+    rows: usize,
+    w: &StoredMatrix,
+    side: Side,
+    chunk_floats: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    const PARTS: usize = 4;
+    let (out, inp) = (w.rows(), w.cols());
+    let result_cols = match side {
+        Side::Transposed => out,
+        Side::Plain => inp,
+    };
+    if rows == 0 || out == 0 || inp == 0 {
+        return vec![0f32; rows * result_cols];
+    }
+    let chunk = (chunk_floats / inp).max(1).min(out);
+    let widened = |o0: usize, f: &mut dyn FnMut(&[f32], usize)| {
+        WIDEN_BUFFER.with(|shared| {
+            let mut own = Vec::new();
+            let mut borrowed = shared.try_borrow_mut().ok();
+            let buffer: &mut Vec<f32> = match borrowed.as_deref_mut() {
+                Some(b) => b,
+                None => &mut own,
+            };
+            let n = chunk.min(out - o0);
+            buffer.resize(n * inp, 0.0);
+            w.widen_rows_into(o0..o0 + n, &mut buffer[..n * inp]);
+            f(&buffer[..n * inp], n);
+        })
+    };
+    let starts: Vec<usize> = (0..out).step_by(chunk).collect();
+    match side {
+        Side::Transposed => {
+            let mut y = vec![0f32; rows * out];
+            let dst = SharedOut(y.as_mut_ptr());
+            starts.par_iter().for_each(|&o0| {
+                widened(o0, &mut |w_rows, n| {
+                    let dst = dst;
+                    // SAFETY: y[:, o0..o0+n] (rows × n, row stride `out`) belongs to this task
+                    // alone; `a` is rows × inp, `w_rows` n × inp.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            n,
+                            inp,
+                            dst.0.add(o0),
+                            1,
+                            out as isize,
+                            false,
+                            a.as_ptr(),
+                            1,
+                            inp as isize,
+                            w_rows.as_ptr(),
+                            inp as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                })
+            });
+            y
+        }
+        Side::Plain => {
+            let per_part = starts.len().div_ceil(PARTS);
+            let partials: Vec<Vec<f32>> = starts
+                .par_chunks(per_part)
+                .map(|part| {
+                    let mut acc = vec![0f32; rows * inp];
+                    for (i, &o0) in part.iter().enumerate() {
+                        widened(o0, &mut |w_rows, n| {
+                            // SAFETY: acc (rows × inp) += a[:, o0..o0+n] (rows × n, row stride
+                            // `out`) · w_rows (n × inp).
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    inp,
+                                    n,
+                                    acc.as_mut_ptr(),
+                                    1,
+                                    inp as isize,
+                                    i > 0,
+                                    a.as_ptr().add(o0),
+                                    1,
+                                    out as isize,
+                                    w_rows.as_ptr(),
+                                    1,
+                                    inp as isize,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                )
+                            }
+                        })
+                    }
+                    acc
+                })
+                .collect();
+            let mut parts = partials.into_iter();
+            let mut y = parts.next().unwrap_or_else(|| vec![0f32; rows * inp]);
+            for p in parts {
+                y.iter_mut().zip(&p).for_each(|(y, p)| *y += p);
+            }
+            y
+        }
+    }
+}
+
 /// `x · W + b` for `x` of shape `(…, in)`, `W` `[in, out]` ([`Weight`]), `b` `[out]`.
 /// `W` and `b` are constants: the backward pass only propagates to `x`.
 pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
@@ -502,7 +794,8 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
     let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
     let (_, out) = w.in_out()?;
     let x2 = x.reshape((rows, inp))?.contiguous()?;
-    let y = x2.apply_op1(ConstMatmul { w: w.clone() })?;
+    let replicas = REPLICAS.with(|c| c.get());
+    let y = x2.apply_op1(ConstMatmul { w: w.clone(), replicas })?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -597,8 +890,78 @@ mod tests {
         );
     }
 
-    /// The chunked products with a stored weight (several chunks and a remainder) against the
-    /// dense products of the widened values.
+    /// Under a [`ReplicatedRows`] declaration, `linear` multiplies one row per group of equal
+    /// rows: the output and the per-row input gradients equal the undeclared ones (dense f64
+    /// and stored bf16 weights); rows that are not in fact equal take the full product.
+    #[test]
+    fn declared_replicas_give_the_full_products_and_gradients() {
+        let dev = Device::Cpu;
+        let (inp, out, r) = (5, 3, 4);
+        let values: Vec<f32> = (0..out * inp).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let bytes: Vec<u8> =
+            values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let stored =
+            StoredMatrix::from_bytes(out, inp, fs_checkpoint::GgmlType::BF16, bytes).unwrap();
+        let dense = Tensor::from_vec(stored.to_f32(), (out, inp), &dev).unwrap().t().unwrap();
+        for (w, dtype) in [
+            (Weight::Stored(stored), candle_core::DType::F32),
+            (
+                Weight::Dense(dense.to_dtype(candle_core::DType::F64).unwrap()),
+                candle_core::DType::F64,
+            ),
+        ] {
+            // Two positions, each `r` copies of one row; then rows that differ.
+            let row: Vec<f32> = (0..2 * inp).map(|i| (i as f32 * 0.7).sin()).collect();
+            let equal = Tensor::from_vec(row, (2, 1, inp), &dev)
+                .unwrap()
+                .broadcast_as((2, r, inp))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let unequal = Tensor::from_vec(
+                (0..2 * r * inp).map(|i| (i as f32 * 0.3).cos()).collect::<Vec<f32>>(),
+                (2, r, inp),
+                &dev,
+            )
+            .unwrap();
+            let c = Tensor::from_vec(
+                (0..2 * r * out).map(|i| i as f32 - 7.5).collect::<Vec<f32>>(),
+                (2, r, out),
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+            for (x, shortcut) in [(equal, 1), (unequal, 0)] {
+                let before = REPLICATED_PRODUCTS.with(|c| c.get());
+                let run = |declare: bool| {
+                    let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                    let y = {
+                        let _guard = declare.then(|| ReplicatedRows::declare(r));
+                        linear(x.as_tensor(), &w, None).unwrap()
+                    };
+                    let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gx = g.get(x.as_tensor()).unwrap().clone();
+                    let f = |t: Tensor| {
+                        t.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap()
+                    };
+                    (f(y).to_vec1::<f64>().unwrap(), f(gx).to_vec1::<f64>().unwrap())
+                };
+                let (y0, g0) = run(false);
+                let (y1, g1) = run(true);
+                assert_eq!(REPLICATED_PRODUCTS.with(|c| c.get()) - before, shortcut);
+                for (a, b) in y0.iter().zip(&y1).chain(g0.iter().zip(&g1)) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + a.abs()), "{a} vs {b}");
+                }
+                // The gradients are per row: replicas with different cotangents differ.
+                assert_ne!(g1[..inp], g1[inp..2 * inp]);
+            }
+        }
+        assert_eq!(REPLICAS.with(|c| c.get()), 0, "the declaration ends with its guard");
+    }
+
+    /// The chunked products with a stored weight (both schedules; several chunks, a remainder,
+    /// and `g W`'s parts of unequal length) against the dense products of the widened values.
     #[test]
     fn chunked_stored_products_match_dense_ones() {
         let (out, inp, rows) = (11, 6, 4);
@@ -609,9 +972,13 @@ mod tests {
         let wf = w.to_f32();
         let x: Vec<f32> = (0..rows * inp).map(|i| (i as f32 * 0.37).sin()).collect();
         let g: Vec<f32> = (0..rows * out).map(|i| (i as f32 * 0.21).cos()).collect();
-        for chunk_floats in [3 * inp, 4 * inp, 100 * inp, 1] {
-            let y = stored_product_in_chunks(&x, rows, &w, Side::Transposed, chunk_floats);
-            let gx = stored_product_in_chunks(&g, rows, &w, Side::Plain, chunk_floats);
+        let schedules: [fn(&[f32], usize, &StoredMatrix, Side, usize) -> Vec<f32>; 2] =
+            [stored_product_in_chunks, stored_product_tiled];
+        for (product, chunk_floats) in
+            schedules.into_iter().flat_map(|f| [3 * inp, 4 * inp, 100 * inp, 1].map(|c| (f, c)))
+        {
+            let y = product(&x, rows, &w, Side::Transposed, chunk_floats);
+            let gx = product(&g, rows, &w, Side::Plain, chunk_floats);
             for i in 0..rows {
                 for o in 0..out {
                     let want: f32 = (0..inp).map(|k| x[i * inp + k] * wf[o * inp + k]).sum();

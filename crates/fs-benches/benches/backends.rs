@@ -7,6 +7,8 @@
 //! The context (the lower pass) is built once outside the timed loop, as in a run over many
 //! positions. `fisher-stein bench --backend candle,burn,dfdx` prints the same numbers as a table
 //! with GFLOP/s and each engine's GEMM rate.
+//!
+//! `-- stored` times candle's products with a bf16-stored weight alone.
 use criterion::{criterion_group, criterion_main, Criterion};
 use fs_checkpoint::Gpt2Config;
 use fs_estimators::{exact_fisher, sampled_fisher, ExactOptions, SampledOptions, SplitModel};
@@ -67,5 +69,31 @@ fn engines(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, engines);
+/// candle's CPU products with a weight kept in bf16 (`backend_candle::ops::stored_product`),
+/// the `8192 × 2048` MLP matrix of Llama-3.2-1B, at the row counts the estimators use: 1 (a
+/// primal row), 25 (a top-K block with its primal row), 400.
+fn stored_products(c: &mut Criterion) {
+    use backend_candle::ops::{stored_product, Side};
+    let (out, inp) = (8192, 2048);
+    let bytes: Vec<u8> = (0..out * inp)
+        .flat_map(|i| half::bf16::from_f32(((i * 7 % 13) as f32 - 6.0) / 50.0).to_le_bytes())
+        .collect();
+    let w = fs_checkpoint::StoredMatrix::from_bytes(out, inp, fs_checkpoint::GgmlType::BF16, bytes)
+        .expect("bf16 matrix");
+    let mut group = c.benchmark_group("stored-products/bf16-8192x2048");
+    group.sample_size(10);
+    for rows in [1, 25, 400] {
+        let x: Vec<f32> = (0..rows * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+        let g: Vec<f32> = (0..rows * out).map(|i| (i as f32 * 0.21).cos()).collect();
+        group.bench_function(format!("x-Wt-rows{rows}"), |b| {
+            b.iter(|| black_box(stored_product(&x, rows, &w, Side::Transposed)))
+        });
+        group.bench_function(format!("g-W-rows{rows}"), |b| {
+            b.iter(|| black_box(stored_product(&g, rows, &w, Side::Plain)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engines, stored_products);
 criterion_main!(benches);
