@@ -299,7 +299,7 @@ impl ConstMatmul {
         use candle_core::CpuStorage;
         let r = self.replicas;
         let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-        if r < 2 || rows % r != 0 {
+        if r < 2 || !rows.is_multiple_of(r) {
             return Ok(None);
         }
         let groups = rows / r;
@@ -665,6 +665,14 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The address of column `c` of the first row (a method, so closures capture the whole
+    /// `Send` wrapper rather than its raw-pointer field).
+    fn column(self, c: usize) -> *mut f32 {
+        self.0.wrapping_add(c)
+    }
+}
+
 /// [`stored_product`] for few rows: every task widens its own `chunk_floats`-value chunk of
 /// `W` rows into its thread's buffer (small enough to stay in the core's L2 cache) and runs a
 /// single-threaded GEMM on it. `x Wᵀ`: each chunk fills its own output columns. `g W`: the
@@ -709,7 +717,6 @@ fn stored_product_tiled(
             let dst = SharedOut(y.as_mut_ptr());
             starts.par_iter().for_each(|&o0| {
                 widened(o0, &mut |w_rows, n| {
-                    let dst = dst;
                     // SAFETY: y[:, o0..o0+n] (rows × n, row stride `out`) belongs to this task
                     // alone; `a` is rows × inp, `w_rows` n × inp.
                     unsafe {
@@ -717,7 +724,7 @@ fn stored_product_tiled(
                             rows,
                             n,
                             inp,
-                            dst.0.add(o0),
+                            dst.column(o0),
                             1,
                             out as isize,
                             false,
@@ -972,8 +979,8 @@ mod tests {
         let wf = w.to_f32();
         let x: Vec<f32> = (0..rows * inp).map(|i| (i as f32 * 0.37).sin()).collect();
         let g: Vec<f32> = (0..rows * out).map(|i| (i as f32 * 0.21).cos()).collect();
-        let schedules: [fn(&[f32], usize, &StoredMatrix, Side, usize) -> Vec<f32>; 2] =
-            [stored_product_in_chunks, stored_product_tiled];
+        type Schedule = fn(&[f32], usize, &StoredMatrix, Side, usize) -> Vec<f32>;
+        let schedules: [Schedule; 2] = [stored_product_in_chunks, stored_product_tiled];
         for (product, chunk_floats) in
             schedules.into_iter().flat_map(|f| [3 * inp, 4 * inp, 100 * inp, 1].map(|c| (f, c)))
         {
