@@ -542,19 +542,20 @@ thread_local! {
 /// beyond one chunk per thread. Panics when `a.len()` is not `rows` times the width above.
 ///
 /// Two schedules, chosen by measurement (a bf16 `8192 × 2048` weight on the 2-core CI machine,
-/// 2026-11-30; `cargo bench -p fs-benches --bench backends -- stored` times the chosen one):
-/// `a Wᵀ` always, and `a W` for at most [`TILED_PLAIN_MAX_ROWS`] rows, run
-/// `stored_product_tiled` (per-thread L2-sized chunks, single-threaded GEMMs: 25 rows 30 ms
-/// against 46 ms for one multi-threaded GEMM per 8 MB chunk, 1 row 5.8 against 24 ms, 1700
-/// rows 0.99 against 1.08 s); `a W` with more rows runs the 8 MB chunks (400 rows: 254 ms
-/// against 305 ms tiled, whose partial sums then cost more than they save).
+/// 2026-11-30; `cargo bench -p fs-benches --bench backends -- stored` times the chosen one). Up
+/// to [`TILED_MAX_ROWS`] rows, `stored_product_tiled` (per-thread L2-sized chunks,
+/// single-threaded GEMMs): 25 rows 30 ms (`a Wᵀ`) / 25 ms (`a W`) against 46 / 41 ms for one
+/// multi-threaded GEMM per 8 MB chunk, 1 row 5.8 against 24 ms. More rows run the 8 MB chunks:
+/// a thin chunk repacks all the rows for each GEMM (the exact estimator's ~1800-row passes
+/// through the `2048 × 8192` down projection took 13% longer tiled), and `a W`'s partial sums
+/// cost more than they save (400 rows: 305 ms tiled against 254 ms).
 pub fn stored_product(a: &[f32], rows: usize, w: &StoredMatrix, side: Side) -> Vec<f32> {
     let width = match side {
         Side::Transposed => w.cols(),
         Side::Plain => w.rows(),
     };
     assert_eq!(a.len(), rows * width, "stored product: {rows} rows of width {width}");
-    if side == Side::Transposed || rows <= TILED_PLAIN_MAX_ROWS {
+    if rows <= TILED_MAX_ROWS {
         stored_product_tiled(a, rows, w, side, TILE_CHUNK_FLOATS)
     } else {
         stored_product_in_chunks(a, rows, w, side, WIDEN_CHUNK_FLOATS)
@@ -565,29 +566,11 @@ pub fn stored_product(a: &[f32], rows: usize, w: &StoredMatrix, side: Side) -> V
 /// L2 cache on the CI machine.
 const TILE_CHUNK_FLOATS: usize = 1 << 17;
 
-/// Most rows for which `g W` runs [`stored_product_tiled`].
-const TILED_PLAIN_MAX_ROWS: usize = 128;
+/// Most rows for which [`stored_product`] runs [`stored_product_tiled`].
+const TILED_MAX_ROWS: usize = 128;
 
-/// [`stored_product`] with chunks of about `chunk_floats` widened values.
-fn stored_product_in_chunks(
-    a: &[f32],
-    rows: usize,
-    w: &StoredMatrix,
-    side: Side,
-    chunk_floats: usize,
-) -> Vec<f32> {
-    let (out, inp) = (w.rows(), w.cols());
-    let (width, result_cols) = match side {
-        Side::Transposed => (inp, out),
-        Side::Plain => (out, inp),
-    };
-    debug_assert_eq!(a.len(), rows * width);
-    let mut y = vec![0f32; rows * result_cols];
-    if rows == 0 || out == 0 || inp == 0 {
-        return y;
-    }
-    let chunk = (chunk_floats / inp).max(1).min(out);
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+/// Rows `o0..o0 + n` of `w` widened into this thread's reused buffer, handed to `f`.
+fn with_widened_rows<R>(w: &StoredMatrix, o0: usize, n: usize, f: impl FnOnce(&[f32]) -> R) -> R {
     WIDEN_BUFFER.with(|shared| {
         // A rayon worker waiting inside a product may run another product on this thread (work
         // stealing): that one widens into a buffer of its own instead of panicking on a second
@@ -598,63 +581,126 @@ fn stored_product_in_chunks(
             Some(b) => b,
             None => &mut own,
         };
-        for o0 in (0..out).step_by(chunk) {
-            let n = chunk.min(out - o0);
-            buffer.resize(n * inp, 0.0);
-            let w_rows = &mut buffer[..n * inp];
-            w.widen_rows_into(o0..o0 + n, w_rows);
-            // SAFETY: every pointer/stride pair addresses memory inside `a`, `w_rows` or `y`
-            // (bounds: rows × width, n × inp, rows × result_cols), and `y` is not aliased.
-            unsafe {
-                match side {
-                    // y[:, o0..o0+n] (rows × n) = a (rows × inp) · w_rowsᵀ (inp × n).
-                    Side::Transposed => gemm::gemm(
-                        rows,
-                        n,
-                        inp,
-                        y.as_mut_ptr().add(o0),
-                        1,
-                        result_cols as isize,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        inp as isize,
-                        w_rows.as_ptr(),
-                        inp as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        threads,
-                    ),
-                    // y (rows × inp) += a[:, o0..o0+n] (rows × n) · w_rows (n × inp).
-                    Side::Plain => gemm::gemm(
-                        rows,
-                        inp,
-                        n,
-                        y.as_mut_ptr(),
-                        1,
-                        inp as isize,
-                        o0 > 0,
-                        a.as_ptr().add(o0),
-                        1,
-                        out as isize,
-                        w_rows.as_ptr(),
-                        1,
-                        inp as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        threads,
-                    ),
-                }
-            }
-        }
-    });
+        let len = n * w.cols();
+        buffer.resize(len, 0.0);
+        w.widen_rows_into(o0..o0 + n, &mut buffer[..len]);
+        f(&buffer[..len])
+    })
+}
+
+/// `y[:, cols] = a · w_rowsᵀ`: `a` is `rows × inp`, `w_rows` is `n × inp`, `y` points at the
+/// first of `n` columns of a row-major matrix with row stride `y_stride`.
+///
+/// # Safety
+/// `y` must address `rows` rows of `n` writable floats at stride `y_stride` that nothing else
+/// accesses during the call; `a.len() ≥ rows · inp`, `w_rows.len() ≥ n · inp`.
+unsafe fn gemm_times_transposed(
+    y: *mut f32,
+    y_stride: usize,
+    a: &[f32],
+    rows: usize,
+    w_rows: &[f32],
+    n: usize,
+    threads: gemm::Parallelism,
+) {
+    let inp = w_rows.len() / n.max(1);
+    gemm::gemm(
+        rows,
+        n,
+        inp,
+        y,
+        1,
+        y_stride as isize,
+        false,
+        a.as_ptr(),
+        1,
+        inp as isize,
+        w_rows.as_ptr(),
+        inp as isize,
+        1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        threads,
+    )
+}
+
+/// `y (+)= a[:, o0..o0 + n] · w_rows`: `a` is `rows × a_stride`, `w_rows` is `n × inp`, `y`
+/// is `rows × inp` (added to when `accumulate`).
+///
+/// # Safety
+/// `y.len() ≥ rows · inp`, `a.len() ≥ (rows − 1) · a_stride + o0 + n`, `w_rows.len() ≥ n · inp`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_plain_into(
+    y: &mut [f32],
+    a: &[f32],
+    a_stride: usize,
+    o0: usize,
+    rows: usize,
+    w_rows: &[f32],
+    n: usize,
+    accumulate: bool,
+    threads: gemm::Parallelism,
+) {
+    let inp = w_rows.len() / n.max(1);
+    gemm::gemm(
+        rows,
+        inp,
+        n,
+        y.as_mut_ptr(),
+        1,
+        inp as isize,
+        accumulate,
+        a.as_ptr().add(o0),
+        1,
+        a_stride as isize,
+        w_rows.as_ptr(),
+        1,
+        inp as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        threads,
+    )
+}
+
+/// [`stored_product`] with chunks of about `chunk_floats` widened values, each multiplied by
+/// one GEMM on every thread.
+fn stored_product_in_chunks(
+    a: &[f32],
+    rows: usize,
+    w: &StoredMatrix,
+    side: Side,
+    chunk_floats: usize,
+) -> Vec<f32> {
+    let (out, inp) = (w.rows(), w.cols());
+    let result_cols = match side {
+        Side::Transposed => out,
+        Side::Plain => inp,
+    };
+    let mut y = vec![0f32; rows * result_cols];
+    if rows == 0 || out == 0 || inp == 0 {
+        return y;
+    }
+    let chunk = (chunk_floats / inp).max(1).min(out);
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    for o0 in (0..out).step_by(chunk) {
+        let n = chunk.min(out - o0);
+        with_widened_rows(w, o0, n, |w_rows| match side {
+            // SAFETY: y[:, o0..o0+n] lies inside y (rows × out); a is rows × inp.
+            Side::Transposed => unsafe {
+                gemm_times_transposed(y.as_mut_ptr().add(o0), out, a, rows, w_rows, n, threads)
+            },
+            // SAFETY: y is rows × inp; a is rows × out.
+            Side::Plain => unsafe {
+                gemm_plain_into(&mut y, a, out, o0, rows, w_rows, n, o0 > 0, threads)
+            },
+        });
+    }
     y
 }
 
@@ -696,52 +742,18 @@ fn stored_product_tiled(
         return vec![0f32; rows * result_cols];
     }
     let chunk = (chunk_floats / inp).max(1).min(out);
-    let widened = |o0: usize, f: &mut dyn FnMut(&[f32], usize)| {
-        WIDEN_BUFFER.with(|shared| {
-            let mut own = Vec::new();
-            let mut borrowed = shared.try_borrow_mut().ok();
-            let buffer: &mut Vec<f32> = match borrowed.as_deref_mut() {
-                Some(b) => b,
-                None => &mut own,
-            };
-            let n = chunk.min(out - o0);
-            buffer.resize(n * inp, 0.0);
-            w.widen_rows_into(o0..o0 + n, &mut buffer[..n * inp]);
-            f(&buffer[..n * inp], n);
-        })
-    };
     let starts: Vec<usize> = (0..out).step_by(chunk).collect();
+    let single = gemm::Parallelism::None;
     match side {
         Side::Transposed => {
             let mut y = vec![0f32; rows * out];
             let dst = SharedOut(y.as_mut_ptr());
             starts.par_iter().for_each(|&o0| {
-                widened(o0, &mut |w_rows, n| {
-                    // SAFETY: y[:, o0..o0+n] (rows × n, row stride `out`) belongs to this task
-                    // alone; `a` is rows × inp, `w_rows` n × inp.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            n,
-                            inp,
-                            dst.column(o0),
-                            1,
-                            out as isize,
-                            false,
-                            a.as_ptr(),
-                            1,
-                            inp as isize,
-                            w_rows.as_ptr(),
-                            inp as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    }
+                let n = chunk.min(out - o0);
+                // SAFETY: y[:, o0..o0+n] (rows × n, row stride `out`) belongs to this task
+                // alone; `a` is rows × inp.
+                with_widened_rows(w, o0, n, |w_rows| unsafe {
+                    gemm_times_transposed(dst.column(o0), out, a, rows, w_rows, n, single)
                 })
             });
             y
@@ -753,32 +765,10 @@ fn stored_product_tiled(
                 .map(|part| {
                     let mut acc = vec![0f32; rows * inp];
                     for (i, &o0) in part.iter().enumerate() {
-                        widened(o0, &mut |w_rows, n| {
-                            // SAFETY: acc (rows × inp) += a[:, o0..o0+n] (rows × n, row stride
-                            // `out`) · w_rows (n × inp).
-                            unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    inp,
-                                    n,
-                                    acc.as_mut_ptr(),
-                                    1,
-                                    inp as isize,
-                                    i > 0,
-                                    a.as_ptr().add(o0),
-                                    1,
-                                    out as isize,
-                                    w_rows.as_ptr(),
-                                    1,
-                                    inp as isize,
-                                    1.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                )
-                            }
+                        let n = chunk.min(out - o0);
+                        // SAFETY: acc is rows × inp; a is rows × out.
+                        with_widened_rows(w, o0, n, |w_rows| unsafe {
+                            gemm_plain_into(&mut acc, a, out, o0, rows, w_rows, n, i > 0, single)
                         })
                     }
                     acc
