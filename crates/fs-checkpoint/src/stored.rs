@@ -37,7 +37,51 @@ enum Data {
     /// f32, used as is (borrowed by [`StoredMatrix::f32_rows`]).
     F32(Arc<Vec<f32>>),
     /// Raw little-endian bytes of a [`GgmlType`] other than f32: stored rows of `row_bytes`.
-    Bytes { bytes: Arc<Vec<u8>>, ty: GgmlType, row_bytes: usize },
+    Bytes { bytes: SharedBytes, ty: GgmlType, row_bytes: usize },
+}
+
+/// Bytes shared by reference count without a copy: an owned buffer, or a range of a
+/// memory-mapped file (the safetensors reader hands out f16/bf16 tensors this way). One pointer
+/// wide, so a [`StoredMatrix`] stays small.
+#[derive(Clone)]
+pub struct SharedBytes(Arc<SharedRange>);
+
+/// The owner of the bytes and the range of them shared.
+struct SharedRange {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: std::ops::Range<usize>,
+}
+
+impl SharedBytes {
+    /// The bytes `range` of `owner` (e.g. a `memmap2::Mmap`); `None` when `range` is not inside
+    /// it.
+    pub fn new(
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Option<Self> {
+        let len = (*owner).as_ref().len();
+        (range.start <= range.end && range.end <= len)
+            .then(|| SharedBytes(Arc::new(SharedRange { owner, range })))
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.0.owner).as_ref()[self.0.range.clone()]
+    }
+}
+
+impl From<Vec<u8>> for SharedBytes {
+    fn from(v: Vec<u8>) -> Self {
+        let range = 0..v.len();
+        SharedBytes(Arc::new(SharedRange { owner: Arc::new(v), range }))
+    }
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
 }
 
 /// A row-major `rows × cols` matrix in its stored element type, rows widened to f32 on demand.
@@ -87,6 +131,17 @@ impl StoredMatrix {
         ty: GgmlType,
         bytes: Vec<u8>,
     ) -> std::result::Result<Self, String> {
+        Self::from_shared_bytes(rows, cols, ty, bytes.into())
+    }
+
+    /// [`StoredMatrix::from_bytes`] on bytes shared without a copy (e.g. a range of a
+    /// memory-mapped file); an f32 matrix is still converted to f32 values once.
+    pub fn from_shared_bytes(
+        rows: usize,
+        cols: usize,
+        ty: GgmlType,
+        bytes: SharedBytes,
+    ) -> std::result::Result<Self, String> {
         let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| {
             format!(
                 "a row of {cols} values is not a whole number of {} blocks of {} values",
@@ -110,7 +165,7 @@ impl StoredMatrix {
             _ => StoredMatrix {
                 rows,
                 cols,
-                data: Data::Bytes { bytes: Arc::new(bytes), ty, row_bytes: row_bytes as usize },
+                data: Data::Bytes { bytes, ty, row_bytes: row_bytes as usize },
                 index: None,
             },
         })

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{CheckpointError, Result};
+use crate::stored::SharedBytes;
 use crate::{GgmlType, StoredMatrix};
 
 /// Largest safetensors JSON header accepted (the format's own limit).
@@ -72,11 +73,19 @@ struct Entry {
 }
 
 /// The tensors of one or more safetensors files, headers parsed and validated, data read on
-/// demand (one seek and read per tensor, never the whole file).
+/// demand: one seek and read per tensor converted to f32, and for
+/// [`WeightStore::read_stored`]'s f16/bf16 tensors a range of the file memory-mapped once
+/// (no copy; the kernel pages it in as products read it).
+///
+/// A memory map shows the file as it is on disk: a weight file rewritten or truncated while a
+/// model built from it is alive changes (or, past the new end, faults on) the mapped tensors —
+/// as for every memory-mapping loader (candle, safetensors, llama.cpp).
 #[derive(Clone, Debug)]
 pub struct WeightStore {
     files: Vec<PathBuf>,
     tensors: BTreeMap<String, Entry>,
+    /// Each file's memory map, made on its first stored read.
+    maps: Vec<std::sync::OnceLock<std::sync::Arc<memmap2::Mmap>>>,
 }
 
 impl WeightStore {
@@ -103,7 +112,8 @@ impl WeightStore {
                 tensors.insert(name, entry);
             }
         }
-        Ok(WeightStore { files: files.to_vec(), tensors })
+        let maps = files.iter().map(|_| std::sync::OnceLock::new()).collect();
+        Ok(WeightStore { files: files.to_vec(), tensors, maps })
     }
 
     /// The tensor names, sorted.
@@ -225,6 +235,21 @@ impl WeightStore {
     /// not checked for NaN/±∞ here: [`StoredMatrix::check_finite`] does that.
     pub fn read_stored(&self, name: &str, expected: &[usize]) -> Result<StoredMatrix> {
         self.check_shape(name, expected)?;
+        if let Some(entry) = self.tensors.get(name) {
+            let ty = match entry.dtype.name {
+                "F16" => Some(GgmlType::F16),
+                "BF16" => Some(GgmlType::BF16),
+                _ => None,
+            };
+            if let Some(ty) = ty {
+                let path = &self.files[entry.file];
+                let bytes = self.mapped(entry.file, name, entry.start, entry.len)?;
+                let (rows, cols) = crate::stored::matrix_dims(&entry.shape);
+                return StoredMatrix::from_shared_bytes(rows, cols, ty, bytes).map_err(|m| {
+                    CheckpointError::safetensors(path, format!("tensor `{name}`: {m}"))
+                });
+            }
+        }
         let (entry, bytes) = self.read_bytes(name)?;
         let (rows, cols) = crate::stored::matrix_dims(&entry.shape);
         let ty = match entry.dtype.name {
@@ -241,6 +266,32 @@ impl WeightStore {
         };
         StoredMatrix::from_bytes(rows, cols, ty, bytes).map_err(|m| {
             CheckpointError::safetensors(&self.files[entry.file], format!("tensor `{name}`: {m}"))
+        })
+    }
+
+    /// Bytes `start..start + len` of file `file`, from its memory map (made on first use).
+    fn mapped(&self, file: usize, name: &str, start: u64, len: u64) -> Result<SharedBytes> {
+        let path = &self.files[file];
+        let map = match self.maps[file].get() {
+            Some(map) => map.clone(),
+            None => {
+                let f = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+                // SAFETY: the map is read only; see the type's docs for a file changed on disk
+                // while mapped.
+                let map =
+                    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| CheckpointError::io(path, e))?;
+                self.maps[file].get_or_init(|| std::sync::Arc::new(map)).clone()
+            }
+        };
+        let range = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(start.saturating_add(len)).ok())
+            .map(|(a, b)| a..b);
+        range.and_then(|r| SharedBytes::new(map, r)).ok_or_else(|| {
+            CheckpointError::safetensors(
+                path,
+                format!("the file ended inside tensor `{name}` (it changed or was truncated after it was opened): re-download it"),
+            )
         })
     }
 
@@ -456,6 +507,26 @@ mod tests {
         // Exact values survive the round trip where they are representable.
         assert_eq!(s.read_f32("b.f16").unwrap().data[..3], [0.0, 1.0, -2.5]);
         assert_eq!(s.read_f32("c.bf16").unwrap().data[..3], [0.0, 1.0, -2.5]);
+        // Stored reads: f16/bf16 kept as stored (memory-mapped) and widened to the same values;
+        // f32 and f64 as f32.
+        for (name, shape, ty, want) in [
+            ("b.f16", vec![8], GgmlType::F16, &h),
+            ("c.bf16", vec![4, 2], GgmlType::BF16, &b),
+            ("a.f32", vec![2, 4], GgmlType::F32, &vals.to_vec()),
+            ("d.f64", vec![1, 8], GgmlType::F32, &vals.to_vec()),
+        ] {
+            let m = s.read_stored(name, &shape).unwrap();
+            assert_eq!((m.dtype(), m.to_f32()), (ty, want.clone()), "{name}");
+        }
+        // A file truncated after the store was opened: a one-line error, not a fault.
+        let t2 = tempfile::tempdir().unwrap();
+        let cut = t2.path().join("cut.safetensors");
+        std::fs::copy(&path, &cut).unwrap();
+        let store = WeightStore::open(std::slice::from_ref(&cut)).unwrap();
+        let inside = store.tensors["c.bf16"].start + 4;
+        std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(inside).unwrap();
+        let e = store.read_stored("c.bf16", &[4, 2]).unwrap_err().to_string();
+        assert!(e.contains("the file ended inside tensor `c.bf16`"), "{e}");
     }
 
     #[test]
