@@ -543,7 +543,7 @@ thread_local! {
 ///
 /// Two schedules, chosen by measurement (a bf16 `8192 × 2048` weight on the 2-core CI machine,
 /// 2026-11-30; `cargo bench -p fs-benches --bench backends -- stored` times the chosen one). Up
-/// to [`TILED_MAX_ROWS`] rows, `stored_product_tiled` (per-thread L2-sized chunks,
+/// to 128 rows, `stored_product_tiled` (per-thread L2-sized chunks,
 /// single-threaded GEMMs): 25 rows 30 ms (`a Wᵀ`) / 25 ms (`a W`) against 46 / 41 ms for one
 /// multi-threaded GEMM per 8 MB chunk, 1 row 5.8 against 24 ms. More rows run the 8 MB chunks:
 /// a thin chunk repacks all the rows for each GEMM (the exact estimator's ~1800-row passes

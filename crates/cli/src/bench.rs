@@ -78,9 +78,13 @@ pub struct BenchArgs {
     /// Draws of the sampled estimator.
     #[arg(long, default_value_t = 10)]
     pub samples: usize,
-    /// Eigenpairs of the top-k row (its default tolerance, 1e-5, and trace estimate).
+    /// Eigenpairs of the top-k row (with its trace estimate).
     #[arg(long = "k", default_value_t = 16)]
     pub top_k: usize,
+    /// Residual tolerance of the top-k row: stop when every pair has ‖F v − λ v‖ ≤ tolerance·λ1
+    /// (as `compute --tolerance`).
+    #[arg(long, default_value_t = 1e-5)]
+    pub tolerance: f64,
     /// Vectors per block of the top-k row's eigensolver (default: the solver's, k + max(4, k/2)).
     #[arg(long, value_name = "B")]
     pub block: Option<usize>,
@@ -218,6 +222,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (_, _, n_layers, _, _) = shape.flop_terms();
     if args.layer > n_layers {
         bail!("--layer {}: the {} shape splits at layers 0..={n_layers}", args.layer, args.shape);
+    }
+    if !(args.tolerance.is_finite() && args.tolerance > 0.0) {
+        bail!("--tolerance {}: give a finite number > 0 (e.g. 1e-5)", args.tolerance);
     }
     for est in &args.estimators {
         if !["exact", "sampled", "top-k", "readout", "gram", "lower"].contains(&est.as_str()) {
@@ -429,7 +436,7 @@ fn time_model<M: SplitModel>(
     Ok(())
 }
 
-/// The `top-k` row: the median time per position of `top_k_fisher` (default tolerance, trace
+/// The `top-k` row: the median time per position of `top_k_fisher` (`--tolerance`, trace
 /// estimate), with the flops of the applications it actually made (`flops(t, applications)`).
 fn time_top_k<M: SplitModel>(
     model: &M,
@@ -443,6 +450,7 @@ fn time_top_k<M: SplitModel>(
         solver: EigensolverOptions {
             k: args.top_k,
             block: args.block,
+            tolerance: args.tolerance,
             ..TopKOptions::default().solver
         },
         ..TopKOptions::default()
