@@ -888,8 +888,8 @@ mod tests {
     }
 
     /// Under a [`ReplicatedRows`] declaration, `linear` multiplies one row per group of equal
-    /// rows: the output and the per-row input gradients equal the undeclared ones (dense f64
-    /// and stored bf16 weights); rows that are not in fact equal take the full product.
+    /// rows: the output and the per-row input gradients equal the undeclared ones (stored bf16,
+    /// dense f32 and dense f64 weights); rows that are not in fact equal take the full product.
     #[test]
     fn declared_replicas_give_the_full_products_and_gradients() {
         let dev = Device::Cpu;
@@ -902,6 +902,7 @@ mod tests {
         let dense = Tensor::from_vec(stored.to_f32(), (out, inp), &dev).unwrap().t().unwrap();
         for (w, dtype) in [
             (Weight::Stored(stored), candle_core::DType::F32),
+            (Weight::Dense(dense.clone()), candle_core::DType::F32),
             (
                 Weight::Dense(dense.to_dtype(candle_core::DType::F64).unwrap()),
                 candle_core::DType::F64,
