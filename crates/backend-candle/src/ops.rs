@@ -283,10 +283,34 @@ impl ConstMatmul {
         Ok((rows, inp, out))
     }
 
+    /// `x W` on the CPU for contiguous rows `x` (`rows × inp`): a stored weight through
+    /// [`stored_product`], a dense one through candle's storage-level matmul.
+    fn cpu_product(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<candle_core::CpuStorage> {
+        use candle_core::backend::BackendStorage;
+        if let Weight::Stored(m) = &self.w {
+            let y = stored_product(cpu_f32(storage, layout)?, rows, m, Side::Transposed);
+            return Ok(candle_core::CpuStorage::F32(y));
+        }
+        let w = self.w.widened()?;
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("const matmul: the weight is not on the CPU");
+        };
+        storage.matmul(w, (1, rows, out, inp), layout, w_layout)
+    }
+
     /// The forward product when the `rows` come in groups of `self.replicas` equal rows: the
-    /// first row of each group multiplied (f32 or f64 rows; one stored-weight stream instead
-    /// of `R` rows' worth of GEMM), its result copied to the group. `None` (the caller forms
-    /// the full product) when no replication was declared, or the rows are not in fact equal.
+    /// first row of each group multiplied ([`ConstMatmul::cpu_product`]: one weight stream
+    /// instead of `R` rows' worth of GEMM), its result copied to the group. `None` (the caller
+    /// forms the full product) when no replication was declared, the rows are not f32/f64, or
+    /// they are not in fact equal.
     fn replicated_fwd(
         &self,
         storage: &candle_core::CpuStorage,
@@ -295,58 +319,28 @@ impl ConstMatmul {
         inp: usize,
         out: usize,
     ) -> Result<Option<candle_core::CpuStorage>> {
-        use candle_core::backend::BackendStorage;
         use candle_core::CpuStorage;
         let r = self.replicas;
         let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
         if r < 2 || !rows.is_multiple_of(r) {
             return Ok(None);
         }
-        let groups = rows / r;
-        let y = match storage {
+        let firsts = match storage {
             CpuStorage::F32(v) => {
-                let Some(firsts) = first_of_equal_groups(&v[start..end], inp, r) else {
-                    return Ok(None);
-                };
-                let y = match &self.w {
-                    Weight::Stored(m) => stored_product(&firsts, groups, m, Side::Transposed),
-                    Weight::Dense(_) => {
-                        let x = CpuStorage::F32(firsts);
-                        let w = self.w.widened()?;
-                        let (w_storage, w_layout) = w.storage_and_layout();
-                        let candle_core::Storage::Cpu(w) = &*w_storage else {
-                            candle_core::bail!("const matmul: the weight is not on the CPU");
-                        };
-                        let x_layout = candle_core::Layout::contiguous((groups, inp));
-                        match x.matmul(w, (1, groups, out, inp), &x_layout, w_layout)? {
-                            CpuStorage::F32(y) => y,
-                            _ => candle_core::bail!("const matmul: f32 rows gave non-f32 products"),
-                        }
-                    }
-                };
-                CpuStorage::F32(repeat_rows(&y, out, r))
+                first_of_equal_groups(&v[start..end], inp, r).map(CpuStorage::F32)
             }
             CpuStorage::F64(v) => {
-                let Some(firsts) = first_of_equal_groups(&v[start..end], inp, r) else {
-                    return Ok(None);
-                };
-                let w = self.w.widened()?;
-                let (w_storage, w_layout) = w.storage_and_layout();
-                let candle_core::Storage::Cpu(w) = &*w_storage else {
-                    candle_core::bail!("const matmul: the weight is not on the CPU");
-                };
-                let x_layout = candle_core::Layout::contiguous((groups, inp));
-                match CpuStorage::F64(firsts).matmul(
-                    w,
-                    (1, groups, out, inp),
-                    &x_layout,
-                    w_layout,
-                )? {
-                    CpuStorage::F64(y) => CpuStorage::F64(repeat_rows(&y, out, r)),
-                    _ => candle_core::bail!("const matmul: f64 rows gave non-f64 products"),
-                }
+                first_of_equal_groups(&v[start..end], inp, r).map(CpuStorage::F64)
             }
-            _ => return Ok(None),
+            _ => None,
+        };
+        let Some(firsts) = firsts else { return Ok(None) };
+        let groups = rows / r;
+        let layout = candle_core::Layout::contiguous((groups, inp));
+        let y = match self.cpu_product(&firsts, &layout, groups, inp, out)? {
+            CpuStorage::F32(y) => CpuStorage::F32(repeat_rows(&y, out, r)),
+            CpuStorage::F64(y) => CpuStorage::F64(repeat_rows(&y, out, r)),
+            _ => candle_core::bail!("const matmul: f32/f64 rows gave a product of another type"),
         };
         #[cfg(test)]
         REPLICATED_PRODUCTS.with(|c| c.set(c.get() + 1));
@@ -425,21 +419,11 @@ impl candle_core::CustomOp1 for ConstMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
         let (rows, inp, out) = self.dims(layout)?;
-        if let Some(y) = self.replicated_fwd(storage, layout, rows, inp, out)? {
-            return Ok((y, candle_core::Shape::from((rows, out))));
-        }
-        if let Weight::Stored(m) = &self.w {
-            let y = stored_product(cpu_f32(storage, layout)?, rows, m, Side::Transposed);
-            return Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((rows, out))));
-        }
-        let w = self.w.widened()?;
-        let (w_storage, w_layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("const matmul: the weight is not on the CPU");
+        let y = match self.replicated_fwd(storage, layout, rows, inp, out)? {
+            Some(y) => y,
+            None => self.cpu_product(storage, layout, rows, inp, out)?,
         };
-        let y = storage.matmul(w, (1, rows, out, inp), layout, w_layout)?;
         Ok((y, candle_core::Shape::from((rows, out))))
     }
 
