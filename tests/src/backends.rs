@@ -11,7 +11,7 @@ use fs_checkpoint::ModelFiles;
 use fs_estimators::{exact_fisher, ExactOptions, Matrix, Scalar, SplitModel};
 use fs_traits::ModelDims;
 
-use crate::Tolerances;
+use crate::{OracleTolerances, Tolerances};
 
 /// A model under test with its types erased: the few questions the cross-backend suite asks.
 pub trait Probe {
@@ -22,10 +22,17 @@ pub trait Probe {
     fn all_logits(&self, tokens: &[u32], layer: usize) -> Result<Matrix<f64>, String>;
     /// The exact Fisher `F = Aᵀ G A` at `layer`, `position`, in `f64`.
     fn exact(&self, tokens: &[u32], layer: usize, position: usize) -> Result<Matrix<f64>, String>;
+    /// The readout Jacobian `A = ∂u/∂h` (`d_u × d`) at `layer`, `position`, in `f64`.
+    fn readout_jacobian(
+        &self,
+        tokens: &[u32],
+        layer: usize,
+        position: usize,
+    ) -> Result<Matrix<f64>, String>;
     /// The full [`crate::check_split_model`] contract.
     fn contract(&self, tokens: &[u32], layer: usize, tol: Tolerances) -> Result<(), String>;
-    /// [`crate::check_against_oracle`]: largest `(logit, exact F, sampled F)` errors.
-    fn oracle(&self, fixture: &str, logit_tol: f64) -> Result<(f64, f64, f64), String>;
+    /// [`crate::check_against_oracle_within`]: largest `(logit, exact F, sampled F)` errors.
+    fn oracle(&self, fixture: &str, tol: OracleTolerances) -> Result<(f64, f64, f64), String>;
     /// The error message of a lower pass that must fail (`Ok(())` if it did not fail).
     fn lower_error(&self, tokens: &[u32], layer: usize) -> Result<(), String>;
 }
@@ -48,12 +55,23 @@ impl<M: SplitModel> Probe for M {
         Ok(f.remove(0))
     }
 
+    fn readout_jacobian(
+        &self,
+        tokens: &[u32],
+        layer: usize,
+        position: usize,
+    ) -> Result<Matrix<f64>, String> {
+        let ctx = self.lower(tokens, layer).map_err(|e| e.to_string())?;
+        let mut a = self.readout_jacobians(&ctx, &[position]).map_err(|e| e.to_string())?;
+        Ok(a.remove(0).map(|x| x.as_f64()))
+    }
+
     fn contract(&self, tokens: &[u32], layer: usize, tol: Tolerances) -> Result<(), String> {
         crate::check_split_model(self, tokens, layer, tol)
     }
 
-    fn oracle(&self, fixture: &str, logit_tol: f64) -> Result<(f64, f64, f64), String> {
-        crate::check_against_oracle(self, fixture, logit_tol)
+    fn oracle(&self, fixture: &str, tol: OracleTolerances) -> Result<(f64, f64, f64), String> {
+        crate::check_against_oracle_within(self, fixture, tol)
     }
 
     fn lower_error(&self, tokens: &[u32], layer: usize) -> Result<(), String> {
@@ -90,6 +108,25 @@ pub fn load(backend: Backend, files: &ModelFiles) -> Result<Box<dyn Probe>, Stri
     .map_err(|e: anyhow::Error| e.to_string())
 }
 
+/// Load checkpoint `files` as candle's f64 reference model (`backend_candle::Float`: every
+/// weight widened to f64 once, every pass, tangent and gradient computed in f64): the model whose
+/// derivatives the f64 contract checks against f64 finite differences, and which the f32
+/// engines are compared with.
+#[cfg(feature = "candle")]
+pub fn load_candle_f64(files: &ModelFiles) -> Result<Box<dyn Probe>, String> {
+    use fs_checkpoint::ModelWeights;
+    let cpu = backend_candle::Device::Cpu;
+    (|| -> anyhow::Result<Box<dyn Probe>> {
+        Ok(match fs_checkpoint::Checkpoint::from_files(files.clone())?.read_weights()? {
+            ModelWeights::Gpt2(w) => Box::new(backend_candle::Gpt2::<f64>::with_scalar(w, &cpu)?),
+            ModelWeights::Decoder(w) => {
+                Box::new(backend_candle::Decoder::<f64>::with_scalar(w, &cpu)?)
+            }
+        })
+    })()
+    .map_err(|e| e.to_string())
+}
+
 /// Every engine this build has, candle first.
 pub fn compiled_backends() -> Vec<Backend> {
     Backend::compiled_in()
@@ -123,7 +160,7 @@ macro_rules! backend_suite {
 
             fn oracle_and_contract(name: &str) {
                 let model = load(name);
-                let (z, f, s) = model.oracle(name, 1e-4).unwrap_or_else(|e| panic!("{}: {e}", BACKEND.name()));
+                let (z, f, s) = model.oracle(name, $crate::OracleTolerances::F32).unwrap_or_else(|e| panic!("{}: {e}", BACKEND.name()));
                 println!(
                     "{} {name}: max |Δlogit| {z:.2e}, max exact-F rel. error {f:.2e}, max sampled-F rel. error {s:.2e}",
                     BACKEND.name()

@@ -80,7 +80,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// Upload typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from safetensors,
-    /// GGUF or random values; fused tensors split, Gemma's norms already `1 + w`) to the plain
+    /// GGUF or random values; fused tensors split, Gemma's norm weights `w` as stored) to the plain
     /// (non-autodiff) view of `device`, every matrix widened to f32 (linear weights transposed to
     /// `[in, out]`): this engine holds the whole model in f32, unlike candle's CPU path. `W_U`
     /// stays on the host too, for the estimators' weighted Gram.
@@ -104,7 +104,10 @@ impl Decoder {
             let (w, b) = up.linear(l.to_linear());
             Lin { w, b }
         };
-        let norm_t = |n: Norm| NormT { w: up.vector(n.weight), b: n.bias.map(|b| up.vector(b)) };
+        // Norm weights with Gemma's `1 + w` formed on the device, in f32.
+        let offset = cfg.norm_offset();
+        let scale = |w: Vec<f32>| up.vector(w).add_scalar(offset);
+        let norm_t = |n: Norm| NormT { w: scale(n.weight), b: n.bias.map(|b| up.vector(b)) };
         let blocks = blocks
             .into_iter()
             .enumerate()
@@ -115,8 +118,8 @@ impl Decoder {
                     q: lin(b.q),
                     k: lin(b.k),
                     v: lin(b.v),
-                    q_norm: b.q_norm.map(|w| up.vector(w)),
-                    k_norm: b.k_norm.map(|w| up.vector(w)),
+                    q_norm: b.q_norm.map(scale),
+                    k_norm: b.k_norm.map(scale),
                     o: lin(b.o),
                     post_attn_norm: b.post_attn_norm.map(norm_t),
                     mlp_norm: b.mlp_norm.map(norm_t),

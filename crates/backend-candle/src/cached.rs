@@ -7,7 +7,8 @@
 
 use crate::ops::softmax_last_dim;
 use crate::ops::Weight;
-use candle_core::{Device, Tensor, Var, D};
+use crate::Float;
+use candle_core::{DType, Device, Tensor, Var, D};
 use fs_checkpoint::{HostMatrix, StoredLinear, StoredMatrix};
 use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
@@ -73,26 +74,28 @@ impl CachedContext {
     }
 }
 
-/// Uploads typed host weights (`fs-checkpoint`) to one device: every model's `new` builds its
-/// tensors with it.
-pub(crate) struct Upload<'a>(pub(crate) &'a Device);
+/// Uploads typed host weights (`fs-checkpoint`) to one device in the model's compute dtype
+/// (f32, or f64 for the reference models, [`Float`]): every model's `new` builds its tensors
+/// with it.
+pub(crate) struct Upload<'a>(pub(crate) &'a Device, pub(crate) DType);
 
 impl Upload<'_> {
     /// A `rows × cols` matrix.
     pub(crate) fn matrix(&self, m: HostMatrix) -> candle_core::Result<Tensor> {
-        Tensor::from_vec(m.data, (m.rows, m.cols), self.0)
+        Tensor::from_vec(m.data, (m.rows, m.cols), self.0)?.to_dtype(self.1)
     }
     /// A vector.
     pub(crate) fn vector(&self, v: Vec<f32>) -> candle_core::Result<Tensor> {
         let n = v.len();
-        Tensor::from_vec(v, n, self.0)
+        Tensor::from_vec(v, n, self.0)?.to_dtype(self.1)
     }
-    /// A linear layer kept in its stored precision where the device allows ([`Weight::new`]).
+    /// A linear layer kept in its stored precision where the device and dtype allow
+    /// ([`Weight::new_in`]).
     pub(crate) fn stored_linear(
         &self,
         l: StoredLinear,
     ) -> candle_core::Result<(Weight, Option<Tensor>)> {
-        Ok((Weight::new(l.weight, self.0)?, l.bias.map(|b| self.vector(b)).transpose()?))
+        Ok((Weight::new_in(l.weight, self.0, self.1)?, l.bias.map(|b| self.vector(b)).transpose()?))
     }
 }
 
@@ -109,17 +112,23 @@ pub(crate) enum Table {
 }
 
 impl Table {
-    /// A stored table for `device` (kept as stored on the CPU unless it is f32; see
-    /// [`Weight::new`] for why).
-    pub(crate) fn new(m: StoredMatrix, device: &Device) -> candle_core::Result<Table> {
-        if m.is_f32() || !device.is_cpu() {
-            Ok(Table::Dense(Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), device)?))
+    /// A stored table for `device` in compute dtype `dtype` (kept as stored on the CPU for an
+    /// f32 model unless it is f32; see [`Weight::new_in`] for why).
+    pub(crate) fn new(
+        m: StoredMatrix,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Table> {
+        if m.is_f32() || !device.is_cpu() || dtype != DType::F32 {
+            let t = Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), device)?;
+            Ok(Table::Dense(t.to_dtype(dtype)?))
         } else {
             Ok(Table::Stored(m))
         }
     }
 
-    /// Rows `ids` as an `(n, d)` f32 tensor on `device`.
+    /// Rows `ids` as an `(n, d)` tensor on `device` (the table's dtype; a stored table is only
+    /// kept for f32 models).
     pub(crate) fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Table::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0),
@@ -144,24 +153,35 @@ impl Table {
         }
     }
 
-    /// Rows `rows` into `out` (row-major f32), for the estimators' streaming reads.
-    fn read_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> candle_core::Result<()> {
+    /// Rows `rows` into `out` (row-major, the model's scalar), for the estimators' streaming
+    /// reads.
+    fn read_rows<S: Float>(
+        &self,
+        rows: std::ops::Range<usize>,
+        out: &mut [S],
+    ) -> candle_core::Result<()> {
         match self {
             Table::Dense(t) => {
                 let d = t.dim(1)?;
                 // On the CPU, one copy straight out of the tensor's storage.
                 let (storage, layout) = t.storage_and_layout();
-                if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((o, _))) =
+                if let (candle_core::Storage::Cpu(cpu), Some((o, _))) =
                     (&*storage, layout.contiguous_offsets())
                 {
+                    let v = S::cpu_storage_as_slice(cpu)?;
                     out.copy_from_slice(&v[o + rows.start * d..o + rows.end * d]);
                     return Ok(());
                 }
                 drop(storage);
-                let data = t.narrow(0, rows.start, rows.len())?.flatten_all()?.to_vec1::<f32>()?;
+                let data = t.narrow(0, rows.start, rows.len())?.flatten_all()?.to_vec1::<S>()?;
                 out.copy_from_slice(&data);
             }
-            Table::Stored(m) => m.widen_rows_into(rows, out),
+            Table::Stored(m) => match S::typed_mut(out) {
+                fs_traits::TypedSliceMut::F32(out) => m.widen_rows_into(rows, out),
+                fs_traits::TypedSliceMut::F64(_) => {
+                    candle_core::bail!("a stored-precision table in an f64 model")
+                }
+            },
         }
         Ok(())
     }
@@ -182,6 +202,8 @@ pub(crate) struct Readout {
     pub(crate) bytes_per_row_per_block: usize,
     /// The final-logit soft-cap `c` (`z = c·tanh(W_U u / c)`), if the model has one.
     pub(crate) final_logit_softcap: Option<f64>,
+    /// The dtype every tensor of the model computes in (the model's [`Float`]).
+    pub(crate) dtype: DType,
 }
 
 impl Readout {
@@ -194,18 +216,21 @@ impl Readout {
         }
     }
 
-    /// Build the readout and the token embedding (`V × d`, as stored): `W_U` is `lm_head` when
-    /// the checkpoint has one, else the (tied) embedding, shared. Returns the embedding too.
+    /// Build the readout and the token embedding (`V × d`, as stored, or in `up`'s dtype):
+    /// `W_U` is `lm_head` when the checkpoint has one, else the (tied) embedding, shared.
+    /// `f32_bytes_per_row_per_block` is the f32 estimate, scaled to the dtype. Returns the
+    /// embedding too.
     pub(crate) fn with_embedding(
-        device: &Device,
+        up: &Upload<'_>,
         dims: ModelDims,
         embed: StoredMatrix,
         lm_head: Option<StoredMatrix>,
-        bytes_per_row_per_block: usize,
+        f32_bytes_per_row_per_block: usize,
     ) -> candle_core::Result<(Table, Readout)> {
-        let embed = Table::new(embed, device)?;
+        let (device, dtype) = (up.0, up.1);
+        let embed = Table::new(embed, device, dtype)?;
         let lm_head = match lm_head {
-            Some(m) => Table::new(m, device)?,
+            Some(m) => Table::new(m, device, dtype)?,
             None => embed.clone(),
         };
         let readout = Readout {
@@ -213,18 +238,19 @@ impl Readout {
             dims,
             lm_head,
             activation_budget: DEFAULT_ACTIVATION_BUDGET,
-            bytes_per_row_per_block,
+            bytes_per_row_per_block: f32_bytes_per_row_per_block / 4 * dtype.size_in_bytes(),
             final_logit_softcap: None,
+            dtype,
         };
         Ok((embed, readout))
     }
 }
 
-impl fs_traits::UnembeddingRows<f32> for Readout {
+impl<S: Float> fs_traits::UnembeddingRows<S> for Readout {
     fn shape(&self) -> (usize, usize) {
         (self.dims.vocab_size, self.dims.readout_dim)
     }
-    fn read_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<(), FsError> {
+    fn read_rows(&self, rows: std::ops::Range<usize>, out: &mut [S]) -> Result<(), FsError> {
         self.lm_head.read_rows(rows, out).map_err(be)
     }
 }
@@ -300,15 +326,18 @@ impl Attention {
     }
 }
 
-/// [`fs_traits::engine::context_mask`] as a `(P, 1, 1, t_max)` tensor; `None` when no row has
-/// any context.
+/// [`fs_traits::engine::context_mask`] as a `(P, 1, 1, t_max)` tensor of the model's dtype;
+/// `None` when no row has any context.
 pub(crate) fn context_mask(
     positions: &[usize],
     window: Option<usize>,
-    device: &Device,
+    readout: &Readout,
 ) -> candle_core::Result<Option<(Tensor, usize)>> {
     fs_traits::engine::context_mask(positions, window)
-        .map(|(m, t_max)| Ok((Tensor::from_vec(m, (positions.len(), 1, 1, t_max), device)?, t_max)))
+        .map(|(m, t_max)| {
+            let mask = Tensor::from_vec(m, (positions.len(), 1, 1, t_max), &readout.device)?;
+            Ok((mask.to_dtype(readout.dtype)?, t_max))
+        })
         .transpose()
 }
 
@@ -351,7 +380,8 @@ pub(crate) fn causal_attention(
         fs_traits::engine::causal_mask(t_len, attn.window),
         (1, t_len, t_len),
         q.device(),
-    )?;
+    )?
+    .to_dtype(q.dtype())?;
     let scores = attn.scores(&q.matmul(&k.t()?)?)?.broadcast_add(&causal)?;
     softmax_last_dim(&scores)?.matmul(v)
 }
@@ -383,18 +413,21 @@ pub(crate) fn lower_layers<M: CachedUpper>(
 }
 
 /// `SplitModel::activation`.
-pub(crate) fn activation(ctx: &CachedContext, position: usize) -> Result<Vec<f32>, FsError> {
+pub(crate) fn activation<S: Float>(
+    ctx: &CachedContext,
+    position: usize,
+) -> Result<Vec<S>, FsError> {
     check_position(position, ctx.tokens.len())?;
-    ctx.hidden.get(position).and_then(|r| r.to_vec1::<f32>()).map_err(be)
+    ctx.hidden.get(position).and_then(|r| r.to_vec1::<S>()).map_err(be)
 }
 
 /// `SplitModel::upper_logits`.
-pub(crate) fn upper_logits<M: CachedUpper>(
+pub(crate) fn upper_logits<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
-    h: &[f32],
-) -> Result<Vec<f32>, FsError> {
+    h: &[S],
+) -> Result<Vec<S>, FsError> {
     let d = m.model_dims().d_model;
     check_position(position, ctx.tokens.len())?;
     check_len("h", h.len(), d)?;
@@ -402,17 +435,17 @@ pub(crate) fn upper_logits<M: CachedUpper>(
     (|| {
         let h = Tensor::from_slice(h, (1, 1, d), m.device())?;
         let u = m.upper(ctx, &[position], &h)?.reshape((1, d))?;
-        m.readout().logits_of(&u)?.flatten_all()?.to_vec1::<f32>()
+        m.readout().logits_of(&u)?.flatten_all()?.to_vec1::<S>()
     })()
     .map_err(be)
 }
 
 /// `SplitModel::logits`.
-pub(crate) fn logits<M: CachedUpper>(
+pub(crate) fn logits<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     positions: &[usize],
-) -> Result<Matrix<f32>, FsError> {
+) -> Result<Matrix<S>, FsError> {
     check_positions(positions, ctx.tokens.len())?;
     let v = m.model_dims().vocab_size;
     if positions.is_empty() {
@@ -421,7 +454,7 @@ pub(crate) fn logits<M: CachedUpper>(
     let data = (|| {
         let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
         let rows = ctx.final_norm.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
-        m.readout().logits_of(&rows)?.flatten_all()?.to_vec1::<f32>()
+        m.readout().logits_of(&rows)?.flatten_all()?.to_vec1::<S>()
     })()
     .map_err(be)?;
     Matrix::from_vec(positions.len(), v, data)
@@ -430,28 +463,28 @@ pub(crate) fn logits<M: CachedUpper>(
 /// `SplitModel::score_gradients`: `S` replicas of `h`, one backward pass of
 /// `Σ_s ⟨w_{y_s} − m, u_s⟩` (`∂ log p_y/∂u = w_y − m`, `m = W_Uᵀp`; the unembedding stays out of
 /// the autograd graph).
-pub(crate) fn score_gradients<M: CachedUpper>(
+pub(crate) fn score_gradients<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
     tokens: &[u32],
-) -> Result<Matrix<f32>, FsError> {
+) -> Result<Matrix<S>, FsError> {
     let dims = m.model_dims();
     check_position(position, ctx.tokens.len())?;
     check_tokens_in_vocab(tokens, dims.vocab_size)?;
     if tokens.is_empty() {
         return Ok(Matrix::zeros(0, dims.d_model));
     }
-    let z = logits(m, ctx, &[position])?;
+    let z = logits::<M, S>(m, ctx, &[position])?;
     // With a final soft-cap, ∂z_y/∂u = s_y w_y: weight p and the chosen rows by the slopes.
     let slopes = fs_traits::logit_slopes(m.readout().final_logit_softcap, z.as_slice());
     let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
-    let p: Vec<f32> = softmax(z.as_slice())?
+    let p: Vec<S> = softmax(z.as_slice())?
         .into_iter()
         .enumerate()
-        .map(|(y, x)| (x * slope(y)) as f32)
+        .map(|(y, x)| S::round_from_f64(x * slope(y)))
         .collect();
-    let row_slopes: Vec<f32> = tokens.iter().map(|&y| slope(y as usize) as f32).collect();
+    let row_slopes: Vec<S> = tokens.iter().map(|&y| S::round_from_f64(slope(y as usize))).collect();
     let data = (|| {
         let p = Tensor::from_vec(p, (1, dims.vocab_size), m.device())?;
         let mean = m.lm_head().times(&p)?;
@@ -471,27 +504,27 @@ pub(crate) fn score_gradients<M: CachedUpper>(
 /// Columns `cols` of the readout Jacobians at `positions`, by one forward-mode pass
 /// ([`crate::jvp`]) seeded with those identity rows: `u̇_r = A e_r`. Returns, per position, the
 /// `d_u × |cols|` block row-major.
-fn readout_jacobian_columns<M: CachedUpper>(
+fn readout_jacobian_columns<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     positions: &[usize],
     cols: std::ops::Range<usize>,
-) -> candle_core::Result<Vec<Vec<f32>>> {
+) -> candle_core::Result<Vec<Vec<S>>> {
     let idx: Vec<u32> = positions.iter().map(|&t| t as u32).collect();
     let rows = ctx.hidden.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
     let seed = crate::jvp::seed(&rows, positions.len(), cols)?;
     let u = m.upper_jvp(ctx, positions, seed)?;
     // u̇ is (P, R, d_u): transpose to (P, d_u, R) so each position's block is A[:, cols].
     let a = u.dx.transpose(1, 2)?.contiguous()?;
-    (0..positions.len()).map(|p| a.get(p)?.flatten_all()?.to_vec1::<f32>()).collect()
+    (0..positions.len()).map(|p| a.get(p)?.flatten_all()?.to_vec1::<S>()).collect()
 }
 
 /// `SplitModel::readout_jacobians`, in forward-mode passes under the model's activation budget.
-pub(crate) fn readout_jacobians<M: CachedUpper>(
+pub(crate) fn readout_jacobians<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     positions: &[usize],
-) -> Result<Vec<Matrix<f32>>, FsError> {
+) -> Result<Vec<Matrix<S>>, FsError> {
     check_positions(positions, ctx.tokens.len())?;
     let dims = m.model_dims();
     let (d, du) = (dims.d_model, dims.readout_dim);
@@ -499,11 +532,11 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
         readout_batching(d, m.bytes_per_row_per_block(), m.activation_budget());
     let mut out = Vec::with_capacity(positions.len());
     for chunk in positions.chunks(per_pass) {
-        let mut a = vec![vec![0f32; du * d]; chunk.len()];
+        let mut a = vec![vec![S::zero(); du * d]; chunk.len()];
         for start in (0..d).step_by(cols_per_pass) {
             let cols = start..(start + cols_per_pass).min(d);
             let width = cols.len();
-            let part = readout_jacobian_columns(m, ctx, chunk, cols).map_err(be)?;
+            let part = readout_jacobian_columns::<M, S>(m, ctx, chunk, cols).map_err(be)?;
             for (a, block) in a.iter_mut().zip(part) {
                 for (row, src) in a.chunks_exact_mut(d).zip(block.chunks_exact(width)) {
                     row[start..start + width].copy_from_slice(src);
@@ -519,12 +552,12 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
 
 /// `SplitModel::readout_jvp`: the rows of `tangents` pushed forward through the upper half at
 /// `position` ([`crate::jvp`]), in passes of at most the activation budget's rows.
-pub(crate) fn readout_jvp<M: CachedUpper>(
+pub(crate) fn readout_jvp<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
-    tangents: MatrixRef<'_, f32>,
-) -> Result<Matrix<f32>, FsError> {
+    tangents: MatrixRef<'_, S>,
+) -> Result<Matrix<S>, FsError> {
     check_position(position, ctx.tokens.len())?;
     let dims = m.model_dims();
     let (d, du) = (dims.d_model, dims.readout_dim);
@@ -539,7 +572,7 @@ pub(crate) fn readout_jvp<M: CachedUpper>(
             let h = ctx.hidden.get(position)?.reshape((1, 1, d))?;
             let dx = Tensor::from_slice(chunk, (1, r, d), m.device())?;
             let u = m.upper_jvp(ctx, &[position], crate::jvp::Dual { x: h, dx })?;
-            u.dx.flatten_all()?.to_vec1::<f32>()
+            u.dx.flatten_all()?.to_vec1::<S>()
         })()
         .map_err(be)?;
         out.extend(part);
@@ -549,12 +582,12 @@ pub(crate) fn readout_jvp<M: CachedUpper>(
 
 /// `SplitModel::readout_vjp`: `R` replicas of the position's activation, one backward pass of
 /// `Σ_i ⟨w_i, u_i⟩`.
-pub(crate) fn readout_vjp<M: CachedUpper>(
+pub(crate) fn readout_vjp<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
-    cotangents: MatrixRef<'_, f32>,
-) -> Result<Matrix<f32>, FsError> {
+    cotangents: MatrixRef<'_, S>,
+) -> Result<Matrix<S>, FsError> {
     check_position(position, ctx.tokens.len())?;
     let dims = m.model_dims();
     check_len("cotangent length (d_u)", cotangents.cols(), dims.readout_dim)?;
@@ -576,12 +609,12 @@ pub(crate) fn readout_vjp<M: CachedUpper>(
 /// forward is one row's worth of products ([`ReplicatedRows`]: every linear layer multiplies
 /// one row and copies it; the cheap row-wise operations run on all `R`), so the pass costs one
 /// weight stream forward plus the backward's `R`-row products.
-fn vjp_rows<M: CachedUpper>(
+fn vjp_rows<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
     c: &Tensor,
-) -> candle_core::Result<Vec<f32>> {
+) -> candle_core::Result<Vec<S>> {
     let r = c.dim(1)?;
     let h = Var::from_tensor(&replicated(m, ctx, &[position], r)?)?;
     let u = {
@@ -592,21 +625,21 @@ fn vjp_rows<M: CachedUpper>(
     let g = grads
         .get(h.as_tensor())
         .ok_or_else(|| candle_core::Error::Msg("no gradient reached the activation".into()))?;
-    g.flatten_all()?.to_vec1::<f32>()
+    g.flatten_all()?.to_vec1::<S>()
 }
 
 /// `SplitModel::unembedding`: rows read from the model's `W_U` ([`Table`]) on demand — widened
 /// when it is kept in its stored precision, copied from the device tensor otherwise (no second
 /// f32 copy of `W_U` is kept for the estimators).
-pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> Unembedding<'_, f32> {
+pub(crate) fn unembedding<M: CachedUpper, S: Float>(m: &M) -> Unembedding<'_, S> {
     Unembedding::Rows(m.readout())
 }
 
 /// Implement [`SplitModel`](fs_traits::SplitModel) for a [`CachedUpper`] model (crate-internal:
 /// it calls the `pub(crate)` helpers above).
 macro_rules! impl_split_model {
-    ($t:ty) => {
-        impl $t {
+    ($t:ident) => {
+        impl<S: $crate::Float> $t<S> {
             /// The device the model runs on.
             pub fn device(&self) -> &candle_core::Device {
                 &self.readout.device
@@ -628,8 +661,8 @@ macro_rules! impl_split_model {
             }
         }
 
-        impl fs_traits::SplitModel for $t {
-            type Scalar = f32;
+        impl<S: $crate::Float> fs_traits::SplitModel for $t<S> {
+            type Scalar = S;
             type Context = $crate::CachedContext;
             fn dims(&self) -> fs_traits::ModelDims {
                 $crate::cached::CachedUpper::model_dims(self)
@@ -652,22 +685,22 @@ macro_rules! impl_split_model {
                 &self,
                 ctx: &Self::Context,
                 position: usize,
-            ) -> Result<Vec<f32>, fs_traits::FsError> {
+            ) -> Result<Vec<S>, fs_traits::FsError> {
                 $crate::cached::activation(ctx, position)
             }
             fn upper_logits(
                 &self,
                 ctx: &Self::Context,
                 position: usize,
-                h: &[f32],
-            ) -> Result<Vec<f32>, fs_traits::FsError> {
+                h: &[S],
+            ) -> Result<Vec<S>, fs_traits::FsError> {
                 $crate::cached::upper_logits(self, ctx, position, h)
             }
             fn logits(
                 &self,
                 ctx: &Self::Context,
                 positions: &[usize],
-            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+            ) -> Result<fs_traits::Matrix<S>, fs_traits::FsError> {
                 $crate::cached::logits(self, ctx, positions)
             }
             fn score_gradients(
@@ -675,14 +708,14 @@ macro_rules! impl_split_model {
                 ctx: &Self::Context,
                 position: usize,
                 tokens: &[u32],
-            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+            ) -> Result<fs_traits::Matrix<S>, fs_traits::FsError> {
                 $crate::cached::score_gradients(self, ctx, position, tokens)
             }
             fn readout_jacobians(
                 &self,
                 ctx: &Self::Context,
                 positions: &[usize],
-            ) -> Result<Vec<fs_traits::Matrix<f32>>, fs_traits::FsError> {
+            ) -> Result<Vec<fs_traits::Matrix<S>>, fs_traits::FsError> {
                 $crate::cached::readout_jacobians(self, ctx, positions)
             }
             fn native_readout_jvp(&self) -> bool {
@@ -692,19 +725,19 @@ macro_rules! impl_split_model {
                 &self,
                 ctx: &Self::Context,
                 position: usize,
-                tangents: fs_traits::MatrixRef<'_, f32>,
-            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                tangents: fs_traits::MatrixRef<'_, S>,
+            ) -> Result<fs_traits::Matrix<S>, fs_traits::FsError> {
                 $crate::cached::readout_jvp(self, ctx, position, tangents)
             }
             fn readout_vjp(
                 &self,
                 ctx: &Self::Context,
                 position: usize,
-                cotangents: fs_traits::MatrixRef<'_, f32>,
-            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                cotangents: fs_traits::MatrixRef<'_, S>,
+            ) -> Result<fs_traits::Matrix<S>, fs_traits::FsError> {
                 $crate::cached::readout_vjp(self, ctx, position, cotangents)
             }
-            fn unembedding(&self) -> fs_traits::Unembedding<'_, f32> {
+            fn unembedding(&self) -> fs_traits::Unembedding<'_, S> {
                 $crate::cached::unembedding(self)
             }
             fn final_logit_softcap(&self) -> Option<f64> {

@@ -14,11 +14,12 @@ use crate::cached::{
 };
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{activation, layer_norm, linear, rms_norm, Weight};
-use crate::Error;
+use crate::{Error, Float};
 use candle_core::{Device, Tensor, D};
 use fs_checkpoint::{
     Activation, DecoderConfig, DecoderWeights, LayerAttention, Norm, NormKind, QkNorm, StoredLinear,
 };
+use std::marker::PhantomData;
 
 /// A linear layer: its weight ([`Weight`]: f32 on the device, or as stored and widened per
 /// product) and optional bias.
@@ -62,8 +63,8 @@ struct Block {
     rope: usize,
 }
 
-/// A RoPE decoder model on candle.
-pub struct Decoder {
+/// A RoPE decoder model on candle, computing in `S` (f32; f64 as a reference, [`Float`]).
+pub struct Decoder<S: Float = f32> {
     cfg: DecoderConfig,
     embed: Table,
     embed_multiplier: Option<f64>,
@@ -71,25 +72,37 @@ pub struct Decoder {
     norm: NormT,
     /// RoPE inverse frequencies of full-attention layers, then of sliding ones.
     inv_freq: [Vec<f64>; 2],
-    /// Device, dimensions, `W_U` (`embed` when tied), pass budget.
+    /// Device, dimensions, `W_U` (`embed` when tied), pass budget, dtype.
     readout: Readout,
+    scalar: PhantomData<S>,
 }
 
 impl Decoder {
     /// Build the model from typed host weights ([`DecoderWeights`], read by `fs-checkpoint` from
-    /// safetensors, GGUF or random values; fused tensors split, Gemma's norms already `1 + w`).
+    /// safetensors, GGUF or random values; fused tensors split, Gemma's norm weights `w` as stored).
     /// On the CPU, matrices stored narrower than f32 (bf16, f16, GGUF quantised blocks) stay so
     /// and are widened one product at a time ([`Weight`]; the embedding and `W_U` alike); f32 matrices, and every
     /// matrix on other devices, are uploaded as f32 once.
     pub fn new(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
+        Self::with_scalar(weights, device)
+    }
+}
+
+impl<S: Float> Decoder<S> {
+    /// [`Decoder::new`] computing in `S` (`Decoder::<f64>::with_scalar`: the f64 reference
+    /// model; every matrix dense in f64).
+    pub fn with_scalar(weights: DecoderWeights, device: &Device) -> Result<Self, Error> {
         let DecoderWeights { config: cfg, embed, blocks, norm, lm_head } = weights;
-        let up = Upload(device);
+        let up = Upload(device, S::DTYPE);
         let lin = |l: StoredLinear| -> candle_core::Result<Lin> {
             let (w, b) = up.stored_linear(l)?;
             Ok(Lin { w, b })
         };
+        // Norm weights in the compute dtype, Gemma's `1 + w` formed there.
+        let offset = cfg.norm_offset();
+        let scale = |w: Vec<f32>| -> candle_core::Result<Tensor> { up.vector(w)? + offset };
         let norm_t = |n: Norm| -> candle_core::Result<NormT> {
-            Ok(NormT { w: up.vector(n.weight)?, b: n.bias.map(|b| up.vector(b)).transpose()? })
+            Ok(NormT { w: scale(n.weight)?, b: n.bias.map(|b| up.vector(b)).transpose()? })
         };
         let opt_norm = |n: Option<Norm>| n.map(norm_t).transpose();
         // Tangent bytes per row per block: residual, norms, q/k/v/o, attention, the MLP's three.
@@ -97,7 +110,7 @@ impl Decoder {
         let bytes_per_row_per_block =
             4 * (12 * cfg.hidden_size + 4 * q_width + 5 * cfg.intermediate_size);
         let (embed, mut readout) =
-            Readout::with_embedding(device, cfg.dims(), embed, lm_head, bytes_per_row_per_block)?;
+            Readout::with_embedding(&up, cfg.dims(), embed, lm_head, bytes_per_row_per_block)?;
         readout.final_logit_softcap = cfg.final_logit_softcap;
         let blocks = blocks
             .into_iter()
@@ -109,8 +122,8 @@ impl Decoder {
                     q: lin(b.q)?,
                     k: lin(b.k)?,
                     v: lin(b.v)?,
-                    q_norm: b.q_norm.map(|w| up.vector(w)).transpose()?,
-                    k_norm: b.k_norm.map(|w| up.vector(w)).transpose()?,
+                    q_norm: b.q_norm.map(scale).transpose()?,
+                    k_norm: b.k_norm.map(scale).transpose()?,
                     o: lin(b.o)?,
                     post_attn_norm: opt_norm(b.post_attn_norm)?,
                     mlp_norm: opt_norm(b.mlp_norm)?,
@@ -132,13 +145,17 @@ impl Decoder {
             cfg.sliding_rope.unwrap_or(cfg.rope).inv_freq(cfg.rotary_dim),
         ];
         Ok(Decoder {
-            embed_multiplier: cfg.embedding_multiplier().map(f64::from),
+            // √d rounded to the compute type, as transformers rounds it to the activations'.
+            embed_multiplier: cfg
+                .embedding_multiplier()
+                .map(|_| S::round_from_f64((cfg.hidden_size as f64).sqrt()).as_f64()),
             norm: norm_t(norm)?,
             inv_freq,
             cfg,
             embed,
             blocks,
             readout,
+            scalar: PhantomData,
         })
     }
 
@@ -187,15 +204,16 @@ impl Decoder {
             for _ in 0..2 {
                 for f in inv_freq {
                     let a = t as f64 * f;
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
+                    cos.push(a.cos());
+                    sin.push(a.sin());
                 }
             }
         }
         let shape = (positions.len(), rd);
+        let (device, dtype) = (&self.readout.device, self.readout.dtype);
         Ok((
-            Tensor::from_vec(cos, shape, &self.readout.device)?,
-            Tensor::from_vec(sin, shape, &self.readout.device)?,
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
         ))
     }
 
@@ -212,12 +230,11 @@ impl Decoder {
         &self,
         positions: &[usize],
     ) -> candle_core::Result<[Option<(Tensor, usize)>; 2]> {
-        let device = &self.readout.device;
         let sliding = match self.cfg.sliding_window {
-            Some(w) => context_mask(positions, Some(w), device)?,
+            Some(w) => context_mask(positions, Some(w), &self.readout)?,
             None => None,
         };
-        Ok([context_mask(positions, None, device)?, sliding])
+        Ok([context_mask(positions, None, &self.readout)?, sliding])
     }
 
     /// `x·cos + rotate_half(x)·sin` on the first `rotary_dim` entries of the last dimension,
@@ -480,7 +497,7 @@ impl Decoder {
     }
 }
 
-impl CachedUpper for Decoder {
+impl<S: Float> CachedUpper for Decoder<S> {
     fn readout(&self) -> &Readout {
         &self.readout
     }

@@ -24,9 +24,10 @@ use crate::cached::{
 };
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{gelu_new, layer_norm, linear, Weight};
-use crate::Error;
+use crate::{Error, Float};
 use candle_core::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear, StoredMatrix};
+use std::marker::PhantomData;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -48,15 +49,16 @@ struct Block {
     out_b: Tensor,
 }
 
-/// GPT-2 on candle.
-pub struct Gpt2 {
+/// GPT-2 on candle, computing in `S` (f32; f64 as a reference, [`Float`]).
+pub struct Gpt2<S: Float = f32> {
     cfg: Gpt2Config,
     wte: Table,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Norm,
-    /// Device, dimensions, `W_U` (`wte` when tied), pass budget.
+    /// Device, dimensions, `W_U` (`wte` when tied), pass budget, dtype.
     readout: Readout,
+    scalar: PhantomData<S>,
 }
 
 /// The result of [`Gpt2`]'s lower pass.
@@ -64,10 +66,17 @@ pub type Gpt2Context = CachedContext;
 
 impl Gpt2 {
     /// Upload typed host weights ([`Gpt2Weights`], f32, read by `fs-checkpoint` from safetensors
-    /// or random values) to `device`.
+    /// or random values) to `device`, computing in f32.
     pub fn new(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
+        Self::with_scalar(weights, device)
+    }
+}
+
+impl<S: Float> Gpt2<S> {
+    /// [`Gpt2::new`] computing in `S` (`Gpt2::<f64>::with_scalar`: the f64 reference model).
+    pub fn with_scalar(weights: Gpt2Weights, device: &Device) -> Result<Self, Error> {
         let Gpt2Weights { config: cfg, wte, wpe, blocks, ln_f, lm_head } = weights;
-        let up = Upload(device);
+        let up = Upload(device, S::DTYPE);
         let norm = |n: LayerNorm| -> candle_core::Result<Norm> {
             Ok(Norm { weight: up.vector(n.weight)?, bias: up.vector(n.bias)? })
         };
@@ -76,7 +85,7 @@ impl Gpt2 {
         };
         let stored = |m: HostMatrix| StoredMatrix::from_f32(m.rows, m.cols, m.data);
         let (wte, readout) = Readout::with_embedding(
-            device,
+            &up,
             cfg.dims(),
             stored(wte),
             lm_head.map(stored),
@@ -103,7 +112,15 @@ impl Gpt2 {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Gpt2 { wte, wpe: up.matrix(wpe)?, blocks, ln_f: norm(ln_f)?, readout, cfg })
+        Ok(Gpt2 {
+            wte,
+            wpe: up.matrix(wpe)?,
+            blocks,
+            ln_f: norm(ln_f)?,
+            readout,
+            cfg,
+            scalar: PhantomData,
+        })
     }
 
     /// The model's configuration.
@@ -172,7 +189,7 @@ impl Gpt2 {
         let (p_n, r_n, d) = h.dims3()?;
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, None, &self.readout.device)?;
+        let mask = context_mask(positions, None, &self.readout)?;
         let mut x = h.clone();
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
             let a = self.norm(&x, &b.ln_1)?;
@@ -211,7 +228,7 @@ impl Gpt2 {
         let (heads, dh) = self.heads();
         let (p_n, d) = (positions.len(), self.cfg.n_embd);
         let scale = 1.0 / (dh as f64).sqrt();
-        let mask = context_mask(positions, None, &self.readout.device)?;
+        let mask = context_mask(positions, None, &self.readout)?;
         let eps = self.cfg.layer_norm_epsilon;
         let mut x = h;
         for (idx, b) in self.blocks[ctx.layer..].iter().enumerate() {
@@ -255,7 +272,7 @@ fn bytes_per_row_per_block(cfg: &Gpt2Config) -> usize {
     4 * (3 * cfg.inner_dim() + 12 * cfg.n_embd)
 }
 
-impl CachedUpper for Gpt2 {
+impl<S: Float> CachedUpper for Gpt2<S> {
     fn readout(&self) -> &Readout {
         &self.readout
     }

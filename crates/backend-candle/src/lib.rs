@@ -5,7 +5,8 @@
 //! the `cuda` feature adds CUDA devices (`cuda:N`).
 //!
 //! A model is built from the typed host weights `fs-checkpoint` reads from any source
-//! (safetensors, GGUF, random): [`Gpt2::new`], [`Decoder::new`]. This crate holds only what candle
+//! (safetensors, GGUF, random): [`Gpt2::new`], [`Decoder::new`] (f32), or in f64 as a reference
+//! ([`Float`]: `Gpt2::<f64>::with_scalar`). This crate holds only what candle
 //! forces it to hold: the tensors and the forward / forward-mode passes (`docs/ARCHITECTURE.md`).
 
 #![warn(missing_docs)]
@@ -20,6 +21,18 @@ pub use cached::CachedContext;
 pub use candle_core::Device;
 pub use decoder::Decoder;
 pub use gpt2::{Gpt2, Gpt2Context};
+
+/// The scalar a model computes in, the [`SplitModel::Scalar`](fs_traits::SplitModel::Scalar) of
+/// [`Gpt2<S>`](Gpt2) and [`Decoder<S>`](Decoder): `f32` (the default, and what the CLI runs), or
+/// `f64` — every weight widened to f64 once (exactly: the checkpoint's values are f32 or
+/// narrower) and every pass, tangent and gradient computed in f64. The f64 models exist as a
+/// reference: their derivatives can be checked against f64 finite differences to ~1e-9 (the
+/// test suite's `SplitModel` contract at `Tolerances::F64`) and the f32 engines compared with
+/// them. In f64 nothing is kept in stored precision (bf16/GGUF matrices are widened on load).
+pub trait Float: candle_core::WithDType + fs_traits::Scalar {}
+
+impl Float for f32 {}
+impl Float for f64 {}
 
 /// Errors of loading a model on candle.
 #[derive(Debug, thiserror::Error)]

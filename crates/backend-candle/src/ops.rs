@@ -223,9 +223,16 @@ impl Weight {
     /// (then uploaded once, as it would be widened to the same values anyway); widened once and
     /// uploaded on other devices (per-product host widening would cross the bus every pass).
     pub fn new(m: StoredMatrix, device: &Device) -> Result<Weight> {
-        if m.is_f32() || !device.is_cpu() {
+        Weight::new_in(m, device, candle_core::DType::F32)
+    }
+
+    /// [`Weight::new`] for a model computing in `dtype`: a model in another dtype than f32 (the
+    /// f64 reference models, [`crate::Float`]) gets every weight dense, widened once.
+    pub fn new_in(m: StoredMatrix, device: &Device, dtype: candle_core::DType) -> Result<Weight> {
+        if m.is_f32() || !device.is_cpu() || dtype != candle_core::DType::F32 {
             let t = m.to_host_transposed();
-            Ok(Weight::Dense(Tensor::from_vec(t.data, (t.rows, t.cols), device)?))
+            let dense = Tensor::from_vec(t.data, (t.rows, t.cols), device)?;
+            Ok(Weight::Dense(dense.to_dtype(dtype)?))
         } else {
             Ok(Weight::Stored(m))
         }

@@ -21,7 +21,9 @@
 //! with key/value heads shared by `heads / kv_heads` query heads. The MLP is gated
 //! (`down(act(gate a) ⊙ up a)`) or plain (`down(act(up a))`), `act` ∈ SiLU, tanh-GELU, erf-GELU.
 //! The readout is `u = final_norm(x_L)`, logits `z = W_U u`, soft-capped `z ← cap·tanh(z/cap)`
-//! for Gemma-2. Gemma's RMSNorm `x·(1 + w)` is folded on load: the weights here are `1 + w`.
+//! for Gemma-2. Gemma's RMSNorm `x·(1 + w)` keeps `w` as stored ([`DecoderConfig::norm_offset`]):
+//! the engines add the 1 in their compute precision, as transformers does (folding it into f32
+//! weights here would round `1 + w` to f32 even for a model computing in f64).
 
 use crate::arch::{
     optional_f32, required_f32, required_tensor, Architecture, GgufTensorName, StoredLinear,
@@ -176,7 +178,8 @@ pub struct DecoderConfig {
     pub norm: NormKind,
     /// The norms' ε.
     pub norm_eps: f64,
-    /// The checkpoint's norm weights `w` act as `1 + w` (Gemma); folded on load.
+    /// The checkpoint's norm weights `w` act as `1 + w` (Gemma); the engines add the offset
+    /// ([`DecoderConfig::norm_offset`]).
     pub norm_unit_offset: bool,
     /// `x + attn(ln₁ x) + mlp(ln₂ x)` (GPT-NeoX `use_parallel_residual`).
     pub parallel_residual: bool,
@@ -414,6 +417,17 @@ impl DecoderConfig {
         1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()
     }
 
+    /// What every norm weight (the q/k norms' too) is offset by before it scales: `1` for Gemma's
+    /// `x·(1 + w)` RMSNorm, `0` otherwise. The weights ([`Norm`], [`DecoderBlock::q_norm`]) are
+    /// `w` as stored.
+    pub fn norm_offset(&self) -> f64 {
+        if self.norm_unit_offset {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
     /// The embedding multiplier `√hidden_size` rounded to f32 (as transformers' Gemma applies
     /// it to f32 embeddings), when the family scales its embeddings.
     pub fn embedding_multiplier(&self) -> Option<f32> {
@@ -613,7 +627,8 @@ pub(crate) struct BlockNames {
     pub(crate) down: String,
 }
 
-/// A normalisation layer's weights (already `1 + w` for Gemma) and, for LayerNorm, its bias.
+/// A normalisation layer's weights (as stored: Gemma's act as `1 + w`,
+/// [`DecoderConfig::norm_offset`]) and, for LayerNorm, its bias.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Norm {
     /// The scale, length `d`.
@@ -685,18 +700,17 @@ impl DecoderWeights {
     /// Read every tensor of `config` from `source` by HF name, each checked against the shape
     /// the config implies and for NaN/±∞; matrices stay in the source's precision, fused tensors
     /// are split by selecting rows (Phi-3 `[q|k|v]`, GPT-NeoX's per-head `[q|k|v]`, Phi-3
-    /// `[gate|up]`) and Gemma's norm weights become `1 + w`.
+    /// `[gate|up]`); norm weights stay as stored (Gemma's `1 + w` is the engines' to add,
+    /// [`DecoderConfig::norm_offset`]).
     pub fn read(config: DecoderConfig, source: &mut dyn WeightSource) -> Result<Self> {
         config.check_sizes(Path::new("<config>"))?;
         let (d, v, inner) = (config.hidden_size, config.vocab_size, config.intermediate_size);
         let dh = config.head_dim;
         let (q_out, kv_out) = (config.num_attention_heads * dh, config.num_key_value_heads * dh);
-        let offset = if config.norm_unit_offset { 1.0 } else { 0.0 };
         let [embed_name, final_norm, lm_head_name] = config.top_names();
         let embed = required_tensor(source, embed_name, &[v, d])?;
         let read_norm = |source: &mut dyn WeightSource, name: &str| -> Result<Norm> {
-            let mut weight = required_f32(source, &format!("{name}.weight"), &[d])?;
-            weight.iter_mut().for_each(|w| *w += offset);
+            let weight = required_f32(source, &format!("{name}.weight"), &[d])?;
             let bias = optional_f32(
                 source,
                 &format!("{name}.bias"),
@@ -759,11 +773,7 @@ impl DecoderWeights {
             };
             let mut qk_norm = |name: &Option<String>, width: usize| {
                 name.as_ref()
-                    .map(|n| {
-                        let mut w = required_f32(source, &format!("{n}.weight"), &[width])?;
-                        w.iter_mut().for_each(|x| *x += offset);
-                        Ok::<_, CheckpointError>(w)
-                    })
+                    .map(|n| required_f32(source, &format!("{n}.weight"), &[width]))
                     .transpose()
             };
             let q_norm = qk_norm(&names.q_norm, qn)?;
