@@ -11,7 +11,7 @@ use fs_checkpoint::ModelFiles;
 use fs_estimators::{exact_fisher, ExactOptions, Matrix, Scalar, SplitModel};
 use fs_traits::ModelDims;
 
-use crate::{OracleTolerances, Tolerances};
+use crate::{ContractReport, OracleTolerances, Tolerances};
 
 /// A model under test with its types erased: the few questions the cross-backend suite asks.
 pub trait Probe {
@@ -29,8 +29,13 @@ pub trait Probe {
         layer: usize,
         position: usize,
     ) -> Result<Matrix<f64>, String>;
-    /// The full [`crate::check_split_model`] contract.
-    fn contract(&self, tokens: &[u32], layer: usize, tol: Tolerances) -> Result<(), String>;
+    /// The full [`crate::check_split_model`] contract, and what it measured.
+    fn contract(
+        &self,
+        tokens: &[u32],
+        layer: usize,
+        tol: Tolerances,
+    ) -> Result<ContractReport, String>;
     /// [`crate::check_against_oracle_within`]: largest `(logit, exact F, sampled F)` errors.
     fn oracle(&self, fixture: &str, tol: OracleTolerances) -> Result<(f64, f64, f64), String>;
     /// The error message of a lower pass that must fail (`Ok(())` if it did not fail).
@@ -66,7 +71,12 @@ impl<M: SplitModel> Probe for M {
         Ok(a.remove(0).map(|x| x.as_f64()))
     }
 
-    fn contract(&self, tokens: &[u32], layer: usize, tol: Tolerances) -> Result<(), String> {
+    fn contract(
+        &self,
+        tokens: &[u32],
+        layer: usize,
+        tol: Tolerances,
+    ) -> Result<ContractReport, String> {
         crate::check_split_model(self, tokens, layer, tol)
     }
 
@@ -167,9 +177,10 @@ macro_rules! backend_suite {
                 );
                 let r = Reference::load(name);
                 for k in 0..=r.n_layers {
-                    model
+                    let report = model
                         .contract(&r.input_ids, k, Tolerances::F32)
                         .unwrap_or_else(|e| panic!("{} {name} layer {k}: {e}", BACKEND.name()));
+                    $crate::print_contract(&format!("{} fixture", BACKEND.name()), &report);
                 }
             }
 
@@ -187,7 +198,7 @@ macro_rules! backend_suite {
                 use proptest::prelude::*;
 
                 proptest! {
-                    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+                    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
                     /// Random tiny GPT-2s (layers 1–3, heads 1–4, d 8–64, vocab 5–300, T 1–16)
                     /// satisfy the SplitModel contract at a random layer.
@@ -198,7 +209,8 @@ macro_rules! backend_suite {
                         let dir = tempfile::tempdir().unwrap();
                         let files = case.write(dir.path());
                         let model = $crate::backends::load(BACKEND, &files).map_err(TestCaseError::fail)?;
-                        model.contract(&case.tokens, case.layer, Tolerances::F32).map_err(TestCaseError::fail)?;
+                        let r = model.contract(&case.tokens, case.layer, Tolerances::F32).map_err(TestCaseError::fail)?;
+                        $crate::print_contract(&format!("{} gpt2", BACKEND.name()), &r);
                     }
 
                 }
@@ -222,7 +234,7 @@ macro_rules! backend_suite_llama {
         }
 
         /// The transformers oracle of every new decoder family: logits and hidden states at
-        /// every layer and position ≤ 1e-4, exact F ≤ 1e-4 relative at every layer and
+        /// every layer and position (`OracleTolerances::F32`), exact F at every layer and
         /// position, and the contract at every layer.
         #[test]
         fn gemma_fixtures_match_the_oracle_and_the_contract() {
@@ -250,7 +262,7 @@ macro_rules! backend_suite_llama {
             use proptest::prelude::*;
 
             proptest! {
-                #![proptest_config(ProptestConfig { cases: 36, ..ProptestConfig::default() })]
+                #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
                 /// Random tiny decoders of every family (GQA, biases, tied or not, windows,
                 /// soft-caps, partial rotary, parallel residual) satisfy the contract.
@@ -261,7 +273,8 @@ macro_rules! backend_suite_llama {
                     let dir = tempfile::tempdir().unwrap();
                     let files = case.write(dir.path());
                     let model = $crate::backends::load(BACKEND, &files).map_err(TestCaseError::fail)?;
-                    model.contract(&case.tokens, case.layer, Tolerances::F32).map_err(TestCaseError::fail)?;
+                    let r = model.contract(&case.tokens, case.layer, Tolerances::F32).map_err(TestCaseError::fail)?;
+                    $crate::print_contract(&format!("{} decoder", BACKEND.name()), &r);
                 }
             }
         }

@@ -124,7 +124,8 @@ proptest! {
     fn f64_random_gpt2_satisfies_the_f64_contract(case in gpt2_case()) {
         let dir = tempfile::tempdir().unwrap();
         let model = load_candle_f64(&case.write(dir.path())).map_err(TestCaseError::fail)?;
-        model.contract(&case.tokens, case.layer, Tolerances::F64).map_err(TestCaseError::fail)?;
+        let r = model.contract(&case.tokens, case.layer, Tolerances::F64).map_err(TestCaseError::fail)?;
+        fs_suite::print_contract("candle-f64 gpt2", &r);
     }
 
     /// Random tiny decoders of every family in f64 satisfy the contract at `Tolerances::F64`.
@@ -132,7 +133,8 @@ proptest! {
     fn f64_random_decoder_satisfies_the_f64_contract(case in decoder_case()) {
         let dir = tempfile::tempdir().unwrap();
         let model = load_candle_f64(&case.write(dir.path())).map_err(TestCaseError::fail)?;
-        model.contract(&case.tokens, case.layer, Tolerances::F64).map_err(TestCaseError::fail)?;
+        let r = model.contract(&case.tokens, case.layer, Tolerances::F64).map_err(TestCaseError::fail)?;
+        fs_suite::print_contract("candle-f64 decoder", &r);
     }
 }
 

@@ -83,7 +83,8 @@ fn smollm2_gguf_predicts_paris_with_the_reference_probability() {
     let zu = model.upper_logits(&ctx, 4, &h).unwrap();
     let worst = zu.iter().zip(z.row(0)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-3, "upper half vs cached pass: {worst}");
-    // The exact Fisher at layer 15, last position: symmetric PSD.
+    // The exact Fisher at layer 15, last position: PSD here (true of any AᵀGA); its value is
+    // checked against transformers' float64 Fisher in tests/real_models.rs.
     let f = exact_fisher(&model, &ctx, &[4], &ExactOptions::default()).unwrap().remove(0);
     let s = spectrum(&f, Some(3)).unwrap();
     println!(

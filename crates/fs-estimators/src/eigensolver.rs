@@ -484,7 +484,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
         /// Random spectra — clustered, repeated, decaying at random rates, with zeros — agree
         /// with the dense eigendecomposition to 1e-9·λ1, every residual below the tolerance.
         #[test]
