@@ -11,7 +11,7 @@
 //!   `--shard`), [`readouts`] (direction read-outs, the layer sweep), [`plots`];
 //! * at the bottom: [`results`] (every results format as serde types, and the results-file
 //!   reader), [`output`] (atomic writes, locks, safetensors), [`npz`], [`inputs`],
-//!   [`positions`].
+//!   [`positions`], [`signals`] (a clean stop on `SIGTERM`).
 
 pub mod backends;
 pub mod bench;
@@ -28,6 +28,7 @@ pub mod positions;
 pub mod readouts;
 pub mod report;
 pub mod results;
+pub mod signals;
 
 /// Options every subcommand shares.
 pub struct Globals {

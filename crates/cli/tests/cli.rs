@@ -26,13 +26,7 @@ fn ids_arg(path: &Path) -> String {
 }
 
 fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(out);
 }
 
 /// `compute` writes fisher.safetensors whose matrices equal the fixture's exact F.

@@ -18,17 +18,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A failure with exit code 2 and a one-line message containing `needle`.
 fn fails_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -38,12 +27,7 @@ fn fails_with(out: &Output, needle: &str) {
 }
 
 mod common;
-use common::{read_safetensors, Arrays};
-
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let n: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    n / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-300)
-}
+use common::{model_with_word_tokenizer, ok, read_safetensors, rel, Arrays};
 
 /// `J v` for the top eigenvectors (exact, `W_U A v`) against central differences of the model's
 /// own upper half; returns the worst relative error.
@@ -276,22 +260,6 @@ fn layer_sweep_summary_matches_the_spectra_of_the_stored_matrices() {
 
 /// A copy of gpt2-tiny-b with a word-level tokenizer (`w0` … `w199` → ids 0 … 199), so that
 /// `--input FILE` works on it.
-fn model_with_word_tokenizer(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("gpt2-tiny-b").join(f), dir.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..200)
-        .map(|i| (format!("w{i}"), serde_json::json!(i)))
-        .chain([("[UNK]".to_string(), serde_json::json!(200))])
-        .collect();
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-}
 
 #[test]
 fn merge_of_shards_equals_one_job() {

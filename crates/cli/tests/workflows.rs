@@ -17,19 +17,8 @@ fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures").join(name)
 }
 
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 mod common;
-use common::{read_safetensors, Arrays};
+use common::{ok, read_safetensors, Arrays};
 
 /// Parse an uncompressed npz by hand (independent of the binary's own reader).
 fn read_npz(path: &Path) -> Arrays {
@@ -525,6 +514,72 @@ fn a_second_run_on_the_same_output_is_refused_by_the_lock() {
     );
     resumed.kill().unwrap();
     resumed.wait().unwrap();
+}
+
+/// SIGTERM (a scheduler's preemption or `scancel`) ends `compute --mean-only` between documents
+/// with the accumulator checkpointed and a one-line error naming `--resume`; `--resume` then
+/// skips the finished documents and ends with the same mean, byte for byte, as an
+/// uninterrupted run. The signal lands at a known point: `FISHER_STEIN_STOP_AFTER_SEQUENCE`
+/// makes the run stop itself after document 3, and the test signals it only once it said so.
+#[test]
+fn sigterm_checkpoints_between_documents_and_resume_finishes_the_same_mean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    common::model_with_word_tokenizer(&model);
+    let docs = tmp.path().join("docs.txt");
+    let lines: Vec<String> =
+        (0..12).map(|i| format!("w{i} w{} w{} w7 w9", i + 20, i * 3)).collect();
+    std::fs::write(&docs, lines.join("\n")).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        let (m, d, o) = (model.to_str().unwrap(), docs.to_str().unwrap(), out.to_str().unwrap());
+        ["compute", "--model", m, "--input", d, "--layers", "1,2", "--positions", "all"]
+            .iter()
+            .chain(&["--mean-only", "--output", o])
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let full = tmp.path().join("full");
+    ok(&bin().arg("-q").args(args(&full)).output().unwrap());
+
+    let out = tmp.path().join("stopped");
+    let (mut child, lines) = spawn_logged({
+        let mut c = bin();
+        c.args(args(&out)).env("FISHER_STEIN_STOP_AFTER_SEQUENCE", "3");
+        c
+    });
+    let mut lines = lines.map(|l| l.unwrap());
+    let said: Vec<String> =
+        lines.by_ref().take_while(|l| !l.contains("stopping (SIGSTOP)")).collect();
+    assert!(child.try_wait().unwrap().is_none(), "the run ended instead of stopping: {said:?}");
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGTERM), 0);
+        assert_eq!(libc::kill(pid, libc::SIGCONT), 0);
+    }
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{rest:?}");
+    let error = rest.last().expect("an error line");
+    assert!(
+        error.starts_with("error: stopped by SIGTERM before sequence 4:")
+            && error.contains("mean accumulator")
+            && error.contains("--resume"),
+        "{rest:?}"
+    );
+    assert!(!out.join("metadata.json").exists(), "an interrupted run wrote metadata.json");
+    let checkpoint = read_safetensors(&out.join("mean.safetensors"));
+    assert_eq!(checkpoint["sequences"].1, [0.0, 1.0, 2.0, 3.0], "documents in the checkpoint");
+
+    let resumed = bin().arg("-v").args(args(&out)).arg("--resume").output().unwrap();
+    ok(&resumed);
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert_eq!(log.matches("skipped (--resume)").count(), 4, "{log}");
+    assert_eq!(
+        std::fs::read(full.join("mean.safetensors")).unwrap(),
+        std::fs::read(out.join("mean.safetensors")).unwrap(),
+        "the resumed mean differs from the uninterrupted one"
+    );
 }
 
 /// The README's main command, as written, run by bash, with `cargo run --release -p fisher-stein

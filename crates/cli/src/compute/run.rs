@@ -34,6 +34,9 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
         ExistingDir::Refuse
     };
     let resuming = check_output_dir(&args.output, existing)?;
+    // A scheduler's SIGTERM (preemption, scancel, time limit) now ends the run between sequences,
+    // with the accumulator checkpointed, rather than wherever it strikes.
+    crate::signals::catch_sigterm();
     if resuming {
         // Only in a directory this tool wrote (it holds run.json) and under the lock: the
         // temporaries a killed run left behind.
@@ -145,6 +148,17 @@ fn run_with<M: SplitModel>(
     let mut split = ComputeSplit::default();
     for (doc, positions) in plan.docs.iter().zip(&plan.positions) {
         let i = doc.index;
+        if crate::signals::sigterm_received() {
+            if let Some(m) = &mean {
+                m.write(&args.output)?;
+            }
+            bar.finish_and_clear();
+            bail!(
+                "stopped by SIGTERM before sequence {i}: the finished sequences{} are saved in {}; rerun with --resume to continue",
+                if mean.is_some() { " and the mean accumulator" } else { "" },
+                args.output.display()
+            );
+        }
         let file = plan.sequence_file(i, args.format);
         let path = args.output.join(&file);
         let state_path = SequenceState::path(&args.output, i);
@@ -237,6 +251,7 @@ fn run_with<M: SplitModel>(
                 last_checkpoint = Instant::now();
             }
         }
+        crate::signals::stop_point(i);
     }
     bar.finish_and_clear();
     let layer_summary = layer_summary(&summaries);
