@@ -8,10 +8,10 @@
 //! atomically.
 //!
 //! [`stop_point`] is a deterministic preemption point for tests: with
-//! `FISHER_STEIN_STOP_AFTER_SEQUENCE=i` in the environment the process stops itself (`SIGSTOP`)
-//! right after sequence `i` and, once continued, waits for the `SIGTERM` (a scheduler sends
-//! `SIGCONT` and `SIGTERM` a moment apart), so a test can cancel it at a known point instead of
-//! racing it.
+//! `FISHER_STEIN_STOP_AFTER_SEQUENCE=i` in the environment the run holds right after sequence
+//! `i` until a `SIGTERM` arrives, so a test can cancel it at a known point instead of racing it.
+//! (Not `SIGSTOP`: a `SIGCONT` sent before the process stopped itself would be lost, and the
+//! test would hang.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,18 +38,13 @@ pub fn sigterm_received() -> bool {
 /// The environment variable of [`stop_point`].
 pub const STOP_AFTER_SEQUENCE: &str = "FISHER_STEIN_STOP_AFTER_SEQUENCE";
 
-/// If `FISHER_STEIN_STOP_AFTER_SEQUENCE` names sequence `index`, say so on stderr, stop the
-/// process (`SIGSTOP`) and, once it is continued, wait for `SIGTERM` (or `SIGKILL`) before
-/// going on: the run then ends before the plan's next sequence, every time.
+/// If `FISHER_STEIN_STOP_AFTER_SEQUENCE` names sequence `index`, say so on stderr and wait for
+/// `SIGTERM` (or `SIGKILL`) before going on: the run then ends before the plan's next sequence,
+/// every time (after the last one it simply finishes).
 pub fn stop_point(index: usize) {
     let asked = std::env::var(STOP_AFTER_SEQUENCE).ok().and_then(|v| v.trim().parse().ok());
     if asked == Some(index) {
-        eprintln!("sequence {index}: stopping (SIGSTOP) as {STOP_AFTER_SEQUENCE} asks");
-        #[cfg(unix)]
-        // SAFETY: raise(3) on the calling process.
-        unsafe {
-            libc::raise(libc::SIGSTOP);
-        }
+        eprintln!("sequence {index}: holding for SIGTERM as {STOP_AFTER_SEQUENCE} asks");
         while !sigterm_received() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }

@@ -8,7 +8,7 @@
 //! 1. `examples/slurm/submit.sh 4`: an array of 4 `compute --mean-only --shard i/4` tasks over a
 //!    40-document corpus and the dependent merge job; the merged mean equals one job's mean
 //!    (exact sums: ≤ 1e-12 relative), and so does the README's merge by hand.
-//! 2. The same array with task 2 stopped at a known point (`FISHER_STEIN_STOP_AFTER_SEQUENCE`,
+//! 2. The same array with task 2 held at a known point (`FISHER_STEIN_STOP_AFTER_SEQUENCE`,
 //!    after its second document) and cancelled there with `scancel`: it stops on the SIGTERM with
 //!    its accumulator checkpointed, the dependent merge is cancelled, task 2 resubmitted alone
 //!    (the README's `FS_SHARDS=… sbatch --array=…` line) resumes — skipping the documents it had
@@ -243,12 +243,12 @@ fn slurm_array_and_merge_equal_one_job_and_survive_a_cancelled_task() {
     run(&out, 2, &[]);
     assert_same_mean(&merged(&out), &single, "array of 4, merged by hand");
 
-    // 2. Task 2 (documents 2, 6, 10, …) stops itself after document 6, is cancelled there, and
+    // 2. Task 2 (documents 2, 6, 10, …) holds after document 6, is cancelled there, and
     // is resubmitted alone.
     let out = root.path().join("run2");
     let (array, merge) = submit(&out, &[("FISHER_STEIN_STOP_AFTER_SEQUENCE", "6")]);
     let log = out.join("logs/task-2.log");
-    wait_for_line(&log, "sequence 6: stopping (SIGSTOP)");
+    wait_for_line(&log, "sequence 6: holding for SIGTERM");
     ok(&cluster.command("scancel").arg(format!("{array}_2")).output().unwrap());
     assert_eq!(cluster.wait_done(&format!("{array}_2")), ["CANCELLED"]);
     let text = wait_for_line(&log, "stopped by SIGTERM before sequence 10");
