@@ -24,8 +24,10 @@ pub struct Loaded {
     pub files: ModelFiles,
     /// A tokenizer that came with the weights (GGUF metadata), if any.
     pub tokenizer: Option<fs_checkpoint::tokenizers::Tokenizer>,
-    /// The model file that runs it: `gpt2` or `llama`.
+    /// The model file that runs it: `gpt2` or `decoder`.
     pub arch: &'static str,
+    /// The HF `model_type` (`gpt2`, `llama`, `gemma2`, …).
+    pub model_type: &'static str,
     /// Number of parameters.
     pub parameters: usize,
     /// The engine.
@@ -101,6 +103,7 @@ pub fn with_model<J: ModelJob>(spec: &LoadSpec<'_>, g: &Globals, job: J) -> Resu
         files: ckpt.files,
         tokenizer,
         arch: arch.family(),
+        model_type: arch.model_type(),
         backend: spec.backend,
         device: spec.device.to_string(),
         load_s: t0.elapsed().as_secs_f64(),

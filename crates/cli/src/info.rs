@@ -8,8 +8,8 @@ use fs_checkpoint::{Checkpoint, ModelConfig, ModelOrigin, TokenizerFiles, Weight
 /// Arguments of `fisher-stein info`.
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
-    /// Model: a directory with config.json + safetensors, a hub id in the local HF cache, or a
-    /// `.gguf` file.
+    /// Model: a directory with config.json + safetensors, a hub id (`org/name[@revision]`; from
+    /// the HF cache, downloaded into it when missing unless HF_HUB_OFFLINE=1), or a `.gguf` file.
     #[arg(value_name = "PATH_OR_ID")]
     pub model: String,
 }

@@ -11,7 +11,9 @@
 //!   `--shard`), [`readouts`] (direction read-outs, the layer sweep), [`plots`];
 //! * at the bottom: [`results`] (every results format as serde types, and the results-file
 //!   reader), [`output`] (atomic writes, locks, safetensors), [`npz`], [`inputs`],
-//!   [`positions`], [`signals`] (a clean stop on `SIGTERM`).
+//!   [`positions`], [`layers`] (split layers by index or TransformerLens hook name),
+//!   [`signals`] (a clean stop on `SIGTERM`, interrupts), [`process`] (per-process settings,
+//!   one-line errors).
 
 pub mod backends;
 pub mod bench;
@@ -20,11 +22,13 @@ pub mod dataset;
 pub mod info;
 pub mod inputs;
 pub mod inspect;
+pub mod layers;
 pub mod merge;
 pub mod npz;
 pub mod output;
 pub mod plots;
 pub mod positions;
+pub mod process;
 pub mod readouts;
 pub mod report;
 pub mod results;

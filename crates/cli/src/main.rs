@@ -6,7 +6,7 @@
 //! that finished but recorded positions as failed on NaN/Inf exits with code 3.
 
 use clap::{Parser, Subcommand};
-use fisher_stein::{bench, compute, info, inspect, merge, report, Globals};
+use fisher_stein::{bench, compute, info, inspect, merge, process, report, Globals};
 use std::process::ExitCode;
 
 /// Fisher information of a language model's next-token distribution with respect to an
@@ -41,22 +41,6 @@ enum Command {
     Report(report::ReportArgs),
 }
 
-/// Keep freed tensor-sized blocks (up to 32 MiB, glibc's maximum) in the heap instead of
-/// unmapping them: the backward passes allocate and free many such buffers, and every freshly
-/// mapped page is zeroed by the kernel on first touch (≈ 8% of the exact estimator's time when
-/// profiled with `perf`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 /// Restore the default SIGPIPE action so that `fisher-stein inspect DIR | head` ends quietly,
 /// as Unix tools do, instead of panicking on a closed stdout.
 #[cfg(unix)]
@@ -70,22 +54,10 @@ fn default_sigpipe() {
 #[cfg(not(unix))]
 fn default_sigpipe() {}
 
-/// Fix the worker-thread count once, before any thread starts: candle 0.11 otherwise re-reads
-/// the CPU topology from `/proc` on every matmul (`RAYON_NUM_THREADS` unset), which cost 12% of
-/// the top-K estimator's time on the SmolLM2 shape. The value is candle's own default (physical
-/// cores), so candle's kernels run as before; rayon's pool (faer's products) follows it. A
-/// `RAYON_NUM_THREADS` the user set is left alone.
-fn pin_thread_count() {
-    #[cfg(feature = "candle")]
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", backend_candle::default_threads().to_string());
-    }
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    process::tune_allocator();
     default_sigpipe();
-    pin_thread_count();
+    process::pin_thread_count();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -94,18 +66,12 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            let text = e.to_string();
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            let hint = text
-                .lines()
-                .find(|l| l.contains("possible values"))
-                .map(|l| format!(" ({})", l.trim().trim_start_matches('[').trim_end_matches(']')))
-                .unwrap_or_default();
-            eprintln!("error: {first}{hint}: see `fisher-stein --help`");
+            eprintln!("error: {}: see `fisher-stein --help`", process::usage_error_line(&e));
             return ExitCode::from(2);
         }
     };
+    // A hub model missing from the cache is downloaded with a progress bar (on a terminal).
+    fs_checkpoint::set_download_progress(!cli.quiet);
     let g = Globals { quiet: cli.quiet, verbose: cli.verbose, start: std::time::Instant::now() };
     let result = match cli.command {
         Command::Compute(args) => compute::run(*args, &g),
@@ -118,7 +84,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            eprintln!("error: {}", process::one_line(&e));
             // 3: the run finished, but some positions failed on NaN/Inf (listed in
             // metadata.json); 2: nothing (more) was computed.
             if e.downcast_ref::<compute::PartialFailure>().is_some() {
@@ -128,20 +94,4 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// The error and its causes on one line, without repeating a cause its parent already quotes.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string().replace('\n', " ");
-        if out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
 }

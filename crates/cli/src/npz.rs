@@ -84,7 +84,7 @@ pub fn npz_bytes(tensors: &[(&str, OwnedTensor)]) -> Result<Vec<u8>> {
         central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
         central.extend_from_slice(&20u16.to_le_bytes()); // version made by
         common(&mut central);
-        central.extend_from_slice(&[0u8; 8]); // comment len, disk, internal attrs
+        central.extend_from_slice(&[0u8; 6]); // comment length, disk number, internal attrs
         central.extend_from_slice(&0u32.to_le_bytes()); // external attrs
         central.extend_from_slice(&offset.to_le_bytes());
         central.extend_from_slice(fname.as_bytes());
@@ -208,5 +208,45 @@ mod tests {
         assert_eq!(back[1].1.data, vec![1.0, -2.0, 3.0, 4.0]);
         assert_eq!(back[2].1.shape, vec![1]);
         assert!(read_npz(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    /// The archive read as zip tools and `numpy.load` read it — from the end-of-central-directory
+    /// record, through each 46-byte-plus-name central entry, to the local header it points at —
+    /// not through the local headers alone as [`read_npz`] does. (A central entry 2 bytes too
+    /// long once made every file unreadable by numpy while `round_trip` passed.)
+    #[test]
+    fn central_directory_is_what_zip_readers_expect() {
+        let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as usize;
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let t = vec![
+            ("fisher", OwnedTensor::f32(vec![2, 2], [1.0f32, 2.0, 2.0, 5.0])),
+            ("positions", OwnedTensor::i64(vec![2], [0i64, 7])),
+            ("probs_entropy", OwnedTensor::f64(vec![2], [0.25f64, 1.5])),
+        ];
+        let bytes = npz_bytes(&t).unwrap();
+        let end = bytes.len() - 22;
+        assert_eq!(u32_at(&bytes, end), 0x0605_4b50, "end record at len - 22");
+        let entries = u16_at(&bytes, end + 10);
+        let cd_size = u32_at(&bytes, end + 12) as usize;
+        let cd_offset = u32_at(&bytes, end + 16) as usize;
+        assert_eq!(entries, t.len());
+        assert_eq!(cd_offset + cd_size, end, "central directory ends at the end record");
+        let mut at = cd_offset;
+        for (name, _) in &t {
+            assert_eq!(u32_at(&bytes, at), 0x0201_4b50, "{name}: central signature");
+            let (csize, name_len) = (u32_at(&bytes, at + 20) as usize, u16_at(&bytes, at + 28));
+            let (extra, comment) = (u16_at(&bytes, at + 30), u16_at(&bytes, at + 32));
+            let local = u32_at(&bytes, at + 42) as usize;
+            let cname = std::str::from_utf8(&bytes[at + 46..at + 46 + name_len]).unwrap();
+            assert_eq!(cname, format!("{name}.npy"));
+            assert_eq!(u32_at(&bytes, local), 0x0403_4b50, "{name}: local signature");
+            let lname_len = u16_at(&bytes, local + 26);
+            assert_eq!(&bytes[local + 30..local + 30 + lname_len], cname.as_bytes());
+            let data = local + 30 + lname_len + u16_at(&bytes, local + 28);
+            assert_eq!(&bytes[data..data + 6], b"\x93NUMPY", "{name}: npy magic");
+            assert_eq!(crc32(&bytes[data..data + csize]), u32_at(&bytes, at + 16));
+            at += 46 + name_len + extra + comment;
+        }
+        assert_eq!(at, end);
     }
 }

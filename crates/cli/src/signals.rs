@@ -16,6 +16,33 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static SIGTERM_RECEIVED: AtomicBool = AtomicBool::new(false);
+static INTERRUPT_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// The error of a computation stopped by [`request_interrupt`] (the Python package's Ctrl-C).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+/// Ask every computation running in this process to stop at its next batch of positions with
+/// [`Interrupted`] (the Python package calls this on `KeyboardInterrupt`; the command line's
+/// `SIGTERM` finishes the sequence it is on instead).
+pub fn request_interrupt() {
+    INTERRUPT_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Forget an earlier [`request_interrupt`] (before a new computation starts).
+pub fn clear_interrupt() {
+    INTERRUPT_REQUESTED.store(false, Ordering::SeqCst);
+}
+
+/// `Err(Interrupted)` once [`request_interrupt`] was called.
+pub fn check_interrupt() -> Result<(), Interrupted> {
+    if INTERRUPT_REQUESTED.load(Ordering::SeqCst) {
+        Err(Interrupted)
+    } else {
+        Ok(())
+    }
+}
 
 extern "C" fn on_sigterm(_: libc::c_int) {
     SIGTERM_RECEIVED.store(true, Ordering::SeqCst);

@@ -182,11 +182,13 @@ fn bad_input_is_one_line_exit_2_and_writes_nothing() {
         &out,
         &["/nonexistent/model"],
     );
-    // Hub id not in the cache: says how to fetch it.
+    // Hub id not in the cache, offline: says how to fetch it (online, it would be downloaded:
+    // tests/hub.rs).
     let empty_home = tempfile::tempdir().unwrap();
     let o = bin()
         .env("HF_HOME", empty_home.path())
         .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
         .args([
             "compute",
             "--model",
@@ -383,5 +385,70 @@ fn every_compiled_backend_reproduces_the_fixture_through_the_binary() {
                 );
             }
         }
+    }
+}
+
+/// TransformerLens hook names select the same split layers as indices (`blocks.K.hook_resid_pre`
+/// = K, `blocks.K.hook_resid_post` = K+1): bit-identical results files, the names recorded in
+/// metadata.json next to the indices; a hook off the residual stream is refused on one line
+/// listing what is accepted, before anything is written.
+#[test]
+fn transformerlens_hook_names_select_the_same_layers() {
+    let fx = fixture("llama-tiny-untied");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dir: &str, layer_args: &[&str]| {
+        let out_dir = tmp.path().join(dir);
+        let out = bin()
+            .args(["compute", "--model", fx.to_str().unwrap()])
+            .args(layer_args)
+            .args(["--tokens", "3,1,4,1,5", "--positions", "all", "--output"])
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        (out_dir, out)
+    };
+    let (by_index, out) = run("index", &["--layers", "0,2,3"]);
+    assert_ok(&out);
+    let (by_hook, out) =
+        run("hook", &["--layers", "hook_embed,blocks.1.hook_resid_post,blocks.2.hook_resid_post"]);
+    assert_ok(&out);
+    assert_eq!(
+        std::fs::read(by_index.join("fisher.safetensors")).unwrap(),
+        std::fs::read(by_hook.join("fisher.safetensors")).unwrap()
+    );
+    let meta = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("metadata.json")).unwrap()).unwrap()
+    };
+    let (mi, mh) = (meta(&by_index), meta(&by_hook));
+    assert_eq!(mi["layers"], serde_json::json!([0, 2, 3]));
+    assert_eq!(mh["layers"], serde_json::json!([0, 2, 3]));
+    assert_eq!(
+        mi["hooks"],
+        serde_json::json!([
+            "blocks.0.hook_resid_pre",
+            "blocks.2.hook_resid_pre",
+            "blocks.2.hook_resid_post"
+        ])
+    );
+    assert_eq!(
+        mh["hooks"],
+        serde_json::json!(["hook_embed", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"])
+    );
+    // `--hook` is `--layer` under its TransformerLens name.
+    let (single, out) = run("single", &["--hook", "blocks.2.hook_resid_pre"]);
+    assert_ok(&out);
+    assert_eq!(meta(&single)["layers"], serde_json::json!([2]));
+
+    for (bad, expect) in [
+        ("blocks.1.hook_attn_out", "hook_attn_out is not on the residual stream"),
+        ("blocks.3.hook_resid_pre", "blocks 0..=2"),
+        ("ln_final.hook_normalized", "blocks.K.hook_resid_pre"),
+    ] {
+        let (dir, out) = run("bad", &["--layer", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{bad}: {err}");
+        assert!(err.contains(expect) && err.contains("hook_resid_post"), "{bad}: {err}");
+        assert!(!dir.exists(), "{bad}: {} written", dir.display());
     }
 }

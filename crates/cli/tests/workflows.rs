@@ -607,7 +607,8 @@ fn readme_main_command_runs_as_written() {
         "the README's main-command output",
     );
     assert!(tmp.path().join("demo/fisher.safetensors").exists());
-    const TEST_COMMAND: &str = "cargo test --locked --features fisher-stein/all-backends";
+    const TEST_COMMAND: &str =
+        "cargo test --locked --features fisher-stein/all-backends && tools/test_python.sh";
     assert!(readme.contains(&format!("```sh\n{TEST_COMMAND}\n```")), "README test command");
     let ci = std::fs::read_to_string(repo().join(".ci/run")).unwrap();
     assert!(
@@ -825,7 +826,7 @@ fn bad_input_matrix() {
         ("report on a missing directory", "report /no/such/dir --output {o}", &["/no/such/dir"]),
         // Layers and positions.
         ("layer beyond the model", "compute --model {fx} --layer 9 --tokens 1 --output {o}", &["layer 9", "0..=2"]),
-        ("--layers not a number", "compute --model {fx} --layers 0,x --tokens 1 --output {o}", &["invalid layer", "\"x\""]),
+        ("--layers not a number", "compute --model {fx} --layers 0,x --tokens 1 --output {o}", &["not a layer index", "\"x\"", "hook_resid_pre"]),
         ("position beyond the sequence", "compute --model {fx} --layer 0 --tokens 1,2 --positions 7 --output {o}", &["position 7"]),
         ("--positions unparsable", "compute --model {fx} --layer 0 --tokens 1,2 --positions 3..a --output {o}", &["3..a"]),
         ("--position-skip 0", "compute --model {fx} --layer 0 --tokens 1,2 --position-skip 0 --output {o}", &["--position-skip 0"]),

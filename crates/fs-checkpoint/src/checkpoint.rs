@@ -46,7 +46,8 @@ pub fn is_gguf_path(spec: &str) -> bool {
 }
 
 impl Checkpoint {
-    /// Resolve `spec` — a `.gguf` file, a local directory, or a hub id in the HF cache (see
+    /// Resolve `spec` — a `.gguf` file, a local directory, or a hub id from the HF cache,
+    /// downloaded into it first when missing with the `download` feature (see
     /// [`resolve_model`]) — and read its configuration. A GGUF file's header is read and
     /// validated (no tensor data); a directory's safetensors headers are not opened yet.
     pub fn open(spec: &str) -> Result<Self> {

@@ -38,6 +38,36 @@ pub enum CheckpointError {
         /// The cache directory that was searched.
         cache_dir: PathBuf,
     },
+    /// A hub model that could not be downloaded: the hub has no such model or revision, refuses
+    /// access (gated or private), cannot be reached, the transfer broke off, or the repository
+    /// holds no weights that can be read. The message names the cause and the fix.
+    #[error("{}", one_line(message))]
+    Download {
+        /// The hub id, `org/name`.
+        repo_id: String,
+        /// What went wrong and how to fix it.
+        message: String,
+    },
+    /// A downloaded file whose content does not hash to what the hub announced (its ETag); it
+    /// has been removed from the cache.
+    #[error(
+        "{file} of `{repo_id}` arrived corrupt: its {algorithm} is {actual}, the hub announced \
+         {expected}; the copy was removed from the cache: re-run to download it again (if this \
+         recurs, something between you and the hub — a proxy, or the mirror HF_ENDPOINT names \
+         — alters the file)"
+    )]
+    HashMismatch {
+        /// The hub id, `org/name`.
+        repo_id: String,
+        /// The file within the repository.
+        file: String,
+        /// `sha256` (LFS files) or `git blob sha1`.
+        algorithm: &'static str,
+        /// The hash the hub announced.
+        expected: String,
+        /// The hash of what arrived.
+        actual: String,
+    },
     /// An I/O failure on a file that exists.
     #[error("cannot read {}: {}: check that the file is readable and complete", path.display(), one_line(&source.to_string()))]
     Io {
@@ -223,6 +253,14 @@ mod tests {
             },
             CheckpointError::Tokenizer { path: "/t".into(), message: "x\ny".into() },
             CheckpointError::Unsupported { what: "a".into(), supported: "b".into() },
+            CheckpointError::Download { repo_id: "o/n".into(), message: "a\nb".into() },
+            CheckpointError::HashMismatch {
+                repo_id: "o/n".into(),
+                file: "model.safetensors".into(),
+                algorithm: "sha256",
+                expected: "a".repeat(64),
+                actual: "b".repeat(64),
+            },
         ];
         for e in errors {
             let m = e.to_string();

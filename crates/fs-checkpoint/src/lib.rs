@@ -5,9 +5,11 @@
 //!
 //! * **finding the files** — [`resolve_model`] takes a local directory or a hub id
 //!   (`org/name[@revision]`) and finds `config.json`, the safetensors weights (single file or
-//!   sharded with `model.safetensors.index.json`) and the tokenizer files, reading the standard
-//!   Hugging Face cache offline ([`default_hub_cache`]); [`Checkpoint::open`] also takes a
-//!   `.gguf` file;
+//!   sharded with `model.safetensors.index.json`) and the tokenizer files in the standard
+//!   Hugging Face cache ([`default_hub_cache`]); with the `download` feature, a hub model the
+//!   cache lacks is first downloaded into it (only the files it needs, resumable, each checked
+//!   against the hub's hash; never when `HF_HUB_OFFLINE` is set, [`hub_offline`]);
+//!   [`Checkpoint::open`] also takes a `.gguf` file;
 //! * **the architecture** — [`Architecture`] (GPT-2 and the RoPE decoder families: Llama,
 //!   Mistral, Qwen2/3, Gemma-2/3, OLMo-2, Phi-3, GPT-NeoX) and its
 //!   configuration [`ModelConfig`] from `config.json` ([`Gpt2Config`], [`DecoderConfig`]) or GGUF
@@ -48,9 +50,12 @@
 mod arch;
 mod checkpoint;
 mod dequant;
+#[cfg(feature = "download")]
+mod download;
 mod error;
 mod gguf;
 mod hash;
+mod hub;
 mod resolve;
 mod stored;
 mod synthetic;
@@ -73,6 +78,7 @@ pub use dequant::{dequantize, dequantize_into, GgmlType};
 pub use error::{CheckpointError, Result};
 pub use gguf::{GgufFile, GgufTensorInfo, GgufValue, GGUF_TYPES};
 pub use hash::sha256_file;
+pub use hub::{hub_offline, set_download_progress};
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };

@@ -92,14 +92,42 @@ pub(crate) fn hub_cache_from(env: impl Fn(&str) -> Option<OsString>) -> Result<P
 
 /// Resolve a local directory or a hub id (`org/name`, optional `@revision`, default revision
 /// `main`) with the default cache ([`default_hub_cache`], consulted only for hub ids).
+///
+/// A hub id whose files the cache holds completely is used as it is, without the network (a
+/// cached `main` is not checked for newer commits). Otherwise, with the `download` feature and
+/// unless `HF_HUB_OFFLINE` is set ([`hub_offline`](crate::hub_offline)), the missing files are
+/// downloaded from the hub (`HF_ENDPOINT`, token from `HF_TOKEN` or the token file) into that
+/// cache — only config.json, the safetensors weights and the tokenizer files; resumable; each
+/// checked against the hash the hub announces — and then resolved from it. Without the
+/// feature, or offline, a model not in the cache is a [`CheckpointError::NotInCache`].
 pub fn resolve_model(spec: &str) -> Result<ModelFiles> {
     match classify(spec)? {
         Spec::Local(dir) => resolve_local_dir(&dir),
-        Spec::Hub { repo_id, revision } => resolve_hub(&repo_id, &revision, &default_hub_cache()?),
+        Spec::Hub { repo_id, revision } => {
+            let cache = default_hub_cache()?;
+            let cached = resolve_hub(&repo_id, &revision, &cache);
+            #[cfg(feature = "download")]
+            if let Err(e) = &cached {
+                if missing_files(e) && !crate::hub::hub_offline() {
+                    let settings = crate::hub::HubSettings::from_env();
+                    crate::download::fetch(&repo_id, &revision, &cache, &settings)?;
+                    return resolve_hub(&repo_id, &revision, &cache);
+                }
+            }
+            cached
+        }
     }
 }
 
-/// [`resolve_model`] with an explicit hub cache directory (no environment access).
+/// Whether a hub resolution failed because files are missing from the cache (what a download
+/// can fix), not because a cached file is malformed.
+#[cfg(feature = "download")]
+fn missing_files(e: &CheckpointError) -> bool {
+    matches!(e, CheckpointError::NotInCache { .. } | CheckpointError::NotFound { .. })
+}
+
+/// [`resolve_model`] with an explicit hub cache directory (no environment access, never the
+/// network).
 pub fn resolve_model_in(spec: &str, hub_cache: &Path) -> Result<ModelFiles> {
     match classify(spec)? {
         Spec::Local(dir) => resolve_local_dir(&dir),
@@ -167,7 +195,8 @@ fn is_revision(rev: &str) -> bool {
         && Path::new(rev).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
-fn is_commit_hash(s: &str) -> bool {
+/// 40 hex digits: a full git commit id.
+pub(crate) fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -277,6 +306,26 @@ fn resolve_dir(dir: &Path, origin: ModelOrigin, fix: &str) -> Result<ModelFiles>
 
 /// The distinct shard files named by an index's `weight_map`, sorted, each checked to exist.
 fn shards_from_index(index: &Path, dir: &Path, fix: &str) -> Result<Vec<PathBuf>> {
+    shard_names(index)?
+        .into_iter()
+        .map(|file| {
+            let path = dir.join(&file);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(CheckpointError::NotFound {
+                    what: format!("weight shard {file} (named by {})", index.display()),
+                    path,
+                    fix: fix.to_string(),
+                })
+            }
+        })
+        .collect()
+}
+
+/// The distinct shard files named by an index's `weight_map`, sorted; each a relative path
+/// inside the model directory.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| CheckpointError::io(index, e))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| CheckpointError::json(index, e.to_string()))?;
@@ -301,21 +350,7 @@ fn shards_from_index(index: &Path, dir: &Path, fix: &str) -> Result<Vec<PathBuf>
     if shards.is_empty() {
         return Err(CheckpointError::json(index, "`weight_map` is empty"));
     }
-    shards
-        .into_iter()
-        .map(|file| {
-            let path = dir.join(&file);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(CheckpointError::NotFound {
-                    what: format!("weight shard {file} (named by {})", index.display()),
-                    path,
-                    fix: fix.to_string(),
-                })
-            }
-        })
-        .collect()
+    Ok(shards.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -70,19 +70,24 @@ pub enum TraceArg {
 /// Arguments of `fisher-stein compute`.
 #[derive(Debug, clap::Args)]
 pub struct ComputeArgs {
-    /// Model: a directory with config.json + safetensors, or a hub id in the local HF cache.
+    /// Model: a directory with config.json + safetensors, a `.gguf` file, or a hub id
+    /// `org/name[@revision]` (from the HF cache; downloaded into it when missing, unless
+    /// HF_HUB_OFFLINE=1).
     #[arg(long, alias = "model_name", value_name = "PATH_OR_ID")]
     pub model: String,
-    /// Split layer k: 0 = embeddings, n_layer = last block before the final norm.
+    /// Split layer k: 0 = embeddings, n_layer = last block before the final norm; or its
+    /// TransformerLens hook name: blocks.K.hook_resid_pre (= K), blocks.K.hook_resid_post
+    /// (= K+1), hook_embed (= 0 on rotary models without embedding scaling).
     #[arg(
         long,
+        visible_alias = "hook",
         alias = "layer_idx",
-        value_name = "K",
+        value_name = "K|HOOK",
         conflicts_with = "layers",
         required_unless_present = "layers"
     )]
-    pub layer: Option<usize>,
-    /// Several split layers sharing one forward pass: K,K,... or all.
+    pub layer: Option<String>,
+    /// Several split layers sharing one forward pass: K,K,... (indices or hook names) or all.
     #[arg(long, value_name = "K,K|all")]
     pub layers: Option<String>,
     /// Token ids, comma-separated (e.g. 15496,995).

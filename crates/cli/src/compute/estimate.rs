@@ -205,6 +205,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
         let chunk = args.batch_size.unwrap_or(1).max(1);
         split.estimator += clock.elapsed().as_secs_f64();
         for (c, batch) in positions.chunks(chunk).enumerate() {
+            crate::signals::check_interrupt()?;
             let clock = Instant::now();
             // A batch that meets a non-finite value is retried position by position, so
             // that one bad position does not fail its neighbours.

@@ -28,5 +28,5 @@ mod write;
 
 pub use args::{ComputeArgs, Estimator, Format, ReadoutArgs};
 pub use failures::PartialFailure;
-pub use run::run;
+pub use run::{run, run_on};
 pub(crate) use write::trace_error_note;

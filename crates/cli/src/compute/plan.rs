@@ -17,6 +17,8 @@ use fs_traits::ModelDims;
 pub(super) struct Plan {
     /// The split layers, sorted, without repeats.
     pub layers: Vec<usize>,
+    /// Their TransformerLens hook names (as given, or canonical for an index).
+    pub hooks: Vec<String>,
     /// The documents of this run (this shard's), tokenised and truncated.
     pub docs: Vec<Document>,
     /// The positions of each document.
@@ -30,16 +32,25 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    /// Resolve `args` against the model (`dims`; its tokenizer: the one that came with the
-    /// weights, else `files`'). Prints the warnings of `--shard` and `--max-seq-len`.
+    /// Resolve `args` against the model (`dims`, its HF `model_type`; its tokenizer: the one
+    /// that came with the weights, else `files`'). Prints the warnings of `--shard` and
+    /// `--max-seq-len`.
     pub fn new(
         args: &ComputeArgs,
         dims: &ModelDims,
+        model_type: &str,
         tokenizer: Option<&Tokenizer>,
         files: &ModelFiles,
         g: &Globals,
     ) -> Result<Plan> {
-        let layers = resolve_layers(args, dims.n_layers)?;
+        let named = crate::layers::resolve_layers(
+            args.layer.as_deref(),
+            args.layers.as_deref(),
+            dims.n_layers,
+            model_type,
+        )?;
+        let layers = named.iter().map(|l| l.index).collect();
+        let hooks = named.into_iter().map(|l| l.hook).collect();
         let mut docs = documents(args, tokenizer, files)?;
         if let Some(warning) = crate::dataset::select_shard(&mut docs, args.readouts.shard) {
             if !g.quiet {
@@ -88,7 +99,7 @@ impl Plan {
             k => Some(eig_rank.unwrap_or(k).max(k)),
         };
         let single = docs.len() == 1 && args.input.is_none();
-        Ok(Plan { layers, docs, positions, d, eig_rank, single })
+        Ok(Plan { layers, hooks, docs, positions, d, eig_rank, single })
     }
 
     /// Positions to compute in all (layer × position × sequence).
@@ -152,30 +163,6 @@ impl Plan {
             input: Some(input),
         })
     }
-}
-
-/// Resolve `--layer` / `--layers` against the model's `n_layers`.
-fn resolve_layers(args: &ComputeArgs, n_layers: usize) -> Result<Vec<usize>> {
-    let layers: Vec<usize> = match (&args.layer, &args.layers) {
-        (Some(k), _) => vec![*k],
-        (None, Some(s)) if s.trim() == "all" => (0..=n_layers).collect(),
-        (None, Some(s)) => s
-            .split(',')
-            .map(|x| {
-                x.trim().parse::<usize>().map_err(|e| {
-                    anyhow!("invalid layer {x:?} in --layers {s:?} ({e}): use K,K,... or all")
-                })
-            })
-            .collect::<Result<_>>()?,
-        (None, None) => bail!("give --layer K or --layers K,K|all"),
-    };
-    for &k in &layers {
-        fs_traits::check_layer(k, n_layers)?;
-    }
-    let mut sorted = layers.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    Ok(sorted)
 }
 
 /// Tokenise / collect the documents the user gave.

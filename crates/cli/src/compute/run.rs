@@ -21,11 +21,43 @@ use fs_checkpoint::ModelFiles;
 use fs_estimators::SplitModel;
 use std::time::Instant;
 
-/// Run `compute`.
+/// Run `compute`: check the output directory and lock it, load the model, then compute.
 pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
     args.validate()?;
     // Held until the run ends (however it ends): no second run writes into this directory.
     let _lock = lock_output(&args.output)?;
+    let resuming = prepare_output(&args)?;
+    // A scheduler's SIGTERM (preemption, scancel, time limit) now ends the run between sequences,
+    // with the accumulator checkpointed, rather than wherever it strikes.
+    crate::signals::catch_sigterm();
+    let spec = LoadSpec {
+        model: &args.model,
+        backend: args.backend,
+        device: &args.device,
+        batch: args.batch_size,
+    };
+    with_model(&spec, g, ComputeJob { args: &args, g, resuming })
+}
+
+/// `compute` on a model already loaded (`loaded` says how): what [`run`] does after the load,
+/// and what the Python package calls on the model it holds. `args.model`, `args.backend` and
+/// `args.device` are only recorded. Stops with [`crate::signals::Interrupted`] between batches
+/// of positions once [`crate::signals::request_interrupt`] is called.
+pub fn run_on<M: SplitModel>(
+    model: &M,
+    loaded: &Loaded,
+    args: &ComputeArgs,
+    g: &Globals,
+) -> Result<()> {
+    args.validate()?;
+    let _lock = lock_output(&args.output)?;
+    let resuming = prepare_output(args)?;
+    run_locked(model, loaded, args, g, resuming)
+}
+
+/// Check the (locked) output directory against `--force` / `--resume`; when resuming, remove
+/// the temporaries a killed run left behind. Whether the run resumes.
+fn prepare_output(args: &ComputeArgs) -> Result<bool> {
     let existing = if args.resume {
         ExistingDir::Resume
     } else if args.force {
@@ -34,22 +66,12 @@ pub fn run(args: ComputeArgs, g: &Globals) -> Result<()> {
         ExistingDir::Refuse
     };
     let resuming = check_output_dir(&args.output, existing)?;
-    // A scheduler's SIGTERM (preemption, scancel, time limit) now ends the run between sequences,
-    // with the accumulator checkpointed, rather than wherever it strikes.
-    crate::signals::catch_sigterm();
     if resuming {
-        // Only in a directory this tool wrote (it holds run.json) and under the lock: the
-        // temporaries a killed run left behind.
+        // Only in a directory this tool wrote (it holds run.json) and under the lock.
         remove_stale_temporaries(&args.output)?;
         remove_stale_temporaries(&args.output.join(".state"))?;
     }
-    let spec = LoadSpec {
-        model: &args.model,
-        backend: args.backend,
-        device: &args.device,
-        batch: args.batch_size,
-    };
-    with_model(&spec, g, ComputeJob { args: &args, g, resuming })
+    Ok(resuming)
 }
 
 /// `compute` on a loaded model.
@@ -62,7 +84,6 @@ struct ComputeJob<'a> {
 impl ModelJob for ComputeJob<'_> {
     type Output = ();
     fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<()> {
-        let model = &model;
         self.g.log(&format!(
             "loaded {} parameters on {} {} in {:.2} s",
             loaded.parameters,
@@ -70,16 +91,28 @@ impl ModelJob for ComputeJob<'_> {
             loaded.device,
             loaded.load_s
         ));
-        let run = RunInfo {
-            files: &loaded.files,
-            tokenizer: loaded.tokenizer,
-            arch: loaded.arch,
-            backend: loaded.backend.name(),
-            device: loaded.device,
-            load_s: loaded.load_s,
-        };
-        run_with(model, &run, self.args, self.g, self.resuming)
+        run_locked(&model, &loaded, self.args, self.g, self.resuming)
     }
+}
+
+/// The run, with the output directory locked and checked.
+fn run_locked<M: SplitModel>(
+    model: &M,
+    loaded: &Loaded,
+    args: &ComputeArgs,
+    g: &Globals,
+    resuming: bool,
+) -> Result<()> {
+    let run = RunInfo {
+        files: &loaded.files,
+        tokenizer: loaded.tokenizer.clone(),
+        arch: loaded.arch,
+        model_type: loaded.model_type,
+        backend: loaded.backend.name(),
+        device: loaded.device.clone(),
+        load_s: loaded.load_s,
+    };
+    run_with(model, &run, args, g, resuming)
 }
 
 /// What the metadata needs to know about the model run.
@@ -88,6 +121,7 @@ pub(super) struct RunInfo<'a> {
     /// A tokenizer that came with the weights (GGUF metadata), if any.
     pub tokenizer: Option<fs_checkpoint::tokenizers::Tokenizer>,
     pub arch: &'static str,
+    pub model_type: &'static str,
     pub backend: &'static str,
     pub device: String,
     pub load_s: f64,
@@ -124,7 +158,7 @@ fn run_with<M: SplitModel>(
 ) -> Result<()> {
     let t_start = Instant::now();
     let dims = model.dims();
-    let plan = Plan::new(args, &dims, run.tokenizer.as_ref(), run.files, g)?;
+    let plan = Plan::new(args, &dims, run.model_type, run.tokenizer.as_ref(), run.files, g)?;
     let (layers, d) = (&plan.layers, plan.d);
     record_or_check_run(args, &plan.run_settings(args), resuming)?;
 

@@ -235,6 +235,7 @@ pub(super) fn metadata(
             n_layers: dims.n_layers,
         },
         layers: plan.layers.clone(),
+        hooks: plan.hooks.clone(),
         d_model: plan.d,
         n_sequences: plan.docs.len(),
         sequences: outcome.sequences,

@@ -18,6 +18,10 @@ pub struct Metadata {
     pub model: ModelInfo,
     /// The split layers analysed, sorted.
     pub layers: Vec<usize>,
+    /// Their TransformerLens hook names, one per layer: as given (`--layer blocks.5.hook_resid_post`),
+    /// else `blocks.K.hook_resid_pre` (`blocks.{n-1}.hook_resid_post` for the last).
+    #[serde(default)]
+    pub hooks: Vec<String>,
     /// `d`.
     pub d_model: usize,
     /// Sequences analysed (after `--shard`).
