@@ -148,6 +148,36 @@ fn print_stored_directions(summary: &PositionSummary, top_k: usize, n: usize) {
     }
 }
 
+/// The SAE read-out of one position (`compute --sae`): the features costliest to ablate and the
+/// top eigenvectors in feature space.
+fn print_sae(summary: &PositionSummary, top_k: usize) {
+    let Some(sae) = &summary.sae else { return };
+    let num = |x: f64| finite(x).unwrap_or(f64::NAN);
+    println!(
+        "  SAE: {} active feature(s); costliest to ablate (½a²wᵀFw, second order, vs the KL measured by ablating):",
+        sae.n_active
+    );
+    for f in sae.features.iter().take(5) {
+        println!(
+            "    #{:<6} a {:.4}  wᵀFw {:.4e}  ½a²wᵀFw {:.4e}  KL(p‖p(h−aw)) {:.4e}",
+            f.index,
+            num(f.activation),
+            num(f.sensitivity),
+            num(f.kl_second_order),
+            num(f.kl_ablation)
+        );
+    }
+    for (k, feats) in sae.eigenvector_features.iter().enumerate().take(top_k.max(1)) {
+        let list: Vec<String> =
+            feats.iter().map(|f| format!("#{} ({:+.3})", f.index, num(f.cosine))).collect();
+        println!(
+            "  v{} in feature space (cos with decoder directions): {}",
+            k + 1,
+            list.join(", ")
+        );
+    }
+}
+
 /// Run `inspect`.
 pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
     if !args.dir.is_dir() {
@@ -224,6 +254,11 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join("  ")
             );
+            if let Some(st) = meta.summary.iter().find(|s| {
+                s.sequence == seq && s.layer == layer && s.position == position && s.sae.is_some()
+            }) {
+                print_sae(st, args.top_k);
+            }
             if args.top_k == 0 || args.no_model {
                 continue;
             }

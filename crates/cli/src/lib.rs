@@ -32,6 +32,7 @@ pub mod process;
 pub mod readouts;
 pub mod report;
 pub mod results;
+pub mod sae;
 pub mod signals;
 
 /// Options every subcommand shares.

@@ -110,9 +110,120 @@ pub struct NpyArray {
     pub data: Vec<f64>,
 }
 
-/// Read the arrays of an uncompressed `.npz` (stored entries, as written by [`npz_bytes`]).
-/// Every size is checked against the buffer; errors name the entry.
+/// Read the arrays of an uncompressed `.npz` — ours ([`npz_bytes`]) or numpy's (`np.savez`,
+/// whose entries carry ZIP64 extra fields) — through the central directory, as zip readers do.
+/// Files written by this tool before its central directory was fixed are read through their
+/// local headers instead. Every size is checked against the buffer; errors name the entry.
 pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>> {
+    let entries = match central_directory(bytes) {
+        Ok(entries) => entries,
+        Err(_) if bytes.starts_with(&0x0403_4b50u32.to_le_bytes()) => {
+            return read_local_headers(bytes)
+        }
+        Err(e) => return Err(e),
+    };
+    entries
+        .into_iter()
+        .map(|(name, start, size)| {
+            let data = bytes
+                .get(start..start.checked_add(size).context("npz size overflow")?)
+                .with_context(|| {
+                    format!("npz entry {name} declares {size} bytes beyond the end of the file")
+                })?;
+            let array = parse_npy(data).with_context(|| format!("npz entry {name}"))?;
+            Ok((name, array))
+        })
+        .collect()
+}
+
+/// The stored entries of a zip archive from its central directory (ZIP64 included): name
+/// without `.npy`, data offset, size.
+fn central_directory(bytes: &[u8]) -> Result<Vec<(String, usize, usize)>> {
+    let u16_at = |p: usize| -> Result<usize> {
+        Ok(u16::from_le_bytes(bytes.get(p..p + 2).context("truncated npz")?.try_into()?) as usize)
+    };
+    let u32_at = |p: usize| -> Result<usize> {
+        Ok(u32::from_le_bytes(bytes.get(p..p + 4).context("truncated npz")?.try_into()?) as usize)
+    };
+    let u64_at = |p: usize| -> Result<usize> {
+        let v = u64::from_le_bytes(bytes.get(p..p + 8).context("truncated npz")?.try_into()?);
+        usize::try_from(v).context("npz offset overflows")
+    };
+    let lowest = bytes.len().saturating_sub(22 + 65535);
+    let eocd = (lowest..bytes.len().saturating_sub(21))
+        .rev()
+        .find(|&p| u32_at(p).ok() == Some(0x0605_4b50))
+        .context("no end-of-central-directory record: not a zip archive")?;
+    let (mut count, mut cd_offset) = (u16_at(eocd + 10)?, u32_at(eocd + 16)?);
+    if count == 0xFFFF || cd_offset == 0xFFFF_FFFF {
+        let locator = eocd.checked_sub(20).context("truncated ZIP64 locator")?;
+        if u32_at(locator)? != 0x0706_4b50 {
+            bail!("ZIP64 sizes without a ZIP64 locator");
+        }
+        let record = u64_at(locator + 8)?;
+        if u32_at(record)? != 0x0606_4b50 {
+            bail!("the ZIP64 locator points at no ZIP64 record");
+        }
+        count = u64_at(record + 32)?;
+        cd_offset = u64_at(record + 48)?;
+    }
+    if cd_offset > bytes.len() {
+        bail!("the central directory offset {cd_offset} lies beyond the end of the file");
+    }
+    let mut entries = Vec::with_capacity(count.min(4096));
+    let mut at = cd_offset;
+    for _ in 0..count {
+        if u32_at(at)? != 0x0201_4b50 {
+            bail!("central directory entry at byte {at} has no signature");
+        }
+        let method = u16_at(at + 10)?;
+        let (mut size, name_len) = (u32_at(at + 20)?, u16_at(at + 28)?);
+        let (extra_len, comment_len) = (u16_at(at + 30)?, u16_at(at + 32)?);
+        let mut local = u32_at(at + 42)?;
+        let name_bytes = bytes.get(at + 46..at + 46 + name_len).context("truncated npz")?;
+        let name = String::from_utf8_lossy(name_bytes).trim_end_matches(".npy").to_string();
+        // ZIP64: the fields that overflow 32 bits live in extra field 0x0001, in the order
+        // uncompressed size, compressed size, local header offset (only those that overflow).
+        let uncompressed = u32_at(at + 24)?;
+        let mut e = at + 46 + name_len;
+        let extra_end = e + extra_len;
+        while e + 4 <= extra_end {
+            let (id, len) = (u16_at(e)?, u16_at(e + 2)?);
+            if id == 0x0001 {
+                let mut f = e + 4;
+                if uncompressed == 0xFFFF_FFFF {
+                    f += 8;
+                }
+                if size == 0xFFFF_FFFF {
+                    size = u64_at(f)?;
+                    f += 8;
+                }
+                if local == 0xFFFF_FFFF {
+                    local = u64_at(f)?;
+                }
+            }
+            e += 4 + len;
+        }
+        if local > bytes.len() {
+            bail!(
+                "npz entry {name}: its local header offset {local} lies beyond the end of the file"
+            );
+        }
+        if method != 0 {
+            bail!("npz entry {name} is compressed (np.savez_compressed): only uncompressed npz files are read; re-save it with np.savez");
+        }
+        if u32_at(local)? != 0x0403_4b50 {
+            bail!("npz entry {name}: its local header at byte {local} has no signature");
+        }
+        let start = local + 30 + u16_at(local + 26)? + u16_at(local + 28)?;
+        entries.push((name, start, size));
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    Ok(entries)
+}
+
+/// The entries of an `.npz` read through its local headers, one after the other.
+fn read_local_headers(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>> {
     let mut arrays = Vec::new();
     let mut pos = 0usize;
     let u16_at = |p: usize| -> Result<usize> {
@@ -149,8 +260,18 @@ fn parse_npy(data: &[u8]) -> Result<NpyArray> {
     if data.len() < 10 || &data[..6] != b"\x93NUMPY" {
         bail!("not an NPY array");
     }
-    let hlen = u16::from_le_bytes([data[8], data[9]]) as usize;
-    let header = std::str::from_utf8(data.get(10..10 + hlen).context("truncated NPY header")?)?;
+    // Version 1 has a 2-byte header length, versions 2 and 3 a 4-byte one.
+    let (hlen, hstart) = if data[6] == 1 {
+        (u16::from_le_bytes([data[8], data[9]]) as usize, 10)
+    } else {
+        let b = data.get(8..12).context("truncated NPY header")?;
+        (u32::from_le_bytes(b.try_into()?) as usize, 12)
+    };
+    let header =
+        std::str::from_utf8(data.get(hstart..hstart + hlen).context("truncated NPY header")?)?;
+    if header.contains("'fortran_order': True") {
+        bail!("the array is in Fortran order: save it C-contiguous (np.ascontiguousarray)");
+    }
     let field = |key: &str| -> Result<&str> {
         let i = header.find(key).with_context(|| format!("NPY header lacks {key}"))?;
         Ok(&header[i + key.len()..])
@@ -163,7 +284,7 @@ fn parse_npy(data: &[u8]) -> Result<NpyArray> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>())
         .collect::<Result<_, _>>()?;
-    let body = &data[10 + hlen..];
+    let body = &data[hstart + hlen..];
     let n = shape
         .iter()
         .try_fold(1usize, |acc, &x| acc.checked_mul(x))
@@ -175,6 +296,9 @@ fn parse_npy(data: &[u8]) -> Result<NpyArray> {
         "<f8" => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
         "<i8" => {
             body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
+        "<i4" => {
+            body.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
         }
         other => bail!("unsupported NPY dtype {other}"),
     };
@@ -248,5 +372,26 @@ mod tests {
             at += 46 + name_len + extra + comment;
         }
         assert_eq!(at, end);
+    }
+
+    /// An archive numpy wrote (`np.savez`: ZIP64 extra fields in the local headers, whose size
+    /// fields then read 0xFFFFFFFF) is read through its central directory.
+    #[test]
+    fn reads_numpys_savez() {
+        let bytes =
+            include_bytes!("../../../tests/fixtures/sae/gemma-scope/layer_1/width_96/params.npz");
+        assert_eq!(u32::from_le_bytes(bytes[18..22].try_into().unwrap()), 0xFFFF_FFFF);
+        let arrays = read_npz(bytes).unwrap();
+        let names: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]);
+        assert_eq!(arrays[0].1.shape, [48, 96]);
+        assert_eq!(arrays[2].1.shape, [96, 48]);
+        // The decoder rows are unit vectors (tools/make_sae_fixtures.py), up to f32 rounding.
+        let w_dec = &arrays[2].1.data;
+        for i in 0..96 {
+            let n: f64 = w_dec[i * 48..(i + 1) * 48].iter().map(|x| x * x).sum();
+            assert!((n - 1.0).abs() < 1e-6, "row {i}: {n}");
+        }
+        assert!(read_npz(&bytes[..bytes.len() - 30]).is_err());
     }
 }

@@ -98,6 +98,12 @@ CASES = [
     ),
     (
         LLAMA,
+        dict(tokens=IDS, layers=1, positions="all", sae=str(FIXTURES / "sae" / "saelens-relu")),
+        ["--tokens", ",".join(map(str, IDS)), "--layer", "1", "--positions", "all",
+         "--sae", str(FIXTURES / "sae" / "saelens-relu")],
+    ),
+    (
+        LLAMA,
         dict(tokens=IDS, layers=1, positions="2..5", estimator="closed-form", mean=True, fmt="npz"),
         ["--tokens", ",".join(map(str, IDS)), "--layer", "1", "--positions", "2..5",
          "--estimator", "closed-form", "--mean", "--format", "npz"],

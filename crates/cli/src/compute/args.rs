@@ -211,6 +211,12 @@ pub struct ReadoutArgs {
     /// array jobs; combine the shards' mean.safetensors with `fisher-stein merge`.
     #[arg(long, value_name = "i/N")]
     pub shard: Option<ShardSpec>,
+    /// A residual-stream sparse autoencoder at the analysed layer (SAELens directory: cfg.json +
+    /// sae_weights.safetensors; or Gemma Scope params.npz): per position its active features
+    /// with their Fisher sensitivity wᵀFw, the second-order ablation cost ½a²wᵀFw next to the
+    /// measured KL of ablating them, and the top eigenvectors in feature space.
+    #[arg(long, value_name = "PATH")]
+    pub sae: Option<PathBuf>,
 }
 
 impl ComputeArgs {
@@ -333,6 +339,9 @@ impl ReadoutArgs {
         if self.directions > 0 && self.direction_tokens == 0 {
             bail!("--direction-tokens 0 lists no tokens: give at least 1");
         }
+        if self.sae.is_some() && matches!(estimator, Estimator::TopK | Estimator::Predictive) {
+            bail!("--sae with --estimator {}: the SAE read-out needs the whole Fisher matrix at h_k[t]; use exact, closed-form or sampled", estimator.name());
+        }
         Ok(())
     }
 
@@ -344,6 +353,7 @@ impl ReadoutArgs {
             mean: self.accumulate(),
             mean_only: self.mean_only,
             shard: self.shard.map(|s| s.to_string()),
+            sae: self.sae.clone(),
         }
     }
 }

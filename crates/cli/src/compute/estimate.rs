@@ -73,6 +73,8 @@ pub(super) struct Entry {
     pub draws: Option<Vec<u32>>,
     /// With `--directions`: what its top eigenvectors do.
     pub readout: Option<Readout>,
+    /// With `--sae`: the SAE's active features through F.
+    pub sae: Option<crate::results::SaeSummary>,
 }
 
 /// One position's estimate: the Fisher matrix or its top eigenpairs, the sampled tokens (sampled
@@ -170,6 +172,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
     args: &ComputeArgs,
     bar: &indicatif::ProgressBar,
     rank: usize,
+    sae: Option<&crate::sae::Sae>,
     split: &mut ComputeSplit,
     fail: &mut dyn FnMut(usize, usize, anyhow::Error) -> Result<()>,
     found: &mut dyn FnMut(Entry) -> Result<()>,
@@ -253,6 +256,13 @@ pub(super) fn sequence_entries<M: SplitModel>(
                             )
                         })
                         .transpose()?;
+                    let sae = match (sae, estimate.matrix()) {
+                        (Some(sae), Some(f)) => {
+                            let k = args.readouts.directions.max(3);
+                            Some(crate::sae::analyse(model, ctx, t, f, &spectrum, k, sae)?)
+                        }
+                        _ => None,
+                    };
                     split.readouts += clock.elapsed().as_secs_f64();
                     Ok(Entry {
                         layer,
@@ -262,6 +272,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
                         entropy: entropy(&p),
                         draws,
                         readout,
+                        sae,
                     })
                 })();
                 match entry {

@@ -29,6 +29,8 @@ pub(super) struct Plan {
     pub eig_rank: Option<usize>,
     /// One `--text` / `--tokens` sequence: its results file is `fisher.EXT`.
     pub single: bool,
+    /// `--sae`, read and checked against the model and the layer.
+    pub sae: Option<crate::sae::Sae>,
 }
 
 impl Plan {
@@ -49,8 +51,16 @@ impl Plan {
             dims.n_layers,
             model_type,
         )?;
-        let layers = named.iter().map(|l| l.index).collect();
+        let layers: Vec<usize> = named.iter().map(|l| l.index).collect();
         let hooks = named.into_iter().map(|l| l.hook).collect();
+        let sae = match &args.readouts.sae {
+            Some(path) => {
+                let sae = crate::sae::Sae::load(path)?;
+                sae.check_run(path, &layers, dims.d_model, dims.n_layers, model_type)?;
+                Some(sae)
+            }
+            None => None,
+        };
         let mut docs = documents(args, tokenizer, files)?;
         if let Some(warning) = crate::dataset::select_shard(&mut docs, args.readouts.shard) {
             if !g.quiet {
@@ -99,7 +109,7 @@ impl Plan {
             k => Some(eig_rank.unwrap_or(k).max(k)),
         };
         let single = docs.len() == 1 && args.input.is_none();
-        Ok(Plan { layers, hooks, docs, positions, d, eig_rank, single })
+        Ok(Plan { layers, hooks, docs, positions, d, eig_rank, single, sae })
     }
 
     /// Positions to compute in all (layer × position × sequence).

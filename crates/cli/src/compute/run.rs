@@ -228,6 +228,7 @@ fn run_with<M: SplitModel>(
             args,
             &bar,
             plan.eig_rank.unwrap_or(5),
+            plan.sae.as_ref(),
             &mut split,
             &mut |layer, t, e| record_failure(i, layer, t, e, args.fail_fast, g, &mut failed),
             &mut |e| {

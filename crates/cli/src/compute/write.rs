@@ -83,6 +83,7 @@ pub(super) fn summarise(
         top_k,
         token: e.readout.as_ref().map(|_| decode(token_id)),
         directions: e.readout.as_ref().map(|r| readout_summary(r, decode)),
+        sae: e.sae.clone(),
     });
     Ok(())
 }

@@ -237,6 +237,50 @@ pub struct PositionSummary {
     /// With `--directions`: the decoded top directions (absent without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directions: Option<Vec<DirectionSummary>>,
+    /// With `--sae`: the SAE's active features through F (absent without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sae: Option<SaeSummary>,
+}
+
+/// `compute --sae`: one position's SAE features through its Fisher matrix (`crate::sae`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SaeSummary {
+    /// Features with `a_i > 0`.
+    pub n_active: usize,
+    /// Every active feature, largest second-order ablation cost first.
+    pub features: Vec<SaeFeature>,
+    /// Per top eigenvector `v_k` of F: the features whose decoder directions are most aligned
+    /// with it (largest `|cos(v_k, w_i)|` over all features).
+    pub eigenvector_features: Vec<Vec<SaeFeatureCosine>>,
+}
+
+/// One active SAE feature at one position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SaeFeature {
+    /// Feature index.
+    pub index: usize,
+    /// Its activation `a_i`.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub activation: f64,
+    /// `w_iᵀ F w_i`, `w_i` its decoder direction.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub sensitivity: f64,
+    /// `½ a_i² w_iᵀ F w_i`: the second-order KL cost of ablating it.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub kl_second_order: f64,
+    /// `KL(p ‖ p(h − a_i w_i))`: the KL of ablating it, measured through the model.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub kl_ablation: f64,
+}
+
+/// A feature and the cosine of its decoder direction with an eigenvector.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SaeFeatureCosine {
+    /// Feature index.
+    pub index: usize,
+    /// `cos(v, w_i)`.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub cosine: f64,
 }
 
 /// How `--estimator top-k` obtained one position's eigenpairs.

@@ -30,8 +30,9 @@ mod state;
 pub use files::{read_results, read_results_bytes, results_files, Array, Arrays};
 pub use metadata::{
     ComputeSplit, DirectionSummary, FailedPosition, LayerSummaryRow, MeanSummaryRow, MergeMetadata,
-    MergedInput, Metadata, MetadataView, ModelInfo, ModelRef, Origin, PositionSummary,
-    SequenceInfo, SettingsRef, Timings, TokenEffect, TopKSummary, WeightHash,
+    MergedInput, Metadata, MetadataView, ModelInfo, ModelRef, Origin, PositionSummary, SaeFeature,
+    SaeFeatureCosine, SaeSummary, SequenceInfo, SettingsRef, Timings, TokenEffect, TopKSummary,
+    WeightHash,
 };
 pub use settings::{
     EstimatorSettings, MeanHeader, MeanInput, MeanSettings, ReadoutSettings, RunSettings,
@@ -140,6 +141,7 @@ mod tests {
             top_k: None,
             token: None,
             directions: None,
+            sae: None,
         };
         let state = SequenceState { summaries: vec![s], failed: Vec::new() };
         let bytes = compact_json(&state).unwrap();

@@ -81,6 +81,9 @@ pub struct ReadoutSettings {
     pub mean_only: bool,
     /// `--shard i/N`, if given.
     pub shard: Option<String>,
+    /// `--sae PATH`, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sae: Option<std::path::PathBuf>,
 }
 
 /// `run.json`: the settings that make two runs the same run. `--resume` continues only a run

@@ -137,7 +137,9 @@ class Results:
     (``eig_top``, ``directions``, top-k); ``trace``, ``residuals`` (top-k:
     ``||F v - lambda v|| / lambda_1`` per pair) when computed; ``directions``: per row, the
     decoded top directions (tokens that ``+v`` and ``-v`` push up, ``dp``, the KL check
-    ``KL(p || p(h + eps v))`` vs ``1/2 eps^2 v^T F v``) when ``directions > 0``; ``mean``: the
+    ``KL(p || p(h + eps v))`` vs ``1/2 eps^2 v^T F v``) when ``directions > 0``; ``sae``: per
+    row, the SAE read-out (active features, sensitivities, second-order and measured ablation
+    KL, eigenvectors in feature space) with ``sae=``; ``mean``: the
     arrays of ``mean.safetensors`` (``fisher_mean`` ``[L, d, d]`` float64, ``count``, …) with
     ``mean=True``; ``arrays``: every array of the results files by name; ``metadata``: the
     run's ``metadata.json``.
@@ -154,6 +156,7 @@ class Results:
     trace: Optional[np.ndarray]
     residuals: Optional[np.ndarray]
     directions: List[List[Dict[str, Any]]]
+    sae: List[Optional[Dict[str, Any]]]
     hooks: List[str]
     mean: Optional[Dict[str, np.ndarray]]
     arrays: Dict[str, np.ndarray] = field(repr=False)
@@ -262,6 +265,7 @@ def load_results(path: Union[str, os.PathLike]) -> Results:
     empty_i = np.zeros(0, dtype=np.int64)
     summary = metadata.get("summary") or []
     directions = [row.get("directions") or [] for row in summary] if not mean_only else []
+    sae = [row.get("sae") for row in summary] if not mean_only else []
     mean_path = root / "mean.safetensors"
     return Results(
         fisher=arrays.get("fisher"),
@@ -275,6 +279,7 @@ def load_results(path: Union[str, os.PathLike]) -> Results:
         trace=arrays.get("trace"),
         residuals=arrays.get("residuals"),
         directions=directions,
+        sae=sae,
         hooks=list(metadata.get("hooks", [])),
         mean=_read_safetensors(mean_path) if mean_path.is_file() else None,
         arrays=arrays,
@@ -337,6 +342,7 @@ class Model:
         directions: int = 0,
         direction_tokens: int = 5,
         mean: bool = False,
+        sae: Union[str, os.PathLike, None] = None,
         max_seq_len: Optional[int] = None,
         output: Union[str, os.PathLike, None] = None,
         fmt: str = "safetensors",
@@ -365,6 +371,11 @@ class Model:
 
         ``eig_top``: also store the top eigenpairs. ``directions``: decode the top directions
         (``r.directions``). ``mean``: also accumulate the mean F per layer (``r.mean``).
+        ``sae``: a residual-stream SAE of the analysed layer (SAELens directory or Gemma Scope
+        ``params.npz``): per row its active features ``a_i`` with the Fisher sensitivity
+        ``w_i^T F w_i`` of their decoder directions, the second-order ablation cost
+        ``1/2 a_i^2 w_i^T F w_i`` next to the measured ``KL(p || p(h - a_i w_i))``, and the top
+        eigenvectors in feature space (``r.sae``).
         ``output``: keep the results directory there (as ``fisher-stein compute --output``;
         it must not exist or be empty) instead of a temporary one. ``fmt``: ``"safetensors"``
         or ``"npz"`` for that directory.
@@ -388,6 +399,8 @@ class Model:
             argv += ["--max-seq-len", str(int(max_seq_len))]
         if mean:
             argv.append("--mean")
+        if sae is not None:
+            argv += ["--sae", os.fspath(sae)]
         keep = output is not None
         scratch = Path(tempfile.mkdtemp(prefix="fisher-stein-"))
         out_dir = Path(output) if keep else scratch / "results"
