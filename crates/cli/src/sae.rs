@@ -25,7 +25,7 @@ use crate::layers::{resolve_layer, NamedLayer};
 use crate::npz::read_npz;
 use crate::results::{SaeFeature, SaeFeatureCosine, SaeSummary};
 use anyhow::{bail, Context, Result};
-use fs_estimators::{softmax, Matrix, Scalar, Spectrum, SplitModel};
+use fs_estimators::{kl_from_logits, Matrix, Scalar, Spectrum, SplitModel};
 use std::path::{Path, PathBuf};
 
 /// How many features are listed per eigenvector in feature space.
@@ -295,17 +295,6 @@ impl Sae {
     }
 }
 
-/// `KL(p ‖ q)` of two logit vectors, in `f64`.
-fn kl_of_logits<S: Scalar>(p: &[S], q: &[S]) -> Result<f64> {
-    let p = softmax(p)?;
-    let q = softmax(q)?;
-    Ok(p.iter()
-        .zip(&q)
-        .filter(|(a, _)| **a > 0.0)
-        .map(|(a, b)| a * (a.ln() - b.max(1e-300).ln()))
-        .sum())
-}
-
 /// The SAE read-out at `position` of `ctx` with the Fisher matrix `f` and its `spectrum`
 /// (`k` eigenvectors expressed in feature space).
 pub fn analyse<M: SplitModel>(
@@ -338,7 +327,7 @@ pub fn analyse<M: SplitModel>(
             activation: a,
             sensitivity,
             kl_second_order: 0.5 * a * a * sensitivity,
-            kl_ablation: kl_of_logits(&z0, &z1)?,
+            kl_ablation: kl_from_logits(&z0, &z1)?,
         });
     }
     features.sort_by(|a, b| b.kl_second_order.total_cmp(&a.kl_second_order));

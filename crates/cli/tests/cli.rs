@@ -452,3 +452,19 @@ fn transformerlens_hook_names_select_the_same_layers() {
         assert!(!dir.exists(), "{bad}: {} written", dir.display());
     }
 }
+
+/// `--positions -1` (negative = from the end) is a value, not an unknown flag.
+#[test]
+fn negative_positions_parse_as_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("neg");
+    let run = bin()
+        .args(["compute", "--model", fixture("gpt2-tiny-b").to_str().unwrap()])
+        .args(["--layer", "1", "--tokens", "1,2,3,4", "--positions", "-2", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    let (_, pos) = read_tensor(&out.join("fisher.safetensors"), "positions");
+    assert_eq!(pos, vec![2.0]);
+}

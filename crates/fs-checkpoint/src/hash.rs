@@ -11,8 +11,13 @@ use crate::error::{CheckpointError, Result};
 /// SHA-256 of a file as lowercase hex (for results metadata: which exact weights were used).
 /// The file is streamed, never read whole.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    digest_file(Sha256::new(), path)
+}
+
+/// Feed the file at `path` (streamed) into `hasher` — which may already hold a prefix, as a
+/// git blob id's `blob {len}\0` — and return the digest as lowercase hex.
+pub(crate) fn digest_file<D: Digest>(mut hasher: D, path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match file.read(&mut buf) {

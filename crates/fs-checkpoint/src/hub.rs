@@ -4,8 +4,6 @@
 //! themselves are in `download.rs` (feature `download`).
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -257,23 +255,13 @@ impl Announced {
 
 /// The git blob id of a file: sha1 of `blob {len}\0` followed by the content, lowercase hex.
 pub(crate) fn git_blob_sha1_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    let len = file.metadata().map_err(|e| CheckpointError::io(path, e))?.len();
+    let len = std::fs::metadata(path).map_err(|e| CheckpointError::io(path, e))?.len();
     let mut hasher = Sha1::new();
     hasher.update(format!("blob {len}\0").as_bytes());
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CheckpointError::io(path, e)),
-        };
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
+    crate::hash::digest_file(hasher, path)
 }
 
+#[cfg(test)]
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

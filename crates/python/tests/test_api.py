@@ -160,6 +160,9 @@ def test_dtypes_and_shapes(llama):
     assert abs(w[-1] - r.eigenvalues[3, 0]) <= 1e-5 * w[-1]
     assert abs(abs(v[:, -1] @ r.eigenvectors[3, :, 0]) - 1) <= 1e-4
     assert len(r.directions) == n and r.directions[0][0]["k"] == 1
+    # Values that start with "-" reach the command line as values, not flags.
+    assert llama.fisher(tokens=IDS, layers=1, positions=-1).positions.tolist() == [7]
+    assert llama.fisher(tokens=IDS, layers=1, positions=[-2, -1]).positions.tolist() == [6, 7]
     top = llama.fisher(tokens=IDS, layers=1, estimator="top-k", k=4)
     assert top.fisher is None and top.eigenvalues.shape == (1, 4) and top.residuals.shape == (1, 4)
     assert top.trace.shape == (1,)

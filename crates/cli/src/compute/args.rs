@@ -109,7 +109,7 @@ pub struct ComputeArgs {
     #[arg(long, alias = "max_seq_len", value_name = "N")]
     pub max_seq_len: Option<usize>,
     /// Positions: all, last, or a list/range such as 0,3,10..12 (negative = from the end).
-    #[arg(long, default_value = "last")]
+    #[arg(long, default_value = "last", allow_hyphen_values = true)]
     pub positions: PositionSpec,
     /// Keep every k-th of the selected positions, starting with the k-th (1 = all).
     #[arg(long, alias = "position_skip", default_value_t = 1, value_name = "K")]

@@ -384,23 +384,31 @@ class Model:
             raise ValueError("give exactly one of text='...' (or a list of texts) and tokens=[...]")
         if estimator not in _ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: use one of {', '.join(_ESTIMATORS)}")
-        argv = ["--model", self._spec, "--backend", self._backend, "--device", self._device]
-        argv += ["--layers", _layers_arg(layers), "--positions", _positions_arg(positions)]
-        argv += ["--estimator", estimator, "--seed", str(int(seed))]
-        argv += ["--temperature", repr(float(temperature)), "--top-p", repr(float(top_p))]
-        argv += ["--k", str(int(k)), "--tolerance", repr(float(tolerance)), "--trace", trace]
-        argv += ["--directions", str(int(directions)), "--direction-tokens", str(int(direction_tokens))]
-        argv += ["--format", fmt]
-        if samples is not None:
-            argv += ["--samples", str(int(samples))]
-        if eig_top is not None:
-            argv += ["--eig-top", str(int(eig_top))]
-        if max_seq_len is not None:
-            argv += ["--max-seq-len", str(int(max_seq_len))]
+        # `--flag=value` throughout: a value may start with `-` (a negative position, a text).
+        opts: Dict[str, Any] = {
+            "model": self._spec,
+            "backend": self._backend,
+            "device": self._device,
+            "layers": _layers_arg(layers),
+            "positions": _positions_arg(positions),
+            "estimator": estimator,
+            "seed": int(seed),
+            "temperature": repr(float(temperature)),
+            "top-p": repr(float(top_p)),
+            "k": int(k),
+            "tolerance": repr(float(tolerance)),
+            "trace": trace,
+            "directions": int(directions),
+            "direction-tokens": int(direction_tokens),
+            "format": fmt,
+            "samples": None if samples is None else int(samples),
+            "eig-top": None if eig_top is None else int(eig_top),
+            "max-seq-len": None if max_seq_len is None else int(max_seq_len),
+            "sae": None if sae is None else os.fspath(sae),
+        }
+        argv = [f"--{name}={value}" for name, value in opts.items() if value is not None]
         if mean:
             argv.append("--mean")
-        if sae is not None:
-            argv += ["--sae", os.fspath(sae)]
         keep = output is not None
         scratch = Path(tempfile.mkdtemp(prefix="fisher-stein-"))
         out_dir = Path(output) if keep else scratch / "results"
@@ -411,17 +419,17 @@ class Model:
                     raise ValueError("tokens is empty: give at least one token id")
                 if any(t < 0 for t in ids):
                     raise ValueError("token ids are non-negative integers")
-                argv += ["--tokens", ",".join(map(str, ids))]
+                argv.append("--tokens=" + ",".join(map(str, ids)))
             elif isinstance(text, str):
-                argv += ["--text", text]
+                argv.append("--text=" + text)
             else:
                 texts = list(text)  # type: ignore[arg-type]
                 if not texts or not all(isinstance(t, str) for t in texts):
                     raise ValueError("text must be a string or a non-empty list of strings")
                 inputs = scratch / "texts.jsonl"
                 inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-                argv += ["--input", str(inputs)]
-            argv += ["--output", str(out_dir)]
+                argv.append(f"--input={inputs}")
+            argv.append(f"--output={out_dir}")
             self._native.compute(argv)
             return load_results(out_dir)
         finally:
