@@ -107,13 +107,32 @@ impl fs_engines::EngineJob for KeepProbe {
     }
 }
 
-/// Load checkpoint `files` on `backend` (CPU) the way the CLI does: engine-free checkpoint,
-/// typed host weights, then the registry uploads them as the engine's model of their
-/// architecture. The error is the one-line message a user would see.
+/// The environment variable that moves the suite onto a device: `FS_TEST_DEVICE=wgpu` (burn on
+/// any Vulkan/Metal/DX12 adapter, Mesa's lavapipe included: `tools/test_wgpu.sh`),
+/// `FS_TEST_DEVICE=cuda:0`. Unset or empty: `cpu`.
+pub const TEST_DEVICE: &str = "FS_TEST_DEVICE";
+
+/// The device the suite's models are loaded on ([`TEST_DEVICE`], default `cpu`).
+pub fn test_device() -> String {
+    std::env::var(TEST_DEVICE).ok().filter(|d| !d.trim().is_empty()).unwrap_or_else(|| "cpu".into())
+}
+
+/// Load checkpoint `files` on `backend` and the suite's device ([`test_device`]) the way the
+/// CLI does: engine-free checkpoint, typed host weights, then the registry uploads them as the
+/// engine's model of their architecture. The error is the one-line message a user would see.
 pub fn load(backend: Backend, files: &ModelFiles) -> Result<Box<dyn Probe>, String> {
+    load_on(backend, files, &test_device())
+}
+
+/// [`load`] on an explicit `device`.
+pub fn load_on(
+    backend: Backend,
+    files: &ModelFiles,
+    device: &str,
+) -> Result<Box<dyn Probe>, String> {
     (|| {
         let weights = fs_checkpoint::Checkpoint::from_files(files.clone())?.read_weights()?;
-        fs_engines::Engine::open(backend, "cpu")?.run(weights, None, KeepProbe)
+        fs_engines::Engine::open(backend, device)?.run(weights, None, KeepProbe)
     })()
     .map_err(|e: anyhow::Error| e.to_string())
 }

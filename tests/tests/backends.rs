@@ -247,3 +247,67 @@ proptest! {
         prop_assert!(loaded == random, "Llama {:?}", l.config);
     }
 }
+
+/// Every model fixture of the repository (GPT-2 and every decoder family).
+const FIXTURES: [&str; 12] = [
+    "gpt2-tiny-a",
+    "gpt2-tiny-b",
+    "llama-tiny-tied",
+    "llama-tiny-untied",
+    "mistral-window-tiny",
+    "gemma2-tiny",
+    "gemma3-tiny",
+    "qwen3-tiny",
+    "olmo2-tiny",
+    "phi3-tiny",
+    "pythia-tiny",
+    "gptneox-sequential-tiny",
+];
+
+/// The device of `FS_TEST_DEVICE` against the CPU, engine by engine: for every compiled engine
+/// that opens the device and every fixture of its families, the logits at every layer (≤ 1e-4
+/// absolute) and the exact F at every layer and the last position (≤ 1e-4 relative Frobenius,
+/// the cross-engine bound) equal the same engine's on the CPU. Uploads, kernels and downloads of
+/// the device path are what differs. Ignored by a plain `cargo test` (it needs a device):
+/// `tools/test_wgpu.sh` runs it with `FS_TEST_DEVICE=wgpu` on Mesa's software Vulkan driver.
+#[test]
+#[ignore = "needs FS_TEST_DEVICE (tools/test_wgpu.sh)"]
+fn device_agrees_with_cpu() {
+    use fs_suite::backends::{load_on, test_device};
+    let device = test_device();
+    assert_ne!(device, "cpu", "set FS_TEST_DEVICE to the device to compare with the CPU");
+    let mut compared = Vec::new();
+    for backend in compiled_backends() {
+        for name in FIXTURES {
+            let files =
+                fs_checkpoint::resolve_model(fs_suite::fixtures::dir(name).to_str().unwrap())
+                    .expect("resolve fixture");
+            let family = fs_checkpoint::Checkpoint::from_files(files.clone())
+                .expect("fixture config")
+                .config
+                .architecture()
+                .family();
+            if !backend.implements(family) {
+                continue;
+            }
+            let on_device = match load_on(backend, &files, &device) {
+                Ok(m) => m,
+                Err(e) => {
+                    println!("{} cannot open {device} ({e}): not compared", backend.name());
+                    break;
+                }
+            };
+            let on_cpu = load_on(backend, &files, "cpu").expect("cpu");
+            let r = fs_suite::fixtures::Reference::load(name);
+            let last = r.input_ids.len() - 1;
+            let models = vec![(backend.name(), on_cpu), ("device", on_device)];
+            for k in 0..=r.n_layers {
+                pairs_agree(&models, &r.input_ids, k, last)
+                    .unwrap_or_else(|e| panic!("{name} on {device} vs cpu: {e}"));
+            }
+            compared.push(format!("{} {name}", backend.name()));
+        }
+    }
+    println!("{device} agrees with cpu: {}", compared.join(", "));
+    assert!(!compared.is_empty(), "no compiled engine opened {device}");
+}
