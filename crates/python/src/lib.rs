@@ -1,6 +1,6 @@
 //! `fisher_stein._native`: the compiled half of the `fisher_stein` Python package.
 //!
-//! A [`Model`] owns one worker thread that loads the model through the command line's own
+//! A `Model` owns one worker thread that loads the model through the command line's own
 //! loader (`fisher_stein::backends::with_model`: any engine, any architecture, GGUF, hub ids)
 //! and then serves requests on it, so the weights are read once and stay resident between
 //! calls. A computation is `compute`'s own code ([`fisher_stein::compute::run_on`]) on the
