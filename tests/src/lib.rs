@@ -36,6 +36,22 @@ pub mod fixtures {
     use safetensors::SafeTensors;
     use std::path::PathBuf;
 
+    /// Every model fixture with a transformers oracle (GPT-2 and every decoder family).
+    pub const ALL: [&str; 12] = [
+        "gpt2-tiny-a",
+        "gpt2-tiny-b",
+        "llama-tiny-tied",
+        "llama-tiny-untied",
+        "mistral-window-tiny",
+        "gemma2-tiny",
+        "gemma3-tiny",
+        "qwen3-tiny",
+        "olmo2-tiny",
+        "phi3-tiny",
+        "pythia-tiny",
+        "gptneox-sequential-tiny",
+    ];
+
     /// `tests/fixtures/NAME`.
     pub fn dir(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)

@@ -248,22 +248,6 @@ proptest! {
     }
 }
 
-/// Every model fixture of the repository (GPT-2 and every decoder family).
-const FIXTURES: [&str; 12] = [
-    "gpt2-tiny-a",
-    "gpt2-tiny-b",
-    "llama-tiny-tied",
-    "llama-tiny-untied",
-    "mistral-window-tiny",
-    "gemma2-tiny",
-    "gemma3-tiny",
-    "qwen3-tiny",
-    "olmo2-tiny",
-    "phi3-tiny",
-    "pythia-tiny",
-    "gptneox-sequential-tiny",
-];
-
 /// The device of `FS_TEST_DEVICE` against the CPU, engine by engine: for every compiled engine
 /// that opens the device and every fixture of its families, the logits at every layer (≤ 1e-4
 /// absolute) and the exact F at every layer and the last position (≤ 1e-4 relative Frobenius,
@@ -278,7 +262,7 @@ fn device_agrees_with_cpu() {
     assert_ne!(device, "cpu", "set FS_TEST_DEVICE to the device to compare with the CPU");
     let mut compared = Vec::new();
     for backend in compiled_backends() {
-        for name in FIXTURES {
+        for name in fs_suite::fixtures::ALL {
             let files =
                 fs_checkpoint::resolve_model(fs_suite::fixtures::dir(name).to_str().unwrap())
                     .expect("resolve fixture");

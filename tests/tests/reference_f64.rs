@@ -24,21 +24,7 @@ use fs_suite::random_models::{decoder_case, gpt2_case};
 use fs_suite::{OracleTolerances, Tolerances};
 use proptest::prelude::*;
 
-/// Every oracle fixture.
-const FIXTURES: [&str; 12] = [
-    "gpt2-tiny-a",
-    "gpt2-tiny-b",
-    "llama-tiny-tied",
-    "llama-tiny-untied",
-    "mistral-window-tiny",
-    "gemma2-tiny",
-    "gemma3-tiny",
-    "qwen3-tiny",
-    "olmo2-tiny",
-    "phi3-tiny",
-    "pythia-tiny",
-    "gptneox-sequential-tiny",
-];
+use fs_suite::fixtures::ALL as FIXTURES;
 
 /// The f64 models against the float64 oracle. Both sides compute in f64 from the same
 /// f32-representable weights (Gemma's `1 + w` and `√d` formed in f64 on both), so what remains
