@@ -23,13 +23,32 @@
 
 use crate::layers::{resolve_layer, NamedLayer};
 use crate::npz::read_npz;
-use crate::results::{SaeFeature, SaeFeatureCosine, SaeSummary};
+use crate::results::{Array, SaeFeature, SaeFeatureCosine, SaeSummary};
 use anyhow::{bail, Context, Result};
 use fs_estimators::{kl_from_logits, Matrix, Scalar, Spectrum, SplitModel};
 use std::path::{Path, PathBuf};
 
 /// How many features are listed per eigenvector in feature space.
 pub const FEATURES_PER_EIGENVECTOR: usize = 5;
+
+/// The array `name` of an SAE file (`layout` names its conventions in the message).
+fn named(
+    arrays: &[(String, Array)],
+    name: &str,
+    file: &Path,
+    layout: &str,
+) -> Result<(Vec<usize>, Vec<f64>)> {
+    arrays
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| (a.shape.clone(), a.data.clone()))
+        .with_context(|| {
+            format!(
+                "{} has no array {name} ({layout} names: W_enc, b_enc, W_dec, b_dec, threshold)",
+                file.display()
+            )
+        })
+}
 
 /// A residual-stream sparse autoencoder, in `f64`.
 #[derive(Clone, Debug)]
@@ -56,20 +75,6 @@ pub struct Sae {
     pub layout: &'static str,
     /// The file the weights came from.
     pub weights: PathBuf,
-}
-
-fn f64_values(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<f64>> {
-    let data = view.data();
-    Ok(match view.dtype() {
-        safetensors::Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        safetensors::Dtype::F64 => {
-            data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
-        }
-        other => bail!("SAE tensor {name} is {other:?}: only F32 and F64 SAE weights are read; convert it to float32"),
-    })
 }
 
 impl Sae {
@@ -118,14 +123,10 @@ impl Sae {
         let hook = get("hook_name").and_then(|v| v.as_str()).map(str::to_string);
         let bytes =
             std::fs::read(weights).with_context(|| format!("reading {}", weights.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not a safetensors file", weights.display()))?;
-        let tensor = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
-            let v = st.tensor(name).with_context(|| {
-                format!("{} has no tensor {name} (SAELens names: W_enc, b_enc, W_dec, b_dec, threshold)", weights.display())
-            })?;
-            Ok((v.shape().to_vec(), f64_values(&v, name)?))
-        };
+        let arrays = crate::results::safetensors_arrays(&bytes).map_err(|e| {
+            anyhow::anyhow!("{} is not a readable safetensors file ({e}): only F32 and F64 SAE weights are read", weights.display())
+        })?;
+        let tensor = |name: &str| named(&arrays, name, weights, "SAELens");
         let threshold = if architecture == "jumprelu" {
             Some(match tensor("threshold") {
                 Ok((_, t)) => t,
@@ -164,15 +165,12 @@ impl Sae {
 
     fn load_gemma_scope(npz: &Path) -> Result<Sae> {
         let bytes = std::fs::read(npz).with_context(|| format!("reading {}", npz.display()))?;
-        let arrays = read_npz(&bytes)
-            .with_context(|| format!("{} is not a readable .npz", npz.display()))?;
-        let take = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
-            arrays
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, a)| (a.shape.clone(), a.data.clone()))
-                .with_context(|| format!("{} has no array {name} (Gemma Scope names: W_enc, b_enc, W_dec, b_dec, threshold)", npz.display()))
-        };
+        let arrays: Vec<(String, Array)> = read_npz(&bytes)
+            .with_context(|| format!("{} is not a readable .npz", npz.display()))?
+            .into_iter()
+            .map(|(name, a)| (name, Array { shape: a.shape, data: a.data }))
+            .collect();
+        let take = |name: &str| named(&arrays, name, npz, "Gemma Scope");
         let (enc_shape, w_enc) = take("W_enc")?;
         let (dec_shape, w_dec) = take("W_dec")?;
         // Gemma Scope's residual SAEs sit at `…/layer_N/…` and read the output of block N.

@@ -142,24 +142,16 @@ pub fn read_results(path: &Path) -> Result<Arrays> {
     read_results_bytes(path, &bytes)
 }
 
-/// [`read_results`] on the file's bytes: `path` chooses the format (`.npz`, else safetensors)
-/// and names the file in messages.
-pub fn read_results_bytes(path: &Path, bytes: &[u8]) -> Result<Arrays> {
-    let bad = |e: String| {
-        anyhow::anyhow!(
-            "{} is not a valid results file ({e}): re-run compute to regenerate it",
-            path.display()
-        )
-    };
-    let mut out = HashMap::new();
-    if path.extension().is_some_and(|e| e == "npz") {
-        for (name, a) in read_npz(bytes).map_err(|e| bad(format!("{e:#}")))? {
-            out.insert(name, Array { shape: a.shape, data: a.data });
-        }
-    } else {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        for (name, t) in st.tensors() {
-            let v: Vec<f64> = match t.dtype() {
+/// Every tensor of a safetensors file (F32, F64 or I64), widened to `f64`; the error names
+/// the problem (not the file).
+pub(crate) fn safetensors_arrays(
+    bytes: &[u8],
+) -> std::result::Result<Vec<(String, Array)>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let data: Vec<f64> = match t.dtype() {
                 safetensors::Dtype::F32 => t
                     .data()
                     .chunks_exact(4)
@@ -175,9 +167,30 @@ pub fn read_results_bytes(path: &Path, bytes: &[u8]) -> Result<Arrays> {
                     .chunks_exact(8)
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
                     .collect(),
-                d => return Err(bad(format!("tensor {name} has unexpected dtype {d:?}"))),
+                d => return Err(format!("tensor {name} has unexpected dtype {d:?}")),
             };
-            out.insert(name, Array { shape: t.shape().to_vec(), data: v });
+            Ok((name, Array { shape: t.shape().to_vec(), data }))
+        })
+        .collect()
+}
+
+/// [`read_results`] on the file's bytes: `path` chooses the format (`.npz`, else safetensors)
+/// and names the file in messages.
+pub fn read_results_bytes(path: &Path, bytes: &[u8]) -> Result<Arrays> {
+    let bad = |e: String| {
+        anyhow::anyhow!(
+            "{} is not a valid results file ({e}): re-run compute to regenerate it",
+            path.display()
+        )
+    };
+    let mut out = HashMap::new();
+    if path.extension().is_some_and(|e| e == "npz") {
+        for (name, a) in read_npz(bytes).map_err(|e| bad(format!("{e:#}")))? {
+            out.insert(name, Array { shape: a.shape, data: a.data });
+        }
+    } else {
+        for (name, a) in safetensors_arrays(bytes).map_err(bad)? {
+            out.insert(name, a);
         }
     }
     for required in ["layer", "positions", "token_ids"] {

@@ -27,6 +27,7 @@ mod metadata;
 mod settings;
 mod state;
 
+pub(crate) use files::safetensors_arrays;
 pub use files::{read_results, read_results_bytes, results_files, Array, Arrays};
 pub use metadata::{
     ComputeSplit, DirectionSummary, FailedPosition, LayerSummaryRow, MeanSummaryRow, MergeMetadata,
