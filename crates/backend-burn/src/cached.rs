@@ -354,6 +354,42 @@ pub(crate) fn upper_logits<M: CachedUpper>(
     read(m.readout().logits_of(u))
 }
 
+/// `SplitModel::with_activation`: the first `position + 1` rows of the cache, with row
+/// `position` of `H_k` replaced by `h` and its final-norm row recomputed by the upper half. The
+/// keys/values of blocks `≥ k` keep their (stale) row `position`: every single-row upper pass
+/// recomputes its own key/value from `h` and reads the cache only below `position`.
+pub(crate) fn with_activation<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    h: &[f32],
+) -> Result<CachedContext, FsError> {
+    let d = m.model_dims().d_model;
+    check_position(position, ctx.tokens.len())?;
+    check_len("h", h.len(), d)?;
+    check_finite("h", h)?;
+    let row = tensor(h.to_vec(), [1, d], m.device());
+    let u = m.upper(ctx, &[position], row.clone().reshape([1, 1, d])).reshape([1, d]);
+    let keep = |full: &Tensor<2>, new_row: Tensor<2>| -> Tensor<2> {
+        if position == 0 {
+            new_row
+        } else {
+            Tensor::cat(vec![full.clone().narrow(0, 0, position), new_row], 0)
+        }
+    };
+    let narrow = |cache: &[Tensor<3>]| -> Vec<Tensor<3>> {
+        cache.iter().map(|c| c.clone().narrow(1, 0, position + 1)).collect()
+    };
+    Ok(CachedContext {
+        layer: ctx.layer,
+        tokens: ctx.tokens[..=position].to_vec(),
+        hidden: keep(&ctx.hidden, row),
+        keys: narrow(&ctx.keys),
+        values: narrow(&ctx.values),
+        final_norm: keep(&ctx.final_norm, u),
+    })
+}
+
 /// `SplitModel::logits`: the cached final-norm rows times `W_Uᵀ`.
 pub(crate) fn logits<M: CachedUpper>(
     m: &M,
@@ -561,6 +597,14 @@ macro_rules! impl_split_model {
                 positions: &[usize],
             ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
                 $crate::cached::logits(self, ctx, positions)
+            }
+            fn with_activation(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                h: &[f32],
+            ) -> Result<Self::Context, fs_traits::FsError> {
+                $crate::cached::with_activation(self, ctx, position, h)
             }
             fn score_gradients(
                 &self,

@@ -440,6 +440,45 @@ pub(crate) fn upper_logits<M: CachedUpper, S: Float>(
     .map_err(be)
 }
 
+/// `SplitModel::with_activation`: the first `position + 1` rows of the cache, with row
+/// `position` of `H_k` replaced by `h` and its final-norm row recomputed by the upper half. The
+/// keys/values of blocks `≥ k` keep their (stale) row `position`: every single-row upper pass
+/// recomputes its own key/value from `h` and reads the cache only below `position`.
+pub(crate) fn with_activation<M: CachedUpper, S: Float>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    h: &[S],
+) -> Result<CachedContext, FsError> {
+    let d = m.model_dims().d_model;
+    check_position(position, ctx.tokens.len())?;
+    check_len("h", h.len(), d)?;
+    check_finite("h", h)?;
+    (|| {
+        let row = Tensor::from_slice(h, (1, d), m.device())?;
+        let u = m.upper(ctx, &[position], &row.reshape((1, 1, d))?)?.reshape((1, d))?;
+        let keep = |full: &Tensor, new_row: &Tensor| -> candle_core::Result<Tensor> {
+            if position == 0 {
+                Ok(new_row.clone())
+            } else {
+                Tensor::cat(&[&full.narrow(0, 0, position)?, new_row], 0)
+            }
+        };
+        let narrow = |cache: &[Tensor]| -> candle_core::Result<Vec<Tensor>> {
+            cache.iter().map(|c| c.narrow(1, 0, position + 1)).collect()
+        };
+        Ok(CachedContext {
+            layer: ctx.layer,
+            tokens: ctx.tokens[..=position].to_vec(),
+            hidden: keep(&ctx.hidden, &row)?,
+            keys: narrow(&ctx.keys)?,
+            values: narrow(&ctx.values)?,
+            final_norm: keep(&ctx.final_norm, &u)?,
+        })
+    })()
+    .map_err(be)
+}
+
 /// `SplitModel::logits`.
 pub(crate) fn logits<M: CachedUpper, S: Float>(
     m: &M,
@@ -702,6 +741,14 @@ macro_rules! impl_split_model {
                 positions: &[usize],
             ) -> Result<fs_traits::Matrix<S>, fs_traits::FsError> {
                 $crate::cached::logits(self, ctx, positions)
+            }
+            fn with_activation(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                h: &[S],
+            ) -> Result<Self::Context, fs_traits::FsError> {
+                $crate::cached::with_activation(self, ctx, position, h)
             }
             fn score_gradients(
                 &self,

@@ -572,6 +572,63 @@ impl SplitModel for Gpt2 {
         })
     }
 
+    /// The first `position + 1` rows of the cache with row `position` of `H_k` replaced by `h`
+    /// and its `ln_f` row recomputed by the upper half. The other layers' activations and the
+    /// blocks' keys/values keep their (stale) row `position`: the context is only used at layer
+    /// `k`, and every single-row upper pass recomputes its own key/value from `h`.
+    fn with_activation(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        h: &[f32],
+    ) -> Result<Gpt2Context, FsError> {
+        let d = self.cfg.n_embd;
+        let cache = &ctx.cache;
+        let t_len = cache.tokens.len();
+        check_position(position, t_len)?;
+        check_len("h", h.len(), d)?;
+        check_finite("h", h)?;
+        let u = guarded(|| {
+            Ok(with_net!(self, net => {
+                let kv = net.upload_cache(cache, ctx.layer);
+                let x = net.dev.tensor_from_vec(h.to_vec(), (1, d));
+                net.upper(ctx.layer, x, &kv, &[position]).as_vec()
+            }))
+        })?;
+        let keep = position + 1;
+        let hidden = cache
+            .hidden
+            .iter()
+            .enumerate()
+            .map(|(layer, rows)| {
+                let mut rows = rows[..keep * d].to_vec();
+                if layer == ctx.layer {
+                    rows[position * d..].copy_from_slice(h);
+                }
+                rows
+            })
+            .collect();
+        let (heads, dh) = (self.cfg.n_head, d / self.cfg.n_head);
+        let narrow_heads = |full: &Vec<f32>| -> Vec<f32> {
+            (0..heads)
+                .flat_map(|head| &full[head * t_len * dh..(head * t_len + keep) * dh])
+                .copied()
+                .collect()
+        };
+        let mut final_norm = cache.final_norm[..keep * d].to_vec();
+        final_norm[position * d..].copy_from_slice(&u);
+        Ok(Gpt2Context {
+            layer: ctx.layer,
+            cache: Arc::new(SequenceCache {
+                tokens: cache.tokens[..keep].to_vec(),
+                hidden,
+                keys: cache.keys.iter().map(narrow_heads).collect(),
+                values: cache.values.iter().map(narrow_heads).collect(),
+                final_norm,
+            }),
+        })
+    }
+
     fn logits(&self, ctx: &Gpt2Context, positions: &[usize]) -> Result<Matrix<f32>, FsError> {
         check_positions(positions, ctx.cache.tokens.len())?;
         let (d, v) = (self.cfg.n_embd, self.cfg.vocab_size);

@@ -70,6 +70,19 @@ impl<S: Scalar> Embeddings<S> {
     }
 }
 
+impl<S: Scalar> AnalyticContext<S> {
+    /// `SplitModel::with_activation`: the first `t + 1` positions with row `t` replaced by `h`
+    /// (no attention: the upper half at `t` reads `h_t` alone).
+    fn with_activation(&self, t: usize, h: &[S]) -> Result<Self> {
+        fs_traits::check_position(t, self.tokens.len())?;
+        fs_traits::check_len("h", h.len(), self.h.cols())?;
+        fs_traits::check_finite("h", h)?;
+        let mut edited = Matrix::from_fn(t + 1, self.h.cols(), |i, j| self.h.get(i, j));
+        edited.row_mut(t).copy_from_slice(h);
+        Ok(AnalyticContext { tokens: self.tokens[..=t].to_vec(), h: edited })
+    }
+}
+
 fn to64<S: Scalar>(x: &[S]) -> Vec<f64> {
     x.iter().map(|v| v.as_f64()).collect()
 }
@@ -260,6 +273,14 @@ impl<S: Scalar> SplitModel for LinearModel<S> {
             })
             .collect()
     }
+    fn with_activation(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        h: &[S],
+    ) -> Result<Self::Context> {
+        ctx.with_activation(position, h)
+    }
     fn unembedding(&self) -> Unembedding<'_, S> {
         (&self.w).into()
     }
@@ -405,6 +426,14 @@ impl<S: Scalar> SplitModel for TanhModel<S> {
                 Ok(self.readout_jacobian_f64(&self.hidden(&h)).map(S::round_from_f64))
             })
             .collect()
+    }
+    fn with_activation(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        h: &[S],
+    ) -> Result<Self::Context> {
+        ctx.with_activation(position, h)
     }
     fn unembedding(&self) -> Unembedding<'_, S> {
         (&self.w2).into()

@@ -53,6 +53,7 @@ mod probs;
 mod readouts;
 mod sampled;
 mod spectrum;
+pub mod steering;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod topk;

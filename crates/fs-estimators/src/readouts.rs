@@ -116,7 +116,7 @@ pub fn logit_change_from_parts<'a, S: Scalar>(
 }
 
 /// `W_U x` in `f64` (length `V`), `W_U` read in vocabulary chunks.
-fn unembed<S: Scalar>(w_u: &Unembedding<'_, S>, x: &[f64]) -> Result<Vec<f64>> {
+pub(crate) fn unembed<S: Scalar>(w_u: &Unembedding<'_, S>, x: &[f64]) -> Result<Vec<f64>> {
     let du = w_u.cols().max(1);
     let mut out = Vec::with_capacity(w_u.rows());
     w_u.for_each_chunk(fs_traits::UNEMBEDDING_CHUNK_ROWS, |_, rows| {

@@ -9,6 +9,9 @@
 //! * the score gradients equal `Aᵀ W_Uᵀ (e_y − p)`;
 //! * exact == closed form in both conventions; the exact `F` is symmetric and PSD;
 //! * `extend(ctx, t+1, a)` equals a fresh lower pass over `x_0 … x_t, a` (position `t+1`);
+//! * `with_activation(ctx, t, h')` (where implemented) is the model at the edited activation:
+//!   its logits equal `upper_logits(ctx, t, h')`, its Jacobian equals finite differences around
+//!   `h'`, its score gradients `Aᵀ W_Uᵀ (e_y − p')`;
 //! * bad layers, tokens and positions are typed errors, not panics.
 //!
 //! A custom-model author runs it from a test (here on one of the analytic models):
@@ -365,6 +368,25 @@ pub fn check_split_model<M: SplitModel>(
         }
     }
 
+    // with_activation(ctx, t, h'): the edited model at t (when the model implements it).
+    let t = tokens.len() / 2;
+    let h = model.activation(&ctx, t).map_err(|e| err(format!("activation: {e}")))?;
+    let rms = (h.iter().map(|x| x.as_f64().powi(2)).sum::<f64>() / h.len().max(1) as f64).sqrt();
+    let delta = crate::eigensolver::random_block(1, dims.d_model, 7);
+    let scale = 0.3 * rms.max(1e-3);
+    let edited_h: Vec<M::Scalar> = h
+        .iter()
+        .zip(delta.row(0))
+        .map(|(x, dx)| M::Scalar::round_from_f64(x.as_f64() + scale * dx))
+        .collect();
+    match model.with_activation(&ctx, t, &edited_h) {
+        Err(FsError::Unsupported(_)) => {}
+        Err(e) => return Err(err(format!("with_activation: {e}"))),
+        Ok(edited) => {
+            check_edited(model, &ctx, &edited, &tokens[..=t], &edited_h, tol, &mut report)?
+        }
+    }
+
     // Bad input is a typed error.
     match model.lower(tokens, dims.n_layers + 1) {
         Err(FsError::LayerOutOfRange { .. }) => {}
@@ -379,6 +401,85 @@ pub fn check_split_model<M: SplitModel>(
         other => return Err(err(format!("position T gave {:?}", other.map(|_| ())))),
     }
     Ok(report)
+}
+
+/// The checks of [`SplitModel::with_activation`] at its last position `t`: the tokens are the
+/// prefix, `activation = h`, `logits = upper_logits(ctx, t, h)`, the logit Jacobian `W_U A` equals
+/// finite differences of `upper_logits` around `h`, and the score gradients equal
+/// `Aᵀ W_Uᵀ(e_y − p)` there.
+fn check_edited<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    edited: &M::Context,
+    prefix: &[u32],
+    h: &[M::Scalar],
+    tol: Tolerances,
+    report: &mut ContractReport,
+) -> Result<(), String> {
+    let dims = model.dims();
+    let t = prefix.len() - 1;
+    if edited.tokens() != prefix || edited.layer() != ctx.layer() {
+        return Err(err(format!("with_activation at t={t}: not the prefix x_0..x_t")));
+    }
+    let got_h =
+        model.activation(edited, t).map_err(|e| err(format!("activation (edited): {e}")))?;
+    if got_h != h {
+        return Err(err(format!("with_activation at t={t}: activation is not the edited h")));
+    }
+    let z = model.logits(edited, &[t]).map_err(|e| err(format!("logits (edited): {e}")))?;
+    let z_upper =
+        model.upper_logits(ctx, t, h).map_err(|e| err(format!("upper_logits (edited h): {e}")))?;
+    let worst = z
+        .row(0)
+        .iter()
+        .zip(&z_upper)
+        .map(|(a, b)| (a.as_f64() - b.as_f64()).abs())
+        .fold(0.0, f64::max);
+    report.logits = report.logits.max(worst);
+    if worst > tol.logits {
+        return Err(err(format!(
+            "with_activation at t={t}: logits vs upper_logits(ctx, t, h) differ by {worst:.3e}"
+        )));
+    }
+    let w_u = model.unembedding().to_matrix().map_err(|e| err(format!("unembedding: {e}")))?;
+    let a = fs_traits::single_readout_jacobian(model, edited, t)
+        .map_err(|e| err(format!("readout_jacobians (edited): {e}")))?;
+    let mut j = logit_jacobian(w_u.view(), &a);
+    if let Some(s) = fs_traits::logit_slopes(model.final_logit_softcap(), z.row(0)) {
+        j = Matrix::from_fn(j.rows(), j.cols(), |y, c| s[y] * j.get(y, c));
+    }
+    let rms = (h.iter().map(|x| x.as_f64().powi(2)).sum::<f64>() / h.len().max(1) as f64).sqrt();
+    let step = tol.fd_step * rms.clamp(1e-3, 1.0);
+    let (j_fd, z_max) =
+        fd_jacobian(model, edited, t, step).map_err(|e| err(format!("fd (edited): {e}")))?;
+    let floor = fd_roundoff_floor(&z_max, tol.logit_roundoff, step);
+    let diff = frobenius_distance(&j, &j_fd);
+    let scale = frobenius_norm(&j_fd);
+    report.jacobian = report.jacobian.max((diff - floor) / scale.max(f64::MIN_POSITIVE));
+    if diff > tol.jacobian * scale + floor {
+        return Err(err(format!(
+            "with_activation at t={t}: W_U A vs finite differences: ‖ΔJ‖ {diff:.3e} > \
+             {:.1e}·‖J‖ ({scale:.3e}) + round-off floor {floor:.3e}",
+            tol.jacobian
+        )));
+    }
+    let p = softmax(z.row(0)).map_err(|e| err(format!("softmax: {e}")))?;
+    let ys: Vec<u32> = vec![0, (dims.vocab_size - 1) as u32];
+    let g = model
+        .score_gradients(edited, t, &ys)
+        .map_err(|e| err(format!("score_gradients (edited): {e}")))?;
+    let expected = Matrix::from_fn(ys.len(), dims.d_model, |i, c| {
+        let jp: f64 = (0..dims.vocab_size).map(|y| p[y] * j.get(y, c)).sum();
+        j.get(ys[i] as usize, c) - jp
+    });
+    let e_g = relative_frobenius(&g.map(|x| x.as_f64()), &expected);
+    report.scores = report.scores.max(e_g);
+    if e_g > tol.scores {
+        return Err(err(format!(
+            "with_activation at t={t}: score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"
+        )));
+    }
+    Ok(())
 }
 
 /// What [`check_top_k`] measured.

@@ -91,6 +91,10 @@ pub enum FsError {
     /// A failure inside a model backend, with the backend's message.
     #[error("backend error: {0}")]
     Backend(String),
+    /// An optional [`SplitModel`](crate::SplitModel) capability the model does not implement
+    /// (the message names the method and what needs it).
+    #[error("not supported by this model: {0}")]
+    Unsupported(String),
 }
 
 impl FsError {

@@ -282,6 +282,32 @@ pub trait SplitModel {
         None
     }
 
+    /// The model with an **edited activation**: a context for the prefix `x_0 … x_position` in
+    /// which the layer-`k` activation at `position` is `h` instead of its computed value (what
+    /// activation steering and patching do). The result has length `position + 1` and every
+    /// method evaluated at its last position — logits, score gradients, readout Jacobians,
+    /// JVPs and VJPs — is taken at `h`, with the other positions' cached keys and values as in
+    /// `ctx` (exactly the function [`upper_logits`](Self::upper_logits) evaluates, so
+    /// `logits(edited, [position]) = upper_logits(ctx, position, h)`). The later positions are
+    /// dropped: their cache was computed from the unedited activation, and the result is not
+    /// meant to be [`extend`](Self::extend)ed.
+    ///
+    /// The steering and edit-cost analyses (`fs_estimators::steering`) recompute `F` and
+    /// `∇_h log p_y` at edited activations with it. The default returns
+    /// [`FsError::Unsupported`]: the edit needs the backend's cache layout. The backends of this
+    /// workspace and the analytic models implement it.
+    fn with_activation(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        h: &[Self::Scalar],
+    ) -> Result<Self::Context> {
+        let _ = (ctx, position, h);
+        Err(FsError::Unsupported(
+            "SplitModel::with_activation (an edited activation), which steering needs".into(),
+        ))
+    }
+
     /// A context for the sequence `x_0 … x_{prefix_len−1}, token`: keep the first `prefix_len`
     /// positions of `ctx` and append `token` at position `prefix_len`, with its own position
     /// (position id / rotary angle `prefix_len`, never 0). The new position is
