@@ -464,7 +464,7 @@ pub fn steer<M: SplitModel>(
         } else {
             (dir, slope)
         };
-        if !(slope * sign > 0.0) {
+        if slope * sign <= 0.0 || slope.is_nan() {
             stopped = Some(format!(
                 "the {} direction no longer moves the target the requested way (gᵀd = {slope:.3e})",
                 method.name()
@@ -570,7 +570,7 @@ fn damped_solve<M: SplitModel>(
             ap = apply(op, &p)?.iter().zip(&p).map(|(f, p)| f + lambda * p).collect();
         }
         let pap = dot(&p, &ap);
-        if !(pap > 0.0) {
+        if pap <= 0.0 || pap.is_nan() {
             break;
         }
         let alpha = rr / pap;
