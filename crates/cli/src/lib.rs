@@ -34,6 +34,7 @@ pub mod report;
 pub mod results;
 pub mod sae;
 pub mod signals;
+pub mod steer;
 
 /// Options every subcommand shares.
 pub struct Globals {

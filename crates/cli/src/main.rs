@@ -6,7 +6,7 @@
 //! that finished but recorded positions as failed on NaN/Inf exits with code 3.
 
 use clap::{Parser, Subcommand};
-use fisher_stein::{bench, compute, info, inspect, merge, process, report, Globals};
+use fisher_stein::{bench, compute, info, inspect, merge, process, report, steer, Globals};
 use std::process::ExitCode;
 
 /// Fisher information of a language model's next-token distribution with respect to an
@@ -36,6 +36,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Add the mean accumulators of `compute --mean --shard i/N` jobs into one result.
     Merge(merge::MergeArgs),
+    /// What editing the activation along a direction costs: v̂ᵀFv̂, the second-order vs measured
+    /// KL at several edit sizes, and the change of chosen tokens' log-probabilities.
+    Edit(Box<steer::EditArgs>),
+    /// Steer the next-token prediction to a target probability by the Euclidean gradient, the
+    /// damped Fisher direction and a contrastive vector, and compare their off-target KL.
+    Steer(Box<steer::SteerArgs>),
     /// Write a self-contained HTML report (plots, layer sweep, decoded directions) of a results
     /// directory, and its plots as PNG and SVG.
     Report(report::ReportArgs),
@@ -78,6 +84,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args, &g),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Edit(args) => steer::run_edit(*args, &g),
+        Command::Steer(args) => steer::run_steer(*args, &g),
         Command::Merge(args) => merge::run(args, &g),
         Command::Report(args) => report::run(args, &g),
     };

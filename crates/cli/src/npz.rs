@@ -256,7 +256,8 @@ fn read_local_headers(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>> {
     Ok(arrays)
 }
 
-fn parse_npy(data: &[u8]) -> Result<NpyArray> {
+/// One `.npy` array (format versions 1–3, C order; f4, f8, i8, i4), as `f64`.
+pub(crate) fn parse_npy(data: &[u8]) -> Result<NpyArray> {
     if data.len() < 10 || &data[..6] != b"\x93NUMPY" {
         bail!("not an NPY array");
     }

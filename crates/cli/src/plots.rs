@@ -358,6 +358,95 @@ pub fn entropy_trace(points: &[(usize, f64, f64)], layers: &[usize]) -> Result<P
     render("entropy_trace", caption, &EntropyTracePlot { points, layers, xmax, tmin, tmax, n })
 }
 
+/// One steered pair for [`steering_scatter`]: the Fisher method's off-target KL and the other
+/// methods' (`None` where a method was not run or did not reach the target).
+pub struct SteeringPoint {
+    /// The Fisher method's off-target KL.
+    pub fisher: f64,
+    /// The Euclidean gradient's.
+    pub euclidean: Option<f64>,
+    /// The contrastive vector's.
+    pub contrast: Option<f64>,
+}
+
+struct SteeringPlot<'a> {
+    points: &'a [SteeringPoint],
+    lo: f64,
+    hi: f64,
+}
+
+impl Drawer for SteeringPlot<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        let SteeringPlot { points, lo, hi } = *self;
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption("Off-target KL at matched target probability", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((lo..hi).log_scale(), (lo..hi).log_scale())
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("Fisher direction (F + λI)⁻¹g")
+            .y_desc("other method")
+            .x_label_formatter(&|v| format!("{v:.0e}"))
+            .y_label_formatter(&|v| format!("{v:.0e}"))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        let grey = RGBColor(120, 120, 120);
+        chart
+            .draw_series(LineSeries::new(vec![(lo, lo), (hi, hi)], grey.stroke_width(1)))
+            .map_err(err)?
+            .label("equal (above: Fisher lower)")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(1))
+            });
+        let blue = RGBColor(59, 82, 139);
+        let orange = RGBColor(220, 120, 0);
+        let euclid: Vec<(f64, f64)> =
+            points.iter().filter_map(|p| Some((p.fisher, p.euclidean?))).collect();
+        chart
+            .draw_series(euclid.into_iter().map(|p| Circle::new(p, 5, blue.filled())))
+            .map_err(err)?
+            .label("Euclidean gradient g")
+            .legend(move |(x, y)| Circle::new((x + 8, y), 5, blue.filled()));
+        let contrast: Vec<(f64, f64)> =
+            points.iter().filter_map(|p| Some((p.fisher, p.contrast?))).collect();
+        chart
+            .draw_series(contrast.into_iter().map(|p| TriangleMarker::new(p, 6, orange.filled())))
+            .map_err(err)?
+            .label("contrastive vector")
+            .legend(move |(x, y)| TriangleMarker::new((x + 8, y), 6, orange.filled()));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Off-target KL of the Euclidean gradient and the contrastive vector against the Fisher
+/// direction's, one point per steered pair, log-log with the diagonal.
+pub fn steering_scatter(points: &[SteeringPoint]) -> Result<Plot> {
+    let all: Vec<f64> = points
+        .iter()
+        .flat_map(|p| [Some(p.fisher), p.euclidean, p.contrast])
+        .flatten()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .collect();
+    let hi = all.iter().copied().fold(f64::MIN_POSITIVE, f64::max) * 2.0;
+    let lo = all.iter().copied().fold(hi, f64::min) / 2.0;
+    let lo = if lo < hi { lo } else { hi / 10.0 };
+    let caption = "Off-target KL (KL between the renormalised non-target distributions) of each steered pair at the matched target probability: the Euclidean gradient (circles) and the contrastive vector (triangles) against the Fisher direction; points above the diagonal cost more than Fisher steering".to_string();
+    render("steering", caption, &SteeringPlot { points, lo, hi })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +474,13 @@ mod tests {
         // Degenerate inputs (a single layer, all-zero spectrum) still draw.
         assert!(spectra(&[(5, vec![0.0; 4])], "F").is_ok());
         assert!(entropy_trace(&[], &[]).is_ok());
+        let pts = [
+            SteeringPoint { fisher: 1e-2, euclidean: Some(3e-2), contrast: Some(1e-1) },
+            SteeringPoint { fisher: 2e-3, euclidean: None, contrast: Some(1e-3) },
+        ];
+        let p = steering_scatter(&pts).unwrap();
+        assert!(p.svg.contains("Fisher direction") && p.svg.contains("contrastive vector"));
+        assert_eq!(&p.png[1..4], b"PNG");
+        assert!(steering_scatter(&[]).is_ok());
     }
 }

@@ -123,6 +123,9 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
         );
     }
     let meta_path = dir.join("metadata.json");
+    if !meta_path.exists() && dir.join(crate::steer::STEER_FILE).is_file() {
+        return steering_report(&args, g);
+    }
     let meta = MetadataView::from_json(&std::fs::read(&meta_path).with_context(|| {
         format!(
             "cannot read {}: point report at a finished compute or merge directory",
@@ -417,4 +420,109 @@ fn strip_xml_decl(svg: &str) -> &str {
         Some(rest) => rest.find("?>").map_or(svg, |i| rest[i + 2..].trim_start()),
         None => svg,
     }
+}
+
+/// `report` on a `steer` results directory: the summary, the scatter plot of off-target KL and
+/// the per-pair table.
+fn steering_report(args: &ReportArgs, g: &Globals) -> Result<()> {
+    use crate::steer::{SteerReport, STEER_FILE};
+    let dir = &args.dir;
+    let path = dir.join(STEER_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let r: SteerReport = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a steer.json written by `steer`", path.display()))?;
+    let fisher = r.summary.iter().map(|m| m.method.clone()).find(|m| m.starts_with("fisher"));
+    let reached = |p: &crate::steer::PairResult, name: &str| {
+        p.methods.iter().find(|m| m.method == name && m.reached).map(|m| m.off_target_kl)
+    };
+    let points: Vec<plots::SteeringPoint> = match &fisher {
+        Some(f) => r
+            .pairs
+            .iter()
+            .filter_map(|p| {
+                Some(plots::SteeringPoint {
+                    fisher: reached(p, f)?,
+                    euclidean: reached(p, "euclidean"),
+                    contrast: reached(p, "contrast"),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut plot_list = Vec::new();
+    if !points.is_empty() {
+        plot_list.push(plots::steering_scatter(&points)?);
+    }
+    let plot_dir = dir.join("plots");
+    std::fs::create_dir_all(&plot_dir)
+        .with_context(|| format!("cannot create {}", plot_dir.display()))?;
+    for p in &plot_list {
+        write_atomic(&plot_dir.join(format!("{}.svg", p.name)), p.svg.as_bytes())?;
+        write_atomic(&plot_dir.join(format!("{}.png", p.name)), &p.png)?;
+    }
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fisher-stein steering: {}</title><style>{STYLE}</style></head><body>\n<h1>Steering at layer {} ({})</h1><p>Model <code>{}</code> ({}), engine {}. Every method is steered to p(target) = {}, at most {} nats of first-order gain per step, the direction recomputed at every step (Fisher: solver {}, CG tolerance {}). <b>Off-target KL</b> = KL between the renormalised non-target parts of the distributions before and after; at a matched target probability it orders the methods exactly as the total KL does.</p>",
+        esc(&r.model), r.layer, esc(&r.hook), esc(&r.model), esc(&r.model_type), esc(&r.backend),
+        r.target_probability, r.max_step_nats, esc(&r.fisher_solver), r.cg_tolerance
+    );
+    if let Some(d) = &r.description {
+        let _ = write!(h, "<p>{}</p>", esc(d));
+    }
+    h.push_str("<h2>Summary</h2><p>Each method over the pairs it and the Fisher method both reached (matched: the same target probability).</p><table><tr><th>method</th><th>reached</th><th>matched</th><th>median off-target KL</th><th>geometric mean ÷ Fisher</th><th>Fisher lower</th><th>median ‖δ‖/‖h‖</th></tr>");
+    for m in &r.summary {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}/{}</td><td>{}</td></tr>",
+            esc(&m.method),
+            m.reached,
+            m.runs,
+            m.matched,
+            sci(m.median_off_target_kl),
+            num(m.geomean_ratio_to_fisher, 3),
+            m.fisher_lower,
+            m.matched,
+            num(m.median_relative_edit_norm, 4)
+        );
+    }
+    h.push_str("</table>");
+    for p in &plot_list {
+        let _ = write!(h, "<figure id=\"plot-{}\">{}<figcaption>{} (also <code>plots/{}.png</code>, <code>.svg</code>)</figcaption></figure>", p.name, strip_xml_decl(&p.svg), esc(&p.caption), p.name);
+    }
+    h.push_str("<h2>Pairs</h2><table><tr><th>#</th><th>prompt</th><th>target</th><th>p before</th><th>method</th><th>off-target KL</th><th>KL</th><th>‖δ‖/‖h‖</th><th>steps</th><th>most raised besides the target</th></tr>");
+    for (i, p) in r.pairs.iter().enumerate() {
+        for m in &p.methods {
+            let raised: Vec<String> = m
+                .raised
+                .iter()
+                .take(3)
+                .map(|(t, a, b)| format!("{} {:.3}→{:.3}", esc(t), a, b))
+                .collect();
+            let kl = if m.reached {
+                sci(m.off_target_kl)
+            } else {
+                format!("not reached ({})", esc(m.stopped.as_deref().unwrap_or("")))
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{i}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{kl}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&p.prompt), esc(&format!("{:?}", p.target)), sci(p.initial_probability), esc(&m.method),
+                sci(m.kl), num(m.relative_edit_norm, 4), m.steps, raised.join(", ")
+            );
+        }
+    }
+    h.push_str("</table></body></html>\n");
+    let out = args.output.clone().unwrap_or_else(|| dir.join("report.html"));
+    write_atomic(&out, h.as_bytes())?;
+    g.log(&format!("steering report: {} plot(s)", plot_list.len()));
+    if !g.quiet {
+        eprintln!(
+            "wrote {} ({} plot(s), PNG + SVG in {})",
+            out.display(),
+            plot_list.len(),
+            plot_dir.display()
+        );
+    }
+    Ok(())
 }

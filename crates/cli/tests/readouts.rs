@@ -500,3 +500,186 @@ fn an_empty_shard_succeeds_and_merges_as_nothing() {
     }
     assert_eq!(a["count"].1, vec![7.0, 7.0]);
 }
+
+/// The tiny GPT-2 with a word-level tokenizer (`w0` … `w199`), loaded in-process too.
+fn word_model(dir: &Path) -> Gpt2 {
+    model_with_word_tokenizer(dir);
+    let files = fs_checkpoint::resolve_model(dir.to_str().unwrap()).unwrap();
+    fs_checkpoint::Gpt2Weights::load(&files)
+        .map_err(Into::into)
+        .and_then(|w| Gpt2::new(w, &Device::Cpu))
+        .unwrap()
+}
+
+#[test]
+fn steer_reaches_the_target_with_the_reported_off_target_kl_and_reports_it() {
+    use fs_estimators::steering::{
+        off_target_kl, steer, FisherSolver, SteeringMethod, SteeringOptions,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let model = word_model(&dir);
+    std::fs::write(tmp.path().join("pos.txt"), "w3 w9 w9\nw9 w9\n").unwrap();
+    std::fs::write(tmp.path().join("neg.txt"), "w3 w4 w4\nw4 w4\n").unwrap();
+    let out = tmp.path().join("steer");
+    let run = |extra: &[&str]| {
+        bin()
+            .args(["steer", "--model", dir.to_str().unwrap(), "--layer", "1"])
+            .args(["--text", "w1 w2 w3 w4", "--target", "w9", "--to", "0.05"])
+            .args(["--contrast", tmp.path().join("pos.txt").to_str().unwrap()])
+            .arg(tmp.path().join("neg.txt"))
+            .args(["--output", out.to_str().unwrap(), "--cg-tolerance", "1e-6"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let table = ok(&run(&[]));
+    assert!(table.contains("euclidean") && table.contains("fisher") && table.contains("contrast"));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("steer.json")).unwrap()).unwrap();
+    let pair = &r["pairs"][0];
+    assert_eq!(pair["target_id"], 9);
+    let tokens = [1u32, 2, 3, 4];
+    let ctx = model.lower(&tokens, 1).unwrap();
+    let h0 = model.activation(&ctx, 3).unwrap();
+    let mut off = std::collections::BTreeMap::new();
+    for m in pair["methods"].as_array().unwrap() {
+        let name = m["method"].as_str().unwrap();
+        off.insert(name.to_string(), m["off_target_kl"].as_f64().unwrap());
+        // The gradient methods reach the target; a contrastive vector need not (it reports why).
+        if name == "contrast" && !m["reached"].as_bool().unwrap() {
+            assert!(m["stopped"].as_str().unwrap().contains("direction"), "{m}");
+            continue;
+        }
+        assert!(m["reached"].as_bool().unwrap(), "{name}: {m}");
+        let p = m["final_probability"].as_f64().unwrap();
+        assert!((p.ln() - 0.05f64.ln()).abs() <= 1e-3, "{name}: {p}");
+    }
+    // The library run gives the same path; the reported off-target KL is that of the edit,
+    // recomputed here from the model's logits at h + δ.
+    let opts =
+        SteeringOptions { target_probability: 0.05, cg_tolerance: 1e-6, ..Default::default() };
+    let encode = |t: &[u32]| {
+        let c = model.lower(t, 1).unwrap();
+        model.activation(&c, t.len() - 1).unwrap()
+    };
+    let (a, b, c, e) = (encode(&[3, 9, 9]), encode(&[9, 9]), encode(&[3, 4, 4]), encode(&[4, 4]));
+    let contrast: Vec<f64> = (0..a.len())
+        .map(|j| (a[j] as f64 + b[j] as f64) / 2.0 - (c[j] as f64 + e[j] as f64) / 2.0)
+        .collect();
+    for (name, method) in [
+        ("euclidean", SteeringMethod::Euclidean),
+        ("fisher", SteeringMethod::Fisher { damping: 0.01, solver: FisherSolver::Exact }),
+        ("contrast", SteeringMethod::Fixed(contrast)),
+    ] {
+        let path = steer(&model, &ctx, 3, 9, &method, &opts).unwrap();
+        let got = off[name];
+        assert!((path.off_target_kl - got).abs() <= 1e-12 * got, "{name}: {path:?} vs {got}");
+        let h1: Vec<f32> =
+            h0.iter().zip(&path.edit).map(|(a, d)| (a.as_f64() + d) as f32).collect();
+        let z1 = model.upper_logits(&ctx, 3, &h1).unwrap();
+        // (p before is the upper half's at h, as steer takes it.)
+        let z0 = model.upper_logits(&ctx, 3, &h0).unwrap();
+        let again = off_target_kl(&z0, &z1, 9).unwrap();
+        assert!((again - got).abs() <= 1e-9 * got, "{name}: {again} vs {got}");
+    }
+    // The Fisher direction costs less off-target than the Euclidean gradient here.
+    assert!(off["fisher"] < off["euclidean"], "{off:?}");
+    // A second run refuses to overwrite; report draws the comparison.
+    fails_with(&run(&[]), "pass --force");
+    ok(&bin().args(["report", out.to_str().unwrap()]).output().unwrap());
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Off-target KL") && html.contains("<svg"), "{}", &html[..300]);
+    assert!(out.join("plots/steering.png").is_file());
+}
+
+#[test]
+fn edit_reports_the_fisher_cost_of_a_direction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let model = word_model(&dir);
+    let json = tmp.path().join("edit.json");
+    let stdout = ok(&bin()
+        .args(["edit", "--model", dir.to_str().unwrap(), "--layer", "2", "--text", "w1 w2 w3"])
+        .args(["--token-difference", "w5", "w7", "--scales", "1e-4,-1e-4,0.5"])
+        .args(["--target", "w5", "--target", "id:7", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(stdout.contains("v̂ᵀFv̂"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    // v̂ᵀFv̂ against the exact estimator's F (readout Jacobian, not the JVP the command uses).
+    let ctx = model.lower(&[1, 2, 3], 2).unwrap();
+    let f = exact_fisher(&model, &ctx, &[2], &ExactOptions::default()).unwrap().remove(0);
+    let w = model.unembedding().gather(&[5, 7]).unwrap();
+    let v: Vec<f64> = w.row(0).iter().zip(w.row(1)).map(|(a, b)| (a - b) as f64).collect();
+    let d = v.len();
+    let vv: f64 = v.iter().map(|x| x * x).sum();
+    let vfv: f64 = (0..d).map(|a| (0..d).map(|b| v[a] * f.get(a, b) * v[b]).sum::<f64>()).sum();
+    let got = r["unit_fisher"].as_f64().unwrap();
+    assert!((got - vfv / vv).abs() <= 1e-4 * got, "{got} vs {}", vfv / vv);
+    let steps = r["steps"].as_array().unwrap();
+    let ratio =
+        |s: &serde_json::Value| s["kl"].as_f64().unwrap() / s["kl_quadratic"].as_f64().unwrap();
+    assert!((ratio(&steps[0]) - 1.0).abs() < 0.02, "{}", steps[0]);
+    // w5 − w7 raises log p(w5) and lowers log p(w7), to first order as measured (central
+    // difference of the ±ε edits).
+    let (plus, minus) = (&steps[0]["target_log_prob_change"], &steps[1]["target_log_prob_change"]);
+    for k in 0..2 {
+        let pred = plus[k][0].as_f64().unwrap();
+        let central = 0.5 * (plus[k][1].as_f64().unwrap() - minus[k][1].as_f64().unwrap());
+        assert!((pred - central).abs() <= 2e-2 * pred.abs(), "target {k}: {pred} vs {central}");
+    }
+    assert!(plus[0][0].as_f64().unwrap() > 0.0 && plus[1][0].as_f64().unwrap() < 0.0);
+}
+
+#[test]
+fn edit_and_steer_refuse_bad_requests_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    model_with_word_tokenizer(&dir);
+    let m = dir.to_str().unwrap();
+    let steer = |extra: &[&str]| {
+        bin().args(["steer", "--model", m, "--layer", "1"]).args(extra).output().unwrap()
+    };
+    fails_with(&steer(&["--text", "w1 w2", "--target", "w3", "--to", "1.5"]), "(0, 1)");
+    fails_with(&steer(&["--text", "w1 w2", "--target", "w3 w4"]), "not one");
+    fails_with(&steer(&["--text", "w1 w2", "--target", "w3", "--damping", "0"]), "--damping");
+    let study = tmp.path().join("study.json");
+    std::fs::write(&study, r#"{"pairs": [{"prompt": "w1", "target": "w2", "contrast": "x"}]}"#)
+        .unwrap();
+    fails_with(&steer(&["--pairs", study.to_str().unwrap()]), "does not define");
+    std::fs::write(&study, r#"{"pairs": [{"prompt": "w1", "target": "w2", "extra": 1}]}"#).unwrap();
+    fails_with(&steer(&["--pairs", study.to_str().unwrap()]), "not a valid study file");
+    fails_with(
+        &steer(&["--text", "w1 w2", "--target", "w3", "--methods", "contrast"]),
+        "needs a contrast",
+    );
+    let edit = |extra: &[&str]| {
+        bin()
+            .args(["edit", "--model", m, "--layer", "1", "--text", "w1 w2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    fails_with(&edit(&[]), "give the direction");
+    let short = tmp.path().join("short.npy");
+    // A 3-element f8 vector: the wrong length for d = 48.
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }";
+    let pad = 128 - 10 - header.len() - 1;
+    let header = format!("{header}{}\n", " ".repeat(pad));
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    for x in [1.0f64, 2.0, 3.0] {
+        npy.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&short, npy).unwrap();
+    fails_with(&edit(&["--vector", short.to_str().unwrap()]), "must be a vector of length d");
+    fails_with(&edit(&["--token-difference", "w1", "w2", "--position", "5"]), "--position 5");
+    let out = bin()
+        .args(["edit", "--model", m, "--layer", "9", "--text", "w1 w2"])
+        .args(["--token-difference", "w1", "w2"])
+        .output()
+        .unwrap();
+    fails_with(&out, "layer 9 is out of range");
+}

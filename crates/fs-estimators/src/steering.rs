@@ -27,9 +27,10 @@
 //! toward a target probability along the Euclidean gradient, the damped Fisher direction or a
 //! fixed direction (e.g. a contrastive steering vector, [`contrastive_direction`]), recomputing
 //! the direction at every step, and stops at the target probability so that methods can be
-//! compared there. The Fisher direction is solved matrix-free by conjugate gradients on
-//! [`FisherOperator`] (`F` is never formed: one JVP and one VJP per iteration), so it works on
-//! models where forming `F` is too expensive.
+//! compared there. The Fisher direction is solved by conjugate gradients on
+//! [`FisherOperator`] without forming `F`: per step the readout Jacobian `A` (`d_u × d`) is formed
+//! once by the model's batched pass, and every CG iteration `F x = Aᵀ G (A x)` runs on the host
+//! in `2·d_u·d + 4·V·d_u` flops (never the `V·d_u²` of `G` itself).
 
 use crate::readouts::{fisher_quadratic_form, kl_from_logits};
 use crate::{softmax, FisherOperator, FsError, Matrix, Result, Scalar, SplitContext, SplitModel};
@@ -245,11 +246,12 @@ pub enum SteeringMethod {
     Euclidean,
     /// The damped Fisher-optimal direction `(F + λI)⁻¹ g` with `λ = damping · gᵀFg / gᵀg`
     /// (the curvature along `g` itself: `damping → ∞` is the Euclidean direction, `→ 0` the
-    /// undamped natural gradient), `F` and `g` recomputed at every step, solved by conjugate
-    /// gradients on the matrix-free [`FisherOperator`].
+    /// undamped natural gradient), `F` and `g` recomputed at every step.
     Fisher {
         /// `ρ` in `λ = ρ · gᵀFg / gᵀg` (> 0).
         damping: f64,
+        /// How `(F + λI) x = g` is solved.
+        solver: FisherSolver,
     },
     /// A fixed direction (e.g. a contrastive steering vector), followed with the sign that
     /// moves the target the requested way at each step.
@@ -265,6 +267,21 @@ impl SteeringMethod {
             SteeringMethod::Fixed(_) => "fixed",
         }
     }
+}
+
+/// How [`SteeringMethod::Fisher`] solves `(F + λI) x = g` at each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FisherSolver {
+    /// Form the exact `F = AᵀGA` ([`exact_fisher`](crate::exact_fisher): `d` tangents, `V·d_u²`
+    /// for `G`, `d³` for the sandwich) and solve by Cholesky. Exact; the fastest when `G` costs
+    /// less than a few dozen passes over `W_U` (every model up to a few hundred million
+    /// parameters: SmolLM2, Gemma-3-270M).
+    #[default]
+    Exact,
+    /// Conjugate gradients on [`FisherOperator::with_formed_jacobian`] without forming `F` or
+    /// `G`: `A` formed once per step, each iteration `Aᵀ G (A x)` streams `W_U` once
+    /// (`4·V·d_u` flops) — for models whose `V·d_u²` is too large to form per step.
+    ConjugateGradient,
 }
 
 /// Options of [`steer`].
@@ -387,7 +404,7 @@ pub fn steer<M: SplitModel>(
     let dims = model.dims();
     fs_traits::check_tokens_in_vocab(&[target], dims.vocab_size)?;
     match method {
-        SteeringMethod::Fisher { damping } if !(damping.is_finite() && *damping > 0.0) => {
+        SteeringMethod::Fisher { damping, .. } if !(damping.is_finite() && *damping > 0.0) => {
             return Err(FsError::invalid("Fisher damping", damping, "a finite number > 0"));
         }
         SteeringMethod::Fixed(v) => {
@@ -447,12 +464,16 @@ pub fn steer<M: SplitModel>(
         fs_traits::check_finite("score gradient", &g)?;
         let dir = match method {
             SteeringMethod::Euclidean => g.clone(),
-            SteeringMethod::Fisher { damping } => {
-                let mut op = FisherOperator::new(model, &edited, position)?;
+            SteeringMethod::Fisher { damping, solver: FisherSolver::ConjugateGradient } => {
+                let mut op = FisherOperator::with_formed_jacobian(model, &edited, position)?;
                 let (x, residual) = damped_solve(&mut op, &g, *damping, opts)?;
                 applications += op.applications();
                 cg_residual = cg_residual.max(residual);
                 x
+            }
+            SteeringMethod::Fisher { damping, solver: FisherSolver::Exact } => {
+                let f = crate::exact_fisher(model, &edited, &[position], &Default::default())?;
+                dense_damped_solve(&f[0], &g, *damping)?
             }
             SteeringMethod::Fixed(v) => v.clone(),
         };
@@ -505,7 +526,7 @@ pub fn steer<M: SplitModel>(
                 accepted = true;
                 break;
             }
-            if (lpc - lp) * sign >= 0.25 * want.abs() {
+            if (lpc - lp) * sign >= 0.25 * (epsilon * slope).abs() {
                 (h, z, lp) = (candidate, zc, lpc);
                 accepted = true;
                 break;
@@ -536,6 +557,26 @@ pub fn steer<M: SplitModel>(
         cg_residual,
         evaluations,
     })
+}
+
+/// `x = (F + λI)⁻¹ g` with `λ = damping · gᵀFg / gᵀg` for a formed `F`, by Cholesky (`F + λI` is
+/// SPD for `λ > 0`).
+fn dense_damped_solve(f: &Matrix<f64>, g: &[f64], damping: f64) -> Result<Vec<f64>> {
+    let d = g.len();
+    fs_traits::check_len("Fisher matrix rows", f.rows(), d)?;
+    let gg = dot(g, g);
+    if gg == 0.0 {
+        return Ok(vec![0.0; d]);
+    }
+    let gfg: f64 = (0..d).map(|i| g[i] * dot(f.row(i), g)).sum();
+    let lambda = damping * (gfg / gg).max(f64::MIN_POSITIVE);
+    let a = faer::Mat::from_fn(d, d, |i, j| f.get(i, j) + if i == j { lambda } else { 0.0 });
+    let llt = a
+        .llt(faer::Side::Lower)
+        .map_err(|_| FsError::LinearAlgebra("Cholesky of F + λI (not positive definite)".into()))?;
+    let b = faer::Mat::from_fn(d, 1, |i, _| g[i]);
+    let x = faer::linalg::solvers::Solve::solve(&llt, &b);
+    Ok((0..d).map(|i| x[(i, 0)]).collect())
 }
 
 /// `x = (F + λI)⁻¹ g` with `λ = damping · gᵀFg / gᵀg`, by conjugate gradients on the operator
@@ -693,6 +734,8 @@ mod tests {
             let opts = SteeringOptions { cg_tolerance: 1e-12, ..Default::default() };
             let (x, residual) = damped_solve(&mut op, &g, damping, &opts).unwrap();
             let want = dense_solve(&f, lambda, &g);
+            let dense = dense_damped_solve(&f, &g, damping).unwrap();
+            assert!(norm(&sub(&dense, &want)) <= 1e-12 * norm(&want), "damping {damping}");
             let err = norm(&sub(&x, &want)) / norm(&want);
             assert!(err < 1e-8 && residual < 1e-10, "damping {damping}: {err:.2e} {residual:.2e}");
         }
@@ -713,8 +756,9 @@ mod tests {
             let mut results = Vec::new();
             for method in [
                 SteeringMethod::Euclidean,
-                SteeringMethod::Fisher { damping: 1e-3 },
+                SteeringMethod::Fisher { damping: 1e-3, solver: FisherSolver::Exact },
                 SteeringMethod::Fixed(g0.clone()),
+                SteeringMethod::Fisher { damping: 1e-3, solver: FisherSolver::ConjugateGradient },
             ] {
                 let r = steer(&m, &ctx, 2, target as u32, &method, &opts).unwrap();
                 assert!(r.reached, "{method:?}: {r:?}");
@@ -732,8 +776,12 @@ mod tests {
             // not smaller in norm (it moves along low-curvature directions).
             assert!(fisher.off_target_kl < 0.9 * euclid.off_target_kl, "{fisher:?} vs {euclid:?}");
             assert!(fisher.kl < euclid.kl);
-            assert!(fisher.operator_applications > 0 && fisher.cg_residual < 1e-4);
-            assert_eq!(euclid.operator_applications, 0);
+            assert_eq!((euclid.operator_applications, fisher.operator_applications), (0, 0));
+            // The matrix-free CG solve walks the same path as the dense one.
+            let cg = &results[3];
+            assert!(cg.operator_applications > 0 && cg.cg_residual < 1e-4, "{cg:?}");
+            let rel = (cg.off_target_kl - fisher.off_target_kl).abs() / fisher.off_target_kl;
+            assert!(rel < 1e-3, "CG {} vs dense {}", cg.off_target_kl, fisher.off_target_kl);
         }
     }
 
@@ -746,7 +794,7 @@ mod tests {
         assert!(steer(&m, &ctx, 2, 40, &SteeringMethod::Euclidean, &opts).is_err());
         let zero = SteeringMethod::Fixed(vec![0.0; 12]);
         assert!(steer(&m, &ctx, 2, 1, &zero, &opts).is_err());
-        let bad = SteeringMethod::Fisher { damping: 0.0 };
+        let bad = SteeringMethod::Fisher { damping: 0.0, solver: FisherSolver::Exact };
         assert!(steer(&m, &ctx, 2, 1, &bad, &opts).is_err());
     }
 

@@ -65,6 +65,24 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
     /// The operator of `model` at `position` of `ctx`: one logits evaluation, `p = softmax(z)`
     /// in `f64`, the soft-cap slopes, and `m`.
     pub fn new(model: &'a M, ctx: &'a M::Context, position: usize) -> Result<Self> {
+        Self::build(model, ctx, position, !model.native_readout_jvp())
+    }
+
+    /// [`new`](Self::new), but with `A` formed once up front whatever the model's forward mode
+    /// (one batched [`SplitModel::readout_jacobians`] pass of `d` tangents), so that every
+    /// application runs on the host: `2·d_u·d + 4·V·d_u` flops, no pass through the model. The
+    /// right choice when the operator is applied to many single vectors in sequence (conjugate
+    /// gradients), where each native JVP/VJP pass would pay the model's per-pass costs (for
+    /// weights kept in their stored precision: widening every weight of the upper half).
+    pub fn with_formed_jacobian(
+        model: &'a M,
+        ctx: &'a M::Context,
+        position: usize,
+    ) -> Result<Self> {
+        Self::build(model, ctx, position, true)
+    }
+
+    fn build(model: &'a M, ctx: &'a M::Context, position: usize, form: bool) -> Result<Self> {
         let dims = model.dims();
         let w_u = model.unembedding();
         w_u.check_shape(dims.vocab_size, dims.readout_dim)?;
@@ -77,7 +95,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let heavy: Vec<usize> = (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect();
         let heavy_rows = w_u.gather(&heavy)?;
         let start = std::time::Instant::now();
-        let formed = if model.native_readout_jvp() {
+        let formed = if !form {
             None
         } else {
             let a = fs_traits::single_readout_jacobian(model, ctx, position)?;

@@ -79,7 +79,7 @@ pub fn top_three(values: &[f64]) -> String {
 }
 
 /// Deserialise a number written by serde_json: `null` (a NaN or an infinity when written) is NaN.
-fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+pub(crate) fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
