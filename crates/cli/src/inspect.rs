@@ -186,6 +186,12 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
             args.dir.display()
         );
     }
+    if !args.dir.join("metadata.json").exists() && args.dir.join(crate::steer::STEER_FILE).is_file()
+    {
+        // A `steer` directory: its table, the summary recomputed from the per-pair results.
+        print!("{}", crate::steer::steer_table(&crate::steer::read_report(&args.dir)?));
+        return Ok(());
+    }
     let has_mean = args.dir.join(MEAN_FILE).is_file();
     let meta = std::fs::read(args.dir.join("metadata.json"))
         .ok()

@@ -358,26 +358,15 @@ pub fn entropy_trace(points: &[(usize, f64, f64)], layers: &[usize]) -> Result<P
     render("entropy_trace", caption, &EntropyTracePlot { points, layers, xmax, tmin, tmax, n })
 }
 
-/// One steered pair for [`steering_scatter`]: the Fisher method's off-target KL and the other
-/// methods' (`None` where a method was not run or did not reach the target).
-pub struct SteeringPoint {
-    /// The Fisher method's off-target KL.
-    pub fisher: f64,
-    /// The Euclidean gradient's.
-    pub euclidean: Option<f64>,
-    /// The contrastive vector's.
-    pub contrast: Option<f64>,
-}
-
 struct SteeringPlot<'a> {
-    points: &'a [SteeringPoint],
+    series: &'a [(String, Vec<(f64, f64)>)],
     lo: f64,
     hi: f64,
 }
 
 impl Drawer for SteeringPlot<'_> {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        let SteeringPlot { points, lo, hi } = *self;
+        let SteeringPlot { series, lo, hi } = *self;
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(root)
             .caption("Off-target KL at matched target probability", ("sans-serif", 22))
@@ -403,22 +392,16 @@ impl Drawer for SteeringPlot<'_> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(1))
             });
-        let blue = RGBColor(59, 82, 139);
-        let orange = RGBColor(220, 120, 0);
-        let euclid: Vec<(f64, f64)> =
-            points.iter().filter_map(|p| Some((p.fisher, p.euclidean?))).collect();
-        chart
-            .draw_series(euclid.into_iter().map(|p| Circle::new(p, 5, blue.filled())))
-            .map_err(err)?
-            .label("Euclidean gradient g")
-            .legend(move |(x, y)| Circle::new((x + 8, y), 5, blue.filled()));
-        let contrast: Vec<(f64, f64)> =
-            points.iter().filter_map(|p| Some((p.fisher, p.contrast?))).collect();
-        chart
-            .draw_series(contrast.into_iter().map(|p| TriangleMarker::new(p, 6, orange.filled())))
-            .map_err(err)?
-            .label("contrastive vector")
-            .legend(move |(x, y)| TriangleMarker::new((x + 8, y), 6, orange.filled()));
+        for (i, (name, points)) in series.iter().enumerate() {
+            let c = layer_color(i, series.len().max(2));
+            let pts: Vec<(f64, f64)> =
+                points.iter().copied().filter(|(x, y)| *x > 0.0 && *y > 0.0).collect();
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 5, c.filled())))
+                .map_err(err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
+        }
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
@@ -431,20 +414,19 @@ impl Drawer for SteeringPlot<'_> {
     }
 }
 
-/// Off-target KL of the Euclidean gradient and the contrastive vector against the Fisher
-/// direction's, one point per steered pair, log-log with the diagonal.
-pub fn steering_scatter(points: &[SteeringPoint]) -> Result<Plot> {
-    let all: Vec<f64> = points
+/// Each method's off-target KL against the Fisher direction's at the same target probability,
+/// one point per steered pair (`(fisher, method)` per series), log-log with the diagonal.
+pub fn steering_scatter(series: &[(String, Vec<(f64, f64)>)]) -> Result<Plot> {
+    let all: Vec<f64> = series
         .iter()
-        .flat_map(|p| [Some(p.fisher), p.euclidean, p.contrast])
-        .flatten()
+        .flat_map(|(_, p)| p.iter().flat_map(|&(x, y)| [x, y]))
         .filter(|x| x.is_finite() && *x > 0.0)
         .collect();
     let hi = all.iter().copied().fold(f64::MIN_POSITIVE, f64::max) * 2.0;
     let lo = all.iter().copied().fold(hi, f64::min) / 2.0;
     let lo = if lo < hi { lo } else { hi / 10.0 };
-    let caption = "Off-target KL (KL between the renormalised non-target distributions) of each steered pair at the matched target probability: the Euclidean gradient (circles) and the contrastive vector (triangles) against the Fisher direction; points above the diagonal cost more than Fisher steering".to_string();
-    render("steering", caption, &SteeringPlot { points, lo, hi })
+    let caption = "Off-target KL (KL between the renormalised non-target distributions) of each steered pair, each method against the Fisher direction at the same target probability (for a method that stopped short, Fisher's interpolated along its path at the probability the method reached); points above the diagonal cost more than Fisher steering".to_string();
+    render("steering", caption, &SteeringPlot { series, lo, hi })
 }
 
 #[cfg(test)]
@@ -474,12 +456,12 @@ mod tests {
         // Degenerate inputs (a single layer, all-zero spectrum) still draw.
         assert!(spectra(&[(5, vec![0.0; 4])], "F").is_ok());
         assert!(entropy_trace(&[], &[]).is_ok());
-        let pts = [
-            SteeringPoint { fisher: 1e-2, euclidean: Some(3e-2), contrast: Some(1e-1) },
-            SteeringPoint { fisher: 2e-3, euclidean: None, contrast: Some(1e-3) },
+        let pts = vec![
+            ("euclidean".to_string(), vec![(1e-2, 3e-2), (2e-3, 1e-3)]),
+            ("contrast".to_string(), vec![(1e-2, 1e-1)]),
         ];
         let p = steering_scatter(&pts).unwrap();
-        assert!(p.svg.contains("Fisher direction") && p.svg.contains("contrastive vector"));
+        assert!(p.svg.contains("Fisher direction") && p.svg.contains("contrast"));
         assert_eq!(&p.png[1..4], b"PNG");
         assert!(steering_scatter(&[]).is_ok());
     }

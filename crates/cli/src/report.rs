@@ -177,13 +177,7 @@ pub fn run(args: ReportArgs, g: &Globals) -> Result<()> {
     if !points.is_empty() {
         plot_list.push(plots::entropy_trace(&points, &layers)?);
     }
-    let plot_dir = dir.join("plots");
-    std::fs::create_dir_all(&plot_dir)
-        .with_context(|| format!("cannot create {}", plot_dir.display()))?;
-    for p in &plot_list {
-        write_atomic(&plot_dir.join(format!("{}.svg", p.name)), p.svg.as_bytes())?;
-        write_atomic(&plot_dir.join(format!("{}.png", p.name)), &p.png)?;
-    }
+    let plot_dir = write_plots(dir, &plot_list)?;
 
     let html = page(&meta, summary, &sweep, &plot_list, args.max_positions);
     let out = args.output.clone().unwrap_or_else(|| dir.join("report.html"));
@@ -422,44 +416,45 @@ fn strip_xml_decl(svg: &str) -> &str {
     }
 }
 
+/// Write each plot as `DIR/plots/NAME.svg` and `.png`; returns `DIR/plots`.
+fn write_plots(dir: &Path, plot_list: &[Plot]) -> Result<PathBuf> {
+    let plot_dir = dir.join("plots");
+    std::fs::create_dir_all(&plot_dir)
+        .with_context(|| format!("cannot create {}", plot_dir.display()))?;
+    for p in plot_list {
+        write_atomic(&plot_dir.join(format!("{}.svg", p.name)), p.svg.as_bytes())?;
+        write_atomic(&plot_dir.join(format!("{}.png", p.name)), &p.png)?;
+    }
+    Ok(plot_dir)
+}
+
 /// `report` on a `steer` results directory: the summary, the scatter plot of off-target KL and
 /// the per-pair table.
 fn steering_report(args: &ReportArgs, g: &Globals) -> Result<()> {
-    use crate::steer::{SteerReport, STEER_FILE};
     let dir = &args.dir;
-    let path = dir.join(STEER_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let r: SteerReport = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a steer.json written by `steer`", path.display()))?;
+    let r = crate::steer::read_report(dir)?;
     let fisher = r.summary.iter().map(|m| m.method.clone()).find(|m| m.starts_with("fisher"));
-    let reached = |p: &crate::steer::PairResult, name: &str| {
-        p.methods.iter().find(|m| m.method == name && m.reached).map(|m| m.off_target_kl)
-    };
-    let points: Vec<plots::SteeringPoint> = match &fisher {
+    let series: Vec<(String, Vec<(f64, f64)>)> = match &fisher {
         Some(f) => r
-            .pairs
+            .summary
             .iter()
-            .filter_map(|p| {
-                Some(plots::SteeringPoint {
-                    fisher: reached(p, f)?,
-                    euclidean: reached(p, "euclidean"),
-                    contrast: reached(p, "contrast"),
-                })
+            .filter(|m| &m.method != f)
+            .map(|m| {
+                let points = crate::steer::matched_pairs(&r.pairs, &m.method, Some(f))
+                    .into_iter()
+                    .filter_map(|x| Some((x.fisher?, x.off_target_kl)))
+                    .collect();
+                (m.method.clone(), points)
             })
             .collect(),
         None => Vec::new(),
     };
+    let points = series.iter().any(|(_, p)| !p.is_empty());
     let mut plot_list = Vec::new();
-    if !points.is_empty() {
-        plot_list.push(plots::steering_scatter(&points)?);
+    if points {
+        plot_list.push(plots::steering_scatter(&series)?);
     }
-    let plot_dir = dir.join("plots");
-    std::fs::create_dir_all(&plot_dir)
-        .with_context(|| format!("cannot create {}", plot_dir.display()))?;
-    for p in &plot_list {
-        write_atomic(&plot_dir.join(format!("{}.svg", p.name)), p.svg.as_bytes())?;
-        write_atomic(&plot_dir.join(format!("{}.png", p.name)), &p.png)?;
-    }
+    let plot_dir = write_plots(dir, &plot_list)?;
     let mut h = String::new();
     let _ = write!(
         h,
@@ -470,15 +465,16 @@ fn steering_report(args: &ReportArgs, g: &Globals) -> Result<()> {
     if let Some(d) = &r.description {
         let _ = write!(h, "<p>{}</p>", esc(d));
     }
-    h.push_str("<h2>Summary</h2><p>Each method over the pairs it and the Fisher method both reached (matched: the same target probability).</p><table><tr><th>method</th><th>reached</th><th>matched</th><th>median off-target KL</th><th>geometric mean ÷ Fisher</th><th>Fisher lower</th><th>median ‖δ‖/‖h‖</th></tr>");
+    h.push_str("<h2>Summary</h2><p>Each method against the Fisher method at the same target probability: on the pairs both reached it, and — for a method that stopped short after moving the target the requested way — at the probability it did reach, Fisher's off-target KL interpolated along its path (linear in log p between the steps that bracket it: an over-estimate of Fisher's cost). “matched (interpolated)”.</p><table><tr><th>method</th><th>reached</th><th>matched (interpolated)</th><th>median off-target KL</th><th>geometric mean ÷ Fisher</th><th>Fisher lower</th><th>median ‖δ‖/‖h‖</th></tr>");
     for m in &r.summary {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}/{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}/{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}/{}</td><td>{}</td></tr>",
             esc(&m.method),
             m.reached,
             m.runs,
             m.matched,
+            m.interpolated,
             sci(m.median_off_target_kl),
             num(m.geomean_ratio_to_fisher, 3),
             m.fisher_lower,

@@ -48,6 +48,17 @@ pub struct ModelArgs {
     pub backend: Backend,
 }
 
+impl ModelArgs {
+    /// `--layer` resolved against the loaded model.
+    fn resolve_layer(
+        &self,
+        dims: &fs_estimators::ModelDims,
+        loaded: &Loaded,
+    ) -> Result<crate::layers::NamedLayer> {
+        crate::layers::resolve_layer(&self.layer, dims.n_layers, loaded.model_type, "--layer")
+    }
+}
+
 /// Arguments of `fisher-stein edit`.
 #[derive(Debug, clap::Args)]
 pub struct EditArgs {
@@ -136,7 +147,8 @@ pub struct SteerArgs {
     /// --fisher-solver cg: stop at ‖(F+λI)x − g‖ ≤ TOL·‖g‖.
     #[arg(long, default_value_t = 1e-5, value_name = "TOL")]
     pub cg_tolerance: f64,
-    /// Results directory (steer.json).
+    /// Results directory: steer.json, rewritten after every pair (a stopped study keeps the
+    /// pairs it finished).
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
     /// Replace an existing steer.json in --output.
@@ -266,8 +278,8 @@ pub struct PairResult {
     pub methods: Vec<MethodResult>,
 }
 
-/// One method's summary (in steer.json). The comparisons with Fisher are over the pairs this
-/// method and the (first) Fisher method both reached, where their target probabilities match.
+/// One method's summary (in steer.json): the comparisons with Fisher are at matched target
+/// probabilities ([`summarise`]).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct MethodSummary {
     /// The method.
@@ -276,8 +288,12 @@ pub struct MethodSummary {
     pub reached: usize,
     /// Pairs it was run on.
     pub runs: usize,
-    /// Pairs it and the Fisher method both reached (the matched pairs of this row).
+    /// Pairs compared with Fisher at the same target probability (see [`summarise`]).
     pub matched: usize,
+    /// Of those, the pairs where this method stopped short and Fisher's off-target KL at the
+    /// probability it reached was interpolated along Fisher's path.
+    #[serde(default)]
+    pub interpolated: usize,
     /// Median off-target KL over the matched pairs.
     #[serde(deserialize_with = "crate::results::nan_if_null")]
     pub median_off_target_kl: f64,
@@ -420,6 +436,17 @@ fn check_writable_parent(path: &Path) -> Result<()> {
         bail!("{}: the directory {} does not exist", path.display(), parent.display());
     }
     Ok(())
+}
+
+/// Read `DIR/steer.json`, with its summary recomputed from the per-pair results by the current
+/// [`summarise`] (so a file written by an older version gets today's comparison).
+pub fn read_report(dir: &Path) -> Result<SteerReport> {
+    let path = dir.join(STEER_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut r: SteerReport = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a steer.json written by `steer`", path.display()))?;
+    r.summary = summarise(&r.pairs);
+    Ok(r)
 }
 
 /// Read a study file and check it: pairs non-empty, every named contrast defined and non-empty.
@@ -596,12 +623,7 @@ impl ModelJob for EditJob<'_> {
     fn run<M: SplitModel + 'static>(self, model: M, loaded: Loaded) -> Result<()> {
         let args = self.args;
         let dims = model.dims();
-        let layer = crate::layers::resolve_layer(
-            &args.model.layer,
-            dims.n_layers,
-            loaded.model_type,
-            "--layer",
-        )?;
+        let layer = args.model.resolve_layer(&dims, &loaded)?;
         let tok = tokenizer(&loaded).ok();
         let tokens = match (&args.tokens, &args.text) {
             (Some(t), _) => {
@@ -730,12 +752,7 @@ impl ModelJob for SteerJob<'_> {
         let SteerJob { args, study, g } = self;
         let start = Instant::now();
         let dims = model.dims();
-        let layer = crate::layers::resolve_layer(
-            &args.model.layer,
-            dims.n_layers,
-            loaded.model_type,
-            "--layer",
-        )?;
+        let layer = args.model.resolve_layer(&dims, &loaded)?;
         let tok = tokenizer(&loaded).context("steer needs the model's tokenizer")?;
         // Methods: as asked, or all that apply to each pair.
         let methods: Vec<MethodName> = args.methods.clone().unwrap_or_else(|| {
@@ -754,6 +771,25 @@ impl ModelJob for SteerJob<'_> {
             max_steps: args.max_steps,
             cg_tolerance: args.cg_tolerance,
             ..SteeringOptions::default()
+        };
+        // steer.json after every pair (atomically), so a long study that is stopped keeps
+        // what it finished; the last write is the whole study.
+        let make_report = |pairs: Vec<PairResult>, start: Instant| SteerReport {
+            version: 1,
+            model: args.model.model.clone(),
+            model_type: loaded.model_type.to_string(),
+            layer: layer.index,
+            hook: layer.hook.clone(),
+            backend: loaded.backend.name().to_string(),
+            target_probability: args.target_probability,
+            max_step_nats: args.max_step_nats,
+            max_steps: args.max_steps,
+            fisher_solver: format!("{:?}", args.fisher_solver).to_lowercase(),
+            cg_tolerance: args.cg_tolerance,
+            description: study.description.clone(),
+            summary: summarise(&pairs),
+            pairs,
+            seconds: start.elapsed().as_secs_f64(),
         };
         let mut contrast_vectors: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut pairs = Vec::with_capacity(study.pairs.len());
@@ -826,25 +862,12 @@ impl ModelJob for SteerJob<'_> {
                 activation_norm: h_norm,
                 methods: results,
             });
+            if let Some(dir) = &args.output {
+                let partial = make_report(pairs.clone(), start);
+                write_atomic(&dir.join(STEER_FILE), &pretty_json(&partial)?)?;
+            }
         }
-        let summary = summarise(&pairs);
-        let report = SteerReport {
-            version: 1,
-            model: args.model.model.clone(),
-            model_type: loaded.model_type.to_string(),
-            layer: layer.index,
-            hook: layer.hook.clone(),
-            backend: loaded.backend.name().to_string(),
-            target_probability: args.target_probability,
-            max_step_nats: args.max_step_nats,
-            max_steps: args.max_steps,
-            fisher_solver: format!("{:?}", args.fisher_solver).to_lowercase(),
-            cg_tolerance: args.cg_tolerance,
-            description: study.description.clone(),
-            summary,
-            pairs,
-            seconds: start.elapsed().as_secs_f64(),
-        };
+        let report = make_report(pairs, start);
         print!("{}", steer_table(&report));
         if let Some(dir) = &args.output {
             write_atomic(&dir.join(STEER_FILE), &pretty_json(&report)?)?;
@@ -915,9 +938,79 @@ fn median(mut x: Vec<f64>) -> f64 {
     }
 }
 
-/// Per method: how often it reached the target, and over the pairs it and the first Fisher
-/// method both reached (matched target probability) the median off-target KL, the geometric
-/// mean of its ratio to Fisher's and how often Fisher's was lower.
+/// Fisher's off-target KL at target probability `q` along its recorded path: linear in `log p`
+/// between the two steps that bracket `q` (the cost grows about quadratically in the gain, so
+/// this over-estimates Fisher's cost: conservative for the comparison). `None` when the path
+/// does not pass `q` or `q` is the starting probability.
+fn off_target_along(path: &[[f64; 4]], q: f64) -> Option<f64> {
+    let lq = q.ln();
+    let first = path.first()?[0].ln();
+    if (lq - first).abs() < 1e-3 {
+        return None;
+    }
+    path.windows(2).find_map(|w| {
+        let (a, b) = (w[0][0].ln(), w[1][0].ln());
+        if (lq - a) * (lq - b) > 0.0 || a == b {
+            return None;
+        }
+        Some(w[0][2] + (w[1][2] - w[0][2]) * (lq - a) / (b - a))
+    })
+}
+
+/// One pair of a method's comparison with Fisher: its off-target KL and edit size, Fisher's
+/// off-target KL at the same target probability, and whether that came from Fisher's path
+/// (interpolated).
+pub struct Matched {
+    /// The method's off-target KL.
+    pub off_target_kl: f64,
+    /// Its ‖δ‖/‖h‖.
+    pub relative_edit_norm: f64,
+    /// Fisher's off-target KL at the same target probability (`None` without a Fisher method).
+    pub fisher: Option<f64>,
+    /// Whether `fisher` was interpolated along Fisher's path.
+    pub interpolated: bool,
+}
+
+/// The pairs on which `method` is compared with the Fisher method `fisher` at the same target
+/// probability (see [`summarise`]); without a Fisher method, the pairs `method` reached.
+pub fn matched_pairs(pairs: &[PairResult], method: &str, fisher: Option<&str>) -> Vec<Matched> {
+    fn get<'a>(p: &'a PairResult, n: &str) -> Option<&'a MethodResult> {
+        p.methods.iter().find(|m| m.method == n)
+    }
+    pairs
+        .iter()
+        .filter_map(|p| {
+            let m = get(p, method)?;
+            let entry = |fisher, interpolated| Matched {
+                off_target_kl: m.off_target_kl,
+                relative_edit_norm: m.relative_edit_norm,
+                fisher,
+                interpolated,
+            };
+            let Some(f) = fisher else {
+                return m.reached.then(|| entry(None, false));
+            };
+            let f = get(p, f).filter(|f| f.reached)?;
+            if m.reached {
+                return Some(entry(Some(f.off_target_kl), false));
+            }
+            let moved = (m.final_probability / p.initial_probability).ln()
+                * (f.final_probability / p.initial_probability).ln();
+            if moved <= 0.0 {
+                return None;
+            }
+            off_target_along(&f.path, m.final_probability).map(|x| entry(Some(x), true))
+        })
+        .collect()
+}
+
+/// Per method: how often it reached the target, and over the matched pairs the median
+/// off-target KL, the geometric mean of its ratio to the first Fisher method's and how often
+/// Fisher's was lower. A pair is matched when the method and Fisher both reached the target
+/// probability, or — for a method that stopped short after moving the target the requested way
+/// (a contrastive vector that cannot reach it) — when Fisher's path passed the probability the
+/// method did reach: Fisher's off-target KL there is interpolated along its path
+/// ([`off_target_along`]).
 pub fn summarise(pairs: &[PairResult]) -> Vec<MethodSummary> {
     let mut names: Vec<String> = Vec::new();
     for p in pairs {
@@ -928,26 +1021,15 @@ pub fn summarise(pairs: &[PairResult]) -> Vec<MethodSummary> {
         }
     }
     let fisher = names.iter().find(|n| n.starts_with("fisher")).cloned();
-    let get = |p: &PairResult, n: &str| p.methods.iter().find(|m| m.method == n).cloned();
     names
         .iter()
         .map(|n| {
-            let runs: Vec<MethodResult> = pairs.iter().filter_map(|p| get(p, n)).collect();
-            // (this method, Fisher) on the pairs both reached; without a Fisher method, this
-            // method alone on the pairs it reached.
-            let matched: Vec<(MethodResult, Option<MethodResult>)> = pairs
-                .iter()
-                .filter_map(|p| {
-                    let m = get(p, n).filter(|m| m.reached)?;
-                    match &fisher {
-                        Some(f) => Some((m, Some(get(p, f).filter(|f| f.reached)?))),
-                        None => Some((m, None)),
-                    }
-                })
-                .collect();
+            let runs: Vec<&MethodResult> =
+                pairs.iter().filter_map(|p| p.methods.iter().find(|m| &m.method == n)).collect();
+            let matched = matched_pairs(pairs, n, fisher.as_deref());
             let logs: Vec<f64> = matched
                 .iter()
-                .filter_map(|(m, f)| Some((m.off_target_kl / f.as_ref()?.off_target_kl).ln()))
+                .filter_map(|m| Some((m.off_target_kl / m.fisher?).ln()))
                 .filter(|x| x.is_finite())
                 .collect();
             let geomean = if logs.is_empty() {
@@ -960,16 +1042,15 @@ pub fn summarise(pairs: &[PairResult]) -> Vec<MethodSummary> {
                 reached: runs.iter().filter(|m| m.reached).count(),
                 runs: runs.len(),
                 matched: matched.len(),
-                median_off_target_kl: median(
-                    matched.iter().map(|(m, _)| m.off_target_kl).collect(),
-                ),
+                interpolated: matched.iter().filter(|m| m.interpolated).count(),
+                median_off_target_kl: median(matched.iter().map(|m| m.off_target_kl).collect()),
                 geomean_ratio_to_fisher: geomean,
                 fisher_lower: matched
                     .iter()
-                    .filter(|(m, f)| f.as_ref().is_some_and(|f| f.off_target_kl < m.off_target_kl))
+                    .filter(|m| m.fisher.is_some_and(|f| f < m.off_target_kl))
                     .count(),
                 median_relative_edit_norm: median(
-                    matched.iter().map(|(m, _)| m.relative_edit_norm).collect(),
+                    matched.iter().map(|m| m.relative_edit_norm).collect(),
                 ),
             }
         })
@@ -1016,14 +1097,14 @@ pub fn steer_table(r: &SteerReport) -> String {
     }
     let _ = writeln!(
         s,
-        "summary, each method over the pairs it and Fisher both reached (matched target probability):"
+        "summary, each method against Fisher at the same target probability (both reached it, or interpolated along Fisher's path at the probability a method stopped at):"
     );
     let _ = writeln!(
         s,
-        "{:<16} {:>8} {:>8} {:>14} {:>18} {:>14} {:>12}",
+        "{:<16} {:>8} {:>12} {:>14} {:>18} {:>14} {:>12}",
         "method",
         "reached",
-        "matched",
+        "matched (i)",
         "median off-KL",
         "geomean ÷ fisher",
         "fisher lower",
@@ -1032,10 +1113,10 @@ pub fn steer_table(r: &SteerReport) -> String {
     for m in &r.summary {
         let _ = writeln!(
             s,
-            "{:<16} {:>8} {:>8} {:>14.4e} {:>18.3} {:>14} {:>12.4}",
+            "{:<16} {:>8} {:>12} {:>14.4e} {:>18.3} {:>14} {:>12.4}",
             m.method,
             format!("{}/{}", m.reached, m.runs),
-            m.matched,
+            format!("{} ({})", m.matched, m.interpolated),
             m.median_off_target_kl,
             m.geomean_ratio_to_fisher,
             format!("{}/{}", m.fisher_lower, m.matched),
@@ -1115,5 +1196,25 @@ mod tests {
         assert!((c.geomean_ratio_to_fisher - 4.0).abs() < 1e-12);
         assert!((c.median_relative_edit_norm - 8.0).abs() < 1e-12);
         assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn a_method_that_stops_short_is_compared_with_fisher_at_the_probability_it_reached() {
+        let path = vec![[0.1, 0.0, 0.0, 0.0], [0.15, 0.05, 0.04, 1.0], [0.3, 0.2, 0.1, 2.0]];
+        let want = 0.04 + 0.06 * (0.2f64 / 0.15).ln() / 2f64.ln();
+        assert!((off_target_along(&path, 0.2).unwrap() - want).abs() < 1e-15);
+        assert_eq!(off_target_along(&path, 0.35), None);
+        assert_eq!(off_target_along(&path, 0.1), None);
+        let mut fisher = run("fisher", true, 0.1);
+        fisher.path = path;
+        let mut short = run("contrast", false, 0.5);
+        short.final_probability = 0.2;
+        let mut wrong_way = run("contrast", false, 0.5);
+        wrong_way.final_probability = 0.05;
+        let pairs = vec![pair(vec![fisher.clone(), short]), pair(vec![fisher, wrong_way])];
+        let s = summarise(&pairs);
+        let c = &s[1];
+        assert_eq!((c.reached, c.matched, c.interpolated, c.fisher_lower), (0, 1, 1, 1));
+        assert!((c.geomean_ratio_to_fisher - 0.5 / want).abs() < 1e-12);
     }
 }

@@ -92,7 +92,8 @@ fn mentions(help: &str, flag: &str) -> bool {
 #[test]
 fn documented_commands_use_only_flags_the_binary_has() {
     let subs = subcommands();
-    assert_eq!(subs, ["compute", "inspect", "info", "bench", "merge", "report"], "subcommands");
+    let expected = ["compute", "inspect", "info", "bench", "merge", "edit", "steer", "report"];
+    assert_eq!(subs, expected, "subcommands");
     let mut files = vec![repo().join("README.md")];
     let mut docs: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
         .unwrap()

@@ -230,41 +230,13 @@ pub fn check_split_model<M: SplitModel>(
             // Soft-capped logits: J = diag(s) W_U A.
             j = Matrix::from_fn(j.rows(), j.cols(), |y, c| s[y] * j.get(y, c));
         }
-        // The step is relative to the activation's scale: where `h` is small (an embedding
-        // layer's output) a fixed step would probe the norms' curvature, not their slope.
-        let rms =
-            (h.iter().map(|x| x.as_f64().powi(2)).sum::<f64>() / h.len().max(1) as f64).sqrt();
-        let step = tol.fd_step * rms.clamp(1e-3, 1.0);
-        let (j_fd, z_max) =
-            fd_jacobian(model, &ctx, t, step).map_err(|e| err(format!("fd: {e}")))?;
-        let floor = fd_roundoff_floor(&z_max, tol.logit_roundoff, step);
-        let diff = frobenius_distance(&j, &j_fd);
-        let scale = frobenius_norm(&j_fd);
-        report.jacobian = report.jacobian.max((diff - floor) / scale.max(f64::MIN_POSITIVE));
-        if diff > tol.jacobian * scale + floor {
-            return Err(err(format!(
-                "t={t}: W_U A vs finite differences: ‖ΔJ‖ {diff:.3e} > {:.1e}·‖J‖ ({scale:.3e}) \
-                 + round-off floor {floor:.3e}",
-                tol.jacobian
-            )));
-        }
+        check_jacobian_fd(model, &ctx, t, &h, &j, tol, &mut report)
+            .map_err(|e| err(format!("t={t}: {e}")))?;
         // Score gradients vs Jᵀ(e_y − p).
         let p = softmax(logits.row(t)).map_err(|e| err(format!("softmax: {e}")))?;
         let ys: Vec<u32> = vec![0, (dims.vocab_size / 2) as u32, (dims.vocab_size - 1) as u32];
-        let g = model
-            .score_gradients(&ctx, t, &ys)
-            .map_err(|e| err(format!("score_gradients: {e}")))?;
-        let expected = Matrix::from_fn(ys.len(), dims.d_model, |i, c| {
-            let jp: f64 = (0..dims.vocab_size).map(|y| p[y] * j.get(y, c)).sum();
-            j.get(ys[i] as usize, c) - jp
-        });
-        let e_g = relative_frobenius(&g.map(|x| x.as_f64()), &expected);
-        report.scores = report.scores.max(e_g);
-        if e_g > tol.scores {
-            return Err(err(format!(
-                "t={t}: score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"
-            )));
-        }
+        check_score_gradients(model, &ctx, t, &ys, &j, &p, tol, &mut report)
+            .map_err(|e| err(format!("t={t}: {e}")))?;
         // Batched JVPs / VJPs vs products with the readout Jacobian A.
         let (d, du) = (dims.d_model, dims.readout_dim);
         let v = crate::eigensolver::random_block(3, d, t as u64);
@@ -448,36 +420,67 @@ fn check_edited<M: SplitModel>(
     if let Some(s) = fs_traits::logit_slopes(model.final_logit_softcap(), z.row(0)) {
         j = Matrix::from_fn(j.rows(), j.cols(), |y, c| s[y] * j.get(y, c));
     }
+    check_jacobian_fd(model, edited, t, h, &j, tol, report)
+        .map_err(|e| err(format!("with_activation at t={t}: {e}")))?;
+    let p = softmax(z.row(0)).map_err(|e| err(format!("softmax: {e}")))?;
+    let ys: Vec<u32> = vec![0, (dims.vocab_size - 1) as u32];
+    check_score_gradients(model, edited, t, &ys, &j, &p, tol, report)
+        .map_err(|e| err(format!("with_activation at t={t}: {e}")))
+}
+
+/// The logit Jacobian `j` (`W_U A`, soft-cap slopes applied) at position `t` of `ctx`, whose
+/// activation is `h`, against fourth-order finite differences of `upper_logits` (the step
+/// relative to `h`'s scale: where `h` is small — an embedding layer's output — a fixed step
+/// would probe the norms' curvature, not their slope), above the round-off floor.
+fn check_jacobian_fd<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    t: usize,
+    h: &[M::Scalar],
+    j: &Matrix<f64>,
+    tol: Tolerances,
+    report: &mut ContractReport,
+) -> Result<(), String> {
     let rms = (h.iter().map(|x| x.as_f64().powi(2)).sum::<f64>() / h.len().max(1) as f64).sqrt();
     let step = tol.fd_step * rms.clamp(1e-3, 1.0);
-    let (j_fd, z_max) =
-        fd_jacobian(model, edited, t, step).map_err(|e| err(format!("fd (edited): {e}")))?;
+    let (j_fd, z_max) = fd_jacobian(model, ctx, t, step).map_err(|e| format!("fd: {e}"))?;
     let floor = fd_roundoff_floor(&z_max, tol.logit_roundoff, step);
-    let diff = frobenius_distance(&j, &j_fd);
+    let diff = frobenius_distance(j, &j_fd);
     let scale = frobenius_norm(&j_fd);
     report.jacobian = report.jacobian.max((diff - floor) / scale.max(f64::MIN_POSITIVE));
     if diff > tol.jacobian * scale + floor {
-        return Err(err(format!(
-            "with_activation at t={t}: W_U A vs finite differences: ‖ΔJ‖ {diff:.3e} > \
-             {:.1e}·‖J‖ ({scale:.3e}) + round-off floor {floor:.3e}",
+        return Err(format!(
+            "W_U A vs finite differences: ‖ΔJ‖ {diff:.3e} > {:.1e}·‖J‖ ({scale:.3e}) + round-off \
+             floor {floor:.3e}",
             tol.jacobian
-        )));
+        ));
     }
-    let p = softmax(z.row(0)).map_err(|e| err(format!("softmax: {e}")))?;
-    let ys: Vec<u32> = vec![0, (dims.vocab_size - 1) as u32];
-    let g = model
-        .score_gradients(edited, t, &ys)
-        .map_err(|e| err(format!("score_gradients (edited): {e}")))?;
-    let expected = Matrix::from_fn(ys.len(), dims.d_model, |i, c| {
-        let jp: f64 = (0..dims.vocab_size).map(|y| p[y] * j.get(y, c)).sum();
+    Ok(())
+}
+
+/// The score gradients of `ys` at position `t` of `ctx` against `Jᵀ(e_y − p)` from the logit
+/// Jacobian `j` and the probabilities `p` there.
+#[allow(clippy::too_many_arguments)]
+fn check_score_gradients<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    t: usize,
+    ys: &[u32],
+    j: &Matrix<f64>,
+    p: &[f64],
+    tol: Tolerances,
+    report: &mut ContractReport,
+) -> Result<(), String> {
+    let (v, d) = j.shape();
+    let g = model.score_gradients(ctx, t, ys).map_err(|e| format!("score_gradients: {e}"))?;
+    let expected = Matrix::from_fn(ys.len(), d, |i, c| {
+        let jp: f64 = (0..v).map(|y| p[y] * j.get(y, c)).sum();
         j.get(ys[i] as usize, c) - jp
     });
     let e_g = relative_frobenius(&g.map(|x| x.as_f64()), &expected);
     report.scores = report.scores.max(e_g);
     if e_g > tol.scores {
-        return Err(err(format!(
-            "with_activation at t={t}: score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"
-        )));
+        return Err(format!("score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"));
     }
     Ok(())
 }
