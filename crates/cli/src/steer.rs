@@ -418,8 +418,6 @@ pub fn run_steer(args: SteerArgs, g: &Globals) -> Result<()> {
                 file.display()
             );
         }
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
     }
     let spec = LoadSpec {
         model: &args.model.model,
@@ -863,6 +861,9 @@ impl ModelJob for SteerJob<'_> {
                 methods: results,
             });
             if let Some(dir) = &args.output {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("cannot create the output directory {}", dir.display())
+                })?;
                 let partial = make_report(pairs.clone(), start);
                 write_atomic(&dir.join(STEER_FILE), &pretty_json(&partial)?)?;
             }
@@ -1090,7 +1091,11 @@ pub fn steer_table(r: &SteerReport) -> String {
                     m.method, m.off_target_kl, m.relative_edit_norm, m.steps
                 );
             } else {
-                let _ = write!(line, " {}: not reached", m.method);
+                let _ = write!(
+                    line,
+                    " {}: stopped at p = {:.2e}, {:.3e} ({:.3}, {})",
+                    m.method, m.final_probability, m.off_target_kl, m.relative_edit_norm, m.steps
+                );
             }
         }
         let _ = writeln!(s, "{line}");

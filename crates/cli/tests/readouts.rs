@@ -642,7 +642,10 @@ fn edit_and_steer_refuse_bad_requests_in_one_line() {
         bin().args(["steer", "--model", m, "--layer", "1"]).args(extra).output().unwrap()
     };
     fails_with(&steer(&["--text", "w1 w2", "--target", "w3", "--to", "1.5"]), "(0, 1)");
-    fails_with(&steer(&["--text", "w1 w2", "--target", "w3 w4"]), "not one");
+    let never = tmp.path().join("never");
+    let out = ["--text", "w1 w2", "--target", "w3 w4", "--output", never.to_str().unwrap()];
+    fails_with(&steer(&out), "not one");
+    assert!(!never.exists(), "a failed steer left its output directory behind");
     fails_with(&steer(&["--text", "w1 w2", "--target", "w3", "--damping", "0"]), "--damping");
     let study = tmp.path().join("study.json");
     std::fs::write(&study, r#"{"pairs": [{"prompt": "w1", "target": "w2", "contrast": "x"}]}"#)
