@@ -1011,7 +1011,7 @@ pub fn matched_pairs(pairs: &[PairResult], method: &str, fisher: Option<&str>) -
 /// probability, or — for a method that stopped short after moving the target the requested way
 /// (a contrastive vector that cannot reach it) — when Fisher's path passed the probability the
 /// method did reach: Fisher's off-target KL there is interpolated along its path
-/// ([`off_target_along`]).
+/// (linear in `log p` between the two steps of Fisher's path that bracket it).
 pub fn summarise(pairs: &[PairResult]) -> Vec<MethodSummary> {
     let mut names: Vec<String> = Vec::new();
     for p in pairs {
