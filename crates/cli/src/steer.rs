@@ -622,16 +622,19 @@ impl ModelJob for EditJob<'_> {
         let args = self.args;
         let dims = model.dims();
         let layer = args.model.resolve_layer(&dims, &loaded)?;
-        let tok = tokenizer(&loaded).ok();
+        // The tokenizer is optional with --tokens and id:N tokens; where text needs it, its own
+        // error (missing or unreadable files) is reported.
+        let loaded_tokenizer = tokenizer(&loaded);
+        let tok = loaded_tokenizer.as_ref().ok();
         let tokens = match (&args.tokens, &args.text) {
             (Some(t), _) => {
                 fs_traits::check_tokens(t, dims.vocab_size, dims.max_seq_len)?;
                 t.clone()
             }
             (None, Some(text)) => {
-                let tok = tok
+                let tok = loaded_tokenizer
                     .as_ref()
-                    .ok_or_else(|| anyhow!("the model has no tokenizer: give --tokens"))?;
+                    .map_err(|e| anyhow!("--text needs the model's tokenizer: {e}"))?;
                 encode(tok, text, &dims)?
             }
             (None, None) => unreachable!("checked before loading"),
@@ -648,19 +651,20 @@ impl ModelJob for EditJob<'_> {
                 format!("vector {}", path.display()),
             )
         } else if let Some(pair) = &args.token_difference {
-            let a = single_token(tok.as_ref(), &pair[0], dims.vocab_size)?;
-            let b = single_token(tok.as_ref(), &pair[1], dims.vocab_size)?;
+            let a = single_token(tok, &pair[0], dims.vocab_size)?;
+            let b = single_token(tok, &pair[1], dims.vocab_size)?;
             let w = model.unembedding().gather(&[a as usize, b as usize])?;
             let v: Vec<f64> =
                 w.row(0).iter().zip(w.row(1)).map(|(x, y)| x.as_f64() - y.as_f64()).collect();
             if dims.readout_dim != dims.d_model {
                 bail!("--token-difference needs the unembedding to act on the residual stream (d_u = d)");
             }
-            (v, format!("w_{} − w_{}", token_text(tok.as_ref(), a), token_text(tok.as_ref(), b)))
+            (v, format!("w_{} − w_{}", token_text(tok, a), token_text(tok, b)))
         } else {
             let files = args.contrast.as_ref().expect("checked before loading");
-            let tok =
-                tok.as_ref().ok_or_else(|| anyhow!("--contrast needs the model's tokenizer"))?;
+            let tok = loaded_tokenizer
+                .as_ref()
+                .map_err(|e| anyhow!("--contrast needs the model's tokenizer: {e}"))?;
             let sets = ContrastSets {
                 positive: read_prompts(&files[0])?,
                 negative: read_prompts(&files[1])?,
@@ -671,11 +675,11 @@ impl ModelJob for EditJob<'_> {
         let targets: Vec<u32> = args
             .targets
             .iter()
-            .map(|t| single_token(tok.as_ref(), t, dims.vocab_size))
+            .map(|t| single_token(tok, t, dims.vocab_size))
             .collect::<Result<_>>()?;
         let ctx = model.lower(&tokens, layer.index)?;
         let cost = edit_cost(&model, &ctx, position, &v, &args.scales, &targets)?;
-        let names: Vec<String> = targets.iter().map(|&t| token_text(tok.as_ref(), t)).collect();
+        let names: Vec<String> = targets.iter().map(|&t| token_text(tok, t)).collect();
         println!(
             "direction: {what}, ‖v‖ = {:.4e}; layer {} ({}), position {position} of {}; ‖h‖ = {:.4e}",
             cost.direction_norm, layer.index, layer.hook, tokens.len(), cost.activation_norm
