@@ -17,6 +17,26 @@ pub struct Document {
     pub truncated: usize,
 }
 
+/// The token ids of `text` as `compute --text` makes them: special tokens as the tokenizer's own
+/// configuration adds them (`add_special_tokens`, transformers' default: BOS for Gemma and
+/// Llama 3, nothing for GPT-2 or SmolLM2). `what` names the text in messages; no tokens is an
+/// error.
+pub fn token_ids(
+    tok: &fs_checkpoint::tokenizers::Tokenizer,
+    text: &str,
+    what: &str,
+) -> Result<Vec<u32>> {
+    let ids = tok
+        .encode(text, true)
+        .map_err(|e| anyhow!("tokenizing {what} failed: {e}"))?
+        .get_ids()
+        .to_vec();
+    if ids.is_empty() {
+        bail!("{what} has no tokens after tokenization: give non-empty text");
+    }
+    Ok(ids)
+}
+
 /// Read the documents of `--input FILE`: JSONL (extension `.jsonl`/`.json`, or first non-empty
 /// line starting with `{`) with a string `text` field per line, else one document per non-empty
 /// line of plain text.

@@ -497,14 +497,7 @@ fn tokenizer(loaded: &Loaded) -> Result<Tokenizer> {
 
 /// A prompt's token ids with the tokenizer's special tokens (as `compute` does).
 fn encode(tok: &Tokenizer, text: &str, dims: &fs_estimators::ModelDims) -> Result<Vec<u32>> {
-    let ids = tok
-        .encode(text, true)
-        .map_err(|e| anyhow!("tokenizing {text:?} failed: {e}"))?
-        .get_ids()
-        .to_vec();
-    if ids.is_empty() {
-        bail!("{text:?} has no tokens: give non-empty text");
-    }
+    let ids = crate::inputs::token_ids(tok, text, &format!("{text:?}"))?;
     fs_traits::check_tokens(&ids, dims.vocab_size, dims.max_seq_len)
         .with_context(|| format!("prompt {text:?}"))?;
     Ok(ids)
@@ -847,7 +840,7 @@ impl ModelJob for SteerJob<'_> {
                     format!("pair {i} ({:?} → {:?}), method {label}", pair.prompt, pair.target)
                 })?;
                 let seconds = clock.elapsed().as_secs_f64();
-                let raised = raised_tokens(&model, &ctx, t, &path, &p0, target, &tok)?;
+                let raised = raised_tokens(&path, target, &tok)?;
                 g.log(&format!(
                     "pair {i} {label}: reached {} in {} steps, off-target KL {:.4e}, {seconds:.2} s",
                     path.reached, path.steps, path.off_target_kl
@@ -881,20 +874,15 @@ impl ModelJob for SteerJob<'_> {
     }
 }
 
-/// The 5 tokens other than the target whose probability the final edit raised most.
-fn raised_tokens<M: SplitModel>(
-    model: &M,
-    ctx: &M::Context,
-    t: usize,
+/// The 5 tokens other than the target whose probability the final edit raised most (from the
+/// logits `steer` computed its KLs from).
+fn raised_tokens(
     path: &SteeringPath,
-    p0: &[f64],
     target: u32,
     tok: &Tokenizer,
 ) -> Result<Vec<(String, f64, f64)>> {
-    let h = model.activation(ctx, t)?;
-    let edited: Vec<M::Scalar> =
-        h.iter().zip(&path.edit).map(|(x, d)| M::Scalar::round_from_f64(x.as_f64() + d)).collect();
-    let p1 = fs_estimators::softmax(&model.upper_logits(ctx, t, &edited)?)?;
+    let p0 = fs_estimators::softmax(&path.logits[0])?;
+    let p1 = fs_estimators::softmax(&path.logits[1])?;
     let mut order: Vec<usize> = (0..p0.len()).filter(|&y| y != target as usize).collect();
     order.sort_by(|&a, &b| (p1[b] - p0[b]).total_cmp(&(p1[a] - p0[a])));
     Ok(order.into_iter().take(5).map(|y| (token_text(Some(tok), y as u32), p0[y], p1[y])).collect())

@@ -116,7 +116,7 @@ pub fn logit_change_from_parts<'a, S: Scalar>(
 }
 
 /// `W_U x` in `f64` (length `V`), `W_U` read in vocabulary chunks.
-pub(crate) fn unembed<S: Scalar>(w_u: &Unembedding<'_, S>, x: &[f64]) -> Result<Vec<f64>> {
+fn unembed<S: Scalar>(w_u: &Unembedding<'_, S>, x: &[f64]) -> Result<Vec<f64>> {
     let du = w_u.cols().max(1);
     let mut out = Vec::with_capacity(w_u.rows());
     w_u.for_each_chunk(fs_traits::UNEMBEDDING_CHUNK_ROWS, |_, rows| {
@@ -142,14 +142,17 @@ pub fn kl_from_logits<S: Scalar>(z0: &[S], z1: &[S]) -> Result<f64> {
     fs_traits::check_len("perturbed logits", z1.len(), z0.len())?;
     fs_traits::check_finite("logits", z0)?;
     fs_traits::check_finite("perturbed logits", z1)?;
-    let lse = |z: &[S]| {
-        let m = z.iter().map(|x| x.as_f64()).fold(f64::NEG_INFINITY, f64::max);
-        m + z.iter().map(|x| (x.as_f64() - m).exp()).sum::<f64>().ln()
-    };
     let p = softmax(z0)?;
     let cross: f64 =
         p.iter().zip(z0.iter().zip(z1)).map(|(p, (a, b))| p * (a.as_f64() - b.as_f64())).sum();
-    Ok((cross - lse(z0) + lse(z1)).max(0.0))
+    Ok((cross - log_sum_exp(z0, None) + log_sum_exp(z1, None)).max(0.0))
+}
+
+/// `log Σ_y exp(z_y)` in `f64` (shifted by the maximum), over every `y` but `skip`.
+pub(crate) fn log_sum_exp<S: Scalar>(z: &[S], skip: Option<usize>) -> f64 {
+    let kept = || z.iter().enumerate().filter(move |&(y, _)| Some(y) != skip);
+    let m = kept().map(|(_, x)| x.as_f64()).fold(f64::NEG_INFINITY, f64::max);
+    m + kept().map(|(_, x)| (x.as_f64() - m).exp()).sum::<f64>().ln()
 }
 
 /// The coordinates `c_k = hᵀ v_k` of an activation `h` (length `d`) on the columns `v_k` of

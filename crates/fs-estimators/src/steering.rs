@@ -32,14 +32,13 @@
 //! once by the model's batched pass, and every CG iteration `F x = Aᵀ G (A x)` runs on the host
 //! in `2·d_u·d + 4·V·d_u` flops (never the `V·d_u²` of `G` itself).
 
-use crate::readouts::{fisher_quadratic_form, kl_from_logits};
+use crate::readouts::{kl_from_logits, log_sum_exp};
+use crate::{direction_effects, DirectionOptions};
 use crate::{softmax, FisherOperator, FsError, Matrix, Result, Scalar, SplitContext, SplitModel};
 
 /// `log softmax(z)_y` in `f64`.
 fn log_prob<S: Scalar>(z: &[S], y: usize) -> f64 {
-    let m = z.iter().map(|x| x.as_f64()).fold(f64::NEG_INFINITY, f64::max);
-    let lse = m + z.iter().map(|x| (x.as_f64() - m).exp()).sum::<f64>().ln();
-    z[y].as_f64() - lse
+    z[y].as_f64() - log_sum_exp(z, None)
 }
 
 /// The **off-target KL** `KL(p̃ ‖ q̃)` between the distributions `p = softmax(z0)` and
@@ -52,32 +51,18 @@ pub fn off_target_kl<S: Scalar>(z0: &[S], z1: &[S], target: u32) -> Result<f64> 
     fs_traits::check_finite("logits", z0)?;
     fs_traits::check_finite("perturbed logits", z1)?;
     let t = target as usize;
-    let rest = |z: &[S]| -> (f64, Vec<f64>) {
-        let m = z
-            .iter()
-            .enumerate()
-            .filter(|&(y, _)| y != t)
-            .map(|(_, x)| x.as_f64())
-            .fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + z
-            .iter()
-            .enumerate()
-            .filter(|&(y, _)| y != t)
-            .map(|(_, x)| (x.as_f64() - m).exp())
-            .sum::<f64>()
-            .ln();
-        (lse, z.iter().map(|x| x.as_f64()).collect())
-    };
     if z0.len() < 2 {
         return Ok(0.0);
     }
-    let (lse0, a) = rest(z0);
-    let (lse1, b) = rest(z1);
-    let kl: f64 = (0..a.len())
-        .filter(|&y| y != t)
-        .map(|y| {
-            let lp = a[y] - lse0;
-            lp.exp() * (lp - (b[y] - lse1))
+    let (lse0, lse1) = (log_sum_exp(z0, Some(t)), log_sum_exp(z1, Some(t)));
+    let kl: f64 = z0
+        .iter()
+        .zip(z1)
+        .enumerate()
+        .filter(|&(y, _)| y != t)
+        .map(|(_, (a, b))| {
+            let lp = a.as_f64() - lse0;
+            lp.exp() * (lp - (b.as_f64() - lse1))
         })
         .sum();
     Ok(kl.max(0.0))
@@ -177,8 +162,11 @@ pub fn edit_cost<M: SplitModel>(
     let z0 = model.upper_logits(ctx, position, &h)?;
     fs_traits::check_len("upper_logits output", z0.len(), dims.vocab_size)?;
     let p = softmax(&z0)?;
-    let jv = logit_change(model, ctx, position, &unit, &z0)?;
-    let unit_fisher = fisher_quadratic_form(&p, &jv)?;
+    // Jv̂ = diag(s) W_U A v̂ (one JVP) and v̂ᵀFv̂, as the eigenvector read-outs compute them.
+    let direction = Matrix::from_vec(dims.d_model, 1, unit.clone())?;
+    let effect = direction_effects(model, ctx, position, &direction, &DirectionOptions::default())?
+        .remove(0);
+    let (jv, unit_fisher) = (effect.logit_change, effect.fisher_quadratic);
     let mean: f64 = p.iter().zip(&jv).map(|(p, z)| p * z).sum();
     let target_slopes: Vec<f64> = targets.iter().map(|&y| jv[y as usize] - mean).collect();
     let steps = scales
@@ -215,28 +203,6 @@ pub fn edit_cost<M: SplitModel>(
         target_slopes,
         steps,
     })
-}
-
-/// `J v = diag(s) W_U A v` (soft-cap slopes `s` where the model has a cap), one JVP.
-fn logit_change<M: SplitModel>(
-    model: &M,
-    ctx: &M::Context,
-    position: usize,
-    v: &[f64],
-    z0: &[M::Scalar],
-) -> Result<Vec<f64>> {
-    let dims = model.dims();
-    let tangent = Matrix::from_fn(1, dims.d_model, |_, j| M::Scalar::round_from_f64(v[j]));
-    let av = model.readout_jvp(ctx, position, tangent.view())?;
-    crate::exact::check_shape("readout JVP A v", av.shape(), (1, dims.readout_dim))?;
-    let av: Vec<f64> = av.row(0).iter().map(|x| x.as_f64()).collect();
-    let w_u = model.unembedding();
-    w_u.check_shape(dims.vocab_size, dims.readout_dim)?;
-    let mut jv = crate::readouts::unembed(&w_u, &av)?;
-    if let Some(s) = fs_traits::logit_slopes(model.final_logit_softcap(), z0) {
-        jv.iter_mut().zip(&s).for_each(|(z, s)| *z *= s);
-    }
-    Ok(jv)
 }
 
 /// How [`steer`] chooses its direction at each step.
@@ -366,6 +332,8 @@ pub struct SteeringPath {
     pub final_probability: f64,
     /// The edit `δ = h − h₀` at the end (length `d`).
     pub edit: Vec<f64>,
+    /// The logits at `h₀` and at `h₀ + δ` (`f64`, length `V`), as the KLs were computed from.
+    pub logits: [Vec<f64>; 2],
     /// `‖δ‖`.
     pub edit_norm: f64,
     /// `‖δ‖ / ‖h₀‖`.
@@ -550,6 +518,7 @@ pub fn steer<M: SplitModel>(
         edit_norm,
         edit,
         kl: kl_from_logits(&z0, &z)?,
+        logits: [z0.iter().map(|x| x.as_f64()).collect(), z.iter().map(|x| x.as_f64()).collect()],
         off_target_kl: off_target_kl(&z0, &z, target)?,
         path,
         steps,

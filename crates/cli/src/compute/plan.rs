@@ -7,7 +7,7 @@ use super::args::{ComputeArgs, Estimator, Format};
 use crate::inputs::{read_input_file, truncate, Document};
 use crate::results::{MeanInput, MeanSettings, RunSettings, Selection};
 use crate::Globals;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use fs_checkpoint::tokenizers::Tokenizer;
 use fs_checkpoint::ModelFiles;
 use fs_estimators::FsError;
@@ -214,16 +214,7 @@ fn documents(
         .skip(start)
         .take(take)
         .map(|(i, text)| {
-            // Special tokens as the tokenizer's own configuration adds them (`add_special_tokens`,
-            // transformers' default): BOS for Gemma and Llama 3, nothing for GPT-2 or SmolLM2.
-            let ids = tok
-                .encode(text.as_str(), true)
-                .map_err(|e| anyhow!("tokenizing document {i} failed: {e}"))?
-                .get_ids()
-                .to_vec();
-            if ids.is_empty() {
-                bail!("document {i} has no tokens after tokenization: give non-empty text");
-            }
+            let ids = crate::inputs::token_ids(&tok, &text, &format!("document {i}"))?;
             Ok(Document { index: i, tokens: ids, text: Some(text), truncated: 0 })
         })
         .collect()
