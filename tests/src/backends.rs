@@ -40,6 +40,13 @@ pub trait Probe {
     fn oracle(&self, fixture: &str, tol: OracleTolerances) -> Result<(f64, f64, f64), String>;
     /// The error message of a lower pass that must fail (`Ok(())` if it did not fail).
     fn lower_error(&self, tokens: &[u32], layer: usize) -> Result<(), String>;
+    /// [`crate::check_attention_oracle`]: the attention distributions against the fixture's
+    /// attention oracle.
+    fn attention_oracle(
+        &self,
+        fixture: &str,
+        tol: crate::AttentionTolerances,
+    ) -> Result<crate::AttentionErrors, String>;
 }
 
 impl<M: SplitModel> Probe for M {
@@ -89,6 +96,14 @@ impl<M: SplitModel> Probe for M {
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    fn attention_oracle(
+        &self,
+        fixture: &str,
+        tol: crate::AttentionTolerances,
+    ) -> Result<crate::AttentionErrors, String> {
+        crate::check_attention_oracle(self, fixture, tol)
     }
 }
 
@@ -194,6 +209,10 @@ macro_rules! backend_suite {
                     "{} {name}: max |Δlogit| {z:.2e}, max exact-F rel. error {f:.2e}, max sampled-F rel. error {s:.2e}",
                     BACKEND.name()
                 );
+                let a = model
+                    .attention_oracle(name, $crate::AttentionTolerances::F32)
+                    .unwrap_or_else(|e| panic!("{}: {e}", BACKEND.name()));
+                assert!(a.compared > 0, "{name}: no attention distribution compared");
                 let r = Reference::load(name);
                 for k in 0..=r.n_layers {
                     let report = model

@@ -111,6 +111,67 @@ pub mod fixtures {
             .collect()
     }
 
+    /// The attention oracle of one fixture (`attention.safetensors`, made by
+    /// `tools/make_attention_oracle.py`): split layer `k`, two blocks `ℓ ≥ k`, every head.
+    pub struct AttentionReference {
+        /// The split layer `k`.
+        pub split_layer: usize,
+        /// The two blocks.
+        pub layers: Vec<usize>,
+        /// The query positions.
+        pub positions: Vec<usize>,
+        /// Query heads.
+        pub heads: usize,
+        /// Sequence length `T`.
+        pub seq_len: usize,
+        /// `d`.
+        pub d: usize,
+        /// `weights[((i·H + j)·P + p)·T + s]`: attention of block `layers[i]`, head `j`, query
+        /// `positions[p]`, key `s` (transformers' `output_attentions`, float64).
+        pub weights: Vec<f64>,
+        /// `log_jacobian[(((i·H + j)·P + p)·T + s)·d + c]`: `∂ log a_s / ∂h_c`, `h = H_k[t]`
+        /// (autograd), zero for keys the query cannot see.
+        pub log_jacobian: Vec<f64>,
+    }
+
+    impl AttentionReference {
+        /// Load `tests/fixtures/NAME/attention.safetensors`.
+        pub fn load(name: &str) -> AttentionReference {
+            let bytes = std::fs::read(dir(name).join("attention.safetensors"))
+                .expect("read attention oracle");
+            let st = SafeTensors::deserialize(&bytes).expect("parse attention oracle");
+            let usizes =
+                |n: &str| -> Vec<usize> { i64s(&st, n).1.iter().map(|&x| x as usize).collect() };
+            let (ws, weights) = f64s(&st, "weights");
+            let (js, log_jacobian) = f64s(&st, "log_jacobian");
+            assert_eq!(&js[..4], &ws[..], "{name}: weights vs log_jacobian shapes");
+            AttentionReference {
+                split_layer: usizes("split_layer")[0],
+                layers: usizes("layers"),
+                positions: usizes("positions"),
+                heads: ws[1],
+                seq_len: ws[3],
+                d: js[4],
+                weights,
+                log_jacobian,
+            }
+        }
+
+        /// The weights of query `positions[p]` over keys `0..T` (block `layers[i]`, head `j`).
+        pub fn weights_at(&self, i: usize, j: usize, p: usize) -> &[f64] {
+            let t = self.seq_len;
+            let off = ((i * self.heads + j) * self.positions.len() + p) * t;
+            &self.weights[off..off + t]
+        }
+
+        /// `∂ log a_s / ∂h` of key `s` for query `positions[p]` (length `d`).
+        pub fn log_gradient(&self, i: usize, j: usize, p: usize, s: usize) -> &[f64] {
+            let (t, d) = (self.seq_len, self.d);
+            let off = (((i * self.heads + j) * self.positions.len() + p) * t + s) * d;
+            &self.log_jacobian[off..off + d]
+        }
+    }
+
     impl Reference {
         /// Load `tests/fixtures/NAME/reference.safetensors`.
         pub fn load(name: &str) -> Reference {
@@ -268,4 +329,125 @@ pub fn check_against_oracle_within<M: SplitModel>(
         println!("oracle {name} hidden {worst_h:.3e}");
     }
     Ok((worst_z, worst_f, worst_s))
+}
+
+/// How close a model's attention distributions must come to the attention oracle
+/// ([`check_attention_oracle`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionTolerances {
+    /// Attention weights, absolute.
+    pub weights: f64,
+    /// `∇_h log a` (all visible keys of one query), relative Frobenius.
+    pub log_jacobian: f64,
+    /// The exact attention Fisher against `Σ_s a_s g_s g_sᵀ` of the oracle, relative Frobenius.
+    pub fisher: f64,
+}
+
+impl AttentionTolerances {
+    /// For f32 engines against the float64 oracle, each ≥ 10× the largest error seen over every
+    /// fixture, both recorded blocks, every head and query on candle, burn and dfdx
+    /// (`FS_PRINT_CONTRACT=1`, 2026-11-30): weights 6.0e-6 absolute, `∇ log a` 9.0e-6, attention
+    /// F 2.3e-5 relative.
+    pub const F32: AttentionTolerances =
+        AttentionTolerances { weights: 1e-4, log_jacobian: 1e-4, fisher: 2.5e-4 };
+    /// For candle's f64 reference model: both sides in f64 from the same weights, so what
+    /// remains is summation order (measured 1.4e-14 / 1.8e-14 / 5.8e-14, 2026-11-30).
+    pub const F64: AttentionTolerances =
+        AttentionTolerances { weights: 1e-12, log_jacobian: 1e-12, fisher: 1e-12 };
+}
+
+/// What [`check_attention_oracle`] measured: the largest error of each kind.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttentionErrors {
+    /// Attention weights, absolute.
+    pub weights: f64,
+    /// `∇_h log a`, relative.
+    pub log_jacobian: f64,
+    /// Exact attention Fisher, relative.
+    pub fisher: f64,
+    /// (block, head, query) triples compared.
+    pub compared: usize,
+}
+
+/// Compare `model`'s attention distributions with the attention oracle of fixture `name`, for
+/// every head of both recorded blocks at every recorded query position: the weights
+/// `softmax(attention_scores)` (and which keys are visible) against transformers'
+/// `output_attentions`; `∇_h log a_s = J_s − aᵀJ` from `attention_jacobian` against the autograd
+/// Jacobian of `log a`; and `exact_attention_fisher` against `Σ_s a_s g_s g_sᵀ` built from the
+/// oracle's own gradients.
+pub fn check_attention_oracle<M: SplitModel>(
+    model: &M,
+    name: &str,
+    tol: AttentionTolerances,
+) -> Result<AttentionErrors, String> {
+    use fs_estimators::{exact_attention_fisher, AttentionHead, Matrix};
+    let r = fixtures::AttentionReference::load(name);
+    let ids = fixtures::Reference::load(name).input_ids;
+    if model.attention_heads() != r.heads || model.dims().d_model != r.d {
+        return Err(format!("{name}: heads / d do not match the attention oracle"));
+    }
+    let ctx = model.lower(&ids, r.split_layer).map_err(|e| e.to_string())?;
+    let mut worst = AttentionErrors::default();
+    for (i, &layer) in r.layers.iter().enumerate() {
+        for j in 0..r.heads {
+            let head = AttentionHead { layer, head: j };
+            let got = exact_attention_fisher(model, &ctx, &r.positions, head)
+                .map_err(|e| format!("{name} {head}: {e}"))?;
+            for (p, f) in got.iter().enumerate() {
+                let t = r.positions[p];
+                let at = format!("{name} {head} query {t}");
+                let want = r.weights_at(i, j, p);
+                let visible: Vec<usize> = (0..r.seq_len).filter(|&s| want[s] > 0.0).collect();
+                if visible != f.distribution.keys {
+                    return Err(format!(
+                        "{at}: visible keys {:?}, oracle {visible:?}",
+                        f.distribution.keys
+                    ));
+                }
+                for (&s, a) in visible.iter().zip(&f.distribution.weights) {
+                    let e = (a - want[s]).abs();
+                    worst.weights = worst.weights.max(e);
+                    if e > tol.weights {
+                        return Err(format!("{at} key {s}: weight {a} vs {}", want[s]));
+                    }
+                }
+                let rows: Vec<usize> = (0..visible.len()).collect();
+                let g = f.distribution.score_gradients(&rows).map_err(|e| e.to_string())?;
+                let g_want =
+                    Matrix::from_fn(rows.len(), r.d, |k, c| r.log_gradient(i, j, p, visible[k])[c]);
+                let fisher_want = Matrix::from_fn(r.d, r.d, |a, b| {
+                    rows.iter()
+                        .map(|&k| want[visible[k]] * g_want.get(k, a) * g_want.get(k, b))
+                        .sum()
+                });
+                // One visible key: log a ≡ 0, nothing to compare but zeros.
+                let scale = g_want.as_slice().iter().map(|x| x * x).sum::<f64>().sqrt();
+                if scale < 1e-12 {
+                    let e = g.as_slice().iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    if e > tol.log_jacobian {
+                        return Err(format!("{at}: ∇ log a should vanish, got {e:.3e}"));
+                    }
+                    continue;
+                }
+                let e = relative_frobenius(&g, &g_want);
+                worst.log_jacobian = worst.log_jacobian.max(e);
+                if e > tol.log_jacobian {
+                    return Err(format!("{at}: ∇ log a relative error {e:.3e}"));
+                }
+                let e = relative_frobenius(&f.fisher, &fisher_want);
+                worst.fisher = worst.fisher.max(e);
+                if e > tol.fisher {
+                    return Err(format!("{at}: attention Fisher relative error {e:.3e}"));
+                }
+                worst.compared += 1;
+            }
+        }
+    }
+    if std::env::var_os("FS_PRINT_CONTRACT").is_some() {
+        println!(
+            "attention oracle {name}: weights {:.3e} log-jacobian {:.3e} fisher {:.3e} ({} compared)",
+            worst.weights, worst.log_jacobian, worst.fisher, worst.compared
+        );
+    }
+    Ok(worst)
 }

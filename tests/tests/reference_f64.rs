@@ -60,6 +60,10 @@ fn f64_models_match_the_float64_oracle_and_the_f64_contract_on_every_fixture() {
         println!(
             "candle f64 {name}: max |Δlogit| {z:.2e}, max exact-F rel. error {f:.2e}, max sampled-F rel. error {s:.2e}"
         );
+        let a = model
+            .attention_oracle(name, fs_suite::AttentionTolerances::F64)
+            .unwrap_or_else(|e| panic!("f64 attention {e}"));
+        assert!(a.compared > 0, "{name}: no attention distribution compared");
         let r = fs_suite::fixtures::Reference::load(name);
         for k in 0..=r.n_layers {
             model
@@ -148,11 +152,13 @@ proptest! {
 }
 
 /// A model whose derivatives — readout Jacobians, JVPs, VJPs, score gradients — are all
-/// `1 + rel` times the true ones, while its logits are right: the error a wrong tangent rule
-/// of a uniformly scaled kind would make, visible only against finite differences.
+/// `factor` times the true ones, and whose attention score Jacobians are `attention_factor`
+/// times theirs, while its logits and scores are right: the error a wrong tangent rule of a
+/// uniformly scaled kind would make, visible only against finite differences.
 struct ScaledDerivatives<M> {
     model: M,
     factor: f64,
+    attention_factor: f64,
 }
 
 impl<M: fs_estimators::SplitModel<Scalar = f64>> fs_estimators::SplitModel
@@ -233,10 +239,31 @@ impl<M: fs_estimators::SplitModel<Scalar = f64>> fs_estimators::SplitModel
     ) -> Result<M::Context, fs_traits::FsError> {
         self.model.extend(ctx, prefix_len, token)
     }
+    fn attention_heads(&self) -> usize {
+        self.model.attention_heads()
+    }
+    fn attention_scores(
+        &self,
+        ctx: &M::Context,
+        t: usize,
+        head: fs_traits::AttentionHead,
+        h: &[f64],
+    ) -> Result<Vec<f64>, fs_traits::FsError> {
+        self.model.attention_scores(ctx, t, head, h)
+    }
+    fn attention_jacobian(
+        &self,
+        ctx: &M::Context,
+        t: usize,
+        head: fs_traits::AttentionHead,
+    ) -> Result<fs_traits::Matrix<f64>, fs_traits::FsError> {
+        Ok(self.model.attention_jacobian(ctx, t, head)?.map(|x| x * self.attention_factor))
+    }
 }
 
 /// The f64 contract sees a derivative 1e-4 too large or too small (against finite
-/// differences: the scaled derivatives agree with each other); the unscaled model passes.
+/// differences: the scaled derivatives agree with each other) — of the logits or of the
+/// attention scores; the unscaled model passes.
 #[test]
 fn a_derivative_1e4_off_fails_the_f64_contract() {
     let files =
@@ -251,15 +278,24 @@ fn a_derivative_1e4_off_fails_the_f64_contract() {
     };
     let cpu = backend_candle::Device::Cpu;
     let tokens = fs_suite::fixtures::Reference::load("llama-tiny-tied").input_ids;
-    for (factor, should_pass) in [(1.0, true), (1.0 + 1e-4, false), (1.0 - 1e-4, false)] {
+    let cases = [
+        (1.0, 1.0, true),
+        (1.0 + 1e-4, 1.0, false),
+        (1.0 - 1e-4, 1.0, false),
+        (1.0, 1.0 + 1e-4, false),
+        (1.0, 1.0 - 1e-4, false),
+    ];
+    for (factor, attention_factor, should_pass) in cases {
         let model = ScaledDerivatives {
             model: backend_candle::Decoder::<f64>::with_scalar(weights(), &cpu).unwrap(),
             factor,
+            attention_factor,
         };
         let r = fs_suite::check_split_model(&model, &tokens, 1, Tolerances::F64);
-        assert_eq!(r.is_ok(), should_pass, "factor {factor}: {r:?}");
+        assert_eq!(r.is_ok(), should_pass, "factors {factor}, {attention_factor}: {r:?}");
         if let Err(e) = r {
             assert!(e.contains("finite differences"), "factor {factor}: {e}");
+            assert_eq!(e.contains("attention"), attention_factor != 1.0, "{e}");
         }
     }
 }

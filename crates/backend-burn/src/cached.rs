@@ -10,8 +10,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use fs_checkpoint::{HostMatrix, Linear};
 use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
-    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext,
+    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_tokens_in_vocab, key_visible, softmax, AttentionHead, FsError, Matrix, MatrixRef,
+    ModelDims, SplitContext,
 };
 
 /// Default bytes of activations one readout-Jacobian backward pass may keep alive.
@@ -199,6 +200,18 @@ pub(crate) trait CachedUpper {
     /// The upper half on rows `h` `(P, R, d)`, row `(p, r)` at position `positions[p]`:
     /// returns `u = norm_f(x_L)`, `(P, R, d)`.
     fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3>;
+    /// Query heads per block, and the sliding window of block `layer` (`None`: full causal).
+    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>);
+    /// The upper half on rows `h` `(1, R, d)` at `position`, stopped inside block `head.layer`:
+    /// the scores of query head `head.head` against the keys `0..=position` ([`head_scores`]),
+    /// `(1, R, position + 1)`, before any mask.
+    fn upper_scores(
+        &self,
+        ctx: &CachedContext,
+        position: usize,
+        h: Tensor<3>,
+        head: AttentionHead,
+    ) -> Tensor<3>;
 }
 
 /// How one attention layer scores: `s = scale · q·k`, then `s ← cap·tanh(s/cap)` when
@@ -269,6 +282,30 @@ pub(crate) fn attend_cached(
             p_ctx.matmul(v_ctx).add(p_self.mul(v_self))
         }
     }
+}
+
+/// The scores of query head `head` for single rows at `position` (`P = 1`): queries `q` and
+/// the rows' own keys `k_self` `(1, H, R, d_head)` against the cached keys `(H, T, d_head)` of
+/// positions `< position`, scaled and soft-capped as the layer does ([`Attention::scores`]), no
+/// mask: `(1, R, position + 1)`, the own key last.
+pub(crate) fn head_scores(
+    q: Tensor<4>,
+    k_self: Tensor<4>,
+    keys: &Tensor<3>,
+    position: usize,
+    head: usize,
+    attn: &Attention,
+) -> Tensor<3> {
+    let [_, _, r, _] = q.dims();
+    let q = q.narrow(1, head, 1);
+    let own = q.clone().mul(k_self.narrow(1, head, 1)).sum_dim(3);
+    let raw = if position == 0 {
+        own
+    } else {
+        let k_ctx = keys.clone().narrow(0, head, 1).narrow(1, 0, position).unsqueeze::<4>();
+        Tensor::cat(vec![q.matmul(k_ctx.swap_dims(2, 3)), own], 3)
+    };
+    attn.scores(raw).reshape([1, r, position + 1])
 }
 
 /// Causal self-attention over a whole sequence: `q`, `k`, `v` `(H, T, d_head)`.
@@ -520,6 +557,76 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
     Ok(out)
 }
 
+/// Check an attention request: the position, the head against the model and the split layer.
+/// Returns the window of the head's block.
+fn check_attention<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    head: AttentionHead,
+) -> Result<Option<usize>, FsError> {
+    check_position(position, ctx.tokens.len())?;
+    let (heads, _) = m.attention_layout(0);
+    check_attention_head(head, ctx.layer, m.model_dims().n_layers, heads)?;
+    Ok(m.attention_layout(head.layer).1)
+}
+
+/// `SplitModel::attention_scores`: one single-row pass stopped at the head's block; keys
+/// outside the layer's window set to `−∞`.
+pub(crate) fn attention_scores<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    head: AttentionHead,
+    h: &[f32],
+) -> Result<Vec<f32>, FsError> {
+    let window = check_attention(m, ctx, position, head)?;
+    let d = m.model_dims().d_model;
+    check_len("h", h.len(), d)?;
+    check_finite("h", h)?;
+    let h = tensor(h.to_vec(), [1, 1, d], m.device());
+    let mut s = read(m.upper_scores(ctx, position, h, head))?;
+    check_len("attention scores", s.len(), position + 1)?;
+    for (i, x) in s.iter_mut().enumerate() {
+        if !key_visible(position, i, window) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Ok(s)
+}
+
+/// Keys per backward pass of [`attention_jacobian`].
+const ATTENTION_ROWS_PER_PASS: usize = 256;
+
+/// `SplitModel::attention_jacobian`: `R` replicas of the activation through the upper half up to
+/// the head's scores, one backward pass of `Σ_r s_{r, i_r}` per group of keys `i_r`; rows of
+/// keys outside the window zeroed.
+pub(crate) fn attention_jacobian<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    head: AttentionHead,
+) -> Result<Matrix<f32>, FsError> {
+    let window = check_attention(m, ctx, position, head)?;
+    let (n, d) = (position + 1, m.model_dims().d_model);
+    let mut out = Vec::with_capacity(n * d);
+    for start in (0..n).step_by(ATTENTION_ROWS_PER_PASS) {
+        let r = ATTENTION_ROWS_PER_PASS.min(n - start);
+        let h = replicated_leaf(m, ctx, &[position], r)?;
+        let s = m.upper_scores(ctx, position, h.clone(), head);
+        let pick: Vec<f32> =
+            (0..r * n).map(|x| f32::from(u8::from(x % n == start + x / n))).collect();
+        let pick = tensor(pick, [1, r, n], m.device());
+        out.extend(leaf_gradient(s.mul(pick).sum(), &h)?);
+    }
+    for (i, row) in out.chunks_exact_mut(d).enumerate() {
+        if !key_visible(position, i, window) {
+            row.fill(0.0);
+        }
+    }
+    Matrix::from_vec(n, d, out)
+}
+
 /// `SplitModel::unembedding`.
 pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> fs_traits::Unembedding<'_, f32> {
     let dims = m.model_dims();
@@ -634,6 +741,26 @@ macro_rules! impl_split_model {
             }
             fn final_logit_softcap(&self) -> Option<f64> {
                 $crate::cached::CachedUpper::readout(self).final_logit_softcap
+            }
+            fn attention_heads(&self) -> usize {
+                $crate::cached::CachedUpper::attention_layout(self, 0).0
+            }
+            fn attention_scores(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                head: fs_traits::AttentionHead,
+                h: &[f32],
+            ) -> Result<Vec<f32>, fs_traits::FsError> {
+                $crate::cached::attention_scores(self, ctx, position, head, h)
+            }
+            fn attention_jacobian(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                head: fs_traits::AttentionHead,
+            ) -> Result<fs_traits::Matrix<f32>, fs_traits::FsError> {
+                $crate::cached::attention_jacobian(self, ctx, position, head)
             }
         }
     };

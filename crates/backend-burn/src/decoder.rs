@@ -18,8 +18,8 @@
 //! row analysed at position `t` is rotated by angle `t`.
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, indices, tensor, Attention, CachedContext,
-    CachedUpper, Readout, Upload,
+    attend_cached, causal_attention, context_mask, head_scores, indices, tensor, Attention,
+    CachedContext, CachedUpper, Readout, Upload,
 };
 use crate::ops::{activation, layer_norm, linear, rms_norm};
 use crate::Error;
@@ -28,6 +28,7 @@ use fs_checkpoint::{
     DecoderConfig, DecoderWeights, HostMatrix, LayerAttention, Norm, NormKind, QkNorm,
     StoredLinear, StoredMatrix,
 };
+use fs_traits::AttentionHead;
 
 /// A linear layer on the device: `[in, out]` weight and optional bias.
 struct Lin {
@@ -342,7 +343,15 @@ impl Decoder {
         CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm)
     }
 
-    fn upper(&self, ctx: &CachedContext, positions: &[usize], hrows: Tensor<3>) -> Tensor<3> {
+    /// The upper half on rows `(P, R, d)`: `u = norm(x_L)`, or, with `stop`, the scores of that
+    /// head inside its block ([`head_scores`], `(1, R, t + 1)`, `P = 1`).
+    fn run_upper(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        hrows: Tensor<3>,
+        stop: Option<AttentionHead>,
+    ) -> Tensor<3> {
         let [p_n, r_n, _] = hrows.dims();
         let (h, kv, dh) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
@@ -364,6 +373,9 @@ impl Decoder {
             let k = self.heads(&a, &b.k, &b.k_norm, kv, split, Some((&cos, &sin)));
             let v = self.heads(&a, &b.v, &None, kv, split, None);
             let (k, v) = (self.repeat_kv::<4, 5>(k, 1), self.repeat_kv::<4, 5>(v, 1));
+            if let Some(stop) = stop.filter(|s| s.layer == ctx.layer + idx) {
+                return head_scores(q, k, &ctx.keys[idx], positions[0], stop.head, &b.attn);
+            }
             let out =
                 attend_cached(q, k, v, &ctx.keys[idx], &ctx.values[idx], mask.as_ref(), &b.attn);
             let out = out.swap_dims(1, 2).reshape([p_n, r_n, h * dh]);
@@ -381,7 +393,20 @@ impl CachedUpper for Decoder {
         Decoder::forward_sequence(self, tokens, layers)
     }
     fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
-        Decoder::upper(self, ctx, positions, h)
+        self.run_upper(ctx, positions, h, None)
+    }
+    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>) {
+        let window = self.blocks.get(layer).and_then(|b| b.attn.window);
+        (self.cfg.num_attention_heads, window)
+    }
+    fn upper_scores(
+        &self,
+        ctx: &CachedContext,
+        position: usize,
+        h: Tensor<3>,
+        head: AttentionHead,
+    ) -> Tensor<3> {
+        self.run_upper(ctx, &[position], h, Some(head))
     }
 }
 

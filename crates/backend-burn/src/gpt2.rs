@@ -19,13 +19,14 @@
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, indices, Attention, CachedContext, CachedUpper,
-    Readout, Upload,
+    attend_cached, causal_attention, context_mask, head_scores, indices, Attention, CachedContext,
+    CachedUpper, Readout, Upload,
 };
 use crate::ops::{gelu_new, layer_norm, linear};
 use crate::Error;
 use burn::tensor::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, LayerNorm, Linear};
+use fs_traits::AttentionHead;
 
 /// A LayerNorm's parameters.
 struct Norm {
@@ -156,8 +157,15 @@ impl Gpt2 {
 
     /// The upper half on a batch of rows: `h` is `(P, R, d)`, row `(p, r)` sits at position
     /// `positions[p]` and attends to the cached keys/values of positions `< positions[p]` and to
-    /// itself. Returns `u = ln_f(x_L)`, `(P, R, d)`.
-    fn upper(&self, ctx: &Gpt2Context, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
+    /// itself. Returns `u = ln_f(x_L)`, `(P, R, d)` — or, with `stop`, the scores of that head
+    /// inside its block ([`head_scores`], `(1, R, t + 1)`, `P = 1`).
+    fn run_upper(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+        h: Tensor<3>,
+        stop: Option<AttentionHead>,
+    ) -> Tensor<3> {
         let [p_n, r_n, d] = h.dims();
         let (heads, dh) = self.heads();
         let scale = 1.0 / (dh as f64).sqrt();
@@ -170,6 +178,10 @@ impl Gpt2 {
                 qkv.clone().narrow(2, j * d, d).reshape([p_n, r_n, heads, dh]).swap_dims(1, 2)
             };
             let (q, k_self, v_self) = (split(0), split(1), split(2));
+            if let Some(stop) = stop.filter(|s| s.layer == ctx.layer + idx) {
+                let attn = Attention::plain(scale);
+                return head_scores(q, k_self, &ctx.keys[idx], positions[0], stop.head, &attn);
+            }
             let out = attend_cached(
                 q,
                 k_self,
@@ -201,7 +213,19 @@ impl CachedUpper for Gpt2 {
         Gpt2::forward_sequence(self, tokens, layers)
     }
     fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
-        Gpt2::upper(self, ctx, positions, h)
+        self.run_upper(ctx, positions, h, None)
+    }
+    fn attention_layout(&self, _layer: usize) -> (usize, Option<usize>) {
+        (self.heads().0, None)
+    }
+    fn upper_scores(
+        &self,
+        ctx: &CachedContext,
+        position: usize,
+        h: Tensor<3>,
+        head: AttentionHead,
+    ) -> Tensor<3> {
+        self.run_upper(ctx, &[position], h, Some(head))
     }
 }
 

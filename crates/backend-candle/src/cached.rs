@@ -12,8 +12,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use fs_checkpoint::{HostMatrix, StoredLinear, StoredMatrix};
 use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
-    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext, Unembedding,
+    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_tokens_in_vocab, key_visible, softmax, AttentionHead, FsError, Matrix, MatrixRef,
+    ModelDims, SplitContext, Unembedding,
 };
 
 /// Convert a candle error into the seam's error type.
@@ -291,6 +292,18 @@ pub(crate) trait CachedUpper {
         positions: &[usize],
         h: &Tensor,
     ) -> candle_core::Result<Tensor>;
+    /// Query heads per block, and the sliding window of block `layer` (`None`: full causal).
+    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>);
+    /// The upper half on rows `h` `(1, R, d)` at `position`, stopped inside block `head.layer`:
+    /// the scores of query head `head.head` against the keys `0..=position` ([`head_scores`]),
+    /// `(R, position + 1)`, before any mask.
+    fn upper_scores(
+        &self,
+        ctx: &CachedContext,
+        position: usize,
+        h: &Tensor,
+        head: AttentionHead,
+    ) -> candle_core::Result<Tensor>;
     /// The upper half differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
     /// tangents `(P, R, d)` at `positions` in, `u` and `u̇` out.
     fn upper_jvp(
@@ -366,6 +379,30 @@ pub(crate) fn attend_cached(
             p_ctx.broadcast_matmul(&v_ctx)? + p_self.broadcast_mul(v_self)?
         }
     }
+}
+
+/// The scores of query head `head` for single rows at `position` (`P = 1`): queries `q` and
+/// the rows' own keys `k_self` `(1, H, R, d_head)` against the cached keys `(H, T, d_head)` of
+/// positions `< position`, scaled and soft-capped as the layer does ([`Attention::scores`]), no
+/// mask: `(R, position + 1)`, the own key last.
+pub(crate) fn head_scores(
+    q: &Tensor,
+    k_self: &Tensor,
+    keys: &Tensor,
+    position: usize,
+    head: usize,
+    attn: &Attention,
+) -> candle_core::Result<Tensor> {
+    let q = q.narrow(1, head, 1)?.contiguous()?;
+    let own = (&q * k_self.narrow(1, head, 1)?)?.sum_keepdim(D::Minus1)?;
+    let raw = if position == 0 {
+        own
+    } else {
+        let k_ctx = keys.narrow(0, head, 1)?.narrow(1, 0, position)?.unsqueeze(0)?;
+        Tensor::cat(&[&q.broadcast_matmul(&k_ctx.t()?)?, &own], 3)?
+    };
+    let r = q.dim(2)?;
+    attn.scores(&raw)?.reshape((r, position + 1))
 }
 
 /// Causal self-attention over a whole sequence: `q`, `k`, `v` `(H, T, d_head)`.
@@ -667,6 +704,91 @@ fn vjp_rows<M: CachedUpper, S: Float>(
     g.flatten_all()?.to_vec1::<S>()
 }
 
+/// Check an attention request: the position, the head against the model and the split layer.
+fn check_attention<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    head: AttentionHead,
+) -> Result<Option<usize>, FsError> {
+    check_position(position, ctx.tokens.len())?;
+    let n_layers = m.model_dims().n_layers;
+    let (heads, _) = m.attention_layout(0);
+    check_attention_head(head, ctx.layer, n_layers, heads)?;
+    Ok(m.attention_layout(head.layer).1)
+}
+
+/// `SplitModel::attention_scores`: one single-row pass stopped at the head's block; keys
+/// outside the layer's window set to `−∞`.
+pub(crate) fn attention_scores<M: CachedUpper, S: Float>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    head: AttentionHead,
+    h: &[S],
+) -> Result<Vec<S>, FsError> {
+    let window = check_attention(m, ctx, position, head)?;
+    let d = m.model_dims().d_model;
+    check_len("h", h.len(), d)?;
+    check_finite("h", h)?;
+    let mut s = (|| {
+        let h = Tensor::from_slice(h, (1, 1, d), m.device())?;
+        m.upper_scores(ctx, position, &h, head)?.flatten_all()?.to_vec1::<S>()
+    })()
+    .map_err(be)?;
+    check_len("attention scores", s.len(), position + 1)?;
+    for (i, x) in s.iter_mut().enumerate() {
+        if !key_visible(position, i, window) {
+            *x = S::round_from_f64(f64::NEG_INFINITY);
+        }
+    }
+    Ok(s)
+}
+
+/// Keys per backward pass of [`attention_jacobian`].
+const ATTENTION_ROWS_PER_PASS: usize = 256;
+
+/// `SplitModel::attention_jacobian`: `R` replicas of the activation through the upper half up to
+/// the head's scores, one backward pass of `Σ_r s_{r, i_r}` per group of keys `i_r`; rows of
+/// keys outside the window zeroed.
+pub(crate) fn attention_jacobian<M: CachedUpper, S: Float>(
+    m: &M,
+    ctx: &CachedContext,
+    position: usize,
+    head: AttentionHead,
+) -> Result<Matrix<S>, FsError> {
+    let window = check_attention(m, ctx, position, head)?;
+    let (n, d) = (position + 1, m.model_dims().d_model);
+    let mut out = Vec::with_capacity(n * d);
+    for start in (0..n).step_by(ATTENTION_ROWS_PER_PASS) {
+        let r = ATTENTION_ROWS_PER_PASS.min(n - start);
+        let part = (|| {
+            let h = Var::from_tensor(&replicated(m, ctx, &[position], r)?)?;
+            let s = {
+                let _replicas = crate::ops::ReplicatedRows::declare(r);
+                m.upper_scores(ctx, position, h.as_tensor(), head)?
+            };
+            let pick: Vec<S> = (0..r * n)
+                .map(|x| S::round_from_f64(f64::from(u8::from(x % n == start + x / n))))
+                .collect();
+            let pick = Tensor::from_vec(pick, (r, n), m.device())?;
+            let grads = (s * pick)?.sum_all()?.backward()?;
+            let g = grads.get(h.as_tensor()).ok_or_else(|| {
+                candle_core::Error::Msg("no gradient reached the activation".into())
+            })?;
+            g.flatten_all()?.to_vec1::<S>()
+        })()
+        .map_err(be)?;
+        out.extend(part);
+    }
+    for (i, row) in out.chunks_exact_mut(d).enumerate() {
+        if !key_visible(position, i, window) {
+            row.iter_mut().for_each(|x| *x = S::zero());
+        }
+    }
+    Matrix::from_vec(n, d, out)
+}
+
 /// `SplitModel::unembedding`: rows read from the model's `W_U` ([`Table`]) on demand — widened
 /// when it is kept in its stored precision, copied from the device tensor otherwise (no second
 /// f32 copy of `W_U` is kept for the estimators).
@@ -789,6 +911,26 @@ macro_rules! impl_split_model {
             }
             fn final_logit_softcap(&self) -> Option<f64> {
                 $crate::cached::CachedUpper::readout(self).final_logit_softcap
+            }
+            fn attention_heads(&self) -> usize {
+                $crate::cached::CachedUpper::attention_layout(self, 0).0
+            }
+            fn attention_scores(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                head: fs_traits::AttentionHead,
+                h: &[S],
+            ) -> Result<Vec<S>, fs_traits::FsError> {
+                $crate::cached::attention_scores(self, ctx, position, head, h)
+            }
+            fn attention_jacobian(
+                &self,
+                ctx: &Self::Context,
+                position: usize,
+                head: fs_traits::AttentionHead,
+            ) -> Result<fs_traits::Matrix<S>, fs_traits::FsError> {
+                $crate::cached::attention_jacobian(self, ctx, position, head)
             }
         }
     };

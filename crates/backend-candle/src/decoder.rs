@@ -9,8 +9,8 @@
 //! only the cached keys `j` with `t − j < window`.
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, Attention, CachedContext, CachedUpper, Readout,
-    Table, Upload,
+    attend_cached, causal_attention, context_mask, head_scores, Attention, CachedContext,
+    CachedUpper, Readout, Table, Upload,
 };
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{activation, layer_norm, linear, rms_norm, Weight};
@@ -19,6 +19,7 @@ use candle_core::{Device, Tensor, D};
 use fs_checkpoint::{
     Activation, DecoderConfig, DecoderWeights, LayerAttention, Norm, NormKind, QkNorm, StoredLinear,
 };
+use fs_traits::AttentionHead;
 use std::marker::PhantomData;
 
 /// A linear layer: its weight ([`Weight`]: f32 on the device, or as stored and widened per
@@ -403,11 +404,14 @@ impl<S: Float> Decoder<S> {
         Ok(CachedContext::for_layers(tokens, layers, &hidden, &keys, &values, &final_norm))
     }
 
-    fn upper(
+    /// The upper half on rows `(P, R, d)`: `u = norm(x_L)`, or, with `stop`, the scores of that
+    /// head inside its block ([`head_scores`], `P = 1`).
+    fn run_upper(
         &self,
         ctx: &CachedContext,
         positions: &[usize],
         hrows: &Tensor,
+        stop: Option<AttentionHead>,
     ) -> candle_core::Result<Tensor> {
         let (p_n, r_n, _) = hrows.dims3()?;
         let (h, kv, dh) =
@@ -429,6 +433,9 @@ impl<S: Float> Decoder<S> {
             let k = self.heads(&a, &b.k, &b.k_norm, kv, split, Some((cos, sin)))?;
             let v = self.heads(&a, &b.v, &None, kv, split, None)?;
             let (k, v) = (self.repeat_kv(&k, 1)?, self.repeat_kv(&v, 1)?);
+            if let Some(stop) = stop.filter(|s| s.layer == ctx.layer + idx) {
+                return head_scores(&q, &k, &ctx.keys[idx], positions[0], stop.head, &b.attn);
+            }
             let out = attend_cached(
                 &q,
                 &k,
@@ -444,7 +451,7 @@ impl<S: Float> Decoder<S> {
         self.norm(&x, &self.norm)
     }
 
-    /// [`Decoder::upper`] differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
+    /// [`Decoder::run_upper`] differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
     /// tangents `(P, R, d)` in, `u = norm(x_L)` and `u̇` out. RoPE and the key/value head
     /// repetition are linear, so they act on the tangents as on the primal.
     fn upper_jvp(
@@ -514,7 +521,20 @@ impl<S: Float> CachedUpper for Decoder<S> {
         positions: &[usize],
         h: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        Decoder::upper(self, ctx, positions, h)
+        self.run_upper(ctx, positions, h, None)
+    }
+    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>) {
+        let window = self.blocks.get(layer).and_then(|b| b.attn.window);
+        (self.cfg.num_attention_heads, window)
+    }
+    fn upper_scores(
+        &self,
+        ctx: &CachedContext,
+        position: usize,
+        h: &Tensor,
+        head: AttentionHead,
+    ) -> candle_core::Result<Tensor> {
+        self.run_upper(ctx, &[position], h, Some(head))
     }
     fn upper_jvp(
         &self,

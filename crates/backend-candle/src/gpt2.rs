@@ -19,14 +19,15 @@
 //! `Σ_s ⟨w_{y_s} − m, u_s⟩`, `m = W_Uᵀp` (the gradient of `log p_y` with respect to `u`).
 
 use crate::cached::{
-    attend_cached, causal_attention, context_mask, Attention, CachedContext, CachedUpper, Readout,
-    Table, Upload,
+    attend_cached, causal_attention, context_mask, head_scores, Attention, CachedContext,
+    CachedUpper, Readout, Table, Upload,
 };
 use crate::jvp::{attend_cached_jvp, Dual};
 use crate::ops::{gelu_new, layer_norm, linear, Weight};
 use crate::{Error, Float};
 use candle_core::{Device, Tensor};
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear, StoredMatrix};
+use fs_traits::AttentionHead;
 use std::marker::PhantomData;
 
 /// A LayerNorm's parameters.
@@ -179,12 +180,14 @@ impl<S: Float> Gpt2<S> {
 
     /// The upper half on a batch of rows: `h` is `(P, R, d)`, row `(p, r)` sits at position
     /// `positions[p]` and attends to the cached keys/values of positions `< positions[p]` and to
-    /// itself. Returns `u = ln_f(x_L)`, `(P, R, d)`.
-    fn upper(
+    /// itself. Returns `u = ln_f(x_L)`, `(P, R, d)` — or, with `stop`, the scores of that head
+    /// inside its block ([`head_scores`], `P = 1`).
+    fn run_upper(
         &self,
         ctx: &Gpt2Context,
         positions: &[usize],
         h: &Tensor,
+        stop: Option<AttentionHead>,
     ) -> candle_core::Result<Tensor> {
         let (p_n, r_n, d) = h.dims3()?;
         let (heads, dh) = self.heads();
@@ -201,6 +204,10 @@ impl<S: Float> Gpt2<S> {
                     .contiguous()
             };
             let (q, k_self, v_self) = (split(0)?, split(1)?, split(2)?);
+            if let Some(stop) = stop.filter(|s| s.layer == ctx.layer + idx) {
+                let attn = Attention::plain(scale);
+                return head_scores(&q, &k_self, &ctx.keys[idx], positions[0], stop.head, &attn);
+            }
             let out = attend_cached(
                 &q,
                 &k_self,
@@ -217,7 +224,7 @@ impl<S: Float> Gpt2<S> {
         self.norm(&x, &self.ln_f)
     }
 
-    /// [`Gpt2::upper`] differentiated forward ([`crate::jvp`]): `h` holds the primal rows
+    /// [`Gpt2::run_upper`] differentiated forward ([`crate::jvp`]): `h` holds the primal rows
     /// `(P, 1, d)` and tangents `(P, R, d)`; returns `u = ln_f(x_L)` and `u̇`.
     fn upper_jvp(
         &self,
@@ -289,7 +296,19 @@ impl<S: Float> CachedUpper for Gpt2<S> {
         positions: &[usize],
         h: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        Gpt2::upper(self, ctx, positions, h)
+        self.run_upper(ctx, positions, h, None)
+    }
+    fn attention_layout(&self, _layer: usize) -> (usize, Option<usize>) {
+        (self.heads().0, None)
+    }
+    fn upper_scores(
+        &self,
+        ctx: &CachedContext,
+        position: usize,
+        h: &Tensor,
+        head: AttentionHead,
+    ) -> candle_core::Result<Tensor> {
+        self.run_upper(ctx, &[position], h, Some(head))
     }
     fn upper_jvp(
         &self,

@@ -41,8 +41,9 @@ use dfdx::prelude::{
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
 use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
-    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    softmax, FsError, Matrix, MatrixRef, ModelDims, SplitContext, SplitModel,
+    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_tokens_in_vocab, softmax, AttentionHead, FsError, Matrix, MatrixRef, ModelDims,
+    SplitContext, SplitModel,
 };
 
 use crate::ops::{gelu_new, layer_norm, linear, Batch, Engine, Mat, Vector};
@@ -463,6 +464,68 @@ impl<D: Engine> Net<D> {
         self.final_norm(x)
     }
 
+    /// The upper half from `layer` on rows `x` (`n × d`, all at `position`), stopped inside block
+    /// `head.layer`: the scores `⟨q, k_i⟩/√d_h` of query head `head.head` against the keys
+    /// `i = 0..=position` (the cached keys of `cache` below `position`, the rows' own key last),
+    /// `n × (position + 1)`. The head's columns are picked out of `q` and `k` by a constant
+    /// selector product, and the columns placed by two more, so only [`Engine`]'s input-only
+    /// products enter the backward pass.
+    fn head_scores<T: Tape<f32, D>>(
+        &self,
+        layer: usize,
+        x: Mat<D, T>,
+        kv: &[(Batch<D>, Batch<D>)],
+        cache: &SequenceCache,
+        position: usize,
+        head: AttentionHead,
+    ) -> Mat<D, T> {
+        let t_ctx = kv.first().map_or(1, |(k, _)| k.shape().1);
+        let n = x.shape().0;
+        let mask = self.mask(&vec![position; n], t_ctx);
+        let mut x = x;
+        for (b, (k, v)) in self.blocks[layer..head.layer].iter().zip(kv) {
+            x = self.block(b, x, Some((k, v)), &mask).0;
+        }
+        let b = &self.blocks[head.layer];
+        let (d, (_, dh)) = (self.cfg.n_embd, self.heads());
+        let (j, width) = (head.head, position + 1);
+        let constant = |data: Vec<f32>, rows: usize, cols: usize| -> Mat<D> {
+            self.dev.tensor_from_vec(data, (rows, cols))
+        };
+        let mut select = vec![0f32; d * dh];
+        for c in 0..dh {
+            select[(j * dh + c) * dh + c] = 1.0;
+        }
+        let select = constant(select, d, dh);
+        let a = layer_norm(x, &b.ln_1.weight, &b.ln_1.bias, self.cfg.layer_norm_epsilon);
+        let q = D::const_matmul(linear(a.with_empty_tape(), &b.wq, &b.bq), &select)
+            * (1.0 / (dh as f32).sqrt());
+        let k = D::const_matmul(linear(a, &b.wk, &b.bk), &select);
+        let q_ctx = q.with_empty_tape();
+        let own = (q * k).sum::<(usize,), Axis<1>>().reshape_like(&(n, 1));
+        let mut last = vec![0f32; width];
+        last[position] = 1.0;
+        let scores = D::const_matmul(own, &constant(last, 1, width));
+        if position == 0 {
+            return scores;
+        }
+        // Head j's cached keys of positions < position, transposed: d_head × position.
+        let t_len = cache.tokens.len();
+        let keys = &cache.keys[head.layer];
+        let mut keys_t = vec![0f32; dh * position];
+        for i in 0..position {
+            for c in 0..dh {
+                keys_t[c * position + i] = keys[(j * t_len + i) * dh + c];
+            }
+        }
+        let mut place = vec![0f32; position * width];
+        for i in 0..position {
+            place[i * width + i] = 1.0;
+        }
+        let context = D::const_matmul(q_ctx, &constant(keys_t, dh, position));
+        scores + D::const_matmul(context, &constant(place, position, width))
+    }
+
     /// Logits `u · W_Uᵀ` of rows `u` (`n × d`), row-major `n × V`.
     fn unembed(&self, u: Mat<D>) -> Vec<f32> {
         u.matmul(self.lm_head_t.clone()).as_vec()
@@ -733,6 +796,68 @@ impl SplitModel for Gpt2 {
             })
         })?;
         Ok(out)
+    }
+
+    fn attention_heads(&self) -> usize {
+        self.cfg.n_head
+    }
+
+    /// One single-row pass from the split layer to the head's scores (GPT-2 has no sliding
+    /// windows: every key `0..=position` is visible).
+    fn attention_scores(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        head: AttentionHead,
+        h: &[f32],
+    ) -> Result<Vec<f32>, FsError> {
+        let d = self.cfg.n_embd;
+        check_position(position, ctx.cache.tokens.len())?;
+        check_attention_head(head, ctx.layer, self.cfg.n_layer, self.cfg.n_head)?;
+        check_len("h", h.len(), d)?;
+        check_finite("h", h)?;
+        guarded(|| {
+            Ok(with_net!(self, net => {
+                let kv = net.upload_cache(&ctx.cache, ctx.layer);
+                let x = net.dev.tensor_from_vec(h.to_vec(), (1, d));
+                net.head_scores(ctx.layer, x, &kv, &ctx.cache, position, head).as_vec()
+            }))
+        })
+    }
+
+    /// `J = ∂s/∂h`: `position + 1` copies of `h`, backward passes of `Σ_r s_{r, i_r}` (row `r`
+    /// seeded with key `i_r`), as many copies per pass as the activation budget allows.
+    fn attention_jacobian(
+        &self,
+        ctx: &Gpt2Context,
+        position: usize,
+        head: AttentionHead,
+    ) -> Result<Matrix<f32>, FsError> {
+        check_position(position, ctx.cache.tokens.len())?;
+        check_attention_head(head, ctx.layer, self.cfg.n_layer, self.cfg.n_head)?;
+        let (d, n) = (self.cfg.n_embd, position + 1);
+        let per_pass = self.rows_per_pass(ctx.layer, ctx.cache.tokens.len()).max(1);
+        let mut out = Vec::with_capacity(n * d);
+        guarded(|| {
+            with_net!(self, net => {
+                let kv = net.upload_cache(&ctx.cache, ctx.layer);
+                for start in (0..n).step_by(per_pass) {
+                    let r = per_pass.min(n - start);
+                    let (rows, _) = self.replicate(ctx, &[(position, r)]);
+                    let x = net.dev.tensor_from_vec(rows, (r, d));
+                    let s = net.head_scores(ctx.layer, x.leaky_trace(), &kv, &ctx.cache, position, head);
+                    let mut seeds = vec![0f32; r * n];
+                    for i in 0..r {
+                        seeds[i * n + start + i] = 1.0;
+                    }
+                    let seeds: Mat<_> = net.dev.tensor_from_vec(seeds, (r, n));
+                    let grads = (s * seeds).sum::<Rank0, _>().backward();
+                    out.extend(grads.get(&x).as_vec());
+                }
+                Ok(())
+            })
+        })?;
+        Matrix::from_vec(n, d, out)
     }
 
     fn unembedding(&self) -> fs_traits::Unembedding<'_, f32> {

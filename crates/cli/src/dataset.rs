@@ -284,6 +284,10 @@ pub fn check_compatible(a: &MeanState, b: &MeanState, a_name: &str, b_name: &str
     if x.estimator != y.estimator {
         return Err(differ("estimator settings", json_text(&x.estimator), json_text(&y.estimator)));
     }
+    if x.distribution != y.distribution {
+        let name = |d: &Option<String>| d.clone().unwrap_or_else(|| "next-token".into());
+        return Err(differ("distribution", name(&x.distribution), name(&y.distribution)));
+    }
     if x.selection != y.selection {
         return Err(differ("position selection", json_text(&x.selection), json_text(&y.selection)));
     }

@@ -143,8 +143,14 @@ fn print_stored_directions(summary: &PositionSummary, top_k: usize, n: usize) {
             num(d.kl_ratio),
             num(d.epsilon),
         );
-        println!("    +v pushes up: {}", toks(&d.up));
-        println!("    −v pushes up: {}", toks(&d.down));
+        // Attention read-outs name the keys a direction moves attention toward.
+        let verb = if d.up.iter().chain(&d.down).any(|t| t.key.is_some()) {
+            "moves attention to"
+        } else {
+            "pushes up"
+        };
+        println!("    +v {verb}: {}", toks(&d.up));
+        println!("    −v {verb}: {}", toks(&d.down));
     }
 }
 

@@ -10,7 +10,8 @@ use crate::results::{
 };
 use anyhow::Result;
 use fs_estimators::{
-    direction_effects, direction_effects_from_jacobian, project, DirectionOptions, Matrix, Scalar,
+    attention_direction_effects, direction_effects, direction_effects_from_jacobian, project,
+    AttentionDistribution, AttentionHead, DirectionEffect, DirectionOptions, Matrix, Scalar,
     SplitModel,
 };
 
@@ -42,6 +43,10 @@ pub struct Readout {
     pub activation: Vec<f64>,
     /// One row per direction, top eigenvalue first.
     pub directions: Vec<DirectionRow>,
+    /// Whether the outcomes are attention keys (`--distribution attention:L.J`): the ids in
+    /// `up`/`down` are then key positions, `∂p/∂ε` the attention weight's change and the logit
+    /// change the score's.
+    pub keys: bool,
 }
 
 /// Compute the read-out at `position` of `ctx` of the eigenpairs `(λ, V)` (eigenvalues
@@ -66,13 +71,47 @@ pub fn readout<M: SplitModel>(
         }
         None => direction_effects(model, ctx, position, eigenvectors, &opts)?,
     };
-    let n = tokens;
-    let directions = effects
+    let directions = rows(&effects, eigenvalues, &projections, tokens, |y| y);
+    Ok(Readout { activation: h.iter().map(|x| x.as_f64()).collect(), directions, keys: false })
+}
+
+/// [`readout`] for an attention distribution (`--distribution attention:L.J`): what the top
+/// eigenvectors do to the head's attention at the query of `distribution`
+/// ([`attention_direction_effects`]: the keys `±v` move attention toward, with the weight change
+/// `∂a_i/∂ε` and the score change `(Jv)_i`, `vᵀFv`, and the KL check between the head's
+/// attention at `h` and at `h + εv`), `keys` keys per direction and sign.
+pub fn attention_readout<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    head: AttentionHead,
+    distribution: &AttentionDistribution,
+    (eigenvalues, eigenvectors): (&[f64], &Matrix<f64>),
+    keys: usize,
+) -> Result<Readout> {
+    let h = model.activation(ctx, distribution.position)?;
+    let projections = project(&h, eigenvectors)?;
+    let opts = DirectionOptions::default();
+    let effects = attention_direction_effects(model, ctx, head, distribution, eigenvectors, &opts)?;
+    // The effects index the visible keys; record key positions.
+    let directions =
+        rows(&effects, eigenvalues, &projections, keys, |i| distribution.keys[i as usize] as u32);
+    Ok(Readout { activation: h.iter().map(|x| x.as_f64()).collect(), directions, keys: true })
+}
+
+/// One [`DirectionRow`] per effect: the `n` outcomes each sign raises most, named by `id`.
+fn rows(
+    effects: &[DirectionEffect],
+    eigenvalues: &[f64],
+    projections: &[f64],
+    n: usize,
+    id: impl Fn(u32) -> u32,
+) -> Vec<DirectionRow> {
+    effects
         .iter()
         .enumerate()
         .map(|(i, e)| {
             let with_dz = |v: Vec<(u32, f64)>| {
-                v.into_iter().map(|(y, dp)| (y, dp, e.logit_change[y as usize])).collect()
+                v.into_iter().map(|(y, dp)| (id(y), dp, e.logit_change[y as usize])).collect()
             };
             DirectionRow {
                 eigenvalue: eigenvalues[i],
@@ -85,8 +124,7 @@ pub fn readout<M: SplitModel>(
                 down: with_dz(e.pushed_down(n)),
             }
         })
-        .collect();
-    Ok(Readout { activation: h.iter().map(|x| x.as_f64()).collect(), directions })
+        .collect()
 }
 
 /// The tensors of `--directions K` for one results file (`N` matrices, all with a read-out).
@@ -113,6 +151,10 @@ pub fn readout_tensors(
     };
     let (up_t, up_dp) = tokens(|r| &r.up);
     let (down_t, down_dp) = tokens(|r| &r.down);
+    // Attention read-outs name key positions and attention-weight changes.
+    let keys = readouts.first().is_some_and(|r| r.keys);
+    let name =
+        |tokens: &'static str, keys_name: &'static str| if keys { keys_name } else { tokens };
     vec![
         (
             "activations",
@@ -127,10 +169,10 @@ pub fn readout_tensors(
         ("direction_epsilon", per_dir(|r| r.epsilon)),
         ("direction_kl", per_dir(|r| r.kl)),
         ("direction_kl_quadratic", per_dir(|r| r.kl_quadratic)),
-        ("direction_up_tokens", up_t),
-        ("direction_up_dp", up_dp),
-        ("direction_down_tokens", down_t),
-        ("direction_down_dp", down_dp),
+        (name("direction_up_tokens", "direction_up_keys"), up_t),
+        (name("direction_up_dp", "direction_up_da"), up_dp),
+        (name("direction_down_tokens", "direction_down_keys"), down_t),
+        (name("direction_down_dp", "direction_down_da"), down_dp),
     ]
 }
 
@@ -139,11 +181,29 @@ fn padded(v: &[(u32, f64, f64)], n: usize) -> impl Iterator<Item = (i64, f64)> +
     (0..n).map(move |i| v.get(i).map_or((-1, 0.0), |t| (t.0 as i64, t.1)))
 }
 
-/// The read-out as metadata.json records it, tokens decoded with `decode`.
-pub fn readout_summary(r: &Readout, decode: &dyn Fn(u32) -> String) -> Vec<DirectionSummary> {
+/// The read-out as metadata.json records it, tokens decoded with `decode`. For an attention
+/// read-out the outcomes are key positions of `sequence` (its token ids): each is recorded with
+/// the token at that key.
+pub fn readout_summary(
+    r: &Readout,
+    decode: &dyn Fn(u32) -> String,
+    sequence: &[u32],
+) -> Vec<DirectionSummary> {
     let toks = |v: &[(u32, f64, f64)]| {
         v.iter()
-            .map(|&(y, dp, dz)| TokenEffect { id: y, token: decode(y), dp, dlogit: dz })
+            .map(|&(y, dp, dz)| {
+                let (id, key) = match r.keys {
+                    true => {
+                        (sequence.get(y as usize).copied().unwrap_or(u32::MAX), Some(y as usize))
+                    }
+                    false => (y, None),
+                };
+                let token = match key {
+                    Some(k) => format!("@{k} {}", decode(id)),
+                    None => decode(id),
+                };
+                TokenEffect { id, token, key, dp, dlogit: dz }
+            })
             .collect::<Vec<_>>()
     };
     r.directions

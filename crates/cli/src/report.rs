@@ -333,12 +333,20 @@ fn page(
         }
         h.push_str("</table>\n");
 
-        h.push_str("<h2>Decoded directions</h2><p>For each top eigenvector v: the exact logit change Jv = W<sub>U</sub>Av ranked by the probability change ∂p<sub>y</sub>/∂ε = p<sub>y</sub>((Jv)<sub>y</sub> − pᵀJv) (number in brackets); the second-order check KL(p ‖ p(h+εv)) ≈ ½ε²vᵀFv measured at a small ε.</p>\n");
+        h.push_str("<h2>Decoded directions</h2><p>For each top eigenvector v: the exact logit change Jv = W<sub>U</sub>Av ranked by the probability change ∂p<sub>y</sub>/∂ε = p<sub>y</sub>((Jv)<sub>y</sub> − pᵀJv) (number in brackets); the second-order check KL(p ‖ p(h+εv)) ≈ ½ε²vᵀFv measured at a small ε. For an attention distribution (<code>--distribution attention:L.J</code>) the outcomes are the keys <code>@position token</code> the query attends to, J the score Jacobian and the number the attention weight's change ∂a<sub>i</sub>/∂ε.</p>\n");
         for s in summary.iter().filter(|s| s.directions.is_some()).take(max_positions) {
             let tok = token(s);
+            // An attention read-out names keys (`@position token`) and weight changes ∂a/∂ε.
+            let attention = s
+                .directions
+                .iter()
+                .flatten()
+                .flat_map(|d| d.up.iter().chain(&d.down))
+                .any(|t| t.key.is_some());
+            let verb = if attention { "moves attention to" } else { "pushes up" };
             let _ = write!(
                 h,
-                "<h3>seq {} · layer {} · position {} · token {tok}</h3><table><tr><th>v</th><th>λ</th><th>vᵀFv</th><th>ε</th><th>KL measured</th><th>½ε²vᵀFv</th><th>ratio</th><th>hᵀv</th><th class=\"l\">+v pushes up</th><th class=\"l\">−v pushes up</th></tr>",
+                "<h3>seq {} · layer {} · position {} · token {tok}</h3><table><tr><th>v</th><th>λ</th><th>vᵀFv</th><th>ε</th><th>KL measured</th><th>½ε²vᵀFv</th><th>ratio</th><th>hᵀv</th><th class=\"l\">+v {verb}</th><th class=\"l\">−v {verb}</th></tr>",
                 s.sequence, s.layer, s.position
             );
             for d in s.directions.iter().flatten() {

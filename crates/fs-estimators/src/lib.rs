@@ -18,7 +18,10 @@
 //! | [`predictive_fisher`] | `mean_i F(x_{≤t}, a_i)` at position `t+1`, `a_i ~ p(·|x_{≤t})` | `N` exact Fishers |
 //! | [`top_k_fisher`] | top `K` eigenpairs of `F v = Aᵀ G (A v)`, never formed ([`top_eigenpairs`]) | a few `K`-blocks of JVPs + VJPs, `4·V·d_u` per vector |
 //!
-//! and [`spectrum`] for the eigen-analysis (eigenvalues descending, eigenvectors, trace,
+//! The same estimators for any other softmax of the model: the attention of one head
+//! ([`exact_attention_fisher`], [`sampled_attention_fisher`], read-outs
+//! [`attention_direction_effects`]; `F = Jᵀ(diag a − a aᵀ)J` with `J = ∂scores/∂h`), and
+//! [`spectrum`] for the eigen-analysis (eigenvalues descending, eigenvectors, trace,
 //! effective rank, participation ratio).
 //!
 //! Interpretability read-outs: [`direction_effects`] (what a direction `v` does: the exact logit
@@ -44,6 +47,7 @@
 
 mod accumulate;
 pub mod analytic;
+mod attention;
 mod closed_form;
 mod eigensolver;
 mod exact;
@@ -59,6 +63,10 @@ pub mod testing;
 mod topk;
 
 pub use accumulate::{CompensatedSum, FisherAccumulator};
+pub use attention::{
+    attention_direction_effects, attention_distribution, exact_attention_fisher,
+    sampled_attention_fisher, AttentionDistribution, AttentionFisher,
+};
 pub use closed_form::{closed_form_fisher, closed_form_fisher_at, GradientKind};
 pub use exact::{
     exact_fisher, exact_fisher_from_parts, exact_fisher_with_jacobians, ExactOptions,
@@ -67,9 +75,9 @@ pub use exact::{
 // What an implementer of `SplitModel` needs, so that one dependency is enough.
 pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
 pub use fs_traits::{
-    check_finite, check_layer, check_len, check_position, check_tokens, check_tokens_in_vocab,
-    FsError, Matrix, MatrixRef, ModelDims, Result, Scalar, SplitContext, SplitModel, TypedSlice,
-    TypedSliceMut, Unembedding, UnembeddingRows,
+    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_tokens_in_vocab, AttentionHead, FsError, Matrix, MatrixRef, ModelDims, Result, Scalar,
+    SplitContext, SplitModel, TypedSlice, TypedSliceMut, Unembedding, UnembeddingRows,
 };
 pub use gram::{
     centered_output_gram, centered_output_gram_with_slopes, outer_product_mean, relative_frobenius,

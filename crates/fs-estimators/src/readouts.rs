@@ -230,16 +230,8 @@ fn effects<M: SplitModel>(
     readout_change: impl Fn(usize, &[f64]) -> Result<Vec<f64>>,
 ) -> Result<Vec<DirectionEffect>> {
     let dims = model.dims();
-    if let Some(e) = opts.epsilon {
-        if !(e.is_finite() && e > 0.0) {
-            return Err(FsError::invalid("epsilon", e, "a finite number > 0"));
-        }
-    }
-    if !(opts.logit_scale.is_finite() && opts.logit_scale > 0.0) {
-        return Err(FsError::invalid("logit_scale", opts.logit_scale, "a finite number > 0"));
-    }
+    opts.validate()?;
     let h = model.activation(ctx, position)?;
-    let h_norm = h.iter().map(|x| x.as_f64() * x.as_f64()).sum::<f64>().sqrt();
     let z0 = model.upper_logits(ctx, position, &h)?;
     fs_traits::check_len("upper_logits output", z0.len(), dims.vocab_size)?;
     let p = softmax(&z0)?;
@@ -248,15 +240,7 @@ fn effects<M: SplitModel>(
     let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), &z0);
     (0..directions.cols())
         .map(|k| {
-            let v: Vec<f64> = (0..directions.rows()).map(|j| directions.get(j, k)).collect();
-            let v_norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-            if v_norm == 0.0 {
-                return Err(FsError::invalid(
-                    "direction",
-                    format!("column {k} is zero"),
-                    "a non-zero vector",
-                ));
-            }
+            let v = nonzero_column(directions, k)?;
             let av = readout_change(k, &v)?;
             fs_traits::check_len("readout change A v", av.len(), dims.readout_dim)?;
             let mut jv = unembed(&w_u, &av)?;
@@ -264,32 +248,75 @@ fn effects<M: SplitModel>(
                 // Soft-capped logits: J v = diag(s) W_U A v.
                 jv.iter_mut().zip(s).for_each(|(z, s)| *z *= s);
             }
-            let mean: f64 = p.iter().zip(&jv).map(|(p, z)| p * z).sum();
-            let prob_change: Vec<f64> = p.iter().zip(&jv).map(|(p, z)| p * (z - mean)).collect();
-            let vfv = fisher_quadratic_form(&p, &jv)?;
-            let scale = h_norm.max(1.0) / v_norm;
-            let epsilon = opts.epsilon.unwrap_or(if vfv > 0.0 {
-                (opts.logit_scale / vfv.sqrt()).min(0.05 * scale)
-            } else {
-                1e-3 * scale
-            });
-            let shifted: Vec<M::Scalar> = h
-                .iter()
-                .zip(&v)
-                .map(|(x, d)| M::Scalar::round_from_f64(x.as_f64() + epsilon * d))
-                .collect();
-            let z1 = model.upper_logits(ctx, position, &shifted)?;
-            let kl = kl_from_logits(&z0, &z1)?;
-            Ok(DirectionEffect {
-                logit_change: jv,
-                prob_change,
-                fisher_quadratic: vfv,
-                epsilon,
-                kl,
-                kl_quadratic: 0.5 * epsilon * epsilon * vfv,
+            effect_along(&p, jv, &h, &v, opts, |shifted| {
+                kl_from_logits(&z0, &model.upper_logits(ctx, position, shifted)?)
             })
         })
         .collect()
+}
+
+impl DirectionOptions {
+    /// Check `epsilon` (finite and positive where given) and `logit_scale`.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let Some(e) = self.epsilon {
+            if !(e.is_finite() && e > 0.0) {
+                return Err(FsError::invalid("epsilon", e, "a finite number > 0"));
+            }
+        }
+        if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
+            return Err(FsError::invalid("logit_scale", self.logit_scale, "a finite number > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Column `k` of `directions`, which must not be zero.
+pub(crate) fn nonzero_column(directions: &Matrix<f64>, k: usize) -> Result<Vec<f64>> {
+    let v: Vec<f64> = (0..directions.rows()).map(|j| directions.get(j, k)).collect();
+    if v.iter().all(|&x| x == 0.0) {
+        return Err(FsError::invalid(
+            "direction",
+            format!("column {k} is zero"),
+            "a non-zero vector",
+        ));
+    }
+    Ok(v)
+}
+
+/// One direction's read-out of a softmax distribution `p = softmax(z)` over outcomes, from the
+/// exact logit change `jv = J v`: the probability change `p_y((Jv)_y − pᵀJv)`, `vᵀFv`, the step
+/// `ε` ([`DirectionOptions`]) and the KL measured by `kl_at(h + εv)` (rounded to the model's
+/// scalar). Shared by the next-token read-outs and the attention read-outs.
+pub(crate) fn effect_along<S: Scalar>(
+    p: &[f64],
+    jv: Vec<f64>,
+    h: &[S],
+    v: &[f64],
+    opts: &DirectionOptions,
+    kl_at: impl FnOnce(&[S]) -> Result<f64>,
+) -> Result<DirectionEffect> {
+    let h_norm = h.iter().map(|x| x.as_f64() * x.as_f64()).sum::<f64>().sqrt();
+    let v_norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mean: f64 = p.iter().zip(&jv).map(|(p, z)| p * z).sum();
+    let prob_change: Vec<f64> = p.iter().zip(&jv).map(|(p, z)| p * (z - mean)).collect();
+    let vfv = fisher_quadratic_form(p, &jv)?;
+    let scale = h_norm.max(1.0) / v_norm;
+    let epsilon = opts.epsilon.unwrap_or(if vfv > 0.0 {
+        (opts.logit_scale / vfv.sqrt()).min(0.05 * scale)
+    } else {
+        1e-3 * scale
+    });
+    let shifted: Vec<S> =
+        h.iter().zip(v).map(|(x, d)| S::round_from_f64(x.as_f64() + epsilon * d)).collect();
+    let kl = kl_at(&shifted)?;
+    Ok(DirectionEffect {
+        logit_change: jv,
+        prob_change,
+        fisher_quadratic: vfv,
+        epsilon,
+        kl,
+        kl_quadratic: 0.5 * epsilon * epsilon * vfv,
+    })
 }
 
 #[cfg(test)]

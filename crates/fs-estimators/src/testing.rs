@@ -12,6 +12,8 @@
 //! * `with_activation(ctx, t, h')` (where implemented) is the model at the edited activation:
 //!   its logits equal `upper_logits(ctx, t, h')`, its Jacobian equals finite differences around
 //!   `h'`, its score gradients `Aᵀ W_Uᵀ (e_y − p')`;
+//! * where the model exposes its attention heads: the attention scores' Jacobian equals finite
+//!   differences of the scores, masked keys have zero rows, and bad heads are typed errors;
 //! * bad layers, tokens and positions are typed errors, not panics.
 //!
 //! A custom-model author runs it from a test (here on one of the analytic models):
@@ -359,6 +361,11 @@ pub fn check_split_model<M: SplitModel>(
         }
     }
 
+    // Attention distributions (where the model exposes its heads).
+    if model.attention_heads() > 0 {
+        check_attention(model, &ctx, tol, &mut report)?;
+    }
+
     // Bad input is a typed error.
     match model.lower(tokens, dims.n_layers + 1) {
         Err(FsError::LayerOutOfRange { .. }) => {}
@@ -481,6 +488,124 @@ fn check_score_gradients<M: SplitModel>(
     report.scores = report.scores.max(e_g);
     if e_g > tol.scores {
         return Err(format!("score gradients vs Jᵀ(e_y − p): relative error {e_g:.3e}"));
+    }
+    Ok(())
+}
+
+/// The attention seam ([`SplitModel::attention_scores`], [`SplitModel::attention_jacobian`]) at
+/// the last and the middle position, for every head of the split layer's own block and of the
+/// last block: the query sees its own key, the Jacobian is zero on masked keys (score `−∞`), and
+/// `J v` equals fourth-order central differences of the scores along three random directions
+/// `v` (same step and tolerance as the logit Jacobian). Heads, blocks and positions outside the
+/// valid range are typed errors.
+fn check_attention<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    tol: Tolerances,
+    report: &mut ContractReport,
+) -> Result<(), String> {
+    let dims = model.dims();
+    let (layer, heads, seq) = (ctx.layer(), model.attention_heads(), ctx.seq_len());
+    let head = |layer, head| fs_traits::AttentionHead { layer, head };
+    if layer < dims.n_layers {
+        let mut blocks = vec![layer, dims.n_layers - 1];
+        blocks.dedup();
+        let mut positions = vec![seq - 1, seq / 2];
+        positions.dedup();
+        for &block in &blocks {
+            for j in 0..heads {
+                for &t in &positions {
+                    check_attention_head_at(model, ctx, head(block, j), t, tol, report)
+                        .map_err(|e| err(format!("attention {} at t={t}: {e}", head(block, j))))?;
+                }
+            }
+        }
+    }
+    let h = model.activation(ctx, seq - 1).map_err(|e| err(format!("activation: {e}")))?;
+    let bad = [head(dims.n_layers, 0), head(layer.min(dims.n_layers - 1), heads)];
+    let bad = bad.into_iter().chain(layer.checked_sub(1).map(|l| head(l, 0)));
+    for b in bad {
+        match model.attention_scores(ctx, seq - 1, b, &h) {
+            Err(FsError::InvalidArgument { .. }) => {}
+            other => return Err(err(format!("attention {b} gave {:?}", other.map(|_| ())))),
+        }
+    }
+    let ok = head(dims.n_layers - 1, 0);
+    if layer < dims.n_layers {
+        match model.attention_jacobian(ctx, seq, ok) {
+            Err(FsError::PositionOutOfRange { .. }) => {}
+            other => {
+                return Err(err(format!("attention at position T gave {:?}", other.map(|_| ()))))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`check_attention`] for one head at one position.
+fn check_attention_head_at<M: SplitModel>(
+    model: &M,
+    ctx: &M::Context,
+    head: fs_traits::AttentionHead,
+    t: usize,
+    tol: Tolerances,
+    report: &mut ContractReport,
+) -> Result<(), String> {
+    let d = model.dims().d_model;
+    let h = model.activation(ctx, t).map_err(|e| format!("activation: {e}"))?;
+    let scores = |h: &[M::Scalar]| -> Result<Vec<f64>, String> {
+        let s = model.attention_scores(ctx, t, head, h).map_err(|e| format!("scores: {e}"))?;
+        if s.len() != t + 1 {
+            return Err(format!("{} scores for {} keys", s.len(), t + 1));
+        }
+        Ok(s.iter().map(|x| x.as_f64()).collect())
+    };
+    let s0 = scores(&h)?;
+    let j = model.attention_jacobian(ctx, t, head).map_err(|e| format!("jacobian: {e}"))?;
+    if j.shape() != (t + 1, d) {
+        return Err(format!("Jacobian shape {:?}, expected ({}, {d})", j.shape(), t + 1));
+    }
+    if !s0[t].is_finite() {
+        return Err("the query does not see its own key".into());
+    }
+    for (i, &x) in s0.iter().enumerate() {
+        let masked = x == f64::NEG_INFINITY;
+        if !masked && !x.is_finite() {
+            return Err(format!("key {i}: score {x}"));
+        }
+        if masked && j.row(i).iter().any(|x| x.as_f64() != 0.0) {
+            return Err(format!("key {i} is masked but its Jacobian row is not zero"));
+        }
+    }
+    let rms = (h.iter().map(|x| x.as_f64().powi(2)).sum::<f64>() / d.max(1) as f64).sqrt();
+    let step = tol.fd_step * rms.clamp(1e-3, 1.0);
+    let dirs = crate::eigensolver::random_block(3, d, 31 + t as u64);
+    let (mut diff, mut scale) = (0.0f64, 0.0f64);
+    for k in 0..3 {
+        let v = dirs.row(k);
+        let at = |c: f64| -> Result<Vec<f64>, String> {
+            let x: Vec<M::Scalar> = h
+                .iter()
+                .zip(v)
+                .map(|(a, b)| M::Scalar::round_from_f64(a.as_f64() + c * step * b))
+                .collect();
+            scores(&x)
+        };
+        let (p1, m1, p2, m2) = (at(1.0)?, at(-1.0)?, at(2.0)?, at(-2.0)?);
+        for i in (0..=t).filter(|&i| s0[i].is_finite()) {
+            let fd = (8.0 * (p1[i] - m1[i]) - (p2[i] - m2[i])) / (12.0 * step);
+            let jv: f64 = j.row(i).iter().zip(v).map(|(a, b)| a.as_f64() * b).sum();
+            diff += (jv - fd).powi(2);
+            scale += fd.powi(2);
+        }
+    }
+    let (diff, scale) = (diff.sqrt(), scale.sqrt());
+    report.jacobian = report.jacobian.max(diff / scale.max(f64::MIN_POSITIVE));
+    if diff > tol.jacobian * scale + 1e-12 {
+        return Err(format!(
+            "J v vs finite differences of the scores: ‖Δ‖ {diff:.3e} > {:.1e}·{scale:.3e}",
+            tol.jacobian
+        ));
     }
     Ok(())
 }

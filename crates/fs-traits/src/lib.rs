@@ -31,12 +31,14 @@
 
 #![warn(missing_docs)]
 
+mod attention;
 pub mod engine;
 mod error;
 mod matrix;
 mod scalar;
 mod unembedding;
 
+pub use attention::{check_attention_head, key_visible, visible_keys, AttentionHead};
 pub use engine::{softmax, tempered_softmax};
 pub use error::{FsError, Result};
 pub use matrix::{Matrix, MatrixRef};
@@ -306,6 +308,52 @@ pub trait SplitModel {
         Err(FsError::Unsupported(
             "SplitModel::with_activation (an edited activation), which steering needs".into(),
         ))
+    }
+
+    /// Query heads per block, `0` (the default) for a model that does not expose its attention
+    /// distributions ([`attention_scores`](Self::attention_scores) and
+    /// [`attention_jacobian`](Self::attention_jacobian) then return [`FsError::Unsupported`]).
+    fn attention_heads(&self) -> usize {
+        0
+    }
+
+    /// The scores of one attention head for the query at `position`, as a function of the split
+    /// activation `h` there (every other position held at its value in `ctx`, as for
+    /// [`upper_logits`](Self::upper_logits)): `s_i` for the keys `i = 0 ..= position`, exactly as
+    /// the model's softmax sees them (scaled, soft-capped where the model caps attention logits),
+    /// with `−∞` for keys the query may not attend to (outside a sliding window). The weights are
+    /// `a = softmax(s)`. Length `position + 1`. See the [`attention`](crate::AttentionHead)
+    /// types for the math; the block must satisfy `ctx.layer() ≤ head.layer < n_layers`
+    /// ([`check_attention_head`]).
+    ///
+    /// The default returns [`FsError::Unsupported`]; the backends of this workspace implement it.
+    fn attention_scores(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        head: AttentionHead,
+        h: &[Self::Scalar],
+    ) -> Result<Vec<Self::Scalar>> {
+        let _ = (ctx, position, head, h);
+        Err(FsError::Unsupported("SplitModel::attention_scores (attention distributions)".into()))
+    }
+
+    /// The Jacobian `J = ∂s/∂h` (`(position + 1) × d`, row `i` = the gradient of key `i`'s score)
+    /// of [`attention_scores`](Self::attention_scores) at the context's own activation. Rows of
+    /// keys the query may not attend to are zero. Only the query row and the query's own key
+    /// depend on `h`, so row `i < position` is `scale · k_iᵀ ∂q/∂h` (through the soft-cap's slope
+    /// where there is one).
+    ///
+    /// The default returns [`FsError::Unsupported`]; backends compute it in one backward pass of
+    /// `position + 1` replicas of the activation.
+    fn attention_jacobian(
+        &self,
+        ctx: &Self::Context,
+        position: usize,
+        head: AttentionHead,
+    ) -> Result<Matrix<Self::Scalar>> {
+        let _ = (ctx, position, head);
+        Err(FsError::Unsupported("SplitModel::attention_jacobian (attention distributions)".into()))
     }
 
     /// A context for the sequence `x_0 … x_{prefix_len−1}, token`: keep the first `prefix_len`

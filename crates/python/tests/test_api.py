@@ -104,6 +104,12 @@ CASES = [
     ),
     (
         LLAMA,
+        dict(tokens=IDS, layers=1, positions="all", distribution="attention:1.2", directions=2),
+        ["--tokens", ",".join(map(str, IDS)), "--layer", "1", "--positions", "all",
+         "--distribution", "attention:1.2", "--directions", "2"],
+    ),
+    (
+        LLAMA,
         dict(tokens=IDS, layers=1, positions="2..5", estimator="closed-form", mean=True, fmt="npz"),
         ["--tokens", ",".join(map(str, IDS)), "--layer", "1", "--positions", "2..5",
          "--estimator", "closed-form", "--mean", "--format", "npz"],

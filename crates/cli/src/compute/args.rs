@@ -39,6 +39,61 @@ impl Estimator {
     }
 }
 
+/// Which softmax of the model the Fisher information is taken of (`--distribution`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Distribution {
+    /// The next-token distribution `p = softmax(z)` (the default).
+    #[default]
+    NextToken,
+    /// The attention weights of one head over the keys its query sees
+    /// (`attention:L.J`: block `L`, query head `J`).
+    Attention(fs_estimators::AttentionHead),
+}
+
+impl Distribution {
+    /// The head, for an attention distribution.
+    pub fn head(self) -> Option<fs_estimators::AttentionHead> {
+        match self {
+            Distribution::NextToken => None,
+            Distribution::Attention(h) => Some(h),
+        }
+    }
+
+    /// What run.json and the mean accumulator record: nothing for the next-token distribution
+    /// (so that runs of earlier versions resume and merge), the name otherwise.
+    pub fn recorded(self) -> Option<String> {
+        self.head().map(|h| h.to_string())
+    }
+}
+
+impl std::fmt::Display for Distribution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Distribution::NextToken => f.write_str("next-token"),
+            Distribution::Attention(h) => write!(f, "{h}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Distribution {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{s:?}: use next-token, or attention:L.J for query head J of block L (e.g. attention:5.3)")
+        };
+        if s == "next-token" {
+            return Ok(Distribution::NextToken);
+        }
+        let spec = s.strip_prefix("attention:").ok_or_else(bad)?;
+        let (layer, head) = spec.split_once('.').ok_or_else(bad)?;
+        let number = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
+        Ok(Distribution::Attention(fs_estimators::AttentionHead {
+            layer: number(layer)?,
+            head: number(head)?,
+        }))
+    }
+}
+
 /// Results file format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -120,6 +175,11 @@ pub struct ComputeArgs {
     /// Estimator.
     #[arg(long, value_enum, default_value = "exact")]
     pub estimator: Estimator,
+    /// Whose Fisher: next-token (default), or attention:L.J — the attention weights of query
+    /// head J of block L (L ≥ the split layer) over the keys the query sees (exact or sampled
+    /// estimator; --directions then names the keys a direction moves attention toward).
+    #[arg(long, default_value = "next-token", value_name = "next-token|attention:L.J")]
+    pub distribution: Distribution,
     /// Draws per position: sampled estimator (default 10) or predictive average (default 50).
     #[arg(long, alias = "num_samples", alias = "num-samples", value_name = "S")]
     pub samples: Option<usize>,
@@ -287,6 +347,17 @@ impl ComputeArgs {
         }
         if self.eig_top == Some(0) {
             bail!("--eig-top 0 keeps no eigenpairs: give at least 1, or drop the flag");
+        }
+        if let Some(head) = self.distribution.head() {
+            if !matches!(self.estimator, Estimator::Exact | Estimator::Sampled) {
+                bail!("--distribution {head} with --estimator {}: attention distributions have the exact estimator (cheap: one outcome per key) and the sampled one; use --estimator exact or sampled", self.estimator.name());
+            }
+            if !self.sampling().is_unbiased() {
+                bail!("--distribution {head} with --temperature/--top-p: the keys are drawn from the attention weights themselves; drop those flags");
+            }
+            if self.readouts.sae.is_some() {
+                bail!("--distribution {head} with --sae: the SAE read-out measures next-token KL; use the next-token distribution for --sae");
+            }
         }
         self.readouts.validate(self.estimator)
     }

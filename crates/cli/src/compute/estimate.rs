@@ -9,10 +9,11 @@ use crate::readouts::Readout;
 use crate::results::ComputeSplit;
 use anyhow::Result;
 use fs_estimators::{
-    closed_form_fisher_at, entropy, exact_fisher, exact_fisher_with_jacobians, predictive_fisher,
-    sampled_fisher, softmax, spectrum, top_k_fisher, EigensolverOptions, ExactOptions, FsError,
-    GradientKind, Matrix, PredictiveOptions, SampledOptions, Spectrum, SplitModel, TopKFisher,
-    TopKOptions, TraceMode,
+    closed_form_fisher_at, entropy, exact_attention_fisher, exact_fisher,
+    exact_fisher_with_jacobians, predictive_fisher, sampled_attention_fisher, sampled_fisher,
+    softmax, spectrum, top_k_fisher, AttentionDistribution, EigensolverOptions, ExactOptions,
+    FsError, GradientKind, Matrix, PredictiveOptions, SampledOptions, Spectrum, SplitModel,
+    TopKFisher, TopKOptions, TraceMode,
 };
 use std::time::Instant;
 
@@ -68,8 +69,9 @@ pub(super) struct Entry {
     /// line and the stored eigenpairs. For top-k: the computed pairs and trace, no effective
     /// rank or participation ratio (NaN: they need the whole spectrum).
     pub spectrum: Spectrum,
+    /// The entropy of the distribution (next-token, or the attention weights), nats.
     pub entropy: f64,
-    /// The sampled tokens (sampled and predictive estimators).
+    /// The sampled tokens (sampled and predictive estimators; key positions for attention).
     pub draws: Option<Vec<u32>>,
     /// With `--directions`: what its top eigenvectors do.
     pub readout: Option<Readout>,
@@ -77,10 +79,25 @@ pub(super) struct Entry {
     pub sae: Option<crate::results::SaeSummary>,
 }
 
-/// One position's estimate: the Fisher matrix or its top eigenpairs, the sampled tokens (sampled
-/// and predictive estimators) and, for the exact estimator with `--directions`, the readout
-/// Jacobian `A_t` it was built from (reused by the read-outs instead of computed twice).
-type Estimate<S> = (Estimated, Option<Vec<u32>>, Option<Matrix<S>>);
+/// One position's estimate.
+struct Estimate<S> {
+    /// The Fisher matrix or its top eigenpairs.
+    estimated: Estimated,
+    /// The sampled tokens (sampled and predictive estimators; key positions for an attention
+    /// distribution).
+    draws: Option<Vec<u32>>,
+    /// For the exact estimator with `--directions`: the readout Jacobian `A_t` it was built from
+    /// (reused by the read-outs instead of computed twice).
+    jacobian: Option<Matrix<S>>,
+    /// For `--distribution attention:L.J`: the head's weights and score Jacobian.
+    attention: Option<AttentionDistribution>,
+}
+
+impl<S> Estimate<S> {
+    fn new(estimated: Estimated, draws: Option<Vec<u32>>, jacobian: Option<Matrix<S>>) -> Self {
+        Estimate { estimated, draws, jacobian, attention: None }
+    }
+}
 
 /// `--estimator top-k`'s options.
 fn top_k_options(args: &ComputeArgs) -> TopKOptions {
@@ -106,21 +123,42 @@ fn estimate<M: SplitModel>(
     args: &ComputeArgs,
 ) -> Result<Vec<Estimate<M::Scalar>>> {
     let opts = ExactOptions::default();
+    if let Some(head) = args.distribution.head() {
+        let found = match args.estimator {
+            Estimator::Exact => exact_attention_fisher(model, ctx, positions, head)?,
+            Estimator::Sampled => {
+                sampled_attention_fisher(model, ctx, positions, head, args.samples(), args.seed)?
+            }
+            other => anyhow::bail!(
+                "--estimator {} does not apply to attention distributions",
+                other.name()
+            ),
+        };
+        return Ok(found
+            .into_iter()
+            .map(|f| Estimate {
+                estimated: Estimated::Matrix(f.fisher),
+                draws: f.draws.map(|d| d.into_iter().map(|k| k as u32).collect()),
+                jacobian: None,
+                attention: Some(f.distribution),
+            })
+            .collect());
+    }
     Ok(match args.estimator {
         Estimator::Exact if args.readouts.directions > 0 => {
             exact_fisher_with_jacobians(model, ctx, positions, &opts)?
                 .into_iter()
-                .map(|e| (Estimated::Matrix(e.fisher), None, Some(e.jacobian)))
+                .map(|e| Estimate::new(Estimated::Matrix(e.fisher), None, Some(e.jacobian)))
                 .collect()
         }
         Estimator::Exact => exact_fisher(model, ctx, positions, &opts)?
             .into_iter()
-            .map(|f| (Estimated::Matrix(f), None, None))
+            .map(|f| Estimate::new(Estimated::Matrix(f), None, None))
             .collect(),
         Estimator::ClosedForm => {
             closed_form_fisher_at(model, ctx, positions, GradientKind::Logits, &opts)?
                 .into_iter()
-                .map(|f| (Estimated::Matrix(f), None, None))
+                .map(|f| Estimate::new(Estimated::Matrix(f), None, None))
                 .collect()
         }
         Estimator::Sampled => {
@@ -131,7 +169,7 @@ fn estimate<M: SplitModel>(
             };
             sampled_fisher(model, ctx, positions, &o)?
                 .into_iter()
-                .map(|s| (Estimated::Matrix(s.fisher), Some(s.tokens), None))
+                .map(|s| Estimate::new(Estimated::Matrix(s.fisher), Some(s.tokens), None))
                 .collect()
         }
         Estimator::Predictive => {
@@ -145,7 +183,7 @@ fn estimate<M: SplitModel>(
                 .iter()
                 .map(|&t| {
                     predictive_fisher(model, ctx, t, &o)
-                        .map(|p| (Estimated::Matrix(p.fisher), Some(p.tokens), None))
+                        .map(|p| Estimate::new(Estimated::Matrix(p.fisher), Some(p.tokens), None))
                 })
                 .collect::<Result<_, FsError>>()?
         }
@@ -153,7 +191,10 @@ fn estimate<M: SplitModel>(
             let o = top_k_options(args);
             positions
                 .iter()
-                .map(|&t| top_k_fisher(model, ctx, t, &o).map(|r| (Estimated::TopK(r), None, None)))
+                .map(|&t| {
+                    top_k_fisher(model, ctx, t, &o)
+                        .map(|r| Estimate::new(Estimated::TopK(r), None, None))
+                })
                 .collect::<Result<_, FsError>>()?
         }
     })
@@ -225,7 +266,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
             split.estimator += clock.elapsed().as_secs_f64();
             for (j, (result, &t)) in results.into_iter().zip(batch).enumerate() {
                 let entry = (|| -> Result<Entry> {
-                    let (estimate, draws, jacobian) = result?;
+                    let Estimate { estimated: estimate, draws, jacobian, attention } = result?;
                     let values = estimate.values();
                     if let Some(bad) = values.iter().position(|x| !x.is_finite()) {
                         return Err(FsError::NonFinite {
@@ -235,9 +276,10 @@ pub(super) fn sequence_entries<M: SplitModel>(
                         }
                         .into());
                     }
-                    let p = match &logits {
-                        Some(l) => softmax(l.row(c * chunk + j))?,
-                        None => softmax(model.logits(ctx, &[t])?.row(0))?,
+                    let entropy = match (&attention, &logits) {
+                        (Some(a), _) => a.entropy(),
+                        (None, Some(l)) => entropy(&softmax(l.row(c * chunk + j))?),
+                        (None, None) => entropy(&softmax(model.logits(ctx, &[t])?.row(0))?),
                     };
                     let spectrum = estimate.spectrum(rank)?;
                     let clock = Instant::now();
@@ -246,14 +288,21 @@ pub(super) fn sequence_entries<M: SplitModel>(
                             let k = args.readouts.directions.min(spectrum.eigenvalues.len());
                             let d = spectrum.eigenvectors.rows();
                             let v = Matrix::from_fn(d, k, |i, c| spectrum.eigenvectors.get(i, c));
-                            crate::readouts::readout(
-                                model,
-                                ctx,
-                                t,
-                                (&spectrum.eigenvalues[..k], &v),
-                                jacobian.as_ref(),
-                                args.readouts.direction_tokens,
-                            )
+                            let pairs = (&spectrum.eigenvalues[..k], &v);
+                            let n = args.readouts.direction_tokens;
+                            match (&attention, args.distribution.head()) {
+                                (Some(a), Some(head)) => crate::readouts::attention_readout(
+                                    model, ctx, head, a, pairs, n,
+                                ),
+                                _ => crate::readouts::readout(
+                                    model,
+                                    ctx,
+                                    t,
+                                    pairs,
+                                    jacobian.as_ref(),
+                                    n,
+                                ),
+                            }
                         })
                         .transpose()?;
                     let sae = match (sae, estimate.matrix()) {
@@ -269,7 +318,7 @@ pub(super) fn sequence_entries<M: SplitModel>(
                         position: t,
                         estimate,
                         spectrum,
-                        entropy: entropy(&p),
+                        entropy,
                         draws,
                         readout,
                         sae,

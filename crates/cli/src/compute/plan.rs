@@ -138,6 +138,7 @@ impl Plan {
             model: args.model.clone(),
             layers: self.layers.clone(),
             estimator: args.estimator_settings(),
+            distribution: args.distribution.recorded(),
             positions: self.positions.clone(),
             token_ids: self.token_ids(),
             eig_rank: self.eig_rank,
@@ -164,6 +165,7 @@ impl Plan {
             d_model: self.d,
             layers: self.layers.clone(),
             estimator: Some(args.estimator_settings()),
+            distribution: args.distribution.recorded(),
             selection: Selection {
                 positions: format!("{:?}", args.positions),
                 position_skip: args.position_skip,

@@ -160,6 +160,17 @@ fn run_with<M: SplitModel>(
     let dims = model.dims();
     let plan = Plan::new(args, &dims, run.model_type, run.tokenizer.as_ref(), run.files, g)?;
     let (layers, d) = (&plan.layers, plan.d);
+    if let Some(head) = args.distribution.head() {
+        for &layer in layers {
+            fs_estimators::check_attention_head(
+                head,
+                layer,
+                dims.n_layers,
+                model.attention_heads(),
+            )
+            .with_context(|| format!("--distribution {head} at split layer {layer}"))?;
+        }
+    }
     record_or_check_run(args, &plan.run_settings(args), resuming)?;
 
     let total = plan.total();

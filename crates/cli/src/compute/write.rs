@@ -82,7 +82,7 @@ pub(super) fn summarise(
         trace_std_error,
         top_k,
         token: e.readout.as_ref().map(|_| decode(token_id)),
-        directions: e.readout.as_ref().map(|r| readout_summary(r, decode)),
+        directions: e.readout.as_ref().map(|r| readout_summary(r, decode, &doc.tokens)),
         sae: e.sae.clone(),
     });
     Ok(())
@@ -245,6 +245,7 @@ pub(super) fn metadata(
         text: args.text.clone(),
         input: args.input.clone(),
         estimator: args.estimator_settings(),
+        distribution: args.distribution.to_string(),
         eig_rank: plan.eig_rank,
         format: args.format.extension().into(),
         dtype: "f32 GEMMs (model dtype), f64 accumulation of d×d results; stored as f32".into(),

@@ -38,6 +38,10 @@ pub struct Metadata {
     pub input: Option<PathBuf>,
     /// The estimator's settings.
     pub estimator: EstimatorSettings,
+    /// Whose Fisher (`--distribution`): `next-token`, or `attention:L.J` (the attention weights
+    /// of query head `J` of block `L`; entropies are then the attention's).
+    #[serde(default = "next_token")]
+    pub distribution: String,
     /// Eigenpairs stored per matrix (`--eig`, `--eig-top`, `--directions`).
     pub eig_rank: Option<usize>,
     /// `safetensors` or `npz`.
@@ -330,13 +334,18 @@ pub struct DirectionSummary {
     pub down: Vec<TokenEffect>,
 }
 
-/// A token a direction pushes up.
+/// A token a direction pushes up — for an attention distribution, a key the direction moves
+/// attention toward (`key` = its position, `id`/`token` = the token there, `dp` = `∂a/∂ε`,
+/// `dlogit` = the score change).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenEffect {
     /// Token id.
     pub id: u32,
     /// Its text, quoted (or `#id`).
     pub token: String,
+    /// The key position, for an attention distribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<usize>,
     /// `∂p_y/∂ε`.
     #[serde(deserialize_with = "nan_if_null")]
     pub dp: f64,
@@ -519,4 +528,9 @@ pub struct ModelRef {
     /// `architecture`.
     #[serde(default, deserialize_with = "lenient")]
     pub architecture: Option<String>,
+}
+
+/// The default `distribution` of metadata written before `--distribution` existed.
+fn next_token() -> String {
+    "next-token".into()
 }

@@ -97,6 +97,10 @@ pub struct RunSettings {
     pub layers: Vec<usize>,
     /// The estimator's settings.
     pub estimator: EstimatorSettings,
+    /// `--distribution` when it is not the next-token one (absent for next-token, so that runs
+    /// of earlier versions resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<String>,
     /// The positions analysed, per sequence.
     pub positions: Vec<Vec<usize>>,
     /// The token ids, per sequence.
@@ -136,6 +140,9 @@ pub struct MeanSettings {
     /// The estimator's settings.
     #[serde(deserialize_with = "lenient")]
     pub estimator: Option<EstimatorSettings>,
+    /// `--distribution` when it is not the next-token one (absent for next-token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<String>,
     /// How positions were selected.
     pub selection: Selection,
     /// Where the documents came from (documents of distinct inputs may share an index).

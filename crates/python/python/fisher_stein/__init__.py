@@ -341,6 +341,7 @@ class Model:
         eig_top: Optional[int] = None,
         directions: int = 0,
         direction_tokens: int = 5,
+        distribution: str = "next-token",
         mean: bool = False,
         sae: Union[str, os.PathLike, None] = None,
         max_seq_len: Optional[int] = None,
@@ -368,6 +369,12 @@ class Model:
         * ``"top-k"`` — the top ``k`` eigenpairs of F without forming it (``F v = A^T G (A v)``
           by JVPs and VJPs, block Krylov, residual tolerance ``tolerance``); ``r.fisher`` is
           ``None``, ``r.trace`` an estimate (``trace="exact"`` for the exact one).
+
+        ``distribution``: ``"next-token"`` (default), or ``"attention:L.J"`` — the Fisher of
+        the attention weights ``a`` of query head ``J`` of block ``L`` (``L`` at or above every
+        analysed layer) over the keys the query sees, ``J^T (diag a - a a^T) J`` with ``J`` the
+        score Jacobian (``estimator`` ``"exact"`` or ``"sampled"``; with ``directions`` the
+        read-outs name the keys a direction moves attention toward).
 
         ``eig_top``: also store the top eigenpairs. ``directions``: decode the top directions
         (``r.directions``). ``mean``: also accumulate the mean F per layer (``r.mean``).
@@ -400,6 +407,7 @@ class Model:
             "trace": trace,
             "directions": int(directions),
             "direction-tokens": int(direction_tokens),
+            "distribution": str(distribution),
             "format": fmt,
             "samples": None if samples is None else int(samples),
             "eig-top": None if eig_top is None else int(eig_top),
