@@ -133,7 +133,7 @@ fn wgpu_device(name: &str, ordinal: Option<usize>) -> Result<Device, Error> {
 fn wgpu_device(name: &str, _ordinal: Option<usize>) -> Result<Device, Error> {
     Err(Error::Device {
         device: name.into(),
-        reason: "this build has no wgpu support: rebuild backend-burn with `--features wgpu`"
+        reason: "this build has no wgpu support: rebuild fisher-stein with `--features wgpu` (backend-burn: `--features wgpu`)"
             .into(),
     })
 }
@@ -147,7 +147,7 @@ fn cuda_device(name: &str, ordinal: Option<usize>) -> Result<Device, Error> {
 fn cuda_device(name: &str, _ordinal: Option<usize>) -> Result<Device, Error> {
     Err(Error::Device {
         device: name.into(),
-        reason: "this build has no CUDA support: rebuild backend-burn with `--features cuda`"
+        reason: "this build has no CUDA support for burn: rebuild fisher-stein with `--features burn,cuda` (backend-burn: `--features cuda`)"
             .into(),
     })
 }

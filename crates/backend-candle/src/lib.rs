@@ -79,7 +79,7 @@ pub fn device(name: &str) -> Result<Device, Error> {
     } else {
         Err(Error::Device {
             device: name.into(),
-            reason: "this build has no CUDA support: rebuild with `--features cuda`".into(),
+            reason: "this build has no CUDA support: rebuild fisher-stein with `--features cuda` (backend-candle: `--features cuda`)".into(),
         })
     }
 }

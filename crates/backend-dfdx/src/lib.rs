@@ -130,7 +130,7 @@ fn cuda_device(name: &str, ordinal: usize) -> Result<Device, Error> {
 fn cuda_device(name: &str, _ordinal: usize) -> Result<Device, Error> {
     Err(Error::Device {
         device: name.into(),
-        reason: "this build has no CUDA support: rebuild with `--features cuda`".into(),
+        reason: "this build has no CUDA support for dfdx: rebuild fisher-stein with `--features dfdx,cuda` (backend-dfdx: `--features cuda`)".into(),
     })
 }
 

@@ -133,8 +133,11 @@ fn print_stored_directions(summary: &PositionSummary, top_k: usize, n: usize) {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // Attention read-outs name the keys a direction moves attention toward.
+        let attention = d.up.iter().chain(&d.down).any(|t| t.key.is_some());
+        let (verb, p) = if attention { ("moves attention to", "a") } else { ("pushes up", "p") };
         println!(
-            "  v{} (λ = {:.4e}, hᵀv = {:.4})  KL(p‖p(h+εv)) {:.4e} vs ½ε²vᵀFv {:.4e} (ratio {:.3}, ε {:.3e})",
+            "  v{} (λ = {:.4e}, hᵀv = {:.4})  KL({p}‖{p}(h+εv)) {:.4e} vs ½ε²vᵀFv {:.4e} (ratio {:.3}, ε {:.3e})",
             d.k,
             num(d.eigenvalue),
             num(d.projection),
@@ -143,12 +146,6 @@ fn print_stored_directions(summary: &PositionSummary, top_k: usize, n: usize) {
             num(d.kl_ratio),
             num(d.epsilon),
         );
-        // Attention read-outs name the keys a direction moves attention toward.
-        let verb = if d.up.iter().chain(&d.down).any(|t| t.key.is_some()) {
-            "moves attention to"
-        } else {
-            "pushes up"
-        };
         println!("    +v {verb}: {}", toks(&d.up));
         println!("    −v {verb}: {}", toks(&d.down));
     }

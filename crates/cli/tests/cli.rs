@@ -468,3 +468,31 @@ fn negative_positions_parse_as_values() {
     let (_, pos) = read_tensor(&out.join("fisher.safetensors"), "positions");
     assert_eq!(pos, vec![2.0]);
 }
+
+/// `--device` names a device this build cannot open: one line naming the Cargo feature to
+/// rebuild with (this suite's build has every engine but no GPU feature), or the engine that
+/// has the device; a misspelt device lists the accepted syntax. (Compiled for the builds it
+/// describes: every engine, no GPU feature — what `.ci/run` builds.)
+#[cfg(all(feature = "burn", feature = "dfdx", not(feature = "cuda"), not(feature = "wgpu")))]
+#[test]
+fn unavailable_devices_name_the_feature_to_build_with() {
+    let fx = fixture("gpt2-tiny-a");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let run = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["compute", "--model", fx.to_str().unwrap(), "--layer", "0"];
+        args.extend_from_slice(&["--tokens", "1,2"]);
+        args.extend_from_slice(extra);
+        expect_failure(&args, &out, needles);
+    };
+    run(&["--device", "cuda:0"], &["cuda:0", "rebuild fisher-stein with `--features cuda`"]);
+    run(&["--device", "wgpu"], &["candle has no wgpu device", "--backend burn"]);
+    run(
+        &["--backend", "burn", "--device", "wgpu"],
+        &["rebuild fisher-stein with `--features wgpu`"],
+    );
+    run(&["--backend", "burn", "--device", "cuda"], &["--features burn,cuda"]);
+    run(&["--backend", "dfdx", "--device", "cuda:1"], &["--features dfdx,cuda"]);
+    run(&["--backend", "dfdx", "--device", "wgpu"], &["wgpu"]);
+    run(&["--device", "gpu"], &["cpu, cuda, cuda:N, wgpu or wgpu:N"]);
+}

@@ -738,6 +738,9 @@ fn attention_distribution_matches_the_oracle_and_reads_out_keys() {
         } else {
             assert!(got.iter().all(|&x| x.abs() < 1e-6), "position {t}: F should vanish");
         }
+        // The stored weights are the head's (zero outside the window and after t).
+        let stored = &r["attention_weights"].1[t * t_n..(t + 1) * t_n];
+        assert!((0..t_n).all(|s| (stored[s] - a1(s)).abs() < 1e-5), "weights at {t}: {stored:?}");
         let entropy: f64 = (0..t_n).map(a1).filter(|&x| x > 0.0).map(|x| -x * x.ln()).sum();
         let recorded = meta["summary"][t]["entropy"].as_f64().unwrap();
         worst_h = worst_h.max((recorded - entropy).abs());

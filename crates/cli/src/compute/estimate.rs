@@ -77,6 +77,9 @@ pub(super) struct Entry {
     pub readout: Option<Readout>,
     /// With `--sae`: the SAE's active features through F.
     pub sae: Option<crate::results::SaeSummary>,
+    /// With `--distribution attention:L.J`: the head's weights `(key position, a)` over the
+    /// keys the query sees.
+    pub attention: Option<Vec<(usize, f64)>>,
 }
 
 /// One position's estimate.
@@ -322,6 +325,9 @@ pub(super) fn sequence_entries<M: SplitModel>(
                         draws,
                         readout,
                         sae,
+                        attention: attention.map(|a| {
+                            a.keys.iter().copied().zip(a.weights.iter().copied()).collect()
+                        }),
                     })
                 })();
                 match entry {

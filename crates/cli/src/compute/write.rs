@@ -170,6 +170,18 @@ pub(super) fn sequence_results(
         let k = args.readouts.directions.min(d);
         tensors.extend(readout_tensors(&readouts, k, args.readouts.direction_tokens));
     }
+    if n > 0 && entries.iter().all(|e| e.attention.is_some()) {
+        // The head's weights over every position of the sequence (0 for keys it does not see).
+        let t = doc.tokens.len();
+        let rows = entries.iter().flat_map(|e| {
+            let mut row = vec![0.0; t];
+            for &(key, a) in e.attention.iter().flatten() {
+                row[key] = a;
+            }
+            row
+        });
+        tensors.push(("attention_weights", OwnedTensor::f64(vec![n, t], rows)));
+    }
     if let Some(s) = entries.first().and_then(|e| e.draws.as_ref()).map(|v| v.len()) {
         let draws = entries.iter().flat_map(|e| e.draws.iter().flatten().map(|&t| t as i64));
         tensors.push(("sample_tokens", OwnedTensor::i64(vec![n, s], draws)));
