@@ -451,3 +451,21 @@ pub fn check_attention_oracle<M: SplitModel>(
     }
     Ok(worst)
 }
+
+/// The largest relative Frobenius difference between the exact Fisher of `on_device` (a model
+/// whose `SplitModel::device_exact_fisher` is on) and the host estimator's on `host` (the same
+/// weights), at `positions` of `tokens` split at `layer`.
+pub fn device_vs_host_fisher<M: SplitModel>(
+    host: &M,
+    on_device: &M,
+    tokens: &[u32],
+    layer: usize,
+    positions: &[usize],
+) -> f64 {
+    let opts = ExactOptions::default();
+    let ctx = host.lower(tokens, layer).unwrap();
+    let want = exact_fisher(host, &ctx, positions, &opts).unwrap();
+    let ctx = on_device.lower(tokens, layer).unwrap();
+    let got = exact_fisher(on_device, &ctx, positions, &opts).unwrap();
+    got.iter().zip(&want).map(|(a, b)| relative_frobenius(a, b)).fold(0.0, f64::max)
+}

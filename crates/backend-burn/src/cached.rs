@@ -10,9 +10,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use fs_checkpoint::{HostMatrix, Linear};
 use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
-    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
-    check_tokens_in_vocab, key_visible, softmax, AttentionHead, FsError, Matrix, MatrixRef,
-    ModelDims, SplitContext,
+    check_attention_query, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_tokens_in_vocab, mask_invisible_scores, softmax, visible_keys, AttentionHead, FsError,
+    Matrix, MatrixRef, ModelDims, SplitContext,
 };
 
 /// Default bytes of activations one readout-Jacobian backward pass may keep alive.
@@ -557,17 +557,17 @@ pub(crate) fn readout_jacobians<M: CachedUpper>(
     Ok(out)
 }
 
-/// Check an attention request: the position, the head against the model and the split layer.
-/// Returns the window of the head's block.
+/// Check an attention request ([`fs_traits::check_attention_query`]); the window of the
+/// head's block.
 fn check_attention<M: CachedUpper>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
     head: AttentionHead,
 ) -> Result<Option<usize>, FsError> {
-    check_position(position, ctx.tokens.len())?;
     let (heads, _) = m.attention_layout(0);
-    check_attention_head(head, ctx.layer, m.model_dims().n_layers, heads)?;
+    let n_layers = m.model_dims().n_layers;
+    check_attention_query(head, position, ctx.tokens.len(), ctx.layer, n_layers, heads)?;
     Ok(m.attention_layout(head.layer).1)
 }
 
@@ -587,20 +587,16 @@ pub(crate) fn attention_scores<M: CachedUpper>(
     let h = tensor(h.to_vec(), [1, 1, d], m.device());
     let mut s = read(m.upper_scores(ctx, position, h, head))?;
     check_len("attention scores", s.len(), position + 1)?;
-    for (i, x) in s.iter_mut().enumerate() {
-        if !key_visible(position, i, window) {
-            *x = f32::NEG_INFINITY;
-        }
-    }
+    mask_invisible_scores(&mut s, position, window);
     Ok(s)
 }
 
 /// Keys per backward pass of [`attention_jacobian`].
 const ATTENTION_ROWS_PER_PASS: usize = 256;
 
-/// `SplitModel::attention_jacobian`: `R` replicas of the activation through the upper half up to
-/// the head's scores, one backward pass of `Σ_r s_{r, i_r}` per group of keys `i_r`; rows of
-/// keys outside the window zeroed.
+/// `SplitModel::attention_jacobian`: for the keys the query sees (only those: under a sliding
+/// window the rest stay zero), `R` replicas of the activation through the upper half up to the
+/// head's scores and one backward pass of `Σ_r s_{r, i_r}` per group of keys `i_r`.
 pub(crate) fn attention_jacobian<M: CachedUpper>(
     m: &M,
     ctx: &CachedContext,
@@ -609,19 +605,19 @@ pub(crate) fn attention_jacobian<M: CachedUpper>(
 ) -> Result<Matrix<f32>, FsError> {
     let window = check_attention(m, ctx, position, head)?;
     let (n, d) = (position + 1, m.model_dims().d_model);
-    let mut out = Vec::with_capacity(n * d);
-    for start in (0..n).step_by(ATTENTION_ROWS_PER_PASS) {
-        let r = ATTENTION_ROWS_PER_PASS.min(n - start);
+    let mut out = vec![0f32; n * d];
+    for keys in visible_keys(position, window).chunks(ATTENTION_ROWS_PER_PASS) {
+        let r = keys.len();
         let h = replicated_leaf(m, ctx, &[position], r)?;
         let s = m.upper_scores(ctx, position, h.clone(), head);
-        let pick: Vec<f32> =
-            (0..r * n).map(|x| f32::from(u8::from(x % n == start + x / n))).collect();
+        let mut pick = vec![0f32; r * n];
+        for (row, &key) in keys.iter().enumerate() {
+            pick[row * n + key] = 1.0;
+        }
         let pick = tensor(pick, [1, r, n], m.device());
-        out.extend(leaf_gradient(s.mul(pick).sum(), &h)?);
-    }
-    for (i, row) in out.chunks_exact_mut(d).enumerate() {
-        if !key_visible(position, i, window) {
-            row.fill(0.0);
+        let rows = leaf_gradient(s.mul(pick).sum(), &h)?;
+        for (&key, row) in keys.iter().zip(rows.chunks_exact(d)) {
+            out[key * d..(key + 1) * d].copy_from_slice(row);
         }
     }
     Matrix::from_vec(n, d, out)

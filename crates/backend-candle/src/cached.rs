@@ -12,9 +12,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use fs_checkpoint::{HostMatrix, StoredLinear, StoredMatrix};
 use fs_traits::engine::{check_positions, first_line, readout_batching};
 use fs_traits::{
-    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
-    check_tokens_in_vocab, key_visible, softmax, AttentionHead, FsError, Matrix, MatrixRef,
-    ModelDims, SplitContext, Unembedding,
+    check_attention_query, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_tokens_in_vocab, mask_invisible_scores, softmax, visible_keys, AttentionHead, FsError,
+    Matrix, MatrixRef, ModelDims, SplitContext, Unembedding,
 };
 
 /// Convert a candle error into the seam's error type.
@@ -154,6 +154,24 @@ impl Table {
         }
     }
 
+    /// Rows `rows` as a `(n, d)` tensor on `device` in `dtype` (a stored table widened, CPU only).
+    fn chunk(
+        &self,
+        rows: std::ops::Range<usize>,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Table::Dense(t) => t.narrow(0, rows.start, rows.len())?.to_dtype(dtype),
+            Table::Stored(m) => {
+                let mut out = vec![0f32; rows.len() * m.cols()];
+                let n = rows.len();
+                m.widen_rows_into(rows, &mut out);
+                Tensor::from_vec(out, (n, m.cols()), device)?.to_dtype(dtype)
+            }
+        }
+    }
+
     /// Rows `rows` into `out` (row-major, the model's scalar), for the estimators' streaming
     /// reads.
     fn read_rows<S: Float>(
@@ -205,6 +223,10 @@ pub(crate) struct Readout {
     pub(crate) final_logit_softcap: Option<f64>,
     /// The dtype every tensor of the model computes in (the model's [`Float`]).
     pub(crate) dtype: DType,
+    /// Whether `SplitModel::device_exact_fisher` forms the exact Fisher on the model's device
+    /// ([`device_exact_fisher`]): on for a GPU model, off on the CPU (where the host estimators
+    /// are faster); settable for tests.
+    pub(crate) fisher_on_device: bool,
 }
 
 impl Readout {
@@ -242,6 +264,7 @@ impl Readout {
             bytes_per_row_per_block: f32_bytes_per_row_per_block / 4 * dtype.size_in_bytes(),
             final_logit_softcap: None,
             dtype,
+            fisher_on_device: !device.is_cpu(),
         };
         Ok((embed, readout))
     }
@@ -704,17 +727,17 @@ fn vjp_rows<M: CachedUpper, S: Float>(
     g.flatten_all()?.to_vec1::<S>()
 }
 
-/// Check an attention request: the position, the head against the model and the split layer.
+/// Check an attention request ([`fs_traits::check_attention_query`]); the window of the
+/// head's block.
 fn check_attention<M: CachedUpper>(
     m: &M,
     ctx: &CachedContext,
     position: usize,
     head: AttentionHead,
 ) -> Result<Option<usize>, FsError> {
-    check_position(position, ctx.tokens.len())?;
-    let n_layers = m.model_dims().n_layers;
     let (heads, _) = m.attention_layout(0);
-    check_attention_head(head, ctx.layer, n_layers, heads)?;
+    let n_layers = m.model_dims().n_layers;
+    check_attention_query(head, position, ctx.tokens.len(), ctx.layer, n_layers, heads)?;
     Ok(m.attention_layout(head.layer).1)
 }
 
@@ -737,20 +760,16 @@ pub(crate) fn attention_scores<M: CachedUpper, S: Float>(
     })()
     .map_err(be)?;
     check_len("attention scores", s.len(), position + 1)?;
-    for (i, x) in s.iter_mut().enumerate() {
-        if !key_visible(position, i, window) {
-            *x = S::round_from_f64(f64::NEG_INFINITY);
-        }
-    }
+    mask_invisible_scores(&mut s, position, window);
     Ok(s)
 }
 
 /// Keys per backward pass of [`attention_jacobian`].
 const ATTENTION_ROWS_PER_PASS: usize = 256;
 
-/// `SplitModel::attention_jacobian`: `R` replicas of the activation through the upper half up to
-/// the head's scores, one backward pass of `Σ_r s_{r, i_r}` per group of keys `i_r`; rows of
-/// keys outside the window zeroed.
+/// `SplitModel::attention_jacobian`: for the keys the query sees (only those: under a sliding
+/// window the rest stay zero), `R` replicas of the activation through the upper half up to the
+/// head's scores and one backward pass of `Σ_r s_{r, i_r}` per group of keys `i_r`.
 pub(crate) fn attention_jacobian<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
@@ -759,18 +778,19 @@ pub(crate) fn attention_jacobian<M: CachedUpper, S: Float>(
 ) -> Result<Matrix<S>, FsError> {
     let window = check_attention(m, ctx, position, head)?;
     let (n, d) = (position + 1, m.model_dims().d_model);
-    let mut out = Vec::with_capacity(n * d);
-    for start in (0..n).step_by(ATTENTION_ROWS_PER_PASS) {
-        let r = ATTENTION_ROWS_PER_PASS.min(n - start);
-        let part = (|| {
+    let mut out = vec![S::zero(); n * d];
+    for keys in visible_keys(position, window).chunks(ATTENTION_ROWS_PER_PASS) {
+        let r = keys.len();
+        let rows = (|| {
             let h = Var::from_tensor(&replicated(m, ctx, &[position], r)?)?;
             let s = {
                 let _replicas = crate::ops::ReplicatedRows::declare(r);
                 m.upper_scores(ctx, position, h.as_tensor(), head)?
             };
-            let pick: Vec<S> = (0..r * n)
-                .map(|x| S::round_from_f64(f64::from(u8::from(x % n == start + x / n))))
-                .collect();
+            let mut pick = vec![S::zero(); r * n];
+            for (row, &key) in keys.iter().enumerate() {
+                pick[row * n + key] = S::round_from_f64(1.0);
+            }
             let pick = Tensor::from_vec(pick, (r, n), m.device())?;
             let grads = (s * pick)?.sum_all()?.backward()?;
             let g = grads.get(h.as_tensor()).ok_or_else(|| {
@@ -779,14 +799,110 @@ pub(crate) fn attention_jacobian<M: CachedUpper, S: Float>(
             g.flatten_all()?.to_vec1::<S>()
         })()
         .map_err(be)?;
-        out.extend(part);
-    }
-    for (i, row) in out.chunks_exact_mut(d).enumerate() {
-        if !key_visible(position, i, window) {
-            row.iter_mut().for_each(|x| *x = S::zero());
+        for (&key, row) in keys.iter().zip(rows.chunks_exact(d)) {
+            out[key * d..(key + 1) * d].copy_from_slice(row);
         }
     }
     Matrix::from_vec(n, d, out)
+}
+
+/// Vocabulary rows per chunk of the device Gram ([`output_gram_on_device`]).
+const DEVICE_VOCAB_CHUNK: usize = 8192;
+
+/// The centered output Gram `G = Σ_y p_y (s_y w_y − m)(s_y w_y − m)ᵀ`, `m = Σ_y p_y s_y w_y`,
+/// of one position's logits `z` `(V)` on the readout's device: `p`, the soft-cap slopes `s` and
+/// `m` in f64; per vocabulary chunk the centered, scaled rows `√p_y (s_y w_y − m)` are rounded to
+/// the model's dtype and multiplied there, and the chunk products are summed in f64 — the host
+/// estimator's arithmetic (`fs_estimators::centered_output_gram_with_slopes`). `(d_u, d_u)`, f64.
+fn output_gram_on_device(r: &Readout, z: &Tensor) -> candle_core::Result<Tensor> {
+    let (v, du) = (r.dims.vocab_size, r.dims.readout_dim);
+    let z = z.to_dtype(DType::F64)?.reshape((v, 1))?;
+    let p = softmax_last_dim(&z.t()?)?.t()?;
+    let ps = match r.final_logit_softcap {
+        None => p.clone(),
+        Some(c) => {
+            let t = (&z / c)?;
+            let slope = (1.0 - (&t * &t)?)?.clamp(0.0, 1.0)?;
+            (&p * slope)?
+        }
+    };
+    let slope = |range: &std::ops::Range<usize>| -> candle_core::Result<Option<Tensor>> {
+        match r.final_logit_softcap {
+            None => Ok(None),
+            Some(c) => {
+                let t = (z.narrow(0, range.start, range.len())? / c)?;
+                Ok(Some((1.0 - (&t * &t)?)?.clamp(0.0, 1.0)?))
+            }
+        }
+    };
+    let chunks: Vec<std::ops::Range<usize>> =
+        (0..v).step_by(DEVICE_VOCAB_CHUNK).map(|a| a..(a + DEVICE_VOCAB_CHUNK).min(v)).collect();
+    let mut m = Tensor::zeros((1, du), DType::F64, &r.device)?;
+    for range in &chunks {
+        let w = r.lm_head.chunk(range.clone(), &r.device, DType::F64)?;
+        let ps = ps.narrow(0, range.start, range.len())?;
+        m = (m + ps.t()?.matmul(&w)?)?;
+    }
+    let mut g = Tensor::zeros((du, du), DType::F64, &r.device)?;
+    for range in &chunks {
+        let mut w = r.lm_head.chunk(range.clone(), &r.device, DType::F64)?;
+        if let Some(s) = slope(range)? {
+            w = w.broadcast_mul(&s)?;
+        }
+        let root_p = p.narrow(0, range.start, range.len())?.sqrt()?;
+        let b = w.broadcast_sub(&m)?.broadcast_mul(&root_p)?.to_dtype(r.dtype)?;
+        g = (g + b.t()?.matmul(&b)?.to_dtype(DType::F64)?)?;
+    }
+    Ok(g)
+}
+
+/// `SplitModel::device_exact_fisher`: with [`Readout::fisher_on_device`] (a GPU model), the
+/// readout Jacobians by forward-mode passes kept on the device (`(P, d_u, d)`, widened to f64),
+/// each position's Gram [`output_gram_on_device`], the sandwich `Aᵀ G A` in f64 there; only the
+/// `d × d` matrices are copied back. `None` otherwise.
+pub(crate) fn device_exact_fisher<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+) -> Result<Option<Vec<Matrix<f64>>>, FsError> {
+    let r = m.readout();
+    if !r.fisher_on_device {
+        return Ok(None);
+    }
+    check_positions(positions, ctx.tokens.len())?;
+    let d = r.dims.d_model;
+    let (per_pass, cols_per_pass) =
+        readout_batching(d, m.bytes_per_row_per_block(), m.activation_budget());
+    let mut out = Vec::with_capacity(positions.len());
+    for chunk in positions.chunks(per_pass) {
+        let data = (|| -> candle_core::Result<Vec<Vec<f64>>> {
+            let idx: Vec<u32> = chunk.iter().map(|&t| t as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), m.device())?;
+            let rows = ctx.hidden.index_select(&idx, 0)?;
+            let mut parts = Vec::new();
+            for start in (0..d).step_by(cols_per_pass) {
+                let cols = start..(start + cols_per_pass).min(d);
+                let seed = crate::jvp::seed(&rows, chunk.len(), cols)?;
+                // u̇ is (P, R, d_u): (P, d_u, R) is A[:, cols] per position.
+                parts.push(m.upper_jvp(ctx, chunk, seed)?.dx.transpose(1, 2)?);
+            }
+            let a = Tensor::cat(&parts, 2)?.to_dtype(DType::F64)?;
+            let z = r.logits_of(&ctx.final_norm.index_select(&idx, 0)?)?;
+            (0..chunk.len())
+                .map(|i| {
+                    let g = output_gram_on_device(r, &z.get(i)?)?;
+                    let a = a.get(i)?;
+                    let f = a.t()?.matmul(&g.matmul(&a)?)?;
+                    ((&f + f.t()?)? * 0.5)?.flatten_all()?.to_vec1::<f64>()
+                })
+                .collect()
+        })()
+        .map_err(be)?;
+        for f in data {
+            out.push(Matrix::from_vec(d, d, f)?);
+        }
+    }
+    Ok(Some(out))
 }
 
 /// `SplitModel::unembedding`: rows read from the model's `W_U` ([`Table`]) on demand — widened
@@ -819,6 +935,13 @@ macro_rules! impl_split_model {
                 let r = &mut self.readout;
                 let per_position = r.bytes_per_row_per_block * r.dims.d_model;
                 r.activation_budget = per_position.saturating_mul(positions.max(1));
+            }
+
+            /// Form the exact Fisher on the model's device (`SplitModel::device_exact_fisher`):
+            /// on by default for a GPU model, off on the CPU, where the host estimators are
+            /// faster; turning it on there runs the device code path on the CPU (tests).
+            pub fn set_fisher_on_device(&mut self, on: bool) {
+                self.readout.fisher_on_device = on;
             }
         }
 
@@ -911,6 +1034,13 @@ macro_rules! impl_split_model {
             }
             fn final_logit_softcap(&self) -> Option<f64> {
                 $crate::cached::CachedUpper::readout(self).final_logit_softcap
+            }
+            fn device_exact_fisher(
+                &self,
+                ctx: &Self::Context,
+                positions: &[usize],
+            ) -> Result<Option<Vec<fs_traits::Matrix<f64>>>, fs_traits::FsError> {
+                $crate::cached::device_exact_fisher(self, ctx, positions)
             }
             fn attention_heads(&self) -> usize {
                 $crate::cached::CachedUpper::attention_layout(self, 0).0

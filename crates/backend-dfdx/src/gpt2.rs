@@ -41,7 +41,7 @@ use dfdx::prelude::{
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
 use fs_traits::engine::{check_positions, readout_batching};
 use fs_traits::{
-    check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
+    check_attention_query, check_finite, check_layer, check_len, check_position, check_tokens,
     check_tokens_in_vocab, softmax, AttentionHead, FsError, Matrix, MatrixRef, ModelDims,
     SplitContext, SplitModel,
 };
@@ -812,8 +812,9 @@ impl SplitModel for Gpt2 {
         h: &[f32],
     ) -> Result<Vec<f32>, FsError> {
         let d = self.cfg.n_embd;
-        check_position(position, ctx.cache.tokens.len())?;
-        check_attention_head(head, ctx.layer, self.cfg.n_layer, self.cfg.n_head)?;
+        let (seq_len, (layers, heads)) =
+            (ctx.cache.tokens.len(), (self.cfg.n_layer, self.cfg.n_head));
+        check_attention_query(head, position, seq_len, ctx.layer, layers, heads)?;
         check_len("h", h.len(), d)?;
         check_finite("h", h)?;
         guarded(|| {
@@ -833,8 +834,9 @@ impl SplitModel for Gpt2 {
         position: usize,
         head: AttentionHead,
     ) -> Result<Matrix<f32>, FsError> {
-        check_position(position, ctx.cache.tokens.len())?;
-        check_attention_head(head, ctx.layer, self.cfg.n_layer, self.cfg.n_head)?;
+        let (seq_len, (layers, heads)) =
+            (ctx.cache.tokens.len(), (self.cfg.n_layer, self.cfg.n_head));
+        check_attention_query(head, position, seq_len, ctx.layer, layers, heads)?;
         let (d, n) = (self.cfg.n_embd, position + 1);
         let per_pass = self.rows_per_pass(ctx.layer, ctx.cache.tokens.len()).max(1);
         let mut out = Vec::with_capacity(n * d);

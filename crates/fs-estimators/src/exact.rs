@@ -68,6 +68,10 @@ fn fisher_from_parts<S: Scalar>(
 /// passes), then [`exact_fisher_from_parts`]. Returns one symmetric PSD `d × d` matrix per
 /// position, in the order given.
 ///
+/// A model that computes `F` where it lives ([`SplitModel::device_exact_fisher`]: a GPU model)
+/// does all of this on its device and returns only the matrices; they are checked for shape
+/// and finiteness here.
+///
 /// Errors: a position outside the sequence, non-finite logits or Jacobians, or a model that
 /// returns arrays of the wrong shape.
 pub fn exact_fisher<M: SplitModel>(
@@ -76,6 +80,19 @@ pub fn exact_fisher<M: SplitModel>(
     positions: &[usize],
     opts: &ExactOptions,
 ) -> Result<Vec<Matrix<f64>>> {
+    if let Some(found) = model.device_exact_fisher(ctx, positions)? {
+        let d = model.dims().d_model;
+        fs_traits::check_len(
+            "device Fisher matrices (one per position)",
+            found.len(),
+            positions.len(),
+        )?;
+        for f in &found {
+            check_shape("device Fisher matrix", f.shape(), (d, d))?;
+            fs_traits::check_finite("the Fisher matrix", f.as_slice())?;
+        }
+        return Ok(found);
+    }
     Ok(exact_fisher_with_jacobians(model, ctx, positions, opts)?
         .into_iter()
         .map(|e| e.fisher)

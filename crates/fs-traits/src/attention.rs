@@ -78,6 +78,35 @@ pub fn check_attention_head(
     Ok(())
 }
 
+/// Check a request for the attention of `head` at `position` of a context of `seq_len`
+/// positions split at `split_layer`: the position first, then the head
+/// ([`check_attention_head`]). What every engine's `attention_scores` / `attention_jacobian`
+/// checks before it runs.
+pub fn check_attention_query(
+    head: AttentionHead,
+    position: usize,
+    seq_len: usize,
+    split_layer: usize,
+    n_layers: usize,
+    n_heads: usize,
+) -> Result<()> {
+    crate::check_position(position, seq_len)?;
+    check_attention_head(head, split_layer, n_layers, n_heads)
+}
+
+/// Set the scores of the keys the query at `query` may not see (under `window`) to `−∞`.
+pub fn mask_invisible_scores<S: crate::Scalar>(
+    scores: &mut [S],
+    query: usize,
+    window: Option<usize>,
+) {
+    for (key, s) in scores.iter_mut().enumerate() {
+        if !key_visible(query, key, window) {
+            *s = S::round_from_f64(f64::NEG_INFINITY);
+        }
+    }
+}
+
 /// Whether the query at `query` may attend to the key at `key` in a causal layer with an
 /// optional sliding `window` (transformers' convention: `query − key < window`).
 pub fn key_visible(query: usize, key: usize, window: Option<usize>) -> bool {
@@ -106,6 +135,20 @@ mod tests {
         assert!(e.contains("query heads 0..4"), "{e}");
         assert!(matches!(check_attention_head(h(0, 0), 0, 4, 0), Err(FsError::Unsupported(_))));
         assert_eq!(h(3, 1).to_string(), "attention:3.1");
+    }
+
+    #[test]
+    fn queries_are_checked_and_invisible_keys_masked() {
+        let h = AttentionHead { layer: 1, head: 0 };
+        assert!(check_attention_query(h, 4, 5, 1, 2, 2).is_ok());
+        assert!(matches!(
+            check_attention_query(h, 5, 5, 1, 2, 2),
+            Err(FsError::PositionOutOfRange { position: 5, seq_len: 5 })
+        ));
+        assert!(check_attention_query(h, 4, 5, 2, 2, 2).is_err());
+        let mut s = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        mask_invisible_scores(&mut s, 3, Some(2));
+        assert_eq!(s, [f32::NEG_INFINITY, f32::NEG_INFINITY, 3.0, 4.0, f32::NEG_INFINITY]);
     }
 
     #[test]

@@ -38,7 +38,10 @@ mod matrix;
 mod scalar;
 mod unembedding;
 
-pub use attention::{check_attention_head, key_visible, visible_keys, AttentionHead};
+pub use attention::{
+    check_attention_head, check_attention_query, key_visible, mask_invisible_scores, visible_keys,
+    AttentionHead,
+};
 pub use engine::{softmax, tempered_softmax};
 pub use error::{FsError, Result};
 pub use matrix::{Matrix, MatrixRef};
@@ -308,6 +311,25 @@ pub trait SplitModel {
         Err(FsError::Unsupported(
             "SplitModel::with_activation (an edited activation), which steering needs".into(),
         ))
+    }
+
+    /// The exact Fisher `F_t = A_tᵀ G_t A_t` at each of `positions`, computed **where the model
+    /// lives** — the readout Jacobian, the weighted Gram `G = Σ_y p_y (w_y − m)(w_y − m)ᵀ` (soft-cap
+    /// slopes applied as in [`final_logit_softcap`](Self::final_logit_softcap)) and the sandwich
+    /// on the model's device, only the `d × d` results copied back — or `Ok(None)` when the model
+    /// has no such path (the default), in which case `fs_estimators::exact_fisher` forms `F` on
+    /// the host from [`readout_jacobians`](Self::readout_jacobians) and
+    /// [`unembedding`](Self::unembedding). For a model on a GPU, where the host would otherwise
+    /// do the `V·d_u²` Gram and the `d³` sandwich while the device waits. Implementations keep
+    /// the estimators' precision: products in the model's scalar, chunk results of the
+    /// vocabulary accumulated and the sandwich taken in `f64`.
+    fn device_exact_fisher(
+        &self,
+        ctx: &Self::Context,
+        positions: &[usize],
+    ) -> Result<Option<Vec<Matrix<f64>>>> {
+        let _ = (ctx, positions);
+        Ok(None)
     }
 
     /// Query heads per block, `0` (the default) for a model that does not expose its attention

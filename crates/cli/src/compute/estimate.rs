@@ -240,14 +240,19 @@ pub(super) fn sequence_entries<M: SplitModel>(
     split.lower += clock.elapsed().as_secs_f64();
     for (ctx, &layer) in contexts.iter().zip(layers) {
         let clock = Instant::now();
-        // Logits of every position at once; position by position when one is not finite.
-        let logits = match model.logits(ctx, positions) {
-            Ok(l) if l.as_slice().iter().all(|&x| fs_traits::Scalar::as_f64(x).is_finite()) => {
+        // Logits of every position at once (for the next-token entropies; an attention
+        // distribution has its own); position by position when one is not finite.
+        let next_token = args.distribution.head().is_none();
+        let logits = match next_token.then(|| model.logits(ctx, positions)) {
+            None => None,
+            Some(Ok(l))
+                if l.as_slice().iter().all(|&x| fs_traits::Scalar::as_f64(x).is_finite()) =>
+            {
                 Some(l)
             }
-            Ok(_) => None,
-            Err(e) if is_numerical_fs(&e) => None,
-            Err(e) => return Err(e.into()),
+            Some(Ok(_)) => None,
+            Some(Err(e)) if is_numerical_fs(&e) => None,
+            Some(Err(e)) => return Err(e.into()),
         };
         let chunk = args.batch_size.unwrap_or(1).max(1);
         split.estimator += clock.elapsed().as_secs_f64();
