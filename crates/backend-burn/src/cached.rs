@@ -198,20 +198,32 @@ pub(crate) trait CachedUpper {
     /// The full causal forward pass (validated tokens), one context per requested layer.
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext>;
     /// The upper half on rows `h` `(P, R, d)`, row `(p, r)` at position `positions[p]`:
-    /// returns `u = norm_f(x_L)`, `(P, R, d)`.
-    fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3>;
-    /// Query heads per block, and the sliding window of block `layer` (`None`: full causal).
-    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>);
-    /// The upper half on rows `h` `(1, R, d)` at `position`, stopped inside block `head.layer`:
-    /// the scores of query head `head.head` against the keys `0..=position` ([`head_scores`]),
-    /// `(1, R, position + 1)`, before any mask.
+    /// `u = norm_f(x_L)`, `(P, R, d)` — or, with `stop`, the pass stopped inside block
+    /// `stop.layer` (`P = 1`): the scores of query head `stop.head` against the keys
+    /// `0..=position` ([`head_scores`]), `(1, R, position + 1)`, before any mask.
+    fn run_upper(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: Tensor<3>,
+        stop: Option<AttentionHead>,
+    ) -> Tensor<3>;
+    /// [`run_upper`](Self::run_upper) to the readout `u`.
+    fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
+        self.run_upper(ctx, positions, h, None)
+    }
+    /// [`run_upper`](Self::run_upper) to the scores of `head` at `position`.
     fn upper_scores(
         &self,
         ctx: &CachedContext,
         position: usize,
         h: Tensor<3>,
         head: AttentionHead,
-    ) -> Tensor<3>;
+    ) -> Tensor<3> {
+        self.run_upper(ctx, &[position], h, Some(head))
+    }
+    /// Query heads per block, and the sliding window of block `layer` (`None`: full causal).
+    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>);
 }
 
 /// How one attention layer scores: `s = scale · q·k`, then `s ← cap·tanh(s/cap)` when

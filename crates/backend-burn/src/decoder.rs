@@ -392,21 +392,18 @@ impl CachedUpper for Decoder {
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
         Decoder::forward_sequence(self, tokens, layers)
     }
-    fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
-        self.run_upper(ctx, positions, h, None)
+    fn run_upper(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: Tensor<3>,
+        stop: Option<AttentionHead>,
+    ) -> Tensor<3> {
+        Decoder::run_upper(self, ctx, positions, h, stop)
     }
     fn attention_layout(&self, layer: usize) -> (usize, Option<usize>) {
         let window = self.blocks.get(layer).and_then(|b| b.attn.window);
         (self.cfg.num_attention_heads, window)
-    }
-    fn upper_scores(
-        &self,
-        ctx: &CachedContext,
-        position: usize,
-        h: Tensor<3>,
-        head: AttentionHead,
-    ) -> Tensor<3> {
-        self.run_upper(ctx, &[position], h, Some(head))
     }
 }
 

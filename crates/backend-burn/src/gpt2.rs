@@ -212,20 +212,17 @@ impl CachedUpper for Gpt2 {
     fn forward_sequence(&self, tokens: &[u32], layers: &[usize]) -> Vec<CachedContext> {
         Gpt2::forward_sequence(self, tokens, layers)
     }
-    fn upper(&self, ctx: &CachedContext, positions: &[usize], h: Tensor<3>) -> Tensor<3> {
-        self.run_upper(ctx, positions, h, None)
+    fn run_upper(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: Tensor<3>,
+        stop: Option<AttentionHead>,
+    ) -> Tensor<3> {
+        Gpt2::run_upper(self, ctx, positions, h, stop)
     }
     fn attention_layout(&self, _layer: usize) -> (usize, Option<usize>) {
         (self.heads().0, None)
-    }
-    fn upper_scores(
-        &self,
-        ctx: &CachedContext,
-        position: usize,
-        h: Tensor<3>,
-        head: AttentionHead,
-    ) -> Tensor<3> {
-        self.run_upper(ctx, &[position], h, Some(head))
     }
 }
 

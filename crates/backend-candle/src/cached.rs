@@ -308,25 +308,37 @@ pub(crate) trait CachedUpper {
         layers: &[usize],
     ) -> candle_core::Result<Vec<CachedContext>>;
     /// The upper half on rows `h` `(P, R, d)`, row `(p, r)` at position `positions[p]`:
-    /// returns `u = norm_f(x_L)`, `(P, R, d)`.
+    /// `u = norm_f(x_L)`, `(P, R, d)` — or, with `stop`, the pass stopped inside block
+    /// `stop.layer` (`P = 1`): the scores of query head `stop.head` against the keys
+    /// `0..=position` ([`head_scores`]), `(R, position + 1)`, before any mask.
+    fn run_upper(
+        &self,
+        ctx: &CachedContext,
+        positions: &[usize],
+        h: &Tensor,
+        stop: Option<AttentionHead>,
+    ) -> candle_core::Result<Tensor>;
+    /// [`run_upper`](Self::run_upper) to the readout `u`.
     fn upper(
         &self,
         ctx: &CachedContext,
         positions: &[usize],
         h: &Tensor,
-    ) -> candle_core::Result<Tensor>;
-    /// Query heads per block, and the sliding window of block `layer` (`None`: full causal).
-    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>);
-    /// The upper half on rows `h` `(1, R, d)` at `position`, stopped inside block `head.layer`:
-    /// the scores of query head `head.head` against the keys `0..=position` ([`head_scores`]),
-    /// `(R, position + 1)`, before any mask.
+    ) -> candle_core::Result<Tensor> {
+        self.run_upper(ctx, positions, h, None)
+    }
+    /// [`run_upper`](Self::run_upper) to the scores of `head` at `position`.
     fn upper_scores(
         &self,
         ctx: &CachedContext,
         position: usize,
         h: &Tensor,
         head: AttentionHead,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Tensor> {
+        self.run_upper(ctx, &[position], h, Some(head))
+    }
+    /// Query heads per block, and the sliding window of block `layer` (`None`: full causal).
+    fn attention_layout(&self, layer: usize) -> (usize, Option<usize>);
     /// The upper half differentiated forward ([`crate::jvp`]): primal rows `(P, 1, d)` and
     /// tangents `(P, R, d)` at `positions` in, `u` and `u̇` out.
     fn upper_jvp(

@@ -515,26 +515,18 @@ impl<S: Float> CachedUpper for Decoder<S> {
     ) -> candle_core::Result<Vec<CachedContext>> {
         Decoder::forward_sequence(self, tokens, layers)
     }
-    fn upper(
+    fn run_upper(
         &self,
         ctx: &CachedContext,
         positions: &[usize],
         h: &Tensor,
+        stop: Option<AttentionHead>,
     ) -> candle_core::Result<Tensor> {
-        self.run_upper(ctx, positions, h, None)
+        Decoder::run_upper(self, ctx, positions, h, stop)
     }
     fn attention_layout(&self, layer: usize) -> (usize, Option<usize>) {
         let window = self.blocks.get(layer).and_then(|b| b.attn.window);
         (self.cfg.num_attention_heads, window)
-    }
-    fn upper_scores(
-        &self,
-        ctx: &CachedContext,
-        position: usize,
-        h: &Tensor,
-        head: AttentionHead,
-    ) -> candle_core::Result<Tensor> {
-        self.run_upper(ctx, &[position], h, Some(head))
     }
     fn upper_jvp(
         &self,

@@ -290,25 +290,17 @@ impl<S: Float> CachedUpper for Gpt2<S> {
     ) -> candle_core::Result<Vec<CachedContext>> {
         Gpt2::forward_sequence(self, tokens, layers)
     }
-    fn upper(
+    fn run_upper(
         &self,
         ctx: &CachedContext,
         positions: &[usize],
         h: &Tensor,
+        stop: Option<AttentionHead>,
     ) -> candle_core::Result<Tensor> {
-        self.run_upper(ctx, positions, h, None)
+        Gpt2::run_upper(self, ctx, positions, h, stop)
     }
     fn attention_layout(&self, _layer: usize) -> (usize, Option<usize>) {
         (self.heads().0, None)
-    }
-    fn upper_scores(
-        &self,
-        ctx: &CachedContext,
-        position: usize,
-        h: &Tensor,
-        head: AttentionHead,
-    ) -> candle_core::Result<Tensor> {
-        self.run_upper(ctx, &[position], h, Some(head))
     }
     fn upper_jvp(
         &self,
