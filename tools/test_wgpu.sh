@@ -3,11 +3,13 @@
 # (lavapipe, Debian `mesa-vulkan-drivers`). Runs tests/tests/backends.rs `device_agrees_with_cpu`
 # with FS_TEST_DEVICE=wgpu: every fixture (GPT-2 and every decoder family) loaded on burn's wgpu
 # device and on its CPU backend, logits at every layer and the exact F at every layer (last
-# position) compared — uploads, kernels and downloads are the device path's. Measured here
-# (2026-11-30): 12 fixtures, 42 comparisons, max |Δlogit| 1.5e-5, max exact-F relative
-# difference 1.0e-5 (bound 1e-4), 12.5 s once built.
+# position) compared — uploads, kernels and downloads are the device path's, and on wgpu the
+# exact F is formed on the device (`device_exact_fisher`: Jacobians, Gram and sandwich there).
+# Measured here (2026-11-30, Intel AVX-512 VM): 12 fixtures, 42 comparisons, max |Δlogit|
+# 1.4e-5, max exact-F relative difference 8.0e-6 (bound 1e-4), 5.8 s once built (the host-side
+# F took 23 s); cold build 23 min 46 s.
 #
-# Not in `.ci/run`: building burn's wgpu stack for the suite took 31 min on this 2-core machine.
+# Not in `.ci/run`: building burn's wgpu stack for the suite took 24–31 min on this 2-core machine.
 # Run it before every stop. Extra arguments go to the test binary; burn's whole half of the suite
 # on wgpu (`-- --include-ignored burn::`) can be run the same way but is far slower on the CPU driver (one
 # fixture test ran > 9 min without finishing: every finite-difference step is a kernel launch).

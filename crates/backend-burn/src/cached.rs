@@ -127,6 +127,10 @@ pub(crate) struct Readout {
     pub(crate) bytes_per_row_per_block: usize,
     /// The final-logit soft-cap `c` (`z = c·tanh(W_U u / c)`), if the model has one.
     pub(crate) final_logit_softcap: Option<f64>,
+    /// Whether `SplitModel::device_exact_fisher` forms the exact Fisher on the device
+    /// ([`device_exact_fisher`]): on for a GPU (wgpu, CUDA) model, off on the CPU backend (where
+    /// the host estimators are faster and exact to f64); settable for tests.
+    pub(crate) fisher_on_device: bool,
 }
 
 impl Readout {
@@ -141,6 +145,7 @@ impl Readout {
         bytes_per_row_per_block: usize,
     ) -> (Tensor<2>, Readout) {
         let device = device.clone().without_autodiff();
+        let on_gpu = device != Device::flex();
         let up = Upload(&device);
         let lm_head_host = lm_head.as_ref().unwrap_or(&embed).data.clone();
         let embed = up.matrix(embed);
@@ -153,6 +158,7 @@ impl Readout {
             activation_budget: DEFAULT_ACTIVATION_BUDGET,
             bytes_per_row_per_block,
             final_logit_softcap: None,
+            fisher_on_device: on_gpu,
         };
         (embed, readout)
     }
@@ -356,11 +362,14 @@ fn replicated_leaf<M: CachedUpper>(
 
 /// The gradient of the leaf `h` after `loss.backward()`, on the host.
 fn leaf_gradient(loss: Tensor<1>, h: &Tensor<3>) -> Result<Vec<f32>, FsError> {
+    read(leaf_gradient_on_device(loss, h)?)
+}
+
+/// The gradient of the leaf `h` after `loss.backward()`, left on the device.
+fn leaf_gradient_on_device(loss: Tensor<1>, h: &Tensor<3>) -> Result<Tensor<3>, FsError> {
     let grads = loss.backward();
-    let g = h
-        .grad(&grads)
-        .ok_or_else(|| FsError::Backend("burn: no gradient reached the activation".into()))?;
-    read(g)
+    h.grad(&grads)
+        .ok_or_else(|| FsError::Backend("burn: no gradient reached the activation".into()))
 }
 
 /// `SplitModel::lower_layers`.
@@ -527,6 +536,18 @@ fn readout_jacobian_rows<M: CachedUpper>(
     positions: &[usize],
     rows: std::ops::Range<usize>,
 ) -> Result<Vec<Vec<f32>>, FsError> {
+    let (d, r) = (m.model_dims().d_model, rows.len());
+    let g = read(readout_jacobian_rows_on_device(m, ctx, positions, rows)?)?;
+    Ok(g.chunks_exact(r * d).map(<[f32]>::to_vec).collect())
+}
+
+/// [`readout_jacobian_rows`] left on the device: `(P, rows.len(), d)`.
+fn readout_jacobian_rows_on_device<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+    rows: std::ops::Range<usize>,
+) -> Result<Tensor<3>, FsError> {
     let d = m.model_dims().d_model;
     let r = rows.len();
     let h = replicated_leaf(m, ctx, positions, r)?;
@@ -536,8 +557,7 @@ fn readout_jacobian_rows<M: CachedUpper>(
         selector[i * d + row] = 1.0;
     }
     let selector = tensor(selector, [1, r, d], m.device());
-    let g = leaf_gradient(u.mul(selector).sum(), &h)?;
-    Ok(g.chunks_exact(r * d).map(<[f32]>::to_vec).collect())
+    leaf_gradient_on_device(u.mul(selector).sum(), &h)
 }
 
 /// `SplitModel::readout_jacobians`, under the model's activation budget.
@@ -635,6 +655,80 @@ pub(crate) fn attention_jacobian<M: CachedUpper>(
     Matrix::from_vec(n, d, out)
 }
 
+/// Vocabulary rows per chunk of the device Gram ([`output_gram_on_device`]).
+const DEVICE_VOCAB_CHUNK: usize = 8192;
+
+/// The centered output Gram `G = Σ_y p_y (s_y w_y − m)(s_y w_y − m)ᵀ` of one position's logits
+/// `z` on the readout's device, in f32 (wgpu has no f64): `p` and the soft-cap slopes `s` in
+/// f64 on the host, uploaded once; `m = W_Uᵀ(p ⊙ s)`, then per vocabulary chunk the centered,
+/// scaled rows `√p_y (s_y w_y − m)` and their product, summed on the device. `(d_u, d_u)`.
+fn output_gram_on_device(r: &Readout, z: &[f32]) -> Result<Tensor<2>, FsError> {
+    let (v, du) = (r.dims.vocab_size, r.dims.readout_dim);
+    let p = softmax(z)?;
+    let slopes = fs_traits::logit_slopes(r.final_logit_softcap, z);
+    let slope = |y: usize| slopes.as_ref().map_or(1.0, |s| s[y]);
+    let column = |f: &dyn Fn(usize) -> f64| -> Tensor<2> {
+        tensor((0..v).map(|y| f(y) as f32).collect(), [v, 1], &r.device)
+    };
+    let ps = column(&|y| p[y] * slope(y));
+    let root_p = column(&|y| p[y].sqrt());
+    let s = slopes.is_some().then(|| column(&|y| slope(y)));
+    let m = ps.transpose().matmul(r.lm_head.clone());
+    let mut g = Tensor::<2>::zeros([du, du], &r.device);
+    for start in (0..v).step_by(DEVICE_VOCAB_CHUNK) {
+        let n = DEVICE_VOCAB_CHUNK.min(v - start);
+        let mut w = r.lm_head.clone().narrow(0, start, n);
+        if let Some(s) = &s {
+            w = w.mul(s.clone().narrow(0, start, n));
+        }
+        let b = w.sub(m.clone()).mul(root_p.clone().narrow(0, start, n));
+        g = g.add(b.clone().transpose().matmul(b));
+    }
+    Ok(g)
+}
+
+/// `SplitModel::device_exact_fisher`: with [`Readout::fisher_on_device`] (a wgpu or CUDA model),
+/// the readout Jacobians by backward passes left on the device, each position's Gram
+/// [`output_gram_on_device`] and the sandwich `Aᵀ G A` there, in f32 (burn's wgpu backend has no
+/// f64; the error against the host's f64 accumulation is measured in the suite); only the
+/// `d × d` matrices are read back and symmetrised in f64. `None` otherwise.
+pub(crate) fn device_exact_fisher<M: CachedUpper>(
+    m: &M,
+    ctx: &CachedContext,
+    positions: &[usize],
+) -> Result<Option<Vec<Matrix<f64>>>, FsError> {
+    let r = m.readout();
+    if !r.fisher_on_device {
+        return Ok(None);
+    }
+    check_positions(positions, ctx.tokens.len())?;
+    let dims = r.dims;
+    let (d, du) = (dims.d_model, dims.readout_dim);
+    let z = logits(m, ctx, positions)?;
+    let bytes_per_row = m.bytes_per_row_per_block() * (dims.n_layers - ctx.layer).max(1);
+    let (per_pass, rows_per_pass) = readout_batching(d, bytes_per_row, m.activation_budget());
+    let mut out = Vec::with_capacity(positions.len());
+    for (c, chunk) in positions.chunks(per_pass).enumerate() {
+        let parts = (0..du)
+            .step_by(rows_per_pass)
+            .map(|start| {
+                let rows = start..(start + rows_per_pass).min(du);
+                readout_jacobian_rows_on_device(m, ctx, chunk, rows)
+            })
+            .collect::<Result<Vec<_>, FsError>>()?;
+        let a = Tensor::cat(parts, 1);
+        for i in 0..chunk.len() {
+            let g = output_gram_on_device(r, z.row(c * per_pass + i))?;
+            let a = a.clone().narrow(0, i, 1).reshape([du, d]);
+            let f = read(a.clone().transpose().matmul(g.matmul(a)))?;
+            out.push(Matrix::from_fn(d, d, |x, y| {
+                0.5 * (f[x * d + y] as f64 + f[y * d + x] as f64)
+            }));
+        }
+    }
+    Ok(Some(out))
+}
+
 /// `SplitModel::unembedding`.
 pub(crate) fn unembedding<M: CachedUpper>(m: &M) -> fs_traits::Unembedding<'_, f32> {
     let dims = m.model_dims();
@@ -668,6 +762,13 @@ macro_rules! impl_split_model {
                 let per_position =
                     r.bytes_per_row_per_block * r.dims.n_layers.max(1) * r.dims.d_model;
                 r.activation_budget = per_position.saturating_mul(positions.max(1));
+            }
+
+            /// Form the exact Fisher on the device (`SplitModel::device_exact_fisher`): on by
+            /// default on a GPU, off on the CPU backend; turning it on there runs the device
+            /// code path on the CPU (tests).
+            pub fn set_fisher_on_device(&mut self, on: bool) {
+                self.readout.fisher_on_device = on;
             }
         }
 
@@ -749,6 +850,13 @@ macro_rules! impl_split_model {
             }
             fn final_logit_softcap(&self) -> Option<f64> {
                 $crate::cached::CachedUpper::readout(self).final_logit_softcap
+            }
+            fn device_exact_fisher(
+                &self,
+                ctx: &Self::Context,
+                positions: &[usize],
+            ) -> Result<Option<Vec<fs_traits::Matrix<f64>>>, fs_traits::FsError> {
+                $crate::cached::device_exact_fisher(self, ctx, positions)
             }
             fn attention_heads(&self) -> usize {
                 $crate::cached::CachedUpper::attention_layout(self, 0).0
