@@ -215,7 +215,17 @@ pub fn run(args: InspectArgs, g: &Globals) -> Result<()> {
     };
     let results = files.iter().map(|f| read_results(f)).collect::<Result<Vec<_>>>()?;
     let all_stored = results.iter().all(|r| r.has_directions());
-    let decoder = if args.no_model || args.top_k == 0 || files.is_empty() || all_stored {
+    // The model decodes next-token effects; an attention run's eigenvectors are read out only by
+    // `compute --directions` (keys, not tokens).
+    let attention = meta.distribution.as_deref().is_some_and(|d| d != "next-token");
+    if attention && !all_stored && args.top_k > 0 && !args.no_model && !files.is_empty() {
+        eprintln!(
+            "note: directions not decoded: this run's Fisher is of {} (rerun compute with --directions to read out the keys)",
+            meta.distribution.as_deref().unwrap_or_default()
+        );
+    }
+    let decoder = if args.no_model || args.top_k == 0 || files.is_empty() || all_stored || attention
+    {
         None
     } else {
         match load_decoder(&args, g) {

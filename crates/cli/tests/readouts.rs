@@ -845,6 +845,12 @@ fn attention_distribution_matches_the_oracle_and_reads_out_keys() {
     // The sampled estimator draws keys from the attention weights: visible keys only.
     let sampled = root.path().join("sampled");
     run(&sampled, &["--estimator", "sampled", "--samples", "64"]);
+    // Without stored read-outs, inspect does not decode the attention Fisher's eigenvectors as
+    // next-token effects (what loading the model would do): it says why.
+    let out = bin().args(["inspect", sampled.to_str().unwrap(), "--top-k", "1"]).output().unwrap();
+    let (stdout, stderr) = (ok(&out), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(stderr.contains("directions not decoded") && stderr.contains("attention:"), "{stderr}");
+    assert!(!stdout.contains("pushes up"), "{stdout}");
     let r = read_safetensors(&sampled.join("fisher.safetensors"));
     let (ss, draws) = &r["sample_tokens"];
     assert_eq!(ss, &vec![t_n, 64]);

@@ -466,6 +466,9 @@ pub struct MetadataView {
     /// `estimator` (compute).
     #[serde(default, deserialize_with = "lenient")]
     pub estimator: Option<EstimatorSettings>,
+    /// `distribution` (compute; absent before `--distribution` existed: next-token).
+    #[serde(default, deserialize_with = "lenient")]
+    pub distribution: Option<String>,
     /// `text` (compute).
     #[serde(default, deserialize_with = "lenient")]
     pub text: Option<String>,
