@@ -830,22 +830,17 @@ fn output_gram_on_device(r: &Readout, z: &Tensor) -> candle_core::Result<Tensor>
     let (v, du) = (r.dims.vocab_size, r.dims.readout_dim);
     let z = z.to_dtype(DType::F64)?.reshape((v, 1))?;
     let p = softmax_last_dim(&z.t()?)?.t()?;
-    let ps = match r.final_logit_softcap {
-        None => p.clone(),
+    // The soft-cap slopes s_y = 1 − (z_y/c)², once for the whole vocabulary.
+    let slope = match r.final_logit_softcap {
+        None => None,
         Some(c) => {
             let t = (&z / c)?;
-            let slope = (1.0 - (&t * &t)?)?.clamp(0.0, 1.0)?;
-            (&p * slope)?
+            Some((1.0 - (&t * &t)?)?.clamp(0.0, 1.0)?)
         }
     };
-    let slope = |range: &std::ops::Range<usize>| -> candle_core::Result<Option<Tensor>> {
-        match r.final_logit_softcap {
-            None => Ok(None),
-            Some(c) => {
-                let t = (z.narrow(0, range.start, range.len())? / c)?;
-                Ok(Some((1.0 - (&t * &t)?)?.clamp(0.0, 1.0)?))
-            }
-        }
+    let ps = match &slope {
+        None => p.clone(),
+        Some(s) => (&p * s)?,
     };
     let chunks: Vec<std::ops::Range<usize>> =
         (0..v).step_by(DEVICE_VOCAB_CHUNK).map(|a| a..(a + DEVICE_VOCAB_CHUNK).min(v)).collect();
@@ -858,8 +853,8 @@ fn output_gram_on_device(r: &Readout, z: &Tensor) -> candle_core::Result<Tensor>
     let mut g = Tensor::zeros((du, du), DType::F64, &r.device)?;
     for range in &chunks {
         let mut w = r.lm_head.chunk(range.clone(), &r.device, DType::F64)?;
-        if let Some(s) = slope(range)? {
-            w = w.broadcast_mul(&s)?;
+        if let Some(s) = &slope {
+            w = w.broadcast_mul(&s.narrow(0, range.start, range.len())?)?;
         }
         let root_p = p.narrow(0, range.start, range.len())?.sqrt()?;
         let b = w.broadcast_sub(&m)?.broadcast_mul(&root_p)?.to_dtype(r.dtype)?;
