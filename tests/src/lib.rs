@@ -52,9 +52,18 @@ pub mod fixtures {
         "gptneox-sequential-tiny",
     ];
 
-    /// `tests/fixtures/NAME`.
+    /// The environment variable naming the fixtures folder for a suite executable run outside
+    /// the checkout it was built in (tools/gpu-check.sh on the lent GPU machine). Unset: this
+    /// crate's `tests/fixtures`.
+    pub const FIXTURES_DIR: &str = "FS_FIXTURES_DIR";
+
+    /// `tests/fixtures/NAME` (or `$FS_FIXTURES_DIR/NAME`).
     pub fn dir(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+        std::env::var_os(FIXTURES_DIR)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+            .join(name)
     }
 
     /// The reference values of one fixture (`reference.safetensors`).

@@ -166,9 +166,13 @@ fn burn_reads_the_gguf_and_agrees_with_candle() {
 /// tied unembedding — a stored table widened chunk by chunk — on the CPU device, against the host
 /// estimator at layer 15, last position. The two sum the 49,152 vocabulary rows' f32 products in
 /// chunks of different sizes (8,192 on the device, 2,048 on the host) before the f64
-/// accumulation: measured 1.25e-6 relative; bound 1e-5.
+/// accumulation: measured 1.25e-6 relative; bound 1e-5. Then the matrix-free operator with `G`
+/// applied on the device (`SplitModel::device_output_gram`, f64, six chunks of the stored table):
+/// `F X` for 4 vectors against the host estimator's exact `F` times `X`, measured 3.7e-6 (the
+/// f32 JVP's rounding); bound 1e-5.
 #[test]
 fn smollm2_fisher_formed_on_the_device_equals_the_host_estimator() {
+    use fs_estimators::{FisherOperator, Matrix};
     let (weights, tokenizer) = read_gguf(&fetch()).expect("read GGUF");
     let ids = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
     let host = Decoder::new(weights.clone(), &Device::Cpu).unwrap();
@@ -176,5 +180,15 @@ fn smollm2_fisher_formed_on_the_device_equals_the_host_estimator() {
     device.set_fisher_on_device(true);
     let err = fs_suite::device_vs_host_fisher(&host, &device, &ids, 15, &[4]);
     println!("SmolLM2 layer 15: device vs host exact F, relative difference {err:.2e}");
+    assert!(err < 1e-5, "{err:e}");
+    let d = host.dims().d_model;
+    let x = Matrix::from_fn(4, d, |i, j| ((i * 13 + j * 7) % 19) as f64 / 9.0 - 1.0);
+    let ctx = device.lower(&ids, 15).unwrap();
+    let got = FisherOperator::new(&device, &ctx, 4).unwrap().apply(&x).unwrap();
+    let hctx = host.lower(&ids, 15).unwrap();
+    let f = exact_fisher(&host, &hctx, &[4], &ExactOptions::default()).unwrap().remove(0);
+    let want = Matrix::from_fn(4, d, |i, j| (0..d).map(|k| f.get(j, k) * x.get(i, k)).sum());
+    let err = fs_estimators::relative_frobenius(&got, &want);
+    println!("SmolLM2 layer 15: device-G operator vs exact F·X, relative difference {err:.2e}");
     assert!(err < 1e-5, "{err:e}");
 }

@@ -348,16 +348,10 @@ fn replicated_leaf<M: CachedUpper>(
     positions: &[usize],
     r: usize,
 ) -> Result<Tensor<3>, FsError> {
-    let d = m.model_dims().d_model;
-    let rows = read(ctx.hidden.clone().select(0, indices(positions.iter().copied(), m.device())))?;
-    let mut data = Vec::with_capacity(positions.len() * r * d);
-    for row in rows.chunks_exact(d) {
-        for _ in 0..r {
-            data.extend_from_slice(row);
-        }
-    }
-    let grad_device = m.device().clone().autodiff();
-    Ok(tensor(data, [positions.len(), r, d], &grad_device).require_grad())
+    // Selected and repeated on the device (no host round trip), then a leaf with autodiff on.
+    let rows = ctx.hidden.clone().select(0, indices(positions.iter().copied(), m.device()));
+    let replicas: Tensor<3> = rows.unsqueeze_dim(1).repeat_dim(1, r);
+    Ok(replicas.autodiff().require_grad())
 }
 
 /// The gradient of the leaf `h` after `loss.backward()`, on the host.
@@ -552,11 +546,9 @@ fn readout_jacobian_rows_on_device<M: CachedUpper>(
     let r = rows.len();
     let h = replicated_leaf(m, ctx, positions, r)?;
     let u = m.upper(ctx, positions, h.clone());
-    let mut selector = vec![0f32; r * d];
-    for (i, row) in rows.enumerate() {
-        selector[i * d + row] = 1.0;
-    }
-    let selector = tensor(selector, [1, r, d], m.device());
+    // Row i of the selector is e_{rows.start + i}, built on the device.
+    let ids = Tensor::<1, Int>::arange(rows.start as i64..rows.end as i64, m.device());
+    let selector: Tensor<3> = ids.one_hot::<2>(d).float().reshape([1, r, d]);
     leaf_gradient_on_device(u.mul(selector).sum(), &h)
 }
 

@@ -625,9 +625,11 @@ fn readout_jacobian_columns<M: CachedUpper, S: Float>(
     let rows = ctx.hidden.index_select(&Tensor::new(idx.as_slice(), m.device())?, 0)?;
     let seed = crate::jvp::seed(&rows, positions.len(), cols)?;
     let u = m.upper_jvp(ctx, positions, seed)?;
-    // u̇ is (P, R, d_u): transpose to (P, d_u, R) so each position's block is A[:, cols].
-    let a = u.dx.transpose(1, 2)?.contiguous()?;
-    (0..positions.len()).map(|p| a.get(p)?.flatten_all()?.to_vec1::<S>()).collect()
+    // u̇ is (P, R, d_u): transpose to (P, d_u, R) so each position's block is A[:, cols]; one
+    // copy to the host for all positions (not one per position).
+    let a = u.dx.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<S>()?;
+    let block = a.len() / positions.len().max(1);
+    Ok(a.chunks_exact(block.max(1)).map(<[S]>::to_vec).collect())
 }
 
 /// `SplitModel::readout_jacobians`, in forward-mode passes under the model's activation budget.
@@ -842,8 +844,7 @@ fn output_gram_on_device(r: &Readout, z: &Tensor) -> candle_core::Result<Tensor>
         None => p.clone(),
         Some(s) => (&p * s)?,
     };
-    let chunks: Vec<std::ops::Range<usize>> =
-        (0..v).step_by(DEVICE_VOCAB_CHUNK).map(|a| a..(a + DEVICE_VOCAB_CHUNK).min(v)).collect();
+    let chunks = vocab_chunks(v);
     let mut m = Tensor::zeros((1, du), DType::F64, &r.device)?;
     for range in &chunks {
         let w = r.lm_head.chunk(range.clone(), &r.device, DType::F64)?;
@@ -861,6 +862,95 @@ fn output_gram_on_device(r: &Readout, z: &Tensor) -> candle_core::Result<Tensor>
         g = (g + b.t()?.matmul(&b)?.to_dtype(DType::F64)?)?;
     }
     Ok(g)
+}
+
+/// One position's output Gram on the readout's device ([`device_output_gram`]): `p`, `p ∘ s`,
+/// the slopes and `m` uploaded once, in f64.
+pub(crate) struct DeviceOutputGram<'a> {
+    r: &'a Readout,
+    /// `p`, `(V, 1)`.
+    p: Tensor,
+    /// `p ∘ s`, `(V, 1)`.
+    ps: Tensor,
+    /// The soft-cap slopes `s`, `(V, 1)`, if the model caps.
+    slope: Option<Tensor>,
+    /// `m = Σ_y p_y s_y w_y`, `(1, d_u)`.
+    m: Tensor,
+}
+
+/// `SplitModel::device_output_gram`: with [`Readout::fisher_on_device`] (a GPU model), `G` as an
+/// operator on the device, in f64 throughout (each vocabulary chunk of `W_U` widened to f64 as it
+/// is used: on a GPU f64 products cost no more than the pass over `W_U` they ride on, and no row
+/// needs the host's special care for dominant tokens). `None` otherwise.
+pub(crate) fn device_output_gram<'a>(
+    r: &'a Readout,
+    p: &[f64],
+    slopes: Option<&[f64]>,
+) -> Result<Option<Box<dyn fs_traits::OutputGram + 'a>>, FsError> {
+    if !r.fisher_on_device {
+        return Ok(None);
+    }
+    let v = r.dims.vocab_size;
+    check_len("p (V)", p.len(), v)?;
+    check_finite("p", p)?;
+    if let Some(s) = slopes {
+        check_len("soft-cap slopes (V)", s.len(), v)?;
+        check_finite("soft-cap slopes", s)?;
+    }
+    let gram = (|| -> candle_core::Result<DeviceOutputGram<'a>> {
+        let column = |x: &[f64]| Tensor::from_slice(x, (v, 1), &r.device);
+        let p_t = column(p)?;
+        let slope = slopes.map(column).transpose()?;
+        let ps = match &slope {
+            None => p_t.clone(),
+            Some(s) => (&p_t * s)?,
+        };
+        let mut m = Tensor::zeros((1, r.dims.readout_dim), DType::F64, &r.device)?;
+        for range in vocab_chunks(v) {
+            let w = r.lm_head.chunk(range.clone(), &r.device, DType::F64)?;
+            m = (m + ps.narrow(0, range.start, range.len())?.t()?.matmul(&w)?)?;
+        }
+        Ok(DeviceOutputGram { r, p: p_t, ps, slope, m })
+    })()
+    .map_err(be)?;
+    Ok(Some(Box::new(gram)))
+}
+
+/// The vocabulary in chunks of [`DEVICE_VOCAB_CHUNK`] rows.
+fn vocab_chunks(v: usize) -> Vec<std::ops::Range<usize>> {
+    (0..v).step_by(DEVICE_VOCAB_CHUNK).map(|a| a..(a + DEVICE_VOCAB_CHUNK).min(v)).collect()
+}
+
+impl fs_traits::OutputGram for DeviceOutputGram<'_> {
+    fn apply(&self, u: &Matrix<f64>) -> Result<Matrix<f64>, FsError> {
+        let du = self.r.dims.readout_dim;
+        check_len("G input rows (d_u)", u.cols(), du)?;
+        let b = u.rows();
+        let data = (|| -> candle_core::Result<Vec<f64>> {
+            let ut = Tensor::from_slice(u.as_slice(), (b, du), &self.r.device)?.t()?;
+            let mu = self.m.matmul(&ut)?;
+            let mut acc = Tensor::zeros((du, b), DType::F64, &self.r.device)?;
+            let mut pq = Tensor::zeros((1, b), DType::F64, &self.r.device)?;
+            for range in vocab_chunks(self.r.dims.vocab_size) {
+                let (start, len) = (range.start, range.len());
+                let w = self.r.lm_head.chunk(range, &self.r.device, DType::F64)?;
+                let mut z = w.matmul(&ut)?;
+                if let Some(s) = &self.slope {
+                    z = z.broadcast_mul(&s.narrow(0, start, len)?)?;
+                }
+                // q_y = s_y w_yᵀu − mᵀu, (len, b).
+                let q = z.broadcast_sub(&mu)?;
+                pq = (pq + self.p.narrow(0, start, len)?.t()?.matmul(&q)?)?;
+                let weighted = q.broadcast_mul(&self.ps.narrow(0, start, len)?)?;
+                acc = (acc + w.t()?.matmul(&weighted)?)?;
+            }
+            // − m Σ_y p_y q_y (zero up to round-off).
+            let acc = (acc - self.m.t()?.matmul(&pq)?)?;
+            acc.t()?.contiguous()?.flatten_all()?.to_vec1::<f64>()
+        })()
+        .map_err(be)?;
+        Matrix::from_vec(b, du, data)
+    }
 }
 
 /// `SplitModel::device_exact_fisher`: with [`Readout::fisher_on_device`] (a GPU model), the
@@ -1048,6 +1138,17 @@ macro_rules! impl_split_model {
                 positions: &[usize],
             ) -> Result<Option<Vec<fs_traits::Matrix<f64>>>, fs_traits::FsError> {
                 $crate::cached::device_exact_fisher(self, ctx, positions)
+            }
+            fn device_output_gram(
+                &self,
+                p: &[f64],
+                slopes: Option<&[f64]>,
+            ) -> Result<Option<Box<dyn fs_traits::OutputGram + '_>>, fs_traits::FsError> {
+                $crate::cached::device_output_gram(
+                    $crate::cached::CachedUpper::readout(self),
+                    p,
+                    slopes,
+                )
             }
             fn attention_heads(&self) -> usize {
                 $crate::cached::CachedUpper::attention_layout(self, 0).0

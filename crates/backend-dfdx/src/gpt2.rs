@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use dfdx::prelude::{
     Axes2, Axes3, Axis, Backward, BroadcastTo, GatherTo, HasShape, MaxTo, NoneTape, PermuteTo,
-    Rank0, ReshapeTo, SumTo, Tape, TensorFromVec, Trace, TryMatMul, WithEmptyTape,
+    Rank0, ReshapeTo, SumTo, Tape, TensorFromVec, Trace, TryConcatAlong, TryMatMul, WithEmptyTape,
 };
 use fs_checkpoint::{Gpt2Config, Gpt2Weights, HostMatrix, LayerNorm, Linear};
 use fs_traits::engine::{check_positions, readout_batching};
@@ -46,11 +46,15 @@ use fs_traits::{
     SplitContext, SplitModel,
 };
 
-use crate::ops::{gelu_new, layer_norm, linear, Batch, Engine, Mat, Vector};
+use crate::ops::{gelu_new, layer_norm, linear, Batch, Engine, Mat, Mat64, Vector};
 use crate::{Device, Error};
 
 /// Default bytes of activations and gradients one backward pass may keep alive.
 const DEFAULT_ACTIVATION_BUDGET: usize = 1 << 30;
+
+/// Unembedding rows per chunk of the device-side Gram ([`Net::fisher_on_device`]): a chunk's
+/// `B` is `8192 × d` f32 (25 MB at d = 768).
+const DEVICE_VOCAB_CHUNK: usize = 8192;
 
 /// A LayerNorm's parameters.
 struct Norm<D: Engine> {
@@ -85,7 +89,9 @@ struct Net<D: Engine> {
     wpe: Mat<D>,
     blocks: Vec<Block<D>>,
     ln_f: Norm<D>,
-    /// `W_Uᵀ` (`d × V`, a transposed view of the `V × d` head).
+    /// `W_U` (`V × d`), for the device-side Gram.
+    lm_head: Mat<D>,
+    /// `W_Uᵀ` (`d × V`, a transposed view of `lm_head`).
     lm_head_t: Mat<D>,
 }
 
@@ -123,6 +129,8 @@ pub struct Gpt2 {
     /// `W_U` on the host (`V × d`), for the estimators' weighted Gram.
     lm_head_host: Vec<f32>,
     batching: Batching,
+    /// Form the exact Fisher on the device ([`SplitModel::device_exact_fisher`]).
+    fisher_on_device: bool,
 }
 
 /// Everything one forward pass over a sequence produced, shared by the contexts of every layer.
@@ -198,7 +206,21 @@ impl Gpt2 {
                 Device::Cuda(dev) => AnyNet::Cuda(Net::build(dev, weights, &lm_head_host)),
             })
         })?;
-        Ok(Gpt2 { cfg, net, lm_head_host, batching: Batching::Budget(DEFAULT_ACTIVATION_BUDGET) })
+        let fisher_on_device = !matches!(net, AnyNet::Cpu(_));
+        Ok(Gpt2 {
+            cfg,
+            net,
+            lm_head_host,
+            batching: Batching::Budget(DEFAULT_ACTIVATION_BUDGET),
+            fisher_on_device,
+        })
+    }
+
+    /// Form the exact Fisher on the model's device (`SplitModel::device_exact_fisher`): on by
+    /// default for a CUDA model, off on the CPU, where the host estimators are faster; turning it
+    /// on there runs the device code path on the CPU (tests).
+    pub fn set_fisher_on_device(&mut self, on: bool) {
+        self.fisher_on_device = on;
     }
 
     /// The model's configuration.
@@ -299,14 +321,15 @@ impl<D: Engine> Net<D> {
                 }
             })
             .collect();
-        let lm_head_t =
-            dev.tensor_from_vec(lm_head.to_vec(), (v, d)).permute::<(usize, usize), Axes2<1, 0>>();
+        let lm_head = dev.tensor_from_vec(lm_head.to_vec(), (v, d));
+        let lm_head_t = lm_head.clone().permute::<(usize, usize), Axes2<1, 0>>();
         Net {
             dev: dev.clone(),
             wte: mat(wte),
             wpe: mat(wpe),
             blocks,
             ln_f: norm(ln_f),
+            lm_head,
             lm_head_t,
             cfg,
         }
@@ -541,13 +564,52 @@ impl<D: Engine> Net<D> {
         row_pos: &[usize],
         seeds: Vec<f32>,
     ) -> Vec<f32> {
+        self.vjp_on_device(layer, kv, rows, row_pos, seeds).as_vec()
+    }
+
+    /// [`Net::vjp`] left on the device: `n × d`.
+    fn vjp_on_device(
+        &self,
+        layer: usize,
+        kv: &[(Batch<D>, Batch<D>)],
+        rows: Vec<f32>,
+        row_pos: &[usize],
+        seeds: Vec<f32>,
+    ) -> Mat<D> {
         let n = row_pos.len();
         let d = self.cfg.n_embd;
         let x = self.dev.tensor_from_vec(rows, (n, d));
         let seeds = self.dev.tensor_from_vec(seeds, (n, d));
         let u = self.upper(layer, x.leaky_trace(), kv, row_pos);
         let grads = (u * seeds).sum::<Rank0, _>().backward();
-        grads.get(&x).as_vec()
+        grads.get(&x)
+    }
+
+    /// `F = Aᵀ G A` on the device for one position, from its readout Jacobian `a` (`d × d`, on
+    /// the device) and its next-token distribution `p` (`V`): the weighted Gram
+    /// `G = Σ_y p_y (w_y − m)(w_y − m)ᵀ`, `m = W_Uᵀ p`, in vocabulary chunks of
+    /// [`DEVICE_VOCAB_CHUNK`] rows, each chunk's product `BᵀB` (`B = diag(√p)(W − 1mᵀ)`) in f32
+    /// and the chunks summed in f64; the sandwich in f64. Returns `F` row-major, not yet
+    /// symmetrised.
+    fn fisher_on_device(&self, a: Mat<D>, p: &[f32]) -> Vec<f64> {
+        let (v, d) = (self.cfg.vocab_size, self.cfg.n_embd);
+        let p_row: Mat<D> = self.dev.tensor_from_vec(p.to_vec(), (1, v));
+        let mean: Vector<D> = p_row.matmul(self.lm_head.clone()).reshape_like(&(d,));
+        let mut g: Mat64<D> = self.dev.zeros_like(&(d, d));
+        for start in (0..v).step_by(DEVICE_VOCAB_CHUNK) {
+            let end = (start + DEVICE_VOCAB_CHUNK).min(v);
+            let c = end - start;
+            let root: Vector<D> =
+                self.dev.tensor_from_vec(p[start..end].iter().map(|x| x.sqrt()).collect(), (c,));
+            let w: Mat<D> = self.lm_head.clone().slice((start..end, ..));
+            let b = (w - mean.clone().broadcast_like::<_, Axis<0>>(&(c, d)))
+                * root.broadcast_like::<_, Axis<1>>(&(c, d));
+            let chunk = b.clone().permute::<(usize, usize), Axes2<1, 0>>().matmul(b);
+            g = g + D::widen(chunk);
+        }
+        let a = D::widen(a);
+        let ga = g.matmul(a.clone());
+        a.permute::<(usize, usize), Axes2<1, 0>>().matmul(ga).as_vec()
     }
 
     /// The row of a new token at `position` against the first `position` positions of `cache`
@@ -752,6 +814,64 @@ impl SplitModel for Gpt2 {
             out.extend(g);
         }
         Matrix::from_vec(tokens.len(), d, out)
+    }
+
+    /// With [`Gpt2::set_fisher_on_device`] (a CUDA model): the readout Jacobians as in
+    /// [`readout_jacobians`](SplitModel::readout_jacobians) but left on the device, then
+    /// each position's `F = Aᵀ G A` there ([`Net::fisher_on_device`]); only `d × d` comes back
+    /// (and the logits, for `p`).
+    fn device_exact_fisher(
+        &self,
+        ctx: &Gpt2Context,
+        positions: &[usize],
+    ) -> Result<Option<Vec<Matrix<f64>>>, FsError> {
+        if !self.fisher_on_device {
+            return Ok(None);
+        }
+        check_positions(positions, ctx.cache.tokens.len())?;
+        let d = self.cfg.n_embd;
+        let (per_pass, rows_per_pass) = self.readout_batching(ctx.layer, ctx.cache.tokens.len());
+        let logits = self.logits(ctx, positions)?;
+        let mut out = Vec::with_capacity(positions.len());
+        guarded(|| {
+            with_net!(self, net => {
+                let kv = net.upload_cache(&ctx.cache, ctx.layer);
+                for (c, chunk) in positions.chunks(per_pass).enumerate() {
+                    // parts[p]: position p's blocks of rows of A, in order.
+                    let mut parts: Vec<Vec<Mat<_>>> = vec![Vec::new(); chunk.len()];
+                    for start in (0..d).step_by(rows_per_pass) {
+                        let width = (start + rows_per_pass).min(d) - start;
+                        let groups: Vec<(usize, usize)> = chunk.iter().map(|&t| (t, width)).collect();
+                        let (rows, row_pos) = self.replicate(ctx, &groups);
+                        let mut seeds = vec![0f32; chunk.len() * width * d];
+                        for p in 0..chunk.len() {
+                            for r in 0..width {
+                                seeds[(p * width + r) * d + start + r] = 1.0;
+                            }
+                        }
+                        let g = net.vjp_on_device(ctx.layer, &kv, rows, &row_pos, seeds);
+                        for (p, part) in parts.iter_mut().enumerate() {
+                            part.push(g.clone().slice((p * width..(p + 1) * width, ..)));
+                        }
+                    }
+                    for (p, part) in parts.into_iter().enumerate() {
+                        let a = part
+                            .into_iter()
+                            .reduce(|a, b| (a, b).concat_along(Axis::<0>))
+                            .expect("d ≥ 1 rows");
+                        let row = logits.row(c * per_pass + p);
+                        let prob: Vec<f32> = softmax(row)?.into_iter().map(|x| x as f32).collect();
+                        let f = net.fisher_on_device(a, &prob);
+                        let sym = (0..d * d)
+                            .map(|ij| 0.5 * (f[ij] + f[(ij % d) * d + ij / d]))
+                            .collect();
+                        out.push(Matrix::from_vec(d, d, sym)?);
+                    }
+                }
+                Ok(())
+            })
+        })?;
+        Ok(Some(out))
     }
 
     /// `A_t = ∂u/∂h` at each position: `d` copies of `h_t` seeded with the identity rows, one

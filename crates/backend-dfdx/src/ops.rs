@@ -20,6 +20,8 @@ pub type Mat<D, T = NoneTape> = Tensor<(usize, usize), f32, D, T>;
 pub type Batch<D, T = NoneTape> = Tensor<(usize, usize, usize), f32, D, T>;
 /// A vector on a dfdx device.
 pub type Vector<D> = Tensor<(usize,), f32, D>;
+/// A row-major `f64` matrix on a dfdx device (the device-side Fisher's accumulators).
+pub type Mat64<D> = Tensor<(usize, usize), f64, D>;
 
 /// `√(2/π)`, the constant of the tanh-approximate GELU.
 pub const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -29,7 +31,11 @@ pub const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 ///
 /// The provided methods use dfdx's own `matmul` (whose backward also forms the constant's
 /// gradient and throws it away); [`Cpu`] overrides them with input-only backward ops.
-pub trait Engine: dfdx::tensor_ops::Device<f32> {
+pub trait Engine: dfdx::tensor_ops::Device<f32> + dfdx::tensor_ops::Device<f64> {
+    /// `x` widened to `f64` on the device (dfdx's `to_dtype`, whose kernel trait is not public,
+    /// so each device implements this with its own).
+    fn widen(x: Mat<Self>) -> Mat64<Self>;
+
     /// `Y = X · W` for `X` `(n, in)` (traced or not) and a constant `W` `(in, out)`; the backward
     /// pass adds `∂L/∂Y · Wᵀ` to `∂L/∂X`.
     fn const_matmul<T: Tape<f32, Self>>(x: Mat<Self, T>, w: &Mat<Self>) -> Mat<Self, T> {
@@ -44,6 +50,10 @@ pub trait Engine: dfdx::tensor_ops::Device<f32> {
 }
 
 impl Engine for Cpu {
+    fn widen(x: Mat<Self>) -> Mat64<Self> {
+        x.to_dtype::<f64>()
+    }
+
     fn const_matmul<T: Tape<f32, Self>>(x: Mat<Self, T>, w: &Mat<Self>) -> Mat<Self, T> {
         // A contiguous input, so that its gradient buffer has the layout of `∂L/∂Y · Wᵀ`.
         let shape = *x.shape();
@@ -81,7 +91,11 @@ impl Engine for Cpu {
 }
 
 #[cfg(feature = "cuda")]
-impl Engine for dfdx::tensor::Cuda {}
+impl Engine for dfdx::tensor::Cuda {
+    fn widen(x: Mat<Self>) -> Mat64<Self> {
+        x.to_dtype::<f64>()
+    }
+}
 
 /// `x · W + b` for `x` `(n, in)`, `W` stored `[in, out]` (HF Conv1D layout), `b` `[out]`; `W`
 /// and `b` are constants (only `x` receives a gradient).

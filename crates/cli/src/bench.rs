@@ -46,12 +46,13 @@ use std::time::Instant;
 pub struct BenchArgs {
     /// Model shape (random weights): gpt2-small (12 layers, d 768, V 50257), gpt2-medium,
     /// smollm2-135m (the Llama shape of SmolLM2-135M: 30 layers, d 576, 9 heads / 3 key-value
-    /// heads, V 49152), llama-3.2-1b (16 layers, d 2048, 32 / 8 heads, MLP 8192, V 128256, tied),
+    /// heads, V 49152), gemma-3-270m (18 layers, d 640, 4 / 1 heads of width 256, sliding window
+    /// 512 on five of every six layers, V 262144, tied), llama-3.2-1b (16 layers, d 2048, 32 / 8 heads, MLP 8192, V 128256, tied),
     /// llama-3.1-8b (32 layers, d 4096, 32 / 8 heads, MLP 14336, V 128256, untied), or tiny.
     #[arg(long, default_value = "gpt2-small")]
     pub shape: String,
     /// Precision the random weights are held in: f32, bf16 or f16 (default: bf16 for the
-    /// llama-3.x shapes, as those checkpoints ship, f32 otherwise). candle's CPU path keeps
+    /// llama-3.x and gemma-3 shapes, as those checkpoints ship, f32 otherwise). candle's CPU path keeps
     /// bf16/f16 matrices as stored and widens one product at a time; burn and dfdx widen on load.
     #[arg(long, value_name = "DTYPE")]
     pub weights: Option<String>,
@@ -167,6 +168,26 @@ impl Shape {
                 });
                 Shape::Llama(DecoderConfig::from_json(&json.to_string(), "llama-3.2-1b".as_ref())?)
             }
+            "gemma-3-270m" => {
+                // google/gemma-3-270m's config.json: five sliding-window layers (512) per global
+                // one, q/k norms, one key-value head of width 256, a 262,144-token vocabulary.
+                let layer_types: Vec<&str> = (0..18)
+                    .map(|i| if i % 6 == 5 { "full_attention" } else { "sliding_attention" })
+                    .collect();
+                let json = serde_json::json!({
+                    "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+                    "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+                    "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+                    "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+                    "sliding_window": 512, "layer_types": layer_types,
+                    "max_position_embeddings": seq_len.max(32768), "tie_word_embeddings": true,
+                    "rope_parameters": {
+                        "full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+                        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+                    },
+                });
+                Shape::Llama(DecoderConfig::from_json(&json.to_string(), "gemma-3-270m".as_ref())?)
+            }
             "llama-3.1-8b" => {
                 let json = serde_json::json!({
                     "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
@@ -179,7 +200,7 @@ impl Shape {
                 Shape::Llama(DecoderConfig::from_json(&json.to_string(), "llama-3.1-8b".as_ref())?)
             }
             other => bail!(
-                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m, llama-3.2-1b, llama-3.1-8b or tiny"
+                "unknown --shape {other:?}: use gpt2-small, gpt2-medium, smollm2-135m, gemma-3-270m, llama-3.2-1b, llama-3.1-8b or tiny"
             ),
         })
     }
@@ -276,11 +297,17 @@ fn run_backend(backend: Backend, shape: &Shape, args: &BenchArgs) -> Result<()> 
     engine.run(weights, None, BenchJob { backend, shape, args })
 }
 
-/// The precision of the random weights: `--weights`, else bf16 for the llama-3.x shapes.
+/// The precision of the random weights: `--weights`, else bf16 for the llama-3.x and gemma-3
+/// shapes.
 fn weights_dtype(args: &BenchArgs) -> Result<fs_checkpoint::GgmlType> {
     use fs_checkpoint::GgmlType;
     let name = args.weights.clone().unwrap_or_else(|| {
-        if args.shape.starts_with("llama-3") { "bf16" } else { "f32" }.to_string()
+        if args.shape.starts_with("llama-3") || args.shape.starts_with("gemma-3") {
+            "bf16"
+        } else {
+            "f32"
+        }
+        .to_string()
     });
     Ok(match name.to_ascii_lowercase().as_str() {
         "f32" => GgmlType::F32,

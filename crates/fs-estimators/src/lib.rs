@@ -76,8 +76,9 @@ pub use exact::{
 pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
 pub use fs_traits::{
     check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
-    check_tokens_in_vocab, AttentionHead, FsError, Matrix, MatrixRef, ModelDims, Result, Scalar,
-    SplitContext, SplitModel, TypedSlice, TypedSliceMut, Unembedding, UnembeddingRows,
+    check_tokens_in_vocab, AttentionHead, FsError, Matrix, MatrixRef, ModelDims, OutputGram,
+    Result, Scalar, SplitContext, SplitModel, TypedSlice, TypedSliceMut, Unembedding,
+    UnembeddingRows,
 };
 pub use gram::{
     centered_output_gram, centered_output_gram_with_slopes, outer_product_mean, relative_frobenius,

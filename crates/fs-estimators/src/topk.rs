@@ -6,12 +6,12 @@ use crate::gram::{matmul_into, weighted_mean_row};
 use crate::{softmax, FsError, Matrix, Result, Scalar, SplitModel, Threads};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatRef};
-use fs_traits::Unembedding;
+use fs_traits::{OutputGram, Unembedding};
 
 /// The Fisher matrix at one position as an operator, `F X` for blocks of vectors, never formed:
 ///
 /// ```text
-///     F v = Aᵀ G (A v),     G u = Σ_y p_y s_y (s_y w_y − m) q_y,    q_y = (s_y w_y − m)ᵀ u,
+///     F v = Aᵀ G (A v),     G u = Σ_y p_y (s_y w_y − m) q_y,    q_y = (s_y w_y − m)ᵀ u,
 ///     m = Σ_y p_y s_y w_y,
 /// ```
 ///
@@ -27,7 +27,9 @@ use fs_traits::Unembedding;
 /// (`p_y → 1`, common in language models) `q_y` is a small difference of two large numbers,
 /// and the model's scalar would lose its digits exactly where the weight `p_y` is largest; the
 /// error of every other row is bounded by `ε · p_y`, and those `p_y` sum to at most `1 − max p`.
-/// Cost per vector: one JVP, one VJP, `4·V·d_u` flops.
+/// Cost per vector: one JVP, one VJP, `4·V·d_u` flops. A model that applies `G` where it lives
+/// ([`SplitModel::device_output_gram`]: a GPU model) does so instead of the host, with its own
+/// arithmetic (candle: `f64` throughout), and the host never reads the unembedding.
 pub struct FisherOperator<'a, M: SplitModel> {
     model: &'a M,
     ctx: &'a M::Context,
@@ -46,6 +48,8 @@ pub struct FisherOperator<'a, M: SplitModel> {
     threads: Threads,
     applications: usize,
     seconds: OperatorSeconds,
+    /// `G` applied by the model where it lives, when it offers that.
+    device_gram: Option<Box<dyn OutputGram + 'a>>,
 }
 
 /// Where a [`FisherOperator`]'s time went (wall-clock seconds, summed over applications).
@@ -91,8 +95,15 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let p = softmax(z.row(0))?;
         let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), z.row(0));
         let threads = Threads(0);
-        let m = weighted_mean_row(&w_u, &p, slopes.as_deref(), threads)?;
-        let heavy: Vec<usize> = (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect();
+        let device_gram = model.device_output_gram(&p, slopes.as_deref())?;
+        // The host's G needs m and the heavy rows; a device G keeps its own.
+        let (m, heavy) = match device_gram {
+            Some(_) => (vec![0.0; dims.readout_dim], Vec::new()),
+            None => (
+                weighted_mean_row(&w_u, &p, slopes.as_deref(), threads)?,
+                (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect(),
+            ),
+        };
         let heavy_rows = w_u.gather(&heavy)?;
         let start = std::time::Instant::now();
         let formed = if !form {
@@ -119,6 +130,7 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
             threads,
             applications: 0,
             seconds,
+            device_gram,
         })
     }
 
@@ -194,6 +206,11 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
     fn apply_g<U: Scalar>(&self, u: &Matrix<U>) -> Result<Matrix<f64>> {
         let du = self.w_u.cols();
         let b = u.rows();
+        if let Some(g) = &self.device_gram {
+            let gu = g.apply(&u.map(|x| x.as_f64()))?;
+            crate::exact::check_shape("device G U", gu.shape(), (b, du))?;
+            return Ok(gu);
+        }
         let slope = |y: usize| self.slopes.as_ref().map_or(1.0, |s| s[y]);
         // mᵀu per vector, in f64.
         let mu: Vec<f64> = (0..b)

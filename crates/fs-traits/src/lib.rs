@@ -48,6 +48,14 @@ pub use matrix::{Matrix, MatrixRef};
 pub use scalar::{Scalar, TypedSlice, TypedSliceMut};
 pub use unembedding::{Unembedding, UnembeddingRows, UNEMBEDDING_CHUNK_ROWS};
 
+/// One position's output Gram `G` (see [`SplitModel::device_output_gram`]) held where the model
+/// lives: `p`, the slopes and `m` uploaded once, each application one pass over the unembedding.
+pub trait OutputGram {
+    /// `G U` for the rows of `u` (`b × d_u`): rows in, rows out, `f64` on both sides,
+    /// `(G u)_i = Σ_y p_y q_y (s_y w_y − m)` with `q_y = s_y w_yᵀu − mᵀu`.
+    fn apply(&self, u: &Matrix<f64>) -> Result<Matrix<f64>>;
+}
+
 /// The sizes of a split model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelDims {
@@ -311,6 +319,22 @@ pub trait SplitModel {
         Err(FsError::Unsupported(
             "SplitModel::with_activation (an edited activation), which steering needs".into(),
         ))
+    }
+
+    /// The weighted output Gram of one position, `G = Σ_y p_y (s_y w_y − m)(s_y w_y − m)ᵀ`
+    /// (`m = Σ_y p_y s_y w_y`, `w_y` the unembedding rows, `s_y` the soft-cap slopes or 1), as an
+    /// operator applied **where the model lives** ([`OutputGram`]), or `Ok(None)` (the default)
+    /// when the model has no such path, in which case `fs_estimators::FisherOperator` applies `G`
+    /// on the host from [`unembedding`](Self::unembedding). For a model on a GPU, whose
+    /// unembedding rows the host would otherwise copy from the device at every application of the
+    /// matrix-free operator. `p` (`V`, normalised) and `slopes` are the caller's, in `f64`.
+    fn device_output_gram(
+        &self,
+        p: &[f64],
+        slopes: Option<&[f64]>,
+    ) -> Result<Option<Box<dyn OutputGram + '_>>> {
+        let _ = (p, slopes);
+        Ok(None)
     }
 
     /// The exact Fisher `F_t = A_tᵀ G_t A_t` at each of `positions`, computed **where the model
