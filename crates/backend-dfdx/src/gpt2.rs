@@ -32,7 +32,7 @@
 //! cached keys/values use [`Engine`]'s input-only backward.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dfdx::prelude::{
     Axes2, Axes3, Axis, Backward, BroadcastTo, GatherTo, HasShape, MaxTo, NoneTape, PermuteTo,
@@ -138,12 +138,91 @@ struct SequenceCache {
     tokens: Vec<u32>,
     /// `hidden[k]` = `H_k` (`T × d`, row-major), `k = 0..=n_layer`.
     hidden: Vec<Vec<f32>>,
-    /// `keys[i]` = block `i`'s keys (`H × T × d_head`).
-    keys: Vec<Vec<f32>>,
-    /// `values[i]` = block `i`'s values (`H × T × d_head`).
-    values: Vec<Vec<f32>>,
+    /// Every block's keys and values.
+    kv: KvCache,
     /// `ln_f(h_L)` (`T × d`).
     final_norm: Vec<f32>,
+}
+
+/// Every block's keys and values (`H × T × d_head` each), on the device where the lower pass
+/// left them and on the host where an edit (`with_activation`, `extend`) made them; each side is
+/// copied to the other once, when first needed (so an upper pass on a lowered context uploads
+/// nothing, and the lower pass downloads no keys or values).
+struct KvCache {
+    host: OnceLock<HostKv>,
+    device: OnceLock<DeviceKv>,
+}
+
+/// Keys and values on the host: `keys[i]` / `values[i]` = block `i`'s, row-major.
+struct HostKv {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+/// Keys and values on a dfdx device: `(keys, values)` of each block.
+enum DeviceKv {
+    Cpu(Vec<(Batch<dfdx::tensor::Cpu>, Batch<dfdx::tensor::Cpu>)>),
+    #[cfg(feature = "cuda")]
+    Cuda(Vec<(Batch<dfdx::tensor::Cuda>, Batch<dfdx::tensor::Cuda>)>),
+}
+
+impl KvCache {
+    fn on_host(keys: Vec<Vec<f32>>, values: Vec<Vec<f32>>) -> Self {
+        KvCache { host: OnceLock::from(HostKv { keys, values }), device: OnceLock::new() }
+    }
+
+    fn on_device(kv: DeviceKv) -> Self {
+        KvCache { host: OnceLock::new(), device: OnceLock::from(kv) }
+    }
+
+    /// The host copy (downloaded from the device the first time).
+    fn host(&self) -> &HostKv {
+        self.host.get_or_init(|| {
+            fn download<D: Engine>(kv: &[(Batch<D>, Batch<D>)]) -> HostKv {
+                let (keys, values) = kv.iter().map(|(k, v)| (k.as_vec(), v.as_vec())).unzip();
+                HostKv { keys, values }
+            }
+            match self.device.get().expect("a KV cache is made on one side") {
+                DeviceKv::Cpu(kv) => download(kv),
+                #[cfg(feature = "cuda")]
+                DeviceKv::Cuda(kv) => download(kv),
+            }
+        })
+    }
+}
+
+/// The dfdx devices [`DeviceKv`] holds tensors of.
+trait KvDevice: Engine {
+    /// `kv`'s tensors if they live on this kind of device.
+    fn kv_of(kv: &DeviceKv) -> Option<&[(Batch<Self>, Batch<Self>)]>;
+    /// Wrap this device's tensors.
+    fn wrap_kv(kv: Vec<(Batch<Self>, Batch<Self>)>) -> DeviceKv;
+}
+
+impl KvDevice for dfdx::tensor::Cpu {
+    fn kv_of(kv: &DeviceKv) -> Option<&[(Batch<Self>, Batch<Self>)]> {
+        match kv {
+            DeviceKv::Cpu(kv) => Some(kv),
+            #[cfg(feature = "cuda")]
+            _ => None,
+        }
+    }
+    fn wrap_kv(kv: Vec<(Batch<Self>, Batch<Self>)>) -> DeviceKv {
+        DeviceKv::Cpu(kv)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl KvDevice for dfdx::tensor::Cuda {
+    fn kv_of(kv: &DeviceKv) -> Option<&[(Batch<Self>, Batch<Self>)]> {
+        match kv {
+            DeviceKv::Cuda(kv) => Some(kv),
+            _ => None,
+        }
+    }
+    fn wrap_kv(kv: Vec<(Batch<Self>, Batch<Self>)>) -> DeviceKv {
+        DeviceKv::Cuda(kv)
+    }
 }
 
 /// One new token's row, computed against a cached prefix ([`SplitModel::extend`]).
@@ -287,7 +366,7 @@ fn split_columns(w: &[f32], rows: usize, d: usize) -> [Vec<f32>; 3] {
     out
 }
 
-impl<D: Engine> Net<D> {
+impl<D: KvDevice> Net<D> {
     fn build(dev: &D, weights: Gpt2Weights, lm_head: &[f32]) -> Self {
         let Gpt2Weights { config: cfg, wte, wpe, blocks: host_blocks, ln_f, .. } = weights;
         let (d, v) = (cfg.n_embd, cfg.vocab_size);
@@ -443,30 +522,45 @@ impl<D: Engine> Net<D> {
         let mask = self.mask(&positions, t_len);
         let mut x = self.embed(tokens, &positions);
         let mut hidden = vec![x.as_vec()];
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut kv = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let (y, k, v) = self.block(b, x, None, &mask);
             x = y;
             hidden.push(x.as_vec());
-            keys.push(k.as_vec());
-            values.push(v.as_vec());
+            kv.push((k, v));
         }
         let final_norm = self.final_norm(x).as_vec();
-        SequenceCache { tokens: tokens.to_vec(), hidden, keys, values, final_norm }
+        SequenceCache {
+            tokens: tokens.to_vec(),
+            hidden,
+            kv: KvCache::on_device(D::wrap_kv(kv)),
+            final_norm,
+        }
     }
 
-    /// The cached keys and values of blocks `from..` on the device, `(H, T, d_head)` each.
+    /// The cached keys and values of blocks `from..` on the device, `(H, T, d_head)` each: the
+    /// lower pass's own tensors, or the host copy uploaded once per context.
     fn upload_cache(&self, cache: &SequenceCache, from: usize) -> Vec<(Batch<D>, Batch<D>)> {
-        let (h, dh) = self.heads();
-        let t = cache.tokens.len();
-        (from..self.blocks.len())
-            .map(|i| {
-                (
-                    self.dev.tensor_from_vec(cache.keys[i].clone(), (h, t, dh)),
-                    self.dev.tensor_from_vec(cache.values[i].clone(), (h, t, dh)),
-                )
-            })
-            .collect()
+        let upload = || {
+            let (h, dh) = self.heads();
+            let t = cache.tokens.len();
+            let host = cache.kv.host();
+            host.keys
+                .iter()
+                .zip(&host.values)
+                .map(|(k, v)| {
+                    (
+                        self.dev.tensor_from_vec(k.clone(), (h, t, dh)),
+                        self.dev.tensor_from_vec(v.clone(), (h, t, dh)),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        match D::kv_of(cache.kv.device.get_or_init(|| D::wrap_kv(upload()))) {
+            Some(kv) => kv[from..].to_vec(),
+            // Made on another kind of device: through the host.
+            None => upload().split_off(from),
+        }
     }
 
     /// The upper half from `layer` on rows `x` (`n × d`), row `r` at position `row_pos[r]`
@@ -534,7 +628,7 @@ impl<D: Engine> Net<D> {
         }
         // Head j's cached keys of positions < position, transposed: d_head × position.
         let t_len = cache.tokens.len();
-        let keys = &cache.keys[head.layer];
+        let keys = &cache.kv.host().keys[head.layer];
         let mut keys_t = vec![0f32; dh * position];
         for i in 0..position {
             for c in 0..dh {
@@ -742,13 +836,16 @@ impl SplitModel for Gpt2 {
         };
         let mut final_norm = cache.final_norm[..keep * d].to_vec();
         final_norm[position * d..].copy_from_slice(&u);
+        let kv = cache.kv.host();
         Ok(Gpt2Context {
             layer: ctx.layer,
             cache: Arc::new(SequenceCache {
                 tokens: cache.tokens[..keep].to_vec(),
                 hidden,
-                keys: cache.keys.iter().map(narrow_heads).collect(),
-                values: cache.values.iter().map(narrow_heads).collect(),
+                kv: KvCache::on_host(
+                    kv.keys.iter().map(narrow_heads).collect(),
+                    kv.values.iter().map(narrow_heads).collect(),
+                ),
                 final_norm,
             }),
         })
@@ -1027,13 +1124,18 @@ impl SplitModel for Gpt2 {
             }
             out
         };
-        let keys = cache.keys.iter().zip(&row.keys).map(|(o, n)| extend_heads(o, n)).collect();
-        let values =
-            cache.values.iter().zip(&row.values).map(|(o, n)| extend_heads(o, n)).collect();
+        let kv = cache.kv.host();
+        let keys = kv.keys.iter().zip(&row.keys).map(|(o, n)| extend_heads(o, n)).collect();
+        let values = kv.values.iter().zip(&row.values).map(|(o, n)| extend_heads(o, n)).collect();
         let final_norm = [&cache.final_norm[..prefix_len * d], row.final_norm.as_slice()].concat();
         Ok(Gpt2Context {
             layer: ctx.layer,
-            cache: Arc::new(SequenceCache { tokens, hidden, keys, values, final_norm }),
+            cache: Arc::new(SequenceCache {
+                tokens,
+                hidden,
+                kv: KvCache::on_host(keys, values),
+                final_norm,
+            }),
         })
     }
 }
