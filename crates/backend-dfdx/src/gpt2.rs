@@ -728,6 +728,28 @@ impl<D: KvDevice> Net<D> {
 }
 
 impl Gpt2 {
+    /// The inputs of one readout-Jacobian backward pass: `width` copies of `h_t` for each
+    /// position of `chunk`, their positions, and the seed rows `e_{start}, …, e_{start+width−1}`
+    /// (so the input gradient's rows are rows `start..start + width` of each `A_t`).
+    fn identity_pass(
+        &self,
+        ctx: &Gpt2Context,
+        chunk: &[usize],
+        start: usize,
+        width: usize,
+    ) -> (Vec<f32>, Vec<usize>, Vec<f32>) {
+        let d = self.cfg.n_embd;
+        let groups: Vec<(usize, usize)> = chunk.iter().map(|&t| (t, width)).collect();
+        let (rows, row_pos) = self.replicate(ctx, &groups);
+        let mut seeds = vec![0f32; chunk.len() * width * d];
+        for p in 0..chunk.len() {
+            for r in 0..width {
+                seeds[(p * width + r) * d + start + r] = 1.0;
+            }
+        }
+        (rows, row_pos, seeds)
+    }
+
     /// Copies of `h_t` for each `(position, copies)`, with each row's position.
     fn replicate(&self, ctx: &Gpt2Context, groups: &[(usize, usize)]) -> (Vec<f32>, Vec<usize>) {
         let d = self.cfg.n_embd;
@@ -938,14 +960,7 @@ impl SplitModel for Gpt2 {
                     let mut parts: Vec<Vec<Mat<_>>> = vec![Vec::new(); chunk.len()];
                     for start in (0..d).step_by(rows_per_pass) {
                         let width = (start + rows_per_pass).min(d) - start;
-                        let groups: Vec<(usize, usize)> = chunk.iter().map(|&t| (t, width)).collect();
-                        let (rows, row_pos) = self.replicate(ctx, &groups);
-                        let mut seeds = vec![0f32; chunk.len() * width * d];
-                        for p in 0..chunk.len() {
-                            for r in 0..width {
-                                seeds[(p * width + r) * d + start + r] = 1.0;
-                            }
-                        }
+                        let (rows, row_pos, seeds) = self.identity_pass(ctx, chunk, start, width);
                         let g = net.vjp_on_device(ctx.layer, &kv, rows, &row_pos, seeds);
                         for (p, part) in parts.iter_mut().enumerate() {
                             part.push(g.clone().slice((p * width..(p + 1) * width, ..)));
@@ -991,14 +1006,7 @@ impl SplitModel for Gpt2 {
                     for start in (0..d).step_by(rows_per_pass) {
                         let end = (start + rows_per_pass).min(d);
                         let width = end - start;
-                        let groups: Vec<(usize, usize)> = chunk.iter().map(|&t| (t, width)).collect();
-                        let (rows, row_pos) = self.replicate(ctx, &groups);
-                        let mut seeds = vec![0f32; chunk.len() * width * d];
-                        for p in 0..chunk.len() {
-                            for r in 0..width {
-                                seeds[(p * width + r) * d + start + r] = 1.0;
-                            }
-                        }
+                        let (rows, row_pos, seeds) = self.identity_pass(ctx, chunk, start, width);
                         let g = net.vjp(ctx.layer, &kv, rows, &row_pos, seeds);
                         for (p, a) in a.iter_mut().enumerate() {
                             let block = &g[p * width * d..(p + 1) * width * d];
