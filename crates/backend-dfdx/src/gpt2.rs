@@ -936,9 +936,9 @@ impl SplitModel for Gpt2 {
     }
 
     /// With [`Gpt2::set_fisher_on_device`] (a CUDA model): the readout Jacobians as in
-    /// [`readout_jacobians`](SplitModel::readout_jacobians) but left on the device, then
-    /// each position's `F = Aᵀ G A` there ([`Net::fisher_on_device`]); only `d × d` comes back
-    /// (and the logits, for `p`).
+    /// [`readout_jacobians`](SplitModel::readout_jacobians) but left on the device, then each
+    /// position's `F = Aᵀ G A` there (vocabulary chunks of `G` in f32 products summed in f64, the
+    /// sandwich in f64); only `d × d` comes back (and the logits, for `p`).
     fn device_exact_fisher(
         &self,
         ctx: &Gpt2Context,
