@@ -649,20 +649,8 @@ impl<D: KvDevice> Net<D> {
     }
 
     /// Input gradients of `Σ_r ⟨seeds_r, u(x_r)⟩` for rows `x` (`n × d`, row-major) at positions
-    /// `row_pos`: one batched backward pass. Returns `n × d`, row-major.
+    /// `row_pos`: one batched backward pass. Returns `n × d`, on the device.
     fn vjp(
-        &self,
-        layer: usize,
-        kv: &[(Batch<D>, Batch<D>)],
-        rows: Vec<f32>,
-        row_pos: &[usize],
-        seeds: Vec<f32>,
-    ) -> Vec<f32> {
-        self.vjp_on_device(layer, kv, rows, row_pos, seeds).as_vec()
-    }
-
-    /// [`Net::vjp`] left on the device: `n × d`.
-    fn vjp_on_device(
         &self,
         layer: usize,
         kv: &[(Batch<D>, Batch<D>)],
@@ -927,7 +915,7 @@ impl SplitModel for Gpt2 {
             let g = guarded(|| {
                 Ok(with_net!(self, net => {
                     let kv = net.upload_cache(&ctx.cache, ctx.layer);
-                    net.vjp(ctx.layer, &kv, rows, &row_pos, seeds)
+                    net.vjp(ctx.layer, &kv, rows, &row_pos, seeds).as_vec()
                 }))
             })?;
             out.extend(g);
@@ -961,7 +949,7 @@ impl SplitModel for Gpt2 {
                     for start in (0..d).step_by(rows_per_pass) {
                         let width = (start + rows_per_pass).min(d) - start;
                         let (rows, row_pos, seeds) = self.identity_pass(ctx, chunk, start, width);
-                        let g = net.vjp_on_device(ctx.layer, &kv, rows, &row_pos, seeds);
+                        let g = net.vjp(ctx.layer, &kv, rows, &row_pos, seeds);
                         for (p, part) in parts.iter_mut().enumerate() {
                             part.push(g.clone().slice((p * width..(p + 1) * width, ..)));
                         }
@@ -1007,7 +995,7 @@ impl SplitModel for Gpt2 {
                         let end = (start + rows_per_pass).min(d);
                         let width = end - start;
                         let (rows, row_pos, seeds) = self.identity_pass(ctx, chunk, start, width);
-                        let g = net.vjp(ctx.layer, &kv, rows, &row_pos, seeds);
+                        let g = net.vjp(ctx.layer, &kv, rows, &row_pos, seeds).as_vec();
                         for (p, a) in a.iter_mut().enumerate() {
                             let block = &g[p * width * d..(p + 1) * width * d];
                             a[start * d..end * d].copy_from_slice(block);
