@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile the CUDA builds here, without a GPU or a system CUDA toolkit: `cargo check` of the
-# binary with candle and dfdx and `--features cuda` (both engines' CUDA backends), with
+# Compile the CUDA builds here, without a GPU or a system CUDA toolkit: `cargo clippy -D warnings`
+# of the binary with candle and dfdx and `--features cuda` (both engines' CUDA backends), with
 # NVIDIA's CUDA 13.0 toolkit from PyPI wheels (nvcc, the runtime headers, CCCL, NVVM; pinned in
 # tools/cuda_env.sh) in a venv outside the repository. Build scripts run under `cargo check`: candle-kernels
 # compiles its kernels to PTX for sm_90 (the H200 the device tool lends) with that nvcc, and
@@ -25,5 +25,8 @@ cd "$(dirname "$0")/.."
 source tools/cuda_env.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/gpu-check}
 nvcc --version | tail -n 2
-cargo check --locked -p fisher-stein --features candle,dfdx,cuda
-echo "check_gpu_builds: candle and dfdx compile with --features cuda (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), sm_$CUDA_COMPUTE_CAP)"
+# clippy, not only check: the CUDA-only code (device opening, the device KV cache) is linted here
+# and nowhere else.
+cargo clippy --locked -p fisher-stein -p backend-candle -p backend-dfdx \
+    --features fisher-stein/candle,fisher-stein/dfdx,fisher-stein/cuda -- -D warnings
+echo "check_gpu_builds: candle and dfdx compile (and pass clippy) with --features cuda (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), sm_$CUDA_COMPUTE_CAP)"

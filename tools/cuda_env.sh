@@ -38,13 +38,18 @@ if [ "${FS_CUDA_LINK:-0}" = 1 ]; then
     for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
         ln -sf "$lib" "$FS_CUDA_LIB/${lib%.so.*}.so"
     done
-    if [ ! -e "$FS_CUDA_LIB/libcuda.so.1" ]; then
+    # Rebuilt when missing or made by an older version of this script (no error strings).
+    if ! grep -qa 'no CUDA-capable device is detected' "$FS_CUDA_LIB/libcuda.so.1" 2>/dev/null; then
         # Every driver entry point either cudarc (candle's 0.19, dfdx's 0.9) may call.
         fs_reg="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/ | head -n 1)"
         fs_stub="$(mktemp -d)"
         cat "$fs_reg"/cudarc-0.19.*/src/driver/sys/mod.rs "$fs_reg"/cudarc-0.9.*/src/driver/sys.rs \
             | grep -oE '\bfn cu[A-Z][A-Za-z0-9_]*' | sed 's/^fn //' | sort -u \
-            | awk 'BEGIN { print "/* Stub libcuda for linking without a GPU: every call returns CUDA_ERROR_NO_DEVICE. */" }
+            | grep -vxE 'cuGetErrorString|cuGetErrorName' \
+            | awk 'BEGIN { print "/* Stub libcuda for linking without a GPU: every call returns CUDA_ERROR_NO_DEVICE, */"
+                           print "/* and the error strings are answered as a driver answers them. */"
+                           print "int cuGetErrorString(int e, const char **s) { *s = \"no CUDA-capable device is detected\"; return 0; }"
+                           print "int cuGetErrorName(int e, const char **s) { *s = \"CUDA_ERROR_NO_DEVICE\"; return 0; }" }
                    { print "int " $1 "(void) { return 100; }" }' >"$fs_stub/cuda_stub.c"
         gcc -shared -fPIC -o "$FS_CUDA_LIB/libcuda.so.1" -Wl,-soname,libcuda.so.1 "$fs_stub/cuda_stub.c"
         rm -rf "$fs_stub"

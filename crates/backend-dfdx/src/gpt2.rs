@@ -95,7 +95,9 @@ struct Net<D: Engine> {
     lm_head_t: Mat<D>,
 }
 
-/// The network on whichever device it was loaded on.
+/// The network on whichever device it was loaded on (one per model: the variants' sizes differ
+/// by dfdx's device handles only).
+#[cfg_attr(feature = "cuda", allow(clippy::large_enum_variant))]
 enum AnyNet {
     Cpu(Net<dfdx::tensor::Cpu>),
     #[cfg(feature = "cuda")]
@@ -142,6 +144,16 @@ struct SequenceCache {
     kv: KvCache,
     /// `ln_f(h_L)` (`T × d`).
     final_norm: Vec<f32>,
+}
+
+impl SequenceCache {
+    /// The cache shared by the contexts of every layer. `Send + Sync` on the CPU; with CUDA,
+    /// dfdx's device tensors (like its `Cuda` device, and so the model itself) are neither, and a
+    /// context stays on the thread of its model.
+    #[cfg_attr(feature = "cuda", allow(clippy::arc_with_non_send_sync))]
+    fn shared(self) -> Arc<Self> {
+        Arc::new(self)
+    }
 }
 
 /// Every block's keys and values (`H × T × d_head` each), on the device where the lower pass
@@ -772,7 +784,7 @@ impl SplitModel for Gpt2 {
         }
         check_tokens(tokens, self.cfg.vocab_size, Some(self.cfg.n_positions))?;
         let cache = guarded(|| Ok(with_net!(self, net => net.forward_sequence(tokens))))?;
-        let cache = Arc::new(cache);
+        let cache = SequenceCache::shared(cache);
         Ok(layers.iter().map(|&layer| Gpt2Context { layer, cache: cache.clone() }).collect())
     }
 
@@ -849,7 +861,7 @@ impl SplitModel for Gpt2 {
         let kv = cache.kv.host();
         Ok(Gpt2Context {
             layer: ctx.layer,
-            cache: Arc::new(SequenceCache {
+            cache: SequenceCache::shared(SequenceCache {
                 tokens: cache.tokens[..keep].to_vec(),
                 hidden,
                 kv: KvCache::on_host(
@@ -1126,7 +1138,7 @@ impl SplitModel for Gpt2 {
         let final_norm = [&cache.final_norm[..prefix_len * d], row.final_norm.as_slice()].concat();
         Ok(Gpt2Context {
             layer: ctx.layer,
-            cache: Arc::new(SequenceCache {
+            cache: SequenceCache::shared(SequenceCache {
                 tokens,
                 hidden,
                 kv: KvCache::on_host(keys, values),

@@ -121,9 +121,32 @@ pub fn matmul_gflops(
 
 #[cfg(feature = "cuda")]
 fn cuda_device(name: &str, ordinal: usize) -> Result<Device, Error> {
-    dfdx::tensor::Cuda::try_build(ordinal, 0)
-        .map(Device::Cuda)
-        .map_err(|e| Error::Device { device: name.into(), reason: format!("{e:?}") })
+    use dfdx::tensor::CudaError;
+    // The status codes, not cudarc 0.9's `Debug` of a driver error, which unwraps
+    // `cuGetErrorString` and so can panic inside the error path.
+    let reason = |e: CudaError| match e {
+        CudaError::Driver(e) => format!("CUDA driver error {:?}", e.0),
+        CudaError::Blas(e) => format!("cuBLAS error {:?}", e.0),
+        CudaError::Cpu(e) => format!("{e:?}"),
+        #[allow(unreachable_patterns)]
+        _ => "CUDA error".to_string(),
+    };
+    let unavailable = |reason: String| Error::Device { device: name.into(), reason };
+    // cudarc 0.9's `CudaDevice::new` panics on a machine without a GPU and on a missing ordinal:
+    // both are answered here first.
+    use cudarc::driver::result;
+    result::init().map_err(|e| unavailable(format!("CUDA driver error {:?}", e.0)))?;
+    let count = result::device::get_count()
+        .map_err(|e| unavailable(format!("CUDA driver error {:?}", e.0)))?;
+    let count = count.max(0) as usize;
+    if ordinal >= count {
+        return Err(unavailable(match count {
+            0 => "this machine has no CUDA device: use cpu".to_string(),
+            1 => "this machine has 1 CUDA device: use cuda:0".to_string(),
+            n => format!("this machine has {n} CUDA devices: use cuda:0 … cuda:{}", n - 1),
+        }));
+    }
+    dfdx::tensor::Cuda::try_build(ordinal, 0).map(Device::Cuda).map_err(|e| unavailable(reason(e)))
 }
 
 #[cfg(not(feature = "cuda"))]
