@@ -428,7 +428,10 @@ fn time_model<M: SplitModel>(
                     }
                 }
                 "lower" => {
-                    model.lower(&tokens, args.layer)?;
+                    // Reading one activation back waits for the device's queue (a GPU runs the
+                    // pass asynchronously), so the clock stops when the pass is done.
+                    let ctx = model.lower(&tokens, args.layer)?;
+                    model.activation(&ctx, args.seq_len - 1)?;
                 }
                 _ => {
                     let o = SampledOptions { samples: args.samples, ..Default::default() };

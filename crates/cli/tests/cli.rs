@@ -496,3 +496,43 @@ fn unavailable_devices_name_the_feature_to_build_with() {
     run(&["--backend", "dfdx", "--device", "wgpu"], &["wgpu"]);
     run(&["--device", "gpu"], &["cpu, cuda, cuda:N, wgpu or wgpu:N"]);
 }
+
+/// `bench` on the tiny random GPT-2, every row kind on candle: one table row per requested
+/// estimator (plus the engine's GEMM row), each with a time and a positive, finite rate; the top-k
+/// row names its operator applications. And a shape it does not know is one line
+/// naming the shapes it does.
+#[test]
+fn bench_prints_one_timed_row_per_estimator() {
+    let out = bin()
+        .args(["bench", "--shape", "tiny", "--layer", "2", "--seq-len", "12", "--positions", "3"])
+        .args(["--estimators", "exact,sampled,top-k,readout,gram,lower", "--k", "4"])
+        .args(["--repeats", "1", "--backend", "candle"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("| tiny | 2 |"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    let labels: Vec<&str> = rows.iter().map(|r| r[5]).collect();
+    assert_eq!(rows.len(), 6, "{text}");
+    for (row, want) in
+        rows.iter().zip(["exact", "sampled S=10", "top-4", "readout", "gram", "lower"])
+    {
+        assert!(row[5].starts_with(want), "{labels:?}");
+        let seconds: f64 = row[7].trim_end_matches(" s").parse().unwrap();
+        let rate: f64 = row[8].parse().unwrap();
+        // The time is printed to the millisecond (0.000 s on this tiny model); the rate comes
+        // from the unrounded time.
+        assert!(seconds >= 0.0 && rate.is_finite() && rate > 0.0, "{row:?}");
+    }
+    assert!(labels[2].contains("applications"), "{labels:?}");
+    assert!(text.contains("f32 GEMM (64×64)·(64×256)"), "{text}");
+    let out = bin().args(["bench", "--shape", "gpt5"]).output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("gemma-3-270m") && err.contains("llama-3.1-8b"), "{err}");
+}
