@@ -719,9 +719,14 @@ pub(crate) fn readout_vjp<M: CachedUpper, S: Float>(
 
 /// `Aᵀ c_i` for the cotangent rows `c` `(1, R, d_u)` at `position`: `R` replicas of the
 /// activation, one backward pass of `Σ_i ⟨c_i, u_i⟩`; rows `(R × d)` flattened. The replicas'
-/// forward is one row's worth of products ([`ReplicatedRows`]: every linear layer multiplies
-/// one row and copies it; the cheap row-wise operations run on all `R`), so the pass costs one
-/// weight stream forward plus the backward's `R`-row products.
+/// forward is one row's worth of products ([`ReplicatedRows`](crate::ops::ReplicatedRows):
+/// every linear layer multiplies one row and copies it; the cheap row-wise operations run on
+/// all `R`), so the pass costs one weight stream forward plus the backward's `R`-row products.
+/// The forward's one-row products are memoised per weight (`ops::ProductMemo`): a VJP at the
+/// point of the previous one (same model, context, position and activation — the top-K
+/// eigensolver's many VJPs) multiplies bitwise the same rows with the same weights, so it copies
+/// those products instead of streaming the weights again, and its result is bitwise what
+/// computing them would give.
 fn vjp_rows<M: CachedUpper, S: Float>(
     m: &M,
     ctx: &CachedContext,
@@ -950,6 +955,10 @@ impl fs_traits::OutputGram for DeviceOutputGram<'_> {
         })()
         .map_err(be)?;
         Matrix::from_vec(b, du, data)
+    }
+
+    fn mean_row(&self) -> Result<Vec<f64>, FsError> {
+        self.m.flatten_all().and_then(|m| m.to_vec1::<f64>()).map_err(be)
     }
 }
 

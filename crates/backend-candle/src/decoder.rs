@@ -539,3 +539,53 @@ impl<S: Float> CachedUpper for Decoder<S> {
 }
 
 crate::cached::impl_split_model!(Decoder);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{clear_product_memo, memo_hits, replicated_products};
+    use fs_checkpoint::{Architecture, GgmlType, ModelConfig, RandomSource};
+    use fs_traits::{Matrix, SplitModel};
+
+    /// Two `readout_vjp`s at one position with different cotangents, also different in number
+    /// (the top-K solver's pattern): the second takes every forward product of the upper half
+    /// from the product memo and gives bitwise the result of a fresh computation (memo
+    /// emptied), with bf16 weights (stored) and f32 ones (dense).
+    #[test]
+    fn repeated_readout_vjps_reuse_the_forward_products() {
+        let cfg = DecoderConfig::llama_like(Architecture::Llama, 40, 16, 24, 3, 4, 2, 4);
+        let (layer, position) = (1, 4);
+        for dtype in [GgmlType::BF16, GgmlType::F32] {
+            let source = &mut RandomSource::new(&ModelConfig::Decoder(cfg.clone()), 0.3, 11)
+                .with_dtype(dtype)
+                .unwrap();
+            let weights = DecoderWeights::read(cfg.clone(), source).unwrap();
+            let model = Decoder::new(weights, &Device::Cpu).unwrap();
+            assert_eq!(model.blocks[layer].q.w.is_stored(), dtype == GgmlType::BF16);
+            let ctx = model.lower(&[3, 1, 4, 1, 5, 9], layer).unwrap();
+            let du = model.dims().readout_dim;
+            let cotangents = |r: usize, seed: f32| {
+                Matrix::from_fn(r, du, |i, k| ((i * du + k) as f32 * 0.7 + seed).sin())
+            };
+            let (c1, c2) = (cotangents(3, 0.0), cotangents(5, 1.0));
+            let vjp = |c: &Matrix<f32>| {
+                let (hits, products) = (memo_hits(), replicated_products());
+                let g = model.readout_vjp(&ctx, position, c.view()).unwrap();
+                let bits: Vec<u32> = g.as_slice().iter().map(|x| x.to_bits()).collect();
+                (bits, memo_hits() - hits, replicated_products() - products)
+            };
+            clear_product_memo();
+            let (g1, hits, products) = vjp(&c1);
+            // q, k, v, o, gate, up, down of each upper block, each one row per group.
+            assert_eq!((hits, products), (0, 7 * (cfg.num_hidden_layers - layer)));
+            let (g2, hits, _) = vjp(&c2);
+            assert_eq!(hits, products, "the second VJP's forward products are all memo hits");
+            assert_ne!(g1[..16], g2[..16]);
+            clear_product_memo();
+            let (fresh2, hits, _) = vjp(&c2);
+            assert_eq!((fresh2, hits), (g2, 0), "a fresh computation gives the same bits");
+            clear_product_memo();
+            assert_eq!(vjp(&c1).0, g1);
+        }
+    }
+}

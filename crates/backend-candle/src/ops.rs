@@ -246,6 +246,14 @@ impl Weight {
         }
     }
 
+    /// The identity [`ProductMemo`] keys this weight's products by.
+    fn memo_key(&self) -> WeightKey {
+        match self {
+            Weight::Dense(t) => WeightKey::Dense(t.id()),
+            Weight::Stored(m) => WeightKey::Stored(m.storage_id()),
+        }
+    }
+
     /// Whether products widen this weight on the fly.
     pub fn is_stored(&self) -> bool {
         matches!(self, Weight::Stored(_))
@@ -272,11 +280,16 @@ impl Weight {
 /// flops and a `W`-sized buffer per layer. The forward is candle's own storage-level matmul. A
 /// stored weight is widened inside the op (forward, and again in the backward pass), so the
 /// autograd graph keeps the stored matrix, not an f32 copy of it.
+///
+/// Under a [`ReplicatedRows`] declaration the CPU forward multiplies one row per group of equal
+/// rows, and reuses the previous such product of the same weight when its rows are bitwise the
+/// same ([`ProductMemo`]); the backward is unaffected.
 struct ConstMatmul {
     w: Weight,
     /// `R > 1` when the rows come in groups of `R` replicas ([`ReplicatedRows`]): the CPU
-    /// forward multiplies the first row of each group (if the group really is `R` equal rows)
-    /// and copies the result; the backward is the full per-row `∂L/∂y · Wᵀ`.
+    /// forward multiplies the first row of each group (if the group really is `R` equal rows),
+    /// or takes the product from [`ProductMemo`], and copies the result; the backward is the
+    /// full per-row `∂L/∂y · Wᵀ`.
     replicas: usize,
 }
 
@@ -318,6 +331,13 @@ impl ConstMatmul {
     /// instead of `R` rows' worth of GEMM), its result copied to the group. `None` (the caller
     /// forms the full product) when no replication was declared, the rows are not f32/f64, or
     /// they are not in fact equal.
+    ///
+    /// The product of the first rows goes through this thread's [`ProductMemo`]: when the
+    /// previous memoised product of the same weight had bitwise the same first rows, its output
+    /// is copied instead of streaming the weight again (the top-K eigensolver's VJPs run this
+    /// forward at one point many times). That output is what the product would compute — the
+    /// same deterministic product of the same values — so the result is bitwise the same
+    /// either way.
     fn replicated_fwd(
         &self,
         storage: &candle_core::CpuStorage,
@@ -342,16 +362,36 @@ impl ConstMatmul {
             _ => None,
         };
         let Some(firsts) = firsts else { return Ok(None) };
-        let groups = rows / r;
-        let layout = candle_core::Layout::contiguous((groups, inp));
-        let y = match self.cpu_product(&firsts, &layout, groups, inp, out)? {
-            CpuStorage::F32(y) => CpuStorage::F32(repeat_rows(&y, out, r)),
-            CpuStorage::F64(y) => CpuStorage::F64(repeat_rows(&y, out, r)),
+        let repeat = |y: &CpuStorage| match y {
+            CpuStorage::F32(y) => Ok(CpuStorage::F32(repeat_rows(y, out, r))),
+            CpuStorage::F64(y) => Ok(CpuStorage::F64(repeat_rows(y, out, r))),
             _ => candle_core::bail!("const matmul: f32/f64 rows gave a product of another type"),
         };
         #[cfg(test)]
         REPLICATED_PRODUCTS.with(|c| c.set(c.get() + 1));
-        Ok(Some(y))
+        let key = self.w.memo_key();
+        // The memo is borrowed only around the look-up and the insertion, never across the
+        // product (whose rayon tasks could run another pass on this thread; such a nested
+        // product finds the memo borrowed and computes without it).
+        let hit = PRODUCT_MEMO.with(|m| {
+            let memo = m.try_borrow().ok()?;
+            Some(repeat(memo.get(&key, &firsts)?))
+        });
+        if let Some(y) = hit {
+            #[cfg(test)]
+            MEMO_HITS.with(|c| c.set(c.get() + 1));
+            return y.map(Some);
+        }
+        let groups = rows / r;
+        let layout = candle_core::Layout::contiguous((groups, inp));
+        let y = self.cpu_product(&firsts, &layout, groups, inp, out)?;
+        let full = repeat(&y)?;
+        PRODUCT_MEMO.with(|m| {
+            if let Ok(mut memo) = m.try_borrow_mut() {
+                memo.insert(key, firsts, y, groups * (inp + out));
+            }
+        });
+        Ok(Some(full))
     }
 }
 
@@ -391,8 +431,130 @@ thread_local! {
 
 #[cfg(test)]
 thread_local! {
-    /// Forward products that took the one-row-per-group shortcut on this thread (tests).
+    /// Forward products that took the one-row-per-group shortcut on this thread (tests),
+    /// memo hits included.
     static REPLICATED_PRODUCTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Of those, the products taken from [`PRODUCT_MEMO`] (tests).
+    static MEMO_HITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A weight's identity for [`ProductMemo`]: never equal for two weights of different values.
+///
+/// * `Dense`: candle's [`candle_core::TensorId`], a process-wide counter, never reused (a view
+///   or copy of a tensor is a new tensor with a new id). The weights' tensors are never written
+///   in place (no `slice_set` or `Var` on them), so one id is one set of values.
+/// * `Stored`: [`fs_checkpoint::StorageId`], `Weak` references to the matrix's data and row
+///   index: their allocations cannot be reused while the key exists, and the data is never
+///   written, yet the key does not keep a dropped model's weights alive.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum WeightKey {
+    Dense(candle_core::TensorId),
+    Stored(fs_checkpoint::StorageId),
+}
+
+/// The memo of [`ConstMatmul::replicated_fwd`]: per weight, the first rows of its latest
+/// memoised replicated forward product and that product (before the rows are repeated).
+///
+/// A look-up hits only for the same weight ([`WeightKey`]) and bitwise the same rows (`to_bits`
+/// of every value, so `-0.0` and `0.0`, or NaN payloads, are different rows), f32 or f64; the
+/// stored output is then exactly what multiplying would give. Bounded: an entry of more than
+/// [`ProductMemo::MAX_ENTRY_VALUES`] values (rows and product) is not kept, and the memo is
+/// emptied before it would exceed [`ProductMemo::MAX_ENTRIES`] entries or
+/// [`ProductMemo::MAX_VALUES`] values (64 MB of f32). A VJP's forward at one position needs
+/// one entry per linear layer of the upper half (Llama-3.1-8B split at layer 16: 112 entries,
+/// 1.3 M values).
+#[derive(Default)]
+struct ProductMemo {
+    entries: std::collections::HashMap<WeightKey, MemoEntry>,
+    /// Values held by all entries.
+    values: usize,
+}
+
+/// One weight's entry of [`ProductMemo`].
+struct MemoEntry {
+    /// The rows multiplied (contiguous, `groups × in`).
+    input: candle_core::CpuStorage,
+    /// Their product (`groups × out`).
+    output: candle_core::CpuStorage,
+    /// Values of both.
+    values: usize,
+}
+
+impl ProductMemo {
+    const MAX_ENTRIES: usize = 1024;
+    const MAX_ENTRY_VALUES: usize = 1 << 20;
+    const MAX_VALUES: usize = 1 << 24;
+
+    /// The memoised product of `key`'s weight with `input`, if its rows were bitwise `input`.
+    fn get(
+        &self,
+        key: &WeightKey,
+        input: &candle_core::CpuStorage,
+    ) -> Option<&candle_core::CpuStorage> {
+        let e = self.entries.get(key)?;
+        same_bits(&e.input, input).then_some(&e.output)
+    }
+
+    /// Keep `output` as the product of `key`'s weight with `input` (`values` values in all),
+    /// replacing the weight's previous entry.
+    fn insert(
+        &mut self,
+        key: WeightKey,
+        input: candle_core::CpuStorage,
+        output: candle_core::CpuStorage,
+        values: usize,
+    ) {
+        if let Some(old) = self.entries.remove(&key) {
+            self.values -= old.values;
+        }
+        if values > Self::MAX_ENTRY_VALUES {
+            return;
+        }
+        if self.entries.len() >= Self::MAX_ENTRIES || self.values + values > Self::MAX_VALUES {
+            self.entries.clear();
+            self.values = 0;
+        }
+        self.values += values;
+        self.entries.insert(key, MemoEntry { input, output, values });
+    }
+}
+
+/// Whether `a` and `b` hold the same values bit for bit (f32 or f64; other types never match).
+fn same_bits(a: &candle_core::CpuStorage, b: &candle_core::CpuStorage) -> bool {
+    use candle_core::CpuStorage as C;
+    match (a, b) {
+        (C::F32(a), C::F32(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        }
+        (C::F64(a), C::F64(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        }
+        _ => false,
+    }
+}
+
+thread_local! {
+    /// This thread's [`ProductMemo`] (the CPU forward runs on the thread that builds the pass,
+    /// as does the [`ReplicatedRows`] declaration).
+    static PRODUCT_MEMO: std::cell::RefCell<ProductMemo> = std::cell::RefCell::default();
+}
+
+/// Empty this thread's [`ProductMemo`] (tests: the next products are computed afresh).
+#[cfg(test)]
+pub(crate) fn clear_product_memo() {
+    PRODUCT_MEMO.with(|m| *m.borrow_mut() = ProductMemo::default());
+}
+
+/// Memo hits on this thread so far (tests).
+#[cfg(test)]
+pub(crate) fn memo_hits() -> usize {
+    MEMO_HITS.with(|c| c.get())
+}
+
+/// Replicated forward products on this thread so far, memo hits included (tests).
+#[cfg(test)]
+pub(crate) fn replicated_products() -> usize {
+    REPLICATED_PRODUCTS.with(|c| c.get())
 }
 
 /// While alive, declares that the rows entering every [`linear`] on this thread come in groups
@@ -400,6 +562,13 @@ thread_local! {
 /// activation, one per cotangent): the forward products multiply one row per group. The rows
 /// are still compared before a product relies on it, so a wrong declaration only costs the
 /// comparison. Restores the previous declaration on drop.
+///
+/// Those one-row-per-group products are memoised ([`ProductMemo`]): a product whose weight and
+/// rows are bitwise those of the weight's previous one copies its output, so of repeated VJPs at
+/// the same point (the top-K eigensolver's) only the first streams the upper half's weights
+/// forward (the backward's products, one row per cotangent, still stream them every time).
+/// Sound whatever was declared: a hit needs the same weight identity and the same bits, and the
+/// product of the same values is the same.
 pub(crate) struct ReplicatedRows {
     previous: usize,
 }
@@ -947,6 +1116,171 @@ mod tests {
             }
         }
         assert_eq!(REPLICAS.with(|c| c.get()), 0, "the declaration ends with its guard");
+    }
+
+    /// A `out × in` bf16 matrix of values drawn from `seed`.
+    fn bf16_matrix(out: usize, inp: usize, seed: f32) -> StoredMatrix {
+        let bytes = (0..out * inp)
+            .map(|i| ((i as f32 + seed) * 0.37).sin())
+            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        StoredMatrix::from_bytes(out, inp, fs_checkpoint::GgmlType::BF16, bytes).unwrap()
+    }
+
+    /// `linear` of `r` replicas of `row`, in the weight's dtype (f64 for a dense f64 weight,
+    /// else f32), under a [`ReplicatedRows`] declaration or not; as f64 (exact for f32).
+    fn replicated_product(w: &Weight, row: &[f64], r: usize, declare: bool) -> Vec<f64> {
+        let dtype = match w {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Stored(_) => candle_core::DType::F32,
+        };
+        let x = Tensor::from_slice(row, (1, row.len()), &Device::Cpu)
+            .and_then(|x| x.to_dtype(dtype)?.broadcast_as((r, row.len()))?.contiguous())
+            .unwrap();
+        let _guard = declare.then(|| ReplicatedRows::declare(r));
+        let y = linear(&x, w, None).unwrap();
+        y.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn bits(v: &[f64]) -> Vec<u64> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The declared product of `w` and `row` taken from the memo (`hit`) or not, as the counters
+    /// say; checked against the undeclared product (which multiplies all the replicas).
+    fn memo_checked(w: &Weight, row: &[f64], hit: bool) -> Vec<f64> {
+        let (hits, products) = (memo_hits(), replicated_products());
+        let y = replicated_product(w, row, 3, true);
+        assert_eq!(replicated_products() - products, 1, "the one-row shortcut was taken");
+        assert_eq!(memo_hits() - hits, usize::from(hit), "memo hit");
+        let full = replicated_product(w, row, 3, false);
+        for (a, b) in y.iter().zip(&full) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        y
+    }
+
+    /// A declared product hits the memo exactly when the weight is the same (a clone of it, not
+    /// equal values elsewhere) and the rows are bitwise those of the weight's previous product;
+    /// a hit gives bitwise the computed product (stored bf16, dense f32 and dense f64 weights).
+    #[test]
+    fn replicated_products_are_memoised_by_weight_identity_and_row_bits() {
+        clear_product_memo();
+        let (out, inp) = (6, 5);
+        let row: Vec<f64> = (0..inp).map(|i| (i as f64 * 0.9).cos()).collect();
+        let mut other_row = row.clone();
+        other_row[2] += 0.5;
+        let mut zero_row = row.clone();
+        zero_row[0] = 0.0;
+        let mut negative_zero_row = row.clone();
+        negative_zero_row[0] = -0.0;
+
+        let a = bf16_matrix(out, inp, 0.0);
+        let wa = Weight::Stored(a.clone());
+        let y1 = memo_checked(&wa, &row, false);
+        assert_eq!(bits(&memo_checked(&wa, &row, true)), bits(&y1), "the second is a hit");
+        let clone = Weight::Stored(a.clone());
+        assert_eq!(bits(&memo_checked(&clone, &row, true)), bits(&y1), "a clone shares the data");
+        // Other rows: computed, and they replace the weight's entry.
+        let y2 = memo_checked(&wa, &other_row, false);
+        assert_ne!(bits(&y2), bits(&y1));
+        assert_eq!(bits(&memo_checked(&wa, &row, false)), bits(&y1), "computed again, same bits");
+        memo_checked(&wa, &zero_row, false);
+        memo_checked(&wa, &negative_zero_row, false);
+        memo_checked(&wa, &negative_zero_row, true);
+        // Other weights of the same shape: other values, the same values in a new allocation,
+        // the same bytes through another row order.
+        memo_checked(&wa, &row, false);
+        let b = memo_checked(&Weight::Stored(bf16_matrix(out, inp, 1.0)), &row, false);
+        assert_ne!(bits(&b), bits(&y1));
+        let fresh = memo_checked(&Weight::Stored(bf16_matrix(out, inp, 0.0)), &row, false);
+        assert_eq!(bits(&fresh), bits(&y1), "equal values give the same product, computed");
+        let permuted = Weight::Stored(a.select_rows(&[5, 4, 3, 2, 1, 0]));
+        let p = memo_checked(&permuted, &row, false);
+        for (p, y) in p[..out].iter().zip(y1[..out].iter().rev()) {
+            assert!((p - y).abs() <= 1e-6 * (1.0 + y.abs()), "the rows reversed: {p} vs {y}");
+        }
+        memo_checked(&wa, &row, true);
+
+        // Dense weights: by tensor id; a copy is a new tensor.
+        let dense = Tensor::from_vec(a.to_f32(), (out, inp), &Device::Cpu).unwrap().t().unwrap();
+        for t in [dense.clone(), dense.to_dtype(candle_core::DType::F64).unwrap()] {
+            let w = Weight::Dense(t.clone());
+            let y = memo_checked(&w, &row, false);
+            assert_eq!(bits(&memo_checked(&w, &row, true)), bits(&y));
+            assert_eq!(bits(&memo_checked(&Weight::Dense(t.clone()), &row, true)), bits(&y));
+            memo_checked(&w, &other_row, false);
+            let copy = Weight::Dense(t.copy().unwrap());
+            assert_eq!(bits(&memo_checked(&copy, &row, false)), bits(&y));
+        }
+        // Undeclared products never touch the memo.
+        let (hits, products) = (memo_hits(), replicated_products());
+        replicated_product(&wa, &row, 3, false);
+        assert_eq!((memo_hits(), replicated_products()), (hits, products));
+    }
+
+    /// A memo entry neither matches a weight made after its own was dropped (whatever the
+    /// values, whatever allocation the new one gets) nor keeps the dropped weight's data alive.
+    #[test]
+    fn memo_entries_neither_match_nor_keep_dropped_weights() {
+        clear_product_memo();
+        let (out, inp) = (4, 8);
+        let row: Vec<f64> = (0..inp).map(|i| 0.25 * i as f64 - 1.0).collect();
+        for i in 0..64 {
+            // Alternating values: a stale hit would also give a wrong product.
+            let w = Weight::Stored(bf16_matrix(out, inp, (i % 2) as f32));
+            memo_checked(&w, &row, false);
+            let d = Weight::Dense(
+                Tensor::from_vec(vec![i as f32; inp * out], (inp, out), &Device::Cpu).unwrap(),
+            );
+            memo_checked(&d, &row, false);
+        }
+        let owner: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(
+            (0..out * inp).flat_map(|i| half::bf16::from_f32(i as f32).to_le_bytes()).collect(),
+        );
+        let shared = fs_checkpoint::SharedBytes::new(owner.clone(), 0..owner.len()).unwrap();
+        let w = StoredMatrix::from_shared_bytes(out, inp, fs_checkpoint::GgmlType::BF16, shared);
+        let w = Weight::Stored(w.unwrap());
+        memo_checked(&w, &row, false);
+        memo_checked(&w, &row, true);
+        assert_eq!(std::sync::Arc::strong_count(&owner), 2);
+        drop(w);
+        assert!(PRODUCT_MEMO.with(|m| m.borrow().entries.len()) > 1, "the entry is still there");
+        assert_eq!(std::sync::Arc::strong_count(&owner), 1, "the memo does not hold the data");
+    }
+
+    /// The memo's bounds: at most `MAX_ENTRIES` entries and `MAX_VALUES` values (emptied when
+    /// full), no entry over `MAX_ENTRY_VALUES` (which also drops the weight's previous entry).
+    #[test]
+    fn product_memo_is_bounded() {
+        use candle_core::CpuStorage;
+        let key = || {
+            WeightKey::Dense(Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap().id())
+        };
+        let rows = |v: f32| CpuStorage::F32(vec![v]);
+        let mut memo = ProductMemo::default();
+        let first = key();
+        memo.insert(first.clone(), rows(1.0), rows(2.0), 2);
+        for _ in 1..ProductMemo::MAX_ENTRIES {
+            memo.insert(key(), rows(1.0), rows(2.0), 2);
+        }
+        assert_eq!(memo.entries.len(), ProductMemo::MAX_ENTRIES);
+        assert!(memo.get(&first, &rows(1.0)).is_some() && memo.get(&first, &rows(-1.0)).is_none());
+        memo.insert(key(), rows(1.0), rows(2.0), 2);
+        assert_eq!((memo.entries.len(), memo.values), (1, 2), "emptied when full");
+        assert!(memo.get(&first, &rows(1.0)).is_none());
+        let k = key();
+        memo.insert(k.clone(), rows(1.0), rows(2.0), 2);
+        memo.insert(k.clone(), rows(3.0), rows(4.0), ProductMemo::MAX_ENTRY_VALUES + 1);
+        assert!(memo.get(&k, &rows(1.0)).is_none() && memo.get(&k, &rows(3.0)).is_none());
+        assert_eq!((memo.entries.len(), memo.values), (1, 2));
+        for _ in 0..ProductMemo::MAX_VALUES / ProductMemo::MAX_ENTRY_VALUES {
+            memo.insert(key(), rows(1.0), rows(2.0), ProductMemo::MAX_ENTRY_VALUES);
+            assert!(memo.values <= ProductMemo::MAX_VALUES);
+        }
+        assert_eq!(memo.entries.len(), 1, "emptied before exceeding the values");
+        assert!(!same_bits(&CpuStorage::F32(vec![0.0]), &CpuStorage::F32(vec![-0.0])));
+        assert!(!same_bits(&CpuStorage::F32(vec![1.0]), &CpuStorage::F64(vec![1.0])));
     }
 
     /// The chunked products with a stored weight (both schedules; several chunks, a remainder,

@@ -18,9 +18,12 @@
 //! sandwich AᵀGA        3 d³
 //! exact                the three above
 //! sampled (S draws)    2 · S · B · c(t) + 2 V d   (S replicated forward + backward rows, the logits)
-//! top-k (N applications)  N · (3 · B · c(t) + 4 V d)  (per vector: one forward-mode tangent, one
-//!                      replicated forward + backward row, and G = W_Uᵀ(p ∘ …)W_U in two passes;
-//!                      N = the eigensolver's applications plus the trace probes, as counted)
+//! top-k (N applications, S scores)
+//!                      N · (3 · B · c(t) + 4 V d) + S · 2 · B · c(t)
+//!                      (per vector: one forward-mode tangent, one replicated forward + backward
+//!                      row, and G = W_Uᵀ(p ∘ …)W_U in two passes; N = the eigensolver's
+//!                      applications plus the trace probes, as counted; per start score one
+//!                      replicated forward + backward row)
 //! lower pass           Σ_{t<T} L · c(t)     (the whole-sequence forward, every block)
 //! ```
 //!
@@ -37,7 +40,7 @@ use anyhow::{bail, Result};
 use fs_checkpoint::{DecoderConfig, Gpt2Config};
 use fs_estimators::{
     exact_fisher, sampled_fisher, top_k_fisher, EigensolverOptions, ExactOptions, SampledOptions,
-    SplitModel, TopKOptions,
+    SplitModel, TopKOptions, TopKStart,
 };
 use std::time::Instant;
 
@@ -89,6 +92,10 @@ pub struct BenchArgs {
     /// Vectors per block of the top-k row's eigensolver (default: the solver's, k + max(4, k/2)).
     #[arg(long, value_name = "B")]
     pub block: Option<usize>,
+    /// Start the top-k row's eigensolver from random vectors instead of the score vectors of
+    /// the most probable tokens (the default), for comparison.
+    #[arg(long)]
+    pub random_start: bool,
     /// Standard deviation of the random model's logits, set by scaling its final-norm gain.
     /// Random weights of std 0.02 give logits of std ~0.02·√d and a near-uniform next-token
     /// distribution (entropy ≈ ln V), whose Fisher is nearly isotropic — nothing like a trained
@@ -387,8 +394,8 @@ fn time_model<M: SplitModel>(
         .sum::<f64>();
     for est in &args.estimators {
         if est == "top-k" {
-            time_top_k(model, &ctx, &positions, backend, args, |t, n| {
-                n as f64 * (3.0 * row_flops(t) + 4.0 * vf * df)
+            time_top_k(model, &ctx, &positions, backend, args, |t, n, scores| {
+                n as f64 * (3.0 * row_flops(t) + 4.0 * vf * df) + scores as f64 * 2.0 * row_flops(t)
             })?;
             continue;
         }
@@ -467,14 +474,15 @@ fn time_model<M: SplitModel>(
 }
 
 /// The `top-k` row: the median time per position of `top_k_fisher` (`--tolerance`, trace
-/// estimate), with the flops of the applications it actually made (`flops(t, applications)`).
+/// estimate), with the flops of the applications and start scores it actually made
+/// (`flops(t, applications, scores)`).
 fn time_top_k<M: SplitModel>(
     model: &M,
     ctx: &M::Context,
     positions: &[usize],
     backend: Backend,
     args: &BenchArgs,
-    flops: impl Fn(usize, usize) -> f64,
+    flops: impl Fn(usize, usize, usize) -> f64,
 ) -> Result<()> {
     let opts = TopKOptions {
         solver: EigensolverOptions {
@@ -483,35 +491,40 @@ fn time_top_k<M: SplitModel>(
             tolerance: args.tolerance,
             ..TopKOptions::default().solver
         },
+        start: if args.random_start { TopKStart::Random } else { TopKStart::ProbableTokenScores },
         ..TopKOptions::default()
     };
     let mut times = Vec::with_capacity(args.repeats);
     let mut total_flops = 0.0;
     let mut applications = 0;
+    let mut scores = 0;
     let mut split = fs_estimators::OperatorSeconds::default();
     for _ in 0..args.repeats {
         let t0 = Instant::now();
         total_flops = 0.0;
         applications = 0;
+        scores = 0;
         for &t in positions {
             let r = top_k_fisher(model, ctx, t, &opts)?;
             split = r.seconds;
             let n = r.applications + r.trace.applications;
             applications += n;
-            total_flops += flops(t, n);
+            scores += r.start_vectors;
+            total_flops += flops(t, n, r.start_vectors);
         }
         times.push(t0.elapsed().as_secs_f64());
     }
     let per = positions.len();
     let time = median(times) / per as f64;
     println!(
-        "| {} | {} | {} | {} | top-{} ({} applications) | {} {} | {:.3} s | {:.1} | {} |",
+        "| {} | {} | {} | {} | top-{} ({} applications + {} scores) | {} {} | {:.3} s | {:.1} | {} |",
         args.shape,
         args.layer,
         args.seq_len,
         per,
         args.top_k,
         applications / per,
+        scores / per,
         backend.name(),
         args.device,
         time,

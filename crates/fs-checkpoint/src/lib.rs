@@ -82,7 +82,7 @@ pub use hub::{hub_offline, set_download_progress};
 pub use resolve::{
     default_hub_cache, resolve_model, resolve_model_in, ModelFiles, ModelOrigin, TokenizerFiles,
 };
-pub use stored::{matrix_dims, SharedBytes, StoredMatrix};
+pub use stored::{matrix_dims, SharedBytes, StorageId, StoredMatrix};
 pub use synthetic::{random_decoder_weights, random_gpt2_weights, write_checkpoint, NamedTensor};
 pub use tokenizer::{
     load_tokenizer, tokenizer_from_gguf, tokenizer_from_gguf_bpe, tokenizer_from_gguf_spm,

@@ -13,7 +13,7 @@
 //! for quantised files, whose rows are whole blocks.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use rayon::prelude::*;
 
@@ -96,6 +96,103 @@ pub struct StoredMatrix {
     data: Data,
     /// Logical row `r` is stored row `index[r]`; `None` is the identity.
     index: Option<Arc<[u32]>>,
+}
+
+/// The identity of a [`StoredMatrix`]'s values, without holding them: a cache keyed by weight
+/// (e.g. a memo of products with it) compares it with [`StorageId::is_of`] or `==`.
+///
+/// It holds [`Weak`] references to the reference-counted allocations of the matrix's data (the
+/// f32 values, or the shared byte range) and of its row index, plus the element type and the
+/// shape. Equal handles, or a handle [`StorageId::is_of`] a matrix, mean the very same
+/// allocations: the same stored values read through the same row index, so the same logical
+/// matrix. That is sound because
+///
+/// * a `Weak` keeps the `Arc`'s allocation block allocated after the last strong reference is
+///   gone (for the data a few dozen bytes: the `Vec` or range header, whose contents are freed;
+///   for a row index its `u32`s, which live in the block), so while a handle exists no new `Arc`
+///   can be placed at its addresses: a pointer match is never a newer matrix that reuses a
+///   dropped one's memory;
+/// * the data behind those `Arc`s is never written after construction (a [`StoredMatrix`] has no
+///   mutating method; clones and row selections share it read-only), so the same allocation
+///   means the same values — for memory-mapped bytes, as for every read, provided the file is
+///   not modified underneath.
+///
+/// A handle does not keep the values alive: when the last [`StoredMatrix`] sharing them is
+/// dropped they are freed as usual (the handle then matches no live matrix). Matrices with equal
+/// values in different allocations have different handles, and so does every
+/// [`StoredMatrix::select_rows`] other than the identity (its index is a new allocation): the
+/// identity is conservative, never wrong.
+#[derive(Clone, Debug)]
+pub struct StorageId {
+    data: WeakData,
+    /// `None`: the identity order.
+    index: Option<Weak<[u32]>>,
+    rows: usize,
+    cols: usize,
+}
+
+/// [`Data`] by weak reference.
+#[derive(Clone, Debug)]
+enum WeakData {
+    F32(Weak<Vec<f32>>),
+    Bytes(Weak<SharedRange>, GgmlType),
+}
+
+impl StorageId {
+    /// Whether `m` is a matrix this handle was taken from, or shares its data, row index, type
+    /// and shape (a clone of it): then `m`'s values are the ones it identifies.
+    pub fn is_of(&self, m: &StoredMatrix) -> bool {
+        let data = match (&self.data, &m.data) {
+            (WeakData::F32(w), Data::F32(a)) => std::ptr::eq(w.as_ptr(), Arc::as_ptr(a)),
+            (WeakData::Bytes(w, ty), Data::Bytes { bytes, ty: t, .. }) => {
+                ty == t && std::ptr::eq(w.as_ptr(), Arc::as_ptr(&bytes.0))
+            }
+            _ => false,
+        };
+        let index = match (&self.index, &m.index) {
+            (None, None) => true,
+            (Some(w), Some(a)) => std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(a)),
+            _ => false,
+        };
+        data && index && self.rows == m.rows && self.cols == m.cols
+    }
+
+    /// The addresses the handle compares (kept allocated by its `Weak`s; never dereferenced).
+    fn addresses(&self) -> (usize, usize) {
+        let data = match &self.data {
+            WeakData::F32(w) => w.as_ptr() as usize,
+            WeakData::Bytes(w, _) => w.as_ptr() as usize,
+        };
+        let index = self.index.as_ref().map_or(0, |w| w.as_ptr() as *const u32 as usize);
+        (data, index)
+    }
+}
+
+impl PartialEq for StorageId {
+    /// The same allocations, element type and shape ([`StorageId::is_of`] the same matrices).
+    fn eq(&self, other: &Self) -> bool {
+        let data = match (&self.data, &other.data) {
+            (WeakData::F32(a), WeakData::F32(b)) => a.ptr_eq(b),
+            (WeakData::Bytes(a, s), WeakData::Bytes(b, t)) => s == t && a.ptr_eq(b),
+            _ => false,
+        };
+        let index = match (&self.index, &other.index) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.ptr_eq(b),
+            _ => false,
+        };
+        data && index && self.rows == other.rows && self.cols == other.cols
+    }
+}
+
+impl Eq for StorageId {}
+
+impl std::hash::Hash for StorageId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.addresses().hash(state);
+        self.rows.hash(state);
+        self.cols.hash(state);
+    }
 }
 
 impl std::fmt::Debug for StoredMatrix {
@@ -236,6 +333,21 @@ impl StoredMatrix {
             cols: self.cols,
             data: self.data.clone(),
             index: if identity { None } else { Some(index) },
+        }
+    }
+
+    /// The identity of this matrix's values ([`StorageId`]): equal for its clones, different
+    /// for any other allocation; it does not keep the values alive.
+    pub fn storage_id(&self) -> StorageId {
+        let data = match &self.data {
+            Data::F32(v) => WeakData::F32(Arc::downgrade(v)),
+            Data::Bytes { bytes, ty, .. } => WeakData::Bytes(Arc::downgrade(&bytes.0), *ty),
+        };
+        StorageId {
+            data,
+            index: self.index.as_ref().map(Arc::downgrade),
+            rows: self.rows,
+            cols: self.cols,
         }
     }
 
@@ -417,6 +529,44 @@ mod tests {
         assert!(StoredMatrix::from_bytes(1, 48, GgmlType::Q8_0, vec![0; 51]).is_err(), "48 % 32");
         assert!(StoredMatrix::from_bytes(2, 32, GgmlType::Q8_0, vec![0; 34]).is_err(), "short");
         assert!(!StoredMatrix::row_fits(GgmlType::Q4K, 100));
+    }
+
+    /// A [`StorageId`] matches the matrix it was taken from and its clones, not a matrix of
+    /// equal values elsewhere, another row order, or the same bytes read as another type; it
+    /// does not keep the values alive.
+    #[test]
+    fn storage_ids_identify_allocations_without_keeping_them() {
+        let values: Vec<f32> = (0..6).map(|i| i as f32 - 2.5).collect();
+        let owner: Arc<Vec<u8>> = Arc::new(bf16_bytes(&values));
+        let shared = || SharedBytes::new(owner.clone(), 0..owner.len()).unwrap();
+        let bytes = shared();
+        let m = StoredMatrix::from_shared_bytes(3, 2, GgmlType::BF16, bytes.clone()).unwrap();
+        let id = m.storage_id();
+        assert!(id.is_of(&m) && id.is_of(&m.clone()) && id == m.clone().storage_id());
+        assert!(id.is_of(&m.select_rows(&[0, 1, 2])), "the identity selection shares everything");
+        let permuted = m.select_rows(&[2, 1, 0]);
+        assert!(!id.is_of(&permuted) && id != permuted.storage_id());
+        let p = permuted.storage_id();
+        assert!(p.is_of(&permuted) && !p.is_of(&m.select_rows(&[2, 1, 0])), "a new index");
+        let equal = StoredMatrix::from_bytes(3, 2, GgmlType::BF16, bf16_bytes(&values)).unwrap();
+        assert!(equal == m && !id.is_of(&equal) && id != equal.storage_id());
+        let other_range = StoredMatrix::from_shared_bytes(3, 2, GgmlType::BF16, shared()).unwrap();
+        assert!(!id.is_of(&other_range), "another SharedBytes of the same owner");
+        let as_f16 = StoredMatrix::from_shared_bytes(3, 2, GgmlType::F16, bytes).unwrap();
+        assert!(!id.is_of(&as_f16) && id != as_f16.storage_id(), "the same bytes as f16");
+        let f = StoredMatrix::from_f32(2, 2, vec![1., 2., 3., 4.]);
+        let fid = f.storage_id();
+        assert!(fid.is_of(&f.to_f32_matrix()) && !fid.is_of(&m) && fid != id);
+        assert!(!fid.is_of(&StoredMatrix::from_f32(2, 2, vec![1., 2., 3., 4.])));
+        // Dropping every matrix frees the bytes while the handles live on (and match nothing).
+        drop((m, permuted, other_range, as_f16));
+        assert_eq!(Arc::strong_count(&owner), 1, "no handle holds the data");
+        assert!(
+            !id.is_of(&StoredMatrix::from_shared_bytes(3, 2, GgmlType::BF16, shared()).unwrap())
+        );
+        let fresh = StoredMatrix::from_f32(2, 2, vec![1., 2., 3., 4.]);
+        drop(f);
+        assert!(!fid.is_of(&fresh) && fid != fresh.storage_id());
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub use exact::{
     FisherWithJacobian,
 };
 // What an implementer of `SplitModel` needs, so that one dependency is enough.
-pub use eigensolver::{top_eigenpairs, Eigenpairs, EigensolverOptions};
+pub use eigensolver::{top_eigenpairs, top_eigenpairs_from, Eigenpairs, EigensolverOptions};
 pub use fs_traits::{
     check_attention_head, check_finite, check_layer, check_len, check_position, check_tokens,
     check_tokens_in_vocab, AttentionHead, FsError, Matrix, MatrixRef, ModelDims, OutputGram,
@@ -96,8 +96,8 @@ pub use readouts::{
 pub use sampled::{sampled_fisher, SampledFisher, SampledOptions};
 pub use spectrum::{spectrum, Spectrum};
 pub use topk::{
-    top_k_fisher, FisherOperator, OperatorSeconds, TopKFisher, TopKOptions, TraceEstimate,
-    TraceMode,
+    top_k_fisher, FisherOperator, OperatorSeconds, TopKFisher, TopKOptions, TopKStart,
+    TraceEstimate, TraceMode,
 };
 
 /// How many threads the dense products may use: `0` = all of rayon's global pool, `1` =

@@ -644,8 +644,9 @@ pub fn check_top_k<M: SplitModel>(
     tol: f64,
 ) -> Result<TopKReport, String> {
     let t = position;
-    let top = crate::top_k_fisher(model, ctx, t, &crate::TopKOptions { solver, trace })
-        .map_err(|e| err(format!("top_k_fisher: {e}")))?;
+    let opts = crate::TopKOptions { solver, trace, ..Default::default() };
+    let top =
+        crate::top_k_fisher(model, ctx, t, &opts).map_err(|e| err(format!("top_k_fisher: {e}")))?;
     if !top.converged {
         return Err(err(format!("t={t}: top-K did not converge: residuals {:?}", top.residuals)));
     }

@@ -1,7 +1,7 @@
 //! The top `K` eigenpairs of the Fisher matrix without forming it: `F v = Aᵀ G (A v)` with
 //! `A v` a batched JVP, `Aᵀ w` a batched VJP and `G` applied in `4·V·d_u` flops per vector.
 
-use crate::eigensolver::{random_block, top_eigenpairs, EigensolverOptions};
+use crate::eigensolver::{random_block, top_eigenpairs_from, EigensolverOptions};
 use crate::gram::{matmul_into, weighted_mean_row};
 use crate::{softmax, FsError, Matrix, Result, Scalar, SplitModel, Threads};
 use faer::linalg::matmul::matmul;
@@ -96,14 +96,15 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
         let slopes = fs_traits::logit_slopes(model.final_logit_softcap(), z.row(0));
         let threads = Threads(0);
         let device_gram = model.device_output_gram(&p, slopes.as_deref())?;
-        // The host's G needs m and the heavy rows; a device G keeps its own.
-        let (m, heavy) = match device_gram {
-            Some(_) => (vec![0.0; dims.readout_dim], Vec::new()),
+        // The host's G needs the heavy rows; a device G keeps its own and hands back m.
+        let (m, heavy) = match &device_gram {
+            Some(g) => (g.mean_row()?, Vec::new()),
             None => (
                 weighted_mean_row(&w_u, &p, slopes.as_deref(), threads)?,
                 (0..p.len()).filter(|&y| p[y] >= HEAVY_ROW).collect(),
             ),
         };
+        fs_traits::check_len("m = Σ p s w (d_u)", m.len(), dims.readout_dim)?;
         let heavy_rows = w_u.gather(&heavy)?;
         let start = std::time::Instant::now();
         let formed = if !form {
@@ -152,6 +153,45 @@ impl<'a, M: SplitModel> FisherOperator<'a, M> {
     /// Vectors the operator has been applied to so far.
     pub fn applications(&self) -> usize {
         self.applications
+    }
+
+    /// The score vectors `∇_h log p_y = Aᵀ(s_y w_y − m)` of the tokens `ids` as rows
+    /// (`n × d`, `f64`): one batched VJP of the centred unembedding rows (rounded to the model's
+    /// scalar), or a host product with a formed `A`. `F = Σ_y p_y ∇log p_y ∇log p_yᵀ`, so the
+    /// scores of the most probable tokens span most of `F`'s top eigenspace. Not counted as
+    /// applications; the time goes to the VJP counter.
+    pub fn score_vectors(&mut self, ids: &[usize]) -> Result<Matrix<f64>> {
+        let dims = self.model.dims();
+        let (d, du) = (dims.d_model, dims.readout_dim);
+        if let Some(&bad) = ids.iter().find(|&&y| y >= self.p.len()) {
+            return Err(FsError::invalid("token id", bad, "below the vocabulary size"));
+        }
+        if ids.is_empty() {
+            return Ok(Matrix::zeros(0, d));
+        }
+        let rows = self.w_u.gather(ids)?;
+        let slope = |y: usize| self.slopes.as_ref().map_or(1.0, |s| s[y]);
+        let centred = Matrix::from_fn(ids.len(), du, |i, j| {
+            slope(ids[i]) * rows.get(i, j).as_f64() - self.m[j]
+        });
+        let t = std::time::Instant::now();
+        let out = match &self.formed {
+            Some(a) => {
+                let c = MatRef::from_row_major_slice(centred.as_slice(), ids.len(), du);
+                let mut out = faer::Mat::<f64>::zeros(ids.len(), d);
+                matmul(out.as_mut(), Accum::Replace, c, a.as_ref(), 1.0, self.threads.par());
+                Matrix::from_fn(ids.len(), d, |i, j| out[(i, j)])
+            }
+            None => {
+                let cot = centred.map(M::Scalar::round_from_f64);
+                let g = self.model.readout_vjp(self.ctx, self.position, cot.view())?;
+                crate::exact::check_shape("readout VJP Aᵀ W", g.shape(), (ids.len(), d))?;
+                fs_traits::check_finite("score vectors", g.as_slice())?;
+                g.map(|v| v.as_f64())
+            }
+        };
+        lap(&mut self.seconds, t, |s| &mut s.vjp);
+        Ok(out)
     }
 
     /// `F X` for the rows of `x` (`b × d`, `f64`): rows in, rows out. The vectors are rounded to
@@ -314,6 +354,18 @@ pub struct TraceEstimate {
     pub applications: usize,
 }
 
+/// The eigensolver's first block in [`top_k_fisher`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TopKStart {
+    /// The score vectors `∇_h log p_y` of the `b` most probable tokens
+    /// ([`FisherOperator::score_vectors`], one batched VJP): `F = Σ_y p_y ∇log p_y ∇log p_yᵀ`,
+    /// so where `p` is concentrated they nearly span the top eigenspace already.
+    #[default]
+    ProbableTokenScores,
+    /// Gaussian rows (the plain [`top_eigenpairs`](crate::top_eigenpairs) start).
+    Random,
+}
+
 /// Options of [`top_k_fisher`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TopKOptions {
@@ -323,6 +375,8 @@ pub struct TopKOptions {
     pub solver: EigensolverOptions,
     /// How the trace is obtained.
     pub trace: TraceMode,
+    /// The first block.
+    pub start: TopKStart,
 }
 
 impl Default for TopKOptions {
@@ -330,6 +384,7 @@ impl Default for TopKOptions {
         TopKOptions {
             solver: EigensolverOptions { tolerance: 1e-5, ..EigensolverOptions::default() },
             trace: TraceMode::Estimate { probes: 16 },
+            start: TopKStart::default(),
         }
     }
 }
@@ -345,6 +400,9 @@ pub struct TopKFisher {
     pub residuals: Vec<f64>,
     /// Operator applications (vectors: one JVP + one VJP each) spent by the eigensolver.
     pub applications: usize,
+    /// Score vectors computed for the first block (one VJP each, no JVP, no `G`); 0 with
+    /// [`TopKStart::Random`].
+    pub start_vectors: usize,
     /// Whether every residual met the tolerance.
     pub converged: bool,
     /// `tr F`, estimated or exact.
@@ -355,11 +413,16 @@ pub struct TopKFisher {
 
 /// The top `opts.solver.k` eigenpairs of the Fisher matrix `F_t` of `model` at `position` of
 /// `ctx`, without forming `A`, `J` or `F`: [`FisherOperator`] inside
-/// [`top_eigenpairs`](crate::top_eigenpairs), then the trace by `opts.trace`.
+/// [`top_eigenpairs_from`](crate::top_eigenpairs_from), started as `opts.start` says (by
+/// default from the score vectors of the `b` most probable tokens), then the trace by
+/// `opts.trace` (an estimate's probes ride in the first block).
 ///
-/// Cost: `applications` JVPs and VJPs of the single-position upper half (in blocks of
-/// `k + max(4, k/2)`) and `4·V·d_u` flops per application — against `d` tangents and `V·d_u²`
-/// flops for the exact estimator. Errors as [`exact_fisher`](crate::exact_fisher), plus the
+/// Cost: `start_vectors` VJPs, then `applications` (+ the probes) JVPs and VJPs of the
+/// single-position upper half — a first block of `b = k + max(4, k/2)` (+ probes), later blocks
+/// of at most `k` — and `4·V·d_u` flops per application; against `d` tangents and `V·d_u²`
+/// flops for the exact estimator. On a CPU each block is one pass over the upper half's weights
+/// each way and one over `W_U`, so for big models the number of blocks, not of vectors, sets the
+/// time (see `docs/PERFORMANCE.md`). Errors as [`exact_fisher`](crate::exact_fisher), plus the
 /// eigensolver's option checks.
 pub fn top_k_fisher<M: SplitModel>(
     model: &M,
@@ -374,7 +437,44 @@ pub fn top_k_fisher<M: SplitModel>(
     }
     let mut op = FisherOperator::new(model, ctx, position)?;
     let d = op.dim();
-    let pairs = top_eigenpairs(d, |x| op.apply(x), &opts.solver)?;
+    let start = match opts.start {
+        TopKStart::Random => Matrix::zeros(0, d),
+        TopKStart::ProbableTokenScores => {
+            let p = op.probabilities();
+            let mut ids: Vec<usize> = (0..p.len()).collect();
+            ids.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            ids.truncate(opts.solver.first_block(d));
+            op.score_vectors(&ids)?
+        }
+    };
+    // The Hutchinson probes ride along in the first block (their rows appended to it), so the
+    // trace estimate costs no pass of its own; their part on the complement of the final basis
+    // is taken afterwards from the stored images (see `complement_trace`).
+    // A first block of all of R^d makes the trace exact from the basis: no probes then.
+    let mut probes = match opts.trace {
+        TraceMode::Estimate { probes } if opts.solver.first_block(d) < d => {
+            Some(rademacher(probes, d, opts.solver.seed))
+        }
+        _ => None,
+    };
+    let mut probe_images: Option<(Matrix<f64>, Matrix<f64>)> = None;
+    let pairs = top_eigenpairs_from(
+        d,
+        &start,
+        |x| match probes.take() {
+            Some(z) => {
+                let (b, n) = (x.rows(), z.rows());
+                let mut stacked = x.as_slice().to_vec();
+                stacked.extend_from_slice(z.as_slice());
+                let images = op.apply(&Matrix::from_vec(b + n, d, stacked)?)?;
+                let (fx, fz) = images.as_slice().split_at(b * d);
+                probe_images = Some((z, Matrix::from_vec(n, d, fz.to_vec())?));
+                Matrix::from_vec(b, d, fx.to_vec())
+            }
+            None => op.apply(x),
+        },
+        &opts.solver,
+    )?;
     let trace = match opts.trace {
         TraceMode::Exact => {
             let b = opts.solver.block.unwrap_or(32).clamp(1, d);
@@ -387,55 +487,72 @@ pub fn top_k_fisher<M: SplitModel>(
             }
             TraceEstimate { value: total, std_error: None, applications: d }
         }
-        TraceMode::Estimate { probes } => {
-            complement_trace(&mut op, &pairs.basis, pairs.basis_trace, probes, opts.solver.seed)?
-        }
+        TraceMode::Estimate { .. } => match probe_images {
+            Some((z, fz)) => complement_trace(&pairs, &z, &fz)?,
+            None if pairs.basis.rows() >= d => {
+                TraceEstimate { value: pairs.basis_trace, std_error: None, applications: 0 }
+            }
+            None => {
+                return Err(FsError::LinearAlgebra(
+                    "the eigensolver made no operator application".into(),
+                ))
+            }
+        },
     };
     Ok(TopKFisher {
         eigenvalues: pairs.eigenvalues,
         eigenvectors: pairs.eigenvectors,
         residuals: pairs.residuals,
         applications: pairs.applications,
+        start_vectors: start.rows(),
         converged: pairs.converged,
         trace,
         seconds: op.seconds(),
     })
 }
 
-/// `tr F = tr(Q F Qᵀ) + tr(P F P)`, `P = I − QᵀQ`: the first term exact from the basis, the
-/// second by Hutchinson with `probes` Rademacher vectors projected onto the complement;
-/// standard error = sample standard deviation / √probes.
-fn complement_trace<M: SplitModel>(
-    op: &mut FisherOperator<'_, M>,
-    basis: &Matrix<f64>,
-    basis_trace: f64,
-    probes: usize,
-    seed: u64,
+/// `n` Rademacher rows (signs of [`random_block`]'s Gaussians, stream of `seed ^ "trace!"`).
+fn rademacher(n: usize, d: usize, seed: u64) -> Matrix<f64> {
+    random_block(n, d, seed ^ 0x7472_6163_6521).map(|g| if g < 0.0 { -1.0 } else { 1.0 })
+}
+
+/// `tr F = tr(Q F Qᵀ) + tr(P F P)`, `P = I − QᵀQ` for the eigensolver's final orthonormal
+/// basis `Q` (`m × d`, rows): the first term exact (`tr T`), the second by Hutchinson with the
+/// Rademacher probes `z` whose images `F z` were computed in the first block. Each sample is
+/// `(Pz)ᵀ F (Pz) = zᵀFz − 2 aᵀ(Q F z) + aᵀ T a` with `a = Q z` and `T = Q F Qᵀ` (from the stored
+/// images `F Q`, symmetrised): the same number as applying `F` to the projected probe, with no
+/// further application. Standard error = sample standard deviation / √probes.
+fn complement_trace(
+    pairs: &crate::Eigenpairs,
+    z: &Matrix<f64>,
+    fz: &Matrix<f64>,
 ) -> Result<TraceEstimate> {
-    let d = basis.cols();
-    if basis.rows() >= d {
+    let (q, fq) = (&pairs.basis, &pairs.basis_images);
+    let (m, d) = (q.rows(), q.cols());
+    let probes = z.rows();
+    if m >= d {
         // The basis spans R^d: tr(QFQᵀ) is the trace itself, exactly.
-        return Ok(TraceEstimate { value: basis_trace, std_error: None, applications: 0 });
+        return Ok(TraceEstimate {
+            value: pairs.basis_trace,
+            std_error: None,
+            applications: probes,
+        });
     }
-    let signs = random_block(probes, d, seed ^ 0x7472_6163_6521);
-    let mut z = signs.map(|g| if g < 0.0 { -1.0 } else { 1.0 });
-    for i in 0..probes {
-        for _ in 0..2 {
-            let row = z.row(i).to_vec();
-            for j in 0..basis.rows() {
-                let q = basis.row(j);
-                let c: f64 = row.iter().zip(q).map(|(a, b)| a * b).sum();
-                z.row_mut(i).iter_mut().zip(q).for_each(|(a, b)| *a -= c * b);
-            }
-        }
-    }
-    let fz = op.apply(&z)?;
-    let samples: Vec<f64> =
-        (0..probes).map(|i| z.row(i).iter().zip(fz.row(i)).map(|(a, b)| a * b).sum()).collect();
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let t =
+        Matrix::from_fn(m, m, |i, j| 0.5 * (dot(q.row(i), fq.row(j)) + dot(q.row(j), fq.row(i))));
+    let samples: Vec<f64> = (0..probes)
+        .map(|i| {
+            let a: Vec<f64> = (0..m).map(|j| dot(q.row(j), z.row(i))).collect();
+            let qfz: Vec<f64> = (0..m).map(|j| dot(q.row(j), fz.row(i))).collect();
+            let tat: f64 = (0..m).map(|r| a[r] * dot(t.row(r), &a)).sum();
+            dot(z.row(i), fz.row(i)) - 2.0 * dot(&a, &qfz) + tat
+        })
+        .collect();
     let mean = samples.iter().sum::<f64>() / probes as f64;
     let var = samples.iter().map(|s| (s - mean) * (s - mean)).sum::<f64>() / (probes - 1) as f64;
     Ok(TraceEstimate {
-        value: basis_trace + mean,
+        value: pairs.basis_trace + mean,
         std_error: Some((var / probes as f64).sqrt()),
         applications: probes,
     })
@@ -517,6 +634,7 @@ mod tests {
         let opts = TopKOptions {
             solver: EigensolverOptions { k: 6, tolerance: 1e-10, ..Default::default() },
             trace: TraceMode::Exact,
+            start: TopKStart::ProbableTokenScores,
         };
         let got = top_k_fisher(&model, &ctx, 4, &opts).unwrap();
         assert!(got.converged);
@@ -538,7 +656,7 @@ mod tests {
             &model,
             &ctx,
             4,
-            &TopKOptions { solver: loose, trace: TraceMode::Estimate { probes: 16 } },
+            &TopKOptions { solver: loose, trace: TraceMode::Estimate { probes: 16 }, ..opts },
         )
         .unwrap();
         assert!(
@@ -562,6 +680,89 @@ mod tests {
             &TopKOptions { trace: TraceMode::Estimate { probes: 1 }, ..opts }
         )
         .is_err());
+    }
+
+    #[test]
+    fn score_vectors_are_the_log_probability_gradients() {
+        // Σ_y p_y s_y s_yᵀ over every token is F itself, and each s_y is Aᵀ(w_y − m) from the
+        // formed readout Jacobian — with a native VJP (f64 model) and with a formed A.
+        let model = TanhModel::<f64>::random(40, 12, 10, 4, 2.0, 8);
+        let ctx = model.lower(&[3, 9, 1], 0).unwrap();
+        let known = model.known_fisher(&ctx, 2).unwrap();
+        let ids: Vec<usize> = (0..40).collect();
+        for formed in [false, true] {
+            let mut op = if formed {
+                FisherOperator::with_formed_jacobian(&model, &ctx, 2).unwrap()
+            } else {
+                FisherOperator::new(&model, &ctx, 2).unwrap()
+            };
+            let s = op.score_vectors(&ids).unwrap();
+            let p = op.probabilities().to_vec();
+            let sum = Matrix::from_fn(12, 12, |i, j| {
+                (0..40).map(|y| p[y] * s.get(y, i) * s.get(y, j)).sum()
+            });
+            let e = rel(&sum, &known);
+            assert!(e < 1e-12, "formed A {formed}: Σ p s sᵀ vs F: {e:e}");
+            assert_eq!(op.applications(), 0, "score vectors are not operator applications");
+            assert!(op.score_vectors(&[40]).is_err(), "a token id past the vocabulary");
+        }
+    }
+
+    #[test]
+    fn the_complement_trace_equals_the_projected_probes_applied() {
+        // (Pz)ᵀF(Pz) from the first-block images equals applying F to the projected probe.
+        let d = 40;
+        let model = TanhModel::<f64>::random(90, d, d, 4, 1.0, 4);
+        let ctx = model.lower(&[2, 7, 1, 8], 0).unwrap();
+        let f = model.known_fisher(&ctx, 3).unwrap();
+        let solver = EigensolverOptions { k: 3, tolerance: 1e-6, ..Default::default() };
+        let pairs = crate::top_eigenpairs(d, |x| Ok(dense_apply(&f, x)), &solver).unwrap();
+        assert!(pairs.basis.rows() < d);
+        let z = rademacher(8, d, 3);
+        let est = complement_trace(&pairs, &z, &dense_apply(&f, &z)).unwrap();
+        let q = &pairs.basis;
+        let pz = Matrix::from_fn(8, d, |i, j| {
+            let a = |r: usize| (0..d).map(|c| q.get(r, c) * z.get(i, c)).sum::<f64>();
+            z.get(i, j) - (0..q.rows()).map(|r| a(r) * q.get(r, j)).sum::<f64>()
+        });
+        let fpz = dense_apply(&f, &pz);
+        let samples: Vec<f64> =
+            (0..8).map(|i| pz.row(i).iter().zip(fpz.row(i)).map(|(a, b)| a * b).sum()).collect();
+        let mean = samples.iter().sum::<f64>() / 8.0;
+        let want = pairs.basis_trace + mean;
+        assert!((est.value - want).abs() <= 1e-12 * want, "{} vs {want}", est.value);
+        let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / 7.0;
+        let se = est.std_error.unwrap();
+        assert!((se - (var / 8.0).sqrt()).abs() <= 1e-9 * se, "{se} vs {}", (var / 8.0).sqrt());
+        assert_eq!(est.applications, 8);
+    }
+
+    #[test]
+    fn the_score_start_needs_fewer_applications_on_a_peaked_distribution() {
+        // W₂ scaled so that p is concentrated (as a trained model's usually is): the first
+        // block of probable-token scores needs fewer applications than a random one, and both
+        // give the same pairs.
+        let d = 64;
+        let model = TanhModel::<f64>::random(400, d, d, 4, 4.0, 12);
+        let ctx = model.lower(&[5, 3, 8], 0).unwrap();
+        let solver = EigensolverOptions { k: 8, tolerance: 1e-8, ..Default::default() };
+        let run = |start| {
+            let opts = TopKOptions { solver, start, ..Default::default() };
+            top_k_fisher(&model, &ctx, 2, &opts).unwrap()
+        };
+        let (scores, random) = (run(TopKStart::ProbableTokenScores), run(TopKStart::Random));
+        assert!(scores.converged && random.converged);
+        assert_eq!((scores.start_vectors, random.start_vectors), (solver.first_block(d), 0));
+        for i in 0..8 {
+            let (a, b) = (scores.eigenvalues[i], random.eigenvalues[i]);
+            assert!((a - b).abs() <= 1e-7 * scores.eigenvalues[0], "λ{i}: {a} vs {b}");
+        }
+        assert!(
+            scores.applications < random.applications,
+            "scores start {} vs random {} applications",
+            scores.applications,
+            random.applications
+        );
     }
 
     #[test]

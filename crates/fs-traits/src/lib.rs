@@ -54,6 +54,11 @@ pub trait OutputGram {
     /// `G U` for the rows of `u` (`b × d_u`): rows in, rows out, `f64` on both sides,
     /// `(G u)_i = Σ_y p_y q_y (s_y w_y − m)` with `q_y = s_y w_yᵀu − mᵀu`.
     fn apply(&self, u: &Matrix<f64>) -> Result<Matrix<f64>>;
+
+    /// `m = Σ_y p_y s_y w_y` (`d_u` values), copied back from where it lives: the centre of the
+    /// rows `s_y w_y − m` whose pull-backs `Aᵀ(s_y w_y − m) = ∇_h log p_y` are the score
+    /// vectors.
+    fn mean_row(&self) -> Result<Vec<f64>>;
 }
 
 /// The sizes of a split model.

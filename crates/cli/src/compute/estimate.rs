@@ -115,6 +115,7 @@ fn top_k_options(args: &ComputeArgs) -> TopKOptions {
             TraceArg::Estimate => TraceMode::Estimate { probes: args.trace_probes },
             TraceArg::Exact => TraceMode::Exact,
         },
+        ..TopKOptions::default()
     }
 }
 

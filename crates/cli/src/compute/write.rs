@@ -36,6 +36,7 @@ pub(super) fn summarise(
                 k: r.eigenvalues.len(),
                 applications: r.applications,
                 trace_applications: r.trace.applications,
+                start_vectors: r.start_vectors,
                 max_residual,
                 converged: r.converged,
             };
@@ -54,8 +55,8 @@ pub(super) fn summarise(
         let tail = match &top_k {
             None => format!("eff. rank {:.2}", s.effective_rank),
             Some(t) => format!(
-                "top-{} in {} applications, max residual {:.1e}",
-                t.k, t.applications, t.max_residual
+                "top-{} in {} applications (+{} start scores), max residual {:.1e}",
+                t.k, t.applications, t.start_vectors, t.max_residual
             ),
         };
         let trace = format!("{:.4e}{}", s.trace, trace_error_note(trace_std_error));

@@ -296,6 +296,10 @@ pub struct TopKSummary {
     pub applications: usize,
     /// Operator applications spent on the trace.
     pub trace_applications: usize,
+    /// Score vectors of probable tokens that made the eigensolver's first block (one VJP each;
+    /// absent, read as 0, in results written before they existed).
+    #[serde(default)]
+    pub start_vectors: usize,
     /// Largest residual `‖F v − λ v‖ / λ_1`.
     pub max_residual: f64,
     /// Whether every residual met `--tolerance`.
