@@ -150,7 +150,7 @@ pub fn top_eigenpairs_from(
         fs_traits::check_finite("start block", start.as_slice())?;
     }
     let mut basis = Basis::new(d);
-    let mut next = first_block(&basis, start, b, d, opts.seed);
+    let mut next = initial_block(&basis, start, b, d, opts.seed);
     let mut applications = 0;
     let mut restarts = 0;
     loop {
@@ -211,7 +211,7 @@ pub fn top_eigenpairs_from(
 
 /// The first block: the orthonormalised rows of `start` (at most `b`), then random rows
 /// (orthonormalised against them) up to `b`.
-fn first_block(basis: &Basis, start: &Matrix<f64>, b: usize, d: usize, seed: u64) -> Matrix<f64> {
+fn initial_block(basis: &Basis, start: &Matrix<f64>, b: usize, d: usize, seed: u64) -> Matrix<f64> {
     let mut given = start.clone();
     basis.orthonormalize(&mut given);
     let n = given.rows().min(b);
