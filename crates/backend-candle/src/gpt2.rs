@@ -1,4 +1,4 @@
-//! GPT-2 (HF `GPT2LMHeadModel` semantics) as a [`SplitModel`] on candle.
+//! GPT-2 (HF `GPT2LMHeadModel` semantics) as a [`SplitModel`](fs_traits::SplitModel) on candle.
 //!
 //! * Conv1D weights are stored `[in, out]` and applied as `x · W + b`;
 //! * `gelu_new` (tanh approximation) built from elementary ops;
