@@ -77,7 +77,7 @@ impl EigensolverOptions {
     /// itself clamped to `d`).
     pub fn first_block(&self, d: usize) -> usize {
         let k = self.k.min(d);
-        self.block.unwrap_or(k + (k / 2).max(4)).clamp(k, d).max(1).min(d.max(1))
+        self.block.unwrap_or(k + (k / 2).max(4)).clamp(k.max(1), d.max(1))
     }
 }
 
